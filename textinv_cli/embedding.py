@@ -1,0 +1,145 @@
+"""The Embedding value type: a token, its vectors per text-encoder slot, and metadata.
+
+Slots are named after the text encoder they feed (DESIGN §3): clip_l (768, SD 1.x and
+SDXL's first encoder), clip_h (1024, SD 2.x), clip_g (1280, SDXL's second). The model
+family follows from the slots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InvalidEmbeddingError
+
+SLOT_WIDTHS = {"clip_l": 768, "clip_h": 1024, "clip_g": 1280}
+WIDTH_SLOTS = {w: s for s, w in SLOT_WIDTHS.items()}
+FAMILY_SLOTS = {
+    "sd1": ("clip_l",),
+    "sd2": ("clip_h",),
+    "sdxl": ("clip_l", "clip_g"),
+}
+FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+
+# A token may be used as a file or registry name: no path separators, no "..".
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_\-.<>()\[\]{}+@~ ]+$")
+
+
+def slot_for_width(width: int) -> str | None:
+    """The slot a single-width tensor feeds, or None when the width is not one we know.
+
+    Unknown widths are allowed for a single-slot embedding (tiny test models use small
+    widths): they are stored under clip_l, the slot every SD 1.x-style encoder feeds.
+    """
+    return WIDTH_SLOTS.get(width)
+
+
+def family_of(slots) -> str:
+    s = tuple(sorted(slots))
+    if s == ("clip_g", "clip_l"):
+        return "sdxl"
+    if s == ("clip_h",):
+        return "sd2"
+    if s == ("clip_l",):
+        return "sd1"
+    raise InvalidEmbeddingError(
+        f"Unsupported combination of text-encoder slots: {', '.join(s) or 'none'}.",
+        "An embedding has clip_l (SD 1.x), clip_h (SD 2.x) or clip_l + clip_g (SDXL).",
+    )
+
+
+def safe_name(name: str) -> str:
+    """The token without brackets, usable as a file or registry name; refuses traversal."""
+    stripped = name.strip().strip("<>").strip()
+    if not stripped or ".." in stripped or "/" in stripped or "\\" in stripped or "\x00" in stripped:
+        raise InvalidEmbeddingError(
+            f"{name!r} cannot be used as a file or registry name.",
+            "Pass --name (or -o) with a plain name such as cat-toy.",
+        )
+    return stripped
+
+
+@dataclass
+class Embedding:
+    token: str
+    vectors: dict[str, np.ndarray]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.vectors = {k: _as_matrix(k, v) for k, v in self.vectors.items()}
+        self.meta = {str(k): str(v) for k, v in self.meta.items()}
+        self.validate()
+
+    # -- derived facts ------------------------------------------------------
+    @property
+    def family(self) -> str:
+        """sd1 / sd2 / sdxl; a lone clip_l of an unusual width (tiny models) is sd1."""
+        return family_of(self.vectors)
+
+    @property
+    def n_vectors(self) -> int:
+        return next(iter(self.vectors.values())).shape[0]
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {k: int(v.shape[1]) for k, v in sorted(self.vectors.items())}
+
+    def content_sha256(self) -> str:
+        """Identity of the content (token + vectors), independent of file format."""
+        return hashlib.sha256(self.canonical_bytes()).hexdigest()
+
+    def canonical_bytes(self) -> bytes:
+        """The registry's canonical blob: safetensors keyed by slot, token in metadata.
+
+        Only content goes in (token and vectors), so the same embedding read from
+        any format hashes the same.
+        """
+        from .formats.safetensors_io import dump_safetensors
+
+        return dump_safetensors(self.vectors, {"textinv.token": self.token})
+
+    def validate(self) -> None:
+        if not isinstance(self.token, str) or not self.token.strip():
+            raise InvalidEmbeddingError("The embedding has no token.", "Pass --token to name it.")
+        if not self.vectors:
+            raise InvalidEmbeddingError("The embedding holds no vectors.")
+        family_of(self.vectors)  # raises on an impossible slot set
+        counts = {k: v.shape[0] for k, v in self.vectors.items()}
+        if len(set(counts.values())) != 1:
+            raise InvalidEmbeddingError(
+                "Text-encoder slots disagree on the number of vectors: "
+                + ", ".join(f"{k} has {n}" for k, n in sorted(counts.items())) + ".",
+                "Every slot of an embedding must hold the same number of vectors.",
+            )
+        for k, v in self.vectors.items():
+            if k in SLOT_WIDTHS and len(self.vectors) > 1 and v.shape[1] != SLOT_WIDTHS[k]:
+                raise InvalidEmbeddingError(
+                    f"Slot {k} should be {SLOT_WIDTHS[k]} wide but is {v.shape[1]}.",
+                    "The file's clip_l/clip_g tensors may be swapped or truncated.",
+                )
+
+
+def _as_matrix(slot: str, value) -> np.ndarray:
+    """float32 [n, width]; 1-D vectors (sd-concepts-library) become one row."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "fiu" and arr.dtype != np.dtype("bool"):
+        # bfloat16 arrives as a numpy-viewable float via our readers; anything else is junk
+        raise InvalidEmbeddingError(f"Slot {slot} holds {arr.dtype} values, not numbers.")
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise InvalidEmbeddingError(
+            f"Slot {slot} has shape {list(arr.shape)}; an embedding is [vectors, width] or [width].")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise InvalidEmbeddingError(
+            f"Slot {slot} is empty (shape {list(arr.shape)}).", "The file holds no usable vectors.")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise InvalidEmbeddingError(
+            f"Slot {slot} contains {bad} NaN or Inf value(s).",
+            "The embedding is damaged (training diverged?); it cannot be used.")
+    return arr

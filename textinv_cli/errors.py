@@ -1,0 +1,67 @@
+"""The errors a user can meet. Each says what went wrong and what to do next.
+
+`app.main` maps every TextinvError to one or two lines on stderr and its exit code;
+anything else is a bug and shows a traceback only with TEXTINV_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+
+class TextinvError(Exception):
+    """Base class: `message` is what went wrong, `hint` what to do about it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n{self.hint}"
+
+
+class FormatError(TextinvError):
+    """A file is not a readable embedding (corrupt, truncated, unknown layout)."""
+
+
+class UnsafeFileError(FormatError):
+    """A pickle asks for something outside the allowlist; it is refused, never run."""
+
+
+class AmbiguousEmbeddingError(FormatError):
+    """A file holds several candidate tensors; `--key` (or `--token`) picks one."""
+
+
+class InvalidEmbeddingError(TextinvError):
+    """The tensors are readable but cannot be an embedding (NaN, empty, mismatched)."""
+
+
+class UnsupportedFormatError(TextinvError):
+    """A target format cannot hold this embedding (e.g. SDXL into a single-width format)."""
+
+
+class OutputExistsError(TextinvError):
+    """Refusing to overwrite without --force."""
+
+
+class RegistryError(TextinvError):
+    """The local registry could not do what was asked."""
+
+
+class NotFoundError(TextinvError):
+    """A file, folder or registry name that does not exist."""
+
+
+class BackendError(TextinvError):
+    """No usable training/sampling backend, or a backend failed to load."""
+
+
+class HubError(TextinvError):
+    """The Hugging Face Hub refused or could not be reached."""
+
+
+class Interrupted(TextinvError):
+    """Ctrl-C: the work was stopped cleanly (exit 130)."""
+
+    exit_code = 130
