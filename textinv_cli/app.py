@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -21,19 +20,18 @@ from .commands import (backends_cmd, convert_cmd, hub_cmd, import_cmd, inspect_c
 class _ErrorMappingGroup(TyperGroup):
     """Turns known errors into messages + exit codes inside click, so CliRunner sees them too."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
-            raise
-        except Exception as e:  # noqa: BLE001 - the one place errors become exit codes
-            if _debug():
+        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the one place errors become exit codes
+            if _is_framework(e) or _debug():
                 raise
-            raise click.exceptions.Exit(report(e)) from None
-        except KeyboardInterrupt as e:
-            if _debug():
-                raise
-            raise click.exceptions.Exit(report(e)) from None
+            raise typer.Exit(report(e)) from None
+
+
+def _is_framework(e: BaseException) -> bool:
+    """Exit/Abort/usage errors belong to typer (which vendors click): let it handle them (exit 2)."""
+    return type(e).__module__.split(".")[0] in ("typer", "click")
 
 
 app = typer.Typer(

@@ -107,3 +107,44 @@ def dump_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | 
     head = json.dumps(header, separators=(",", ":"), sort_keys=False).encode()
     head += b" " * (-len(head) % 8)  # the reference writer pads the header to 8 bytes
     return struct.pack("<Q", len(head)) + head + b"".join(chunks)
+
+
+def read_header(path) -> dict:
+    """The JSON header of a (possibly multi-GB) safetensors file, without reading the data."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise FormatError(f"{path} is not a safetensors file.")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER:
+            raise FormatError(f"{path}: the safetensors header claims {n} bytes.")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise FormatError(f"{path}: the safetensors header is not valid JSON.") from None
+    header["__header_len__"] = n
+    return header
+
+
+def read_tensor(path, name: str) -> np.ndarray:
+    """One tensor from a large safetensors file (e.g. a text encoder), seeking to its bytes."""
+    header = read_header(path)
+    info = header.get(name)
+    if not isinstance(info, dict):
+        raise FormatError(f"{path} has no tensor {name!r}.")
+    dtype = _DTYPES.get(info.get("dtype"))
+    if dtype is None:
+        raise FormatError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}.")
+    begin, end = info["data_offsets"]
+    shape = info["shape"]
+    if end - begin != dtype.itemsize * int(np.prod(shape, dtype=object)):
+        raise FormatError(f"{path}: tensor {name!r} has inconsistent offsets.")
+    with open(path, "rb") as f:
+        f.seek(8 + header["__header_len__"] + begin)
+        raw = f.read(end - begin)
+    if len(raw) != end - begin:
+        raise FormatError(f"{path} is truncated.")
+    arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    if info["dtype"] == "BF16":
+        arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr

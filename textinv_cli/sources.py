@@ -1,0 +1,44 @@
+"""Where an embedding named on the command line comes from: a file, a folder, or the registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .embedding import Embedding
+from .errors import NotFoundError
+
+
+@dataclass
+class Source:
+    embedding: Embedding
+    kind: str               # "file" | "folder" | "registry"
+    path: Path | None       # the file/folder, or the registry blob
+    entry: object = None    # registry.Entry when kind == "registry"
+
+
+def load_source(src: str, *, token: str | None = None, key: str | None = None,
+                max_mib: float | None = None) -> Source:
+    """A path that exists wins; otherwise the registry is asked by name or token."""
+    from . import formats
+    from .fsutil import DEFAULT_MAX_BYTES
+
+    max_bytes = DEFAULT_MAX_BYTES if max_mib is None else int(max_mib * 2**20)
+    path = Path(src).expanduser()
+    if path.exists():
+        emb = formats.read_embedding(path, token=token, key=key, max_bytes=max_bytes)
+        return Source(emb, "folder" if path.is_dir() else "file", path)
+    from .registry import Registry
+
+    reg = Registry()
+    try:
+        entry = reg.resolve(src)
+    except NotFoundError as e:
+        looks_like_path = any(c in src for c in "/\\") or Path(src).suffix != ""
+        if looks_like_path:
+            raise NotFoundError(f"{src} does not exist.", "Check the path, or give a registry name (textinv list).") from None
+        raise e
+    emb = reg.load(entry)
+    if token:
+        emb = Embedding(token, emb.vectors, emb.meta)
+    return Source(emb, "registry", reg.blob_path(entry.sha256), entry)
