@@ -1,0 +1,420 @@
+"""The local registry: an SQLite index plus a content-addressed blob store (DESIGN §5).
+
+Layout under `home()`:
+    registry.db                      one row per embedding (name is the key)
+    blobs/<sha256>.safetensors       Embedding.canonical_bytes(), named by their sha256
+
+Why it is safe with several processes and with crashes:
+- The database runs in WAL mode with a busy timeout, and every write happens inside
+  `BEGIN IMMEDIATE`, so writers queue for the one write lock instead of failing or
+  deadlocking on a read->write upgrade.
+- A blob is written (temp + fsync + rename) before the row that points at it commits,
+  so a crash leaves at worst an orphan blob, never a row without its blob.
+- Blobs are only ever deleted while holding the write lock and after the row deletion
+  has committed; a writer that is about to insert a row re-checks its blob under that
+  same lock. So `rm` racing an `add` of the same content cannot leave a row blobless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import json
+import os
+import re
+import signal
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from .errors import InvalidEmbeddingError, NotFoundError, RegistryError
+
+if TYPE_CHECKING:  # numpy comes with Embedding; keep `import textinv_cli.registry` light
+    from .embedding import Embedding
+
+SCHEMA_VERSION = 1
+SOURCES = ("trained", "pulled", "imported")
+BUSY_TIMEOUT_S = 30.0
+DB_NAME = "registry.db"
+BLOB_DIR = "blobs"
+# Test hook: tests/registry_worker.py sets this to SIGKILL the process at a named point of
+# a write, to prove a crash there leaves a consistent registry. Unset in normal use.
+CRASH_ENV = "TEXTINV_REGISTRY_CRASH_AT"
+
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_SCHEMA = """
+CREATE TABLE embeddings (
+    name      TEXT PRIMARY KEY,
+    token     TEXT NOT NULL,
+    family    TEXT NOT NULL,
+    n_vectors INTEGER NOT NULL,
+    widths    TEXT NOT NULL,              -- JSON {slot: width}
+    sha256    TEXT NOT NULL,              -- of the blob = Embedding.content_sha256()
+    source    TEXT NOT NULL CHECK (source IN ('trained', 'pulled', 'imported')),
+    origin    TEXT NOT NULL,              -- JSON: file path + sha256, hub repo + commit, run + config
+    meta      TEXT NOT NULL,              -- JSON: the embedding's meta dict
+    tags      TEXT NOT NULL,              -- JSON list
+    created   TEXT NOT NULL               -- ISO 8601, UTC
+);
+CREATE INDEX embeddings_sha256 ON embeddings (sha256);
+CREATE INDEX embeddings_token ON embeddings (token);
+"""
+_COLUMNS = ("name", "token", "family", "n_vectors", "widths", "sha256", "source", "origin",
+            "meta", "tags", "created")
+_JSON_COLUMNS = ("widths", "origin", "meta", "tags")
+
+
+def home() -> Path:
+    """Where the registry lives: $TEXTINV_HOME, else the platform's user data folder."""
+    env = os.environ.get("TEXTINV_HOME", "").strip()
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("textinv"))
+
+
+@dataclass
+class Entry:
+    name: str
+    token: str
+    family: str
+    n_vectors: int
+    widths: dict           # {slot: width}
+    sha256: str            # of the blob, = Embedding.content_sha256()
+    source: str            # trained / pulled / imported
+    origin: dict           # {"path", "file_sha256"} | {"repo", "commit"} | {"run", "config"}
+    meta: dict             # the embedding's meta dict
+    tags: list
+    created: str           # ISO 8601 UTC, e.g. 2024-05-01T12:34:56Z
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @property
+    def short_sha(self) -> str:
+        return self.sha256[:12]
+
+
+def check_name(name: str) -> str:
+    """A registry name: safe_name's rules (no '/', '\\', '..'), plus no control characters."""
+    from .embedding import safe_name
+
+    clean = safe_name(name)
+    if len(clean) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in clean):
+        raise InvalidEmbeddingError(
+            f"{name!r} cannot be used as a registry name.",
+            "Pass --name with a plain name such as cat-toy.")
+    return clean
+
+
+def _crash_point(stage: str) -> None:
+    if os.environ.get(CRASH_ENV) == stage:
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _entry(row: sqlite3.Row) -> Entry:
+    values = {c: row[c] for c in _COLUMNS}
+    try:
+        for c in _JSON_COLUMNS:
+            values[c] = json.loads(values[c])
+    except (TypeError, json.JSONDecodeError):
+        raise RegistryError(
+            f"The registry row for {row['name']!r} is damaged (column {c} is not JSON).",
+            f"Remove it with `textinv rm {row['name']}` and import the embedding again.") from None
+    return Entry(**values)
+
+
+class Registry:
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root is not None else home()
+        self.db_path = self.root / DB_NAME
+        self.blob_dir = self.root / BLOB_DIR
+
+    # -- public API -----------------------------------------------------------
+    def add(self, emb, *, name: str | None = None, source: str, origin: dict,
+            tags=()) -> tuple[Entry, bool]:
+        """Register `emb`; (entry, True) if new, (existing entry, False) if the content is known."""
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
+        # Validate before anything touches the disk: a bad name must write nothing.
+        name = check_name(name if name is not None else emb.token)
+        data = emb.canonical_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+
+        # Cheap read-only checks first, so the common "already there" / "name taken"
+        # cases neither fsync a blob nor leave an orphan. They are repeated under the lock.
+        known, clash = self._precheck(sha, name)
+        if known is not None:
+            return known, False
+        if clash is not None:
+            raise self._clash_error(name, clash)
+
+        self._ensure_dirs()
+        self._write_blob(sha, data)  # outside the lock: fsync is the slow part
+        _crash_point("after-blob")
+        entry = Entry(name=name, token=emb.token, family=emb.family, n_vectors=emb.n_vectors,
+                      widths=dict(emb.widths), sha256=sha, source=source, origin=dict(origin or {}),
+                      meta=dict(emb.meta), tags=[str(t) for t in tags], created=_now())
+        with self._write() as conn:
+            row = conn.execute("SELECT * FROM embeddings WHERE sha256 = ? ORDER BY name LIMIT 1",
+                               (sha,)).fetchone()
+            if row is not None:  # another process registered the same content meanwhile
+                return _entry(row), False
+            row = conn.execute("SELECT * FROM embeddings WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                self._unlink_blob_if_unused(conn, sha)  # we hold the lock: no one can need it now
+                raise self._clash_error(name, _entry(row))
+            if not self.blob_path(sha).is_file():  # a concurrent `rm` removed it after we wrote it
+                self._write_blob(sha, data)
+            conn.execute(
+                f"INSERT INTO embeddings ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                tuple(json.dumps(getattr(entry, c), sort_keys=True) if c in _JSON_COLUMNS
+                      else getattr(entry, c) for c in _COLUMNS))
+            _crash_point("before-commit")
+        return entry, True
+
+    def get(self, name: str) -> Entry | None:
+        with self._read() as conn:
+            if conn is None:
+                return None
+            row = conn.execute("SELECT * FROM embeddings WHERE name = ?", (name,)).fetchone()
+            return _entry(row) if row is not None else None
+
+    def resolve(self, name_or_token: str) -> Entry:
+        """By name; else by token ("<cat-toy>"); else by token without brackets."""
+        entry = self.get(name_or_token)
+        if entry is not None:
+            return entry
+        everything = self.entries()
+        wanted = name_or_token.strip()
+        for match in (lambda e: e.token == wanted,
+                      lambda e: e.token.strip().strip("<>").strip() == wanted.strip("<>").strip()):
+            hits = [e for e in everything if match(e)]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise RegistryError(
+                    f"Several registered embeddings use the token {name_or_token!r}: "
+                    + ", ".join(e.name for e in hits) + ".",
+                    "Refer to one by its name (see `textinv list`).")
+        raise self._not_found(name_or_token, everything)
+
+    def load(self, name_or_entry) -> Embedding:
+        """The embedding from its blob, after checking the blob still has the recorded sha256."""
+        from .embedding import Embedding
+        from .errors import TextinvError
+        from .formats.safetensors_io import load_safetensors
+
+        entry = name_or_entry if isinstance(name_or_entry, Entry) else self.resolve(name_or_entry)
+        path = self.blob_path(entry.sha256)
+        again = entry.origin.get("path") or entry.origin.get("repo") or entry.origin.get("run")
+        fix = f"Run `textinv rm {entry.name}`, then add it again" + (f" (from {again})." if again else ".")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise RegistryError(f"The stored copy of {entry.name!r} is missing ({path}).", fix) from None
+        except OSError as e:
+            raise RegistryError(f"Cannot read the stored copy of {entry.name!r}: {e}.", fix) from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != entry.sha256:
+            raise RegistryError(
+                f"The stored copy of {entry.name!r} is corrupt: its sha256 is {actual[:12]}, "
+                f"expected {entry.sha256[:12]} ({path}).", fix)
+        try:
+            tensors, meta = load_safetensors(data, source=str(path))
+            return Embedding(token=meta.get("textinv.token", entry.token), vectors=tensors,
+                             meta=dict(entry.meta))
+        except TextinvError as e:  # hash matched, so only a bug could get here; say where
+            raise RegistryError(f"The stored copy of {entry.name!r} cannot be read: {e.message}", fix) from None
+
+    def entries(self, *, family: str | None = None, source: str | None = None) -> list[Entry]:
+        filters = {k: v for k, v in (("family", family), ("source", source)) if v is not None}
+        where = " WHERE " + " AND ".join(f"{k} = ?" for k in filters) if filters else ""
+        with self._read() as conn:
+            if conn is None:
+                return []
+            rows = conn.execute(f"SELECT * FROM embeddings{where} ORDER BY name", tuple(filters.values()))
+            return [_entry(r) for r in rows]
+
+    def remove(self, name: str) -> Entry:
+        """Delete the row; the blob goes too unless another row still points at it."""
+        if not self.db_path.exists():
+            raise self._not_found(name, [])
+        with self._write() as conn:
+            row = conn.execute("SELECT * FROM embeddings WHERE name = ?", (name,)).fetchone()
+            entry = _entry(row) if row is not None else None
+            conn.execute("DELETE FROM embeddings WHERE name = ?", (name,))
+        if entry is None:
+            raise self._not_found(name, self.entries())
+        # The deletion is committed; only now may the blob go (a crash before this point
+        # must leave the row AND its blob). A second locked step, because an `add` of the
+        # same content may have slipped in between and now needs the blob.
+        _crash_point("before-unlink")
+        with self._write() as conn:
+            self._unlink_blob_if_unused(conn, entry.sha256)
+        return entry
+
+    def blob_path(self, sha256: str) -> Path:
+        if not _SHA_RE.match(sha256 or ""):  # a damaged row must never steer a path
+            raise RegistryError(f"Invalid sha256 in the registry: {sha256!r}.",
+                                "Remove the damaged entry with `textinv rm NAME`.")
+        return self.blob_dir / f"{sha256}.safetensors"
+
+    # -- internals --------------------------------------------------------------
+    def _precheck(self, sha: str, name: str) -> tuple[Entry | None, Entry | None]:
+        """(row with this content, row holding this name), from one read snapshot: read
+        separately, a concurrent add of the same content could look like a name clash."""
+        with self._read() as conn:
+            if conn is None:
+                return None, None
+            conn.execute("BEGIN")
+            try:
+                known = conn.execute("SELECT * FROM embeddings WHERE sha256 = ? ORDER BY name LIMIT 1",
+                                     (sha,)).fetchone()
+                clash = conn.execute("SELECT * FROM embeddings WHERE name = ?", (name,)).fetchone()
+            finally:
+                conn.execute("COMMIT")
+            return (_entry(known) if known else None), (_entry(clash) if clash else None)
+
+    def _clash_error(self, name: str, existing: Entry) -> RegistryError:
+        return RegistryError(
+            f"The name {name!r} is already taken by a different embedding "
+            f"({existing.token}, sha256 {existing.short_sha}, {existing.source} {existing.created}).",
+            f"Pass --name to register this one under another name, or `textinv rm {name}` first.")
+
+    def _not_found(self, name: str, entries: list[Entry]) -> NotFoundError:
+        if not entries:
+            return NotFoundError(
+                f"No embedding named {name!r}: the registry is empty.",
+                "Add one with `textinv import FILE`, `textinv pull REPO` or `textinv train`.")
+        by_key = {e.name: e.name for e in entries}
+        by_key.update({e.token: e.name for e in entries if e.token not in by_key})
+        close = []
+        for key in difflib.get_close_matches(name, list(by_key), n=5, cutoff=0.6):
+            if by_key[key] not in close:
+                close.append(by_key[key])
+        hint = (f"Did you mean: {', '.join(close)}? " if close else "") + "See `textinv list` for all names."
+        return NotFoundError(f"No embedding named {name!r} in the registry.", hint)
+
+    def _ensure_dirs(self) -> None:
+        try:
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RegistryError(f"Cannot create the registry at {self.root}: {e.strerror or e}.",
+                                "Set TEXTINV_HOME to a writable folder.") from None
+
+    def _write_blob(self, sha: str, data: bytes) -> None:
+        """Content-addressed, so an existing intact blob is already right; a damaged one is replaced."""
+        from .fsutil import atomic_write_bytes
+
+        path = self.blob_path(sha)
+        with contextlib.suppress(OSError):
+            if hashlib.sha256(path.read_bytes()).hexdigest() == sha:
+                return
+        atomic_write_bytes(path, data, force=True)
+
+    def _unlink_blob_if_unused(self, conn: sqlite3.Connection, sha: str) -> None:
+        """Only called inside a write transaction, so no row can start using the blob meanwhile."""
+        if conn.execute("SELECT 1 FROM embeddings WHERE sha256 = ? LIMIT 1", (sha,)).fetchone() is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.blob_path(sha).unlink()
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        return conn
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """sqlite errors become RegistryErrors that say which file and what to do."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise RegistryError(f"The registry at {self.root} stayed busy for {BUSY_TIMEOUT_S:.0f} s.",
+                                    "Another textinv process is writing to it; try again.") from None
+            raise RegistryError(f"The registry database {self.db_path} cannot be used: {e}.",
+                                "Check the folder's permissions and free space.") from None
+        except sqlite3.DatabaseError as e:
+            raise RegistryError(
+                f"The registry database {self.db_path} is damaged: {e}.",
+                "Move registry.db aside to start afresh; the blobs/ folder keeps every embedding.") from None
+
+    def _check_version(self, conn: sqlite3.Connection) -> int:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RegistryError(
+                f"The registry at {self.root} was written by a newer textinv (schema {version}).",
+                "Upgrade textinv: pip install -U textinv.")
+        return version
+
+    @contextlib.contextmanager
+    def _read(self):
+        """A connection for reading, or None when there is no registry yet (= empty)."""
+        if not self.db_path.exists():
+            yield None
+            return
+        with self._guard():
+            conn = self._connect()
+            try:
+                yield conn if self._check_version(conn) > 0 else None
+            finally:
+                conn.close()
+
+    @contextlib.contextmanager
+    def _write(self):
+        """One BEGIN IMMEDIATE transaction: committed when the block ends, rolled back if it raises."""
+        self._ensure_dirs()
+        with self._guard():
+            conn = self._connect()
+            try:
+                self._enable_wal(conn)
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    if self._check_version(conn) < SCHEMA_VERSION:
+                        self._migrate(conn)
+                    yield conn
+                except BaseException:
+                    if conn.in_transaction:  # sqlite may have rolled back already (disk full)
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        # WAL is a property of the file, set once. While several processes create the
+        # registry at the same moment, switching can report "locked" without waiting
+        # on the busy handler, so retry within the same budget.
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Bring the schema to SCHEMA_VERSION; runs inside the write transaction."""
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
