@@ -42,7 +42,15 @@ def describe(source) -> dict:
     from ..formats import file_sha256
 
     emb = source.embedding
-    sha = emb.meta.get("file_sha256") or (file_sha256(source.path) if source.path else "")
+    meta = dict(emb.meta)
+    if source.kind == "registry":
+        # the registry's blob is its own file; what the original file was is kept as origin
+        sha = source.entry.sha256
+        for k in ("format", "container", "file_sha256"):
+            if k in meta:
+                meta[f"original_{k}"] = meta.pop(k)
+    else:
+        sha = meta.get("file_sha256") or (file_sha256(source.path) if source.path else "")
     slots = {}
     for slot, vecs in sorted(emb.vectors.items()):
         slots[slot] = {
@@ -55,18 +63,18 @@ def describe(source) -> dict:
     report = {
         "source": str(source.path) if source.kind != "registry" else source.entry.name,
         "kind": source.kind,
-        "format": emb.meta.get("format", "textinv (registry)" if source.kind == "registry" else "?"),
-        "container": emb.meta.get("container", ""),
+        "format": meta.get("format", "registry"),
+        "container": meta.get("container", "canonical safetensors" if source.kind == "registry" else ""),
         "token": emb.token,
         "family": emb.family,
         "family_name": FAMILY_NAMES[emb.family],
         "vectors": emb.n_vectors,
         "slots": slots,
-        "dtype": emb.meta.get("dtype", "float32"),
+        "dtype": meta.get("dtype", "float32"),
         "finite": True,  # the reader refuses NaN/Inf, naming the slot, before we get here
         "sha256": sha,
         "short_hash": sha[:12],  # what A1111 prints beside an embedding (first 12 hex of the file's sha256)
-        "metadata": {k: v for k, v in sorted(emb.meta.items()) if k not in _SHOWN},
+        "metadata": {k: v for k, v in sorted(meta.items()) if k not in _SHOWN},
     }
     if source.kind == "registry":
         report["registry"] = source.entry.to_json()

@@ -50,7 +50,7 @@ def list_embeddings(
     for col, justify in (("name", "left"), ("token", "left"), ("family", "left"), ("vectors", "right"),
                          ("source", "left"), ("sha256", "left"), ("created", "left")):
         # names and tokens fold rather than get cut: a user copies them into other commands
-        table.add_column(col, justify=justify, no_wrap=col in ("sha256", "created"),
+        table.add_column(col, justify=justify, no_wrap=col in ("name", "token", "sha256", "created"),
                          overflow="fold" if col in ("name", "token") else "ellipsis")
     for e in entries:
         # Text(...) so a name like "[style]" is shown as typed, not parsed as rich markup
