@@ -1,0 +1,558 @@
+"""Read `torch.save` files without torch and without running any pickle code.
+
+A torch file is a zip archive: `<prefix>/data.pkl` (a pickle describing the object) plus
+raw tensor bytes in `<prefix>/data/<key>`. Unpickling normally *calls* whatever the pickle
+names, which is how malicious .pt/.bin files run code. Here the pickle is only parsed
+(`pickletools.genops` decodes opcodes; it never imports or calls anything) and a small
+stack machine interprets the opcodes torch writes. A GLOBAL resolves through an allowlist
+to one of our own handlers, never to the module it names; anything else is refused by
+name. Tensors come back as numpy arrays, OrderedDicts as dicts, ParameterDicts as dicts
+of their parameters, torch.Size as tuples.
+"""
+
+from __future__ import annotations
+
+import io
+import pickletools
+import re
+import zipfile
+
+import numpy as np
+
+from ..errors import FormatError, TextinvError, UnsafeFileError
+
+ZIP_MAGIC = b"PK\x03\x04"
+MAX_PICKLE_BYTES = 32 * 2**20  # data.pkl of a whole SD checkpoint is a few hundred KB
+MAX_MEMO = 1_000_000           # one entry per PUT; real files have hundreds
+MAX_STACK = 1_000_000
+MAX_DEPTH = 100                # nesting; also keeps tuple hashing far from the C stack's end
+MAX_NDIM = 32
+
+_UNSAFE_HINT = ("The file may be malicious; nothing in it was executed. Get the embedding as "
+                ".safetensors, or convert it on a machine you trust.")
+_CORRUPT_HINT = "The file is truncated or corrupt; download or copy it again."
+_LEGACY_HINT = ("Re-save it with a recent torch (torch.save writes zip archives since 1.6), or "
+                "convert it to .safetensors on a machine you trust.")
+
+# The records torch.save (1.6 .. 2.13) writes inside the archive's one top-level folder.
+_MEMBER = re.compile(r"(data\.pkl|data/\d+|version|\.data/version|\.data/serialization_id"
+                     r"|byteorder|\.format_version|\.storage_alignment)\Z")
+_DIRS = ("", "data/", ".data/")  # folder entries, which repacking tools add
+
+# Element codes: a little-endian numpy type, or bf16 / b1, which need a conversion step.
+_STORAGES = {"FloatStorage": "f4", "HalfStorage": "f2", "DoubleStorage": "f8", "BFloat16Storage": "bf16",
+             "LongStorage": "i8", "IntStorage": "i4", "ShortStorage": "i2", "CharStorage": "i1",
+             "ByteStorage": "u1", "BoolStorage": "b1", "ComplexFloatStorage": "c8",
+             "ComplexDoubleStorage": "c16"}
+_DTYPES = {"float32": "f4", "float16": "f2", "float64": "f8", "bfloat16": "bf16", "int64": "i8",
+           "int32": "i4", "int16": "i2", "int8": "i1", "uint8": "u1", "bool": "b1", "complex64": "c8",
+           "complex128": "c16", "uint16": "u2", "uint32": "u4", "uint64": "u8"}
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocol 2's spelling
+
+
+class _Global:
+    """What a GLOBAL resolves to: our stand-in, never the named object."""
+    __slots__ = ("qualname", "kind", "arg")
+
+    def __init__(self, qualname: str, kind: str, arg=None):
+        self.qualname, self.kind, self.arg = qualname, kind, arg
+
+
+class _Storage:
+    """A storage's bytes from data/<key>; `code` is the element code (None: untyped bytes)."""
+    __slots__ = ("key", "code", "raw", "big")
+
+    def __init__(self, key: str, code: str | None, raw, big: bool):
+        self.key, self.code, self.raw, self.big = key, code, raw, big
+
+
+def _allowlist() -> dict[str, _Global]:
+    calls = {"collections.OrderedDict": "dict", "builtins.set": "set", "builtins.frozenset": "frozenset",
+             "builtins.bytes": "bytes", "_codecs.encode": "encode", "torch.Size": "size",
+             "torch._utils._rebuild_tensor": "tensor_v1", "torch._utils._rebuild_tensor_v2": "tensor_v2",
+             "torch._utils._rebuild_tensor_v3": "tensor_v3", "torch._utils._rebuild_parameter": "parameter",
+             "torch._utils._rebuild_parameter_with_state": "parameter",
+             "torch.nn.parameter.Parameter": "parameter"}
+    g = {q: _Global(q, "call", fn) for q, fn in calls.items()}
+    g.update({f"torch.{n}": _Global(f"torch.{n}", "storage", c) for n, c in _STORAGES.items()})
+    g.update({f"torch.{n}": _Global(f"torch.{n}", "dtype", c) for n, c in _DTYPES.items()})
+    for q in ("torch.storage.UntypedStorage", "torch.UntypedStorage"):
+        g[q] = _Global(q, "storage", None)
+    q = "torch.nn.modules.container.ParameterDict"  # old A1111 files' string_to_param
+    g[q] = _Global(q, "module")
+    return g
+
+
+_ALLOWED = _allowlist()
+
+
+def _resolve_name(qual: str) -> _Global | None:
+    module, _, name = qual.rpartition(".")
+    return _ALLOWED.get(f"{_PY2_MODULES.get(module, module)}.{name}")
+
+
+def looks_like_torch_zip(data: bytes) -> bool:
+    return data[:4] == ZIP_MAGIC
+
+
+def looks_like_raw_pickle(data: bytes) -> bool:
+    """A pickle outside a zip: legacy torch (< 1.6) files or plain pickle.dump output."""
+    if len(data) >= 2 and data[0] == 0x80 and data[1] <= 5:
+        return True
+    if not data or data[:1] not in b"(}])cNIJKLMSVXFGU\x88\x89":
+        return False
+    try:  # protocol 0/1 start with printable opcodes, as text may: require a parse to STOP
+        for n, (op, _, _) in enumerate(pickletools.genops(data[:65536])):
+            if op.name == "STOP" or n > 10_000:
+                return op.name == "STOP"
+    except Exception:
+        pass
+    return False
+
+
+def load_torch_pickle(data: bytes, *, source: str) -> object:
+    """The object a torch zip archive holds, as plain Python with numpy arrays.
+
+    Raises FormatError (corrupt, truncated, unexpected layout) or UnsafeFileError (the
+    pickle asks for something that is not tensor data); nothing from the file is executed.
+    """
+    data = bytes(data)
+    if not looks_like_torch_zip(data):
+        if data.startswith(b"version https://git-lfs"):
+            raise FormatError(f"{source} is a Git LFS pointer, not the file itself.",
+                              "Run `git lfs pull`, or download the real file.")
+        if looks_like_raw_pickle(data):
+            _refuse_unsafe(data, source, "this raw (non-zip) pickle")
+            raise FormatError(f"{source} is a legacy (non-zip) pickle; textinv does not read those.",
+                              _LEGACY_HINT)
+        raise FormatError(f"{source} is not a torch file (no zip archive inside).", _CORRUPT_HINT)
+    try:
+        zf, members, prefix = _open_archive(data, source)
+        order = _read(zf, members["byteorder"], source).strip() if "byteorder" in members else b"little"
+        if order not in (b"little", b"big"):
+            raise FormatError(f"{source}: unknown byte order {order[:20]!r} in {prefix}/byteorder.")
+        pkl = _read(zf, members["data.pkl"], source)
+        _refuse_unsafe(pkl, source)
+
+        def storage_bytes(key: str) -> bytes:
+            if f"data/{key}" not in members:
+                raise FormatError(f"{source}: data.pkl refers to storage {prefix}/data/{key}, which the "
+                                  "archive does not contain.", _CORRUPT_HINT)
+            return _read(zf, members[f"data/{key}"], source)
+
+        obj = _Interpreter(pkl, source, storage_bytes, big=order == b"big", cap=4 * len(data) + 2**20).run()
+        return _plain(obj, {}, 0, source)
+    except TextinvError:
+        raise
+    except RecursionError:
+        raise FormatError(f"{source}: the pickle nests too deeply to be tensor data.") from None
+    except Exception as e:  # any slip on hostile bytes is still "corrupt", never a crash
+        raise FormatError(f"{source} is truncated or corrupt ({_brief(e)}).", _CORRUPT_HINT) from None
+
+
+# -- the archive -------------------------------------------------------------------------
+
+def _open_archive(data: bytes, source: str):
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except Exception:
+        raise FormatError(f"{source} is truncated or corrupt: its zip directory cannot be read.",
+                          _CORRUPT_HINT) from None
+    prefixes: set[str] = set()
+    members: dict[str, zipfile.ZipInfo] = {}
+    seen: set[str] = set()
+    total = 0
+    for info in infos:
+        name, shown = info.filename, repr(info.filename[:120])
+        if name in seen:
+            raise FormatError(f"{source}: the archive lists the member {shown} twice.",
+                              "torch never writes that; the file may have been tampered with.")
+        seen.add(name)
+        prefix, sep, rest = name.partition("/")
+        if (not sep or prefix in ("", ".", "..") or "\\" in name or "\x00" in name
+                or (rest not in _DIRS and not _MEMBER.match(rest))):
+            raise FormatError(f"{source}: unexpected archive member {shown}; a torch file holds only "
+                              "data.pkl, data/<n> and version records in one folder.",
+                              "It was not written by torch.save, or has been tampered with.")
+        prefixes.add(prefix)
+        if rest in _DIRS:
+            if info.file_size:
+                raise FormatError(f"{source}: the folder entry {shown} has contents.")
+            continue
+        if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise FormatError(f"{source}: the archive member {shown} is encrypted or compressed in a "
+                              "way torch never writes.")
+        total += info.file_size
+        # torch stores members uncompressed; compressed ones get some slack but no zip-bomb room
+        if total > 4 * len(data) + 2**20:
+            raise FormatError(f"{source}: the archive member {shown} declares {info.file_size} bytes in a "
+                              f"{len(data)}-byte file (a zip bomb?).", "Refusing to unpack it.")
+        members[rest] = info
+    if len(prefixes) != 1:
+        found = ", ".join(sorted(repr(p[:40]) for p in prefixes)[:5]) or "none"
+        raise FormatError(f"{source}: a torch archive has exactly one top-level folder; found {found}.")
+    if "data.pkl" not in members or members["data.pkl"].file_size > MAX_PICKLE_BYTES:
+        raise FormatError(f"{source}: the archive has no data.pkl of a plausible size; it is not a "
+                          "torch.save file.")
+    return zf, members, prefixes.pop()
+
+
+def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> bytes:
+    try:
+        with zf.open(info) as f:
+            blob = f.read(info.file_size + 1)  # never more than declared, whatever the stream says
+        if len(blob) == info.file_size:
+            return blob
+    except Exception:
+        pass
+    raise FormatError(f"{source}: the archive member {info.filename[:120]!r} is truncated or corrupt.",
+                      _CORRUPT_HINT)
+
+
+def _first_unsafe_global(data: bytes) -> str | None:
+    """The first global outside the allowlist, found by parsing alone.
+
+    Checked before interpreting, so a refusal names the global even when some other odd
+    opcode comes first. Legacy torch files are several pickles back to back: scan them all.
+    STACK_GLOBAL takes its names from the stack; following the last two pushes (strings
+    also through the memo) names them when they are plain strings, as Python writes them.
+    """
+    f = io.BytesIO(data)
+    try:
+        for _ in range(8):
+            last: list = [None, None]
+            memo: dict = {}
+            for op, arg, _ in pickletools.genops(f):
+                name, qual = op.name, None
+                if name in ("MEMOIZE", "BINPUT", "LONG_BINPUT"):
+                    memo[len(memo) if name == "MEMOIZE" else arg] = last[-1]
+                    continue
+                if name in ("GLOBAL", "INST"):
+                    qual = ".".join(str(arg).split(" ", 1))
+                elif name == "STACK_GLOBAL" and all(isinstance(x, str) for x in last[-2:]):
+                    qual = f"{last[-2]}.{last[-1]}"
+                if qual is not None and _resolve_name(qual) is None:
+                    return qual[:200]
+                if name in ("BINGET", "LONG_BINGET"):
+                    last.append(memo.get(arg))
+                elif name != "FRAME":
+                    last.append(arg if "UNICODE" in name else None)
+                del last[:-2]
+    except Exception:  # malformed bytes: the interpreter says precisely what is wrong
+        pass
+    return None
+
+
+def _refuse_unsafe(data: bytes, source: str, what: str = "the pickle") -> None:
+    qual = _first_unsafe_global(data)
+    if qual is not None:
+        raise UnsafeFileError(f"textinv refuses to load {source}: {what} asks for {qual}, which is "
+                              "not tensor data.", _UNSAFE_HINT)
+
+
+# -- the interpreter ---------------------------------------------------------------------
+
+_CONST = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
+_VALUE_OPS = {"BININT", "BININT1", "BININT2", "LONG1", "LONG4", "BINFLOAT", "BINUNICODE",
+              "SHORT_BINUNICODE", "BINUNICODE8", "SHORT_BINBYTES", "BINBYTES", "BINBYTES8"}
+_EMPTY = {"EMPTY_LIST": list, "EMPTY_DICT": dict, "EMPTY_SET": set}
+_SMALL_TUPLES = {"EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+_MARKED = {"TUPLE", "LIST", "DICT", "APPENDS", "SETITEMS", "ADDITEMS", "FROZENSET", "POP_MARK"}
+_CODE_OPS = {"INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "NEWOBJ_EX"}  # build arbitrary objects
+
+
+class _Interpreter:
+    def __init__(self, pkl: bytes, source: str, storage_bytes, *, big: bool, cap: int):
+        self.pkl, self.source, self.storage_bytes = pkl, source, storage_bytes
+        self.big, self.cap, self.out_bytes = big, cap, 0
+        self.raw: dict[str, bytes] = {}       # storage key -> its member's bytes, read once
+        self.modules: dict[int, dict] = {}    # id -> the dict standing in for a ParameterDict
+        self.tdepth: dict[int, int] = {}      # id -> nesting depth of a tuple / frozenset
+        self.keep: list = []                  # keeps those ids from being reused
+
+    def fail(self, what: str):
+        raise FormatError(f"{self.source}: {what}", _CORRUPT_HINT)
+
+    def run(self):
+        stack: list = []
+        metastack: list[list] = []
+        memo: dict[int, object] = {}
+        for op, arg, _ in pickletools.genops(self.pkl):
+            name = op.name
+            if len(stack) > MAX_STACK or len(metastack) > MAX_STACK or len(memo) > MAX_MEMO:
+                self.fail("the pickle is too large to be tensor data.")
+            if name in _VALUE_OPS:
+                stack.append(arg)
+            elif name in _CONST:
+                stack.append(_CONST[name])
+            elif name in _EMPTY:
+                stack.append(_EMPTY[name]())
+            elif name in ("BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+            elif name in ("BINGET", "LONG_BINGET"):
+                if arg not in memo:
+                    self.fail(f"the pickle reads memo slot {arg}, which was never written.")
+                stack.append(memo[arg])
+            elif name == "MARK":
+                metastack.append(stack)
+                stack = []
+            elif name in _MARKED:
+                items, stack = stack, metastack.pop()
+                self.collect(name, items, stack)
+            elif name in _SMALL_TUPLES:
+                n = _SMALL_TUPLES[name]
+                if len(stack) < n:
+                    self.fail("the pickle's stack underflows.")
+                items = stack[len(stack) - n:]
+                del stack[len(stack) - n:]
+                stack.append(self.make_tuple(items))
+            elif name == "APPEND":
+                v = stack.pop()
+                self.target(stack, list).append(v)
+            elif name == "SETITEM":
+                v, k = stack.pop(), stack.pop()
+                self.target(stack, dict)[k] = v
+            elif name == "POP":
+                stack.pop()
+            elif name == "DUP":
+                stack.append(stack[-1])
+            elif name == "GLOBAL":
+                stack.append(self.resolve(".".join(arg.split(" ", 1))))
+            elif name == "STACK_GLOBAL":
+                attr, module = stack.pop(), stack.pop()
+                if not (isinstance(module, str) and isinstance(attr, str)):
+                    self.fail("STACK_GLOBAL needs two strings.")
+                stack.append(self.resolve(f"{module}.{attr}"))
+            elif name == "REDUCE":
+                args = stack.pop()
+                stack.append(self.call(stack.pop(), args))
+            elif name == "NEWOBJ":  # only a ParameterDict: a dict that BUILD fills with its parameters
+                args, cls = stack.pop(), stack.pop()
+                if not (isinstance(cls, _Global) and cls.kind == "module" and type(args) is tuple):
+                    self.fail(f"NEWOBJ on {_describe(cls)} is not tensor data.")
+                stack.append({})
+                self.modules[id(stack[-1])] = stack[-1]
+            elif name == "BUILD":
+                state = stack.pop()
+                self.build(stack[-1], state)
+            elif name == "BINPERSID":
+                stack.append(self.persistent(stack.pop()))
+            elif name == "PROTO" and not 2 <= arg <= 5:
+                self.fail(f"unsupported pickle protocol {arg}.")
+            elif name in ("PROTO", "FRAME"):
+                pass
+            elif name == "STOP":
+                if len(stack) != 1 or metastack:
+                    self.fail("the pickle ends with a malformed stack.")
+                return stack[0]
+            elif name in _CODE_OPS:
+                what = (f"asks for {'.'.join(str(arg).split(' ', 1))[:200]} (INST)" if name == "INST"
+                        else f"uses the {name} opcode, which builds arbitrary objects and")
+                raise UnsafeFileError(f"textinv refuses to load {self.source}: the pickle {what} is not "
+                                      "tensor data.", _UNSAFE_HINT)
+            else:
+                self.fail(f"the pickle uses the {name} opcode, which torch.save never writes.")
+        self.fail("the pickle ends before its STOP opcode.")  # pragma: no cover (genops raises)
+
+    # -- opcode helpers ------------------------------------------------------------------
+    def target(self, stack: list, kind: type):
+        """The container items are added to: a real unpickler would call any object's method."""
+        if not stack or type(stack[-1]) is not kind:
+            self.fail(f"the pickle adds items to {_describe(stack[-1] if stack else None)}, "
+                      f"not a {kind.__name__}.")
+        return stack[-1]
+
+    def collect(self, name: str, items: list, stack: list):
+        if name in ("TUPLE", "FROZENSET"):
+            stack.append(self.make_tuple(items, tuple if name == "TUPLE" else frozenset))
+        elif name == "LIST":
+            stack.append(items)
+        elif name == "APPENDS":
+            self.target(stack, list).extend(items)
+        elif name == "ADDITEMS":
+            self.target(stack, set).update(items)
+        elif name in ("DICT", "SETITEMS"):
+            if len(items) % 2:
+                self.fail(f"{name} has an odd number of items.")
+            d = {} if name == "DICT" else self.target(stack, dict)
+            d.update(zip(items[::2], items[1::2]))
+            if name == "DICT":
+                stack.append(d)
+
+    def make_tuple(self, items, kind=tuple):
+        """A tuple/frozenset, refusing hashable nests deep enough to exhaust the C stack."""
+        depth = 1 + max((self.tdepth.get(id(x), 1) for x in items if type(x) in (tuple, frozenset)),
+                        default=0)
+        if depth > MAX_DEPTH:
+            self.fail("the pickle nests tuples too deeply to be tensor data.")
+        t = kind(items)
+        self.tdepth[id(t)] = depth
+        self.keep.append(t)
+        return t
+
+    def resolve(self, qual: str) -> _Global:
+        g = _resolve_name(qual)
+        if g is None:
+            raise UnsafeFileError(f"textinv refuses to load {self.source}: the pickle asks for "
+                                  f"{qual[:200]}, which is not tensor data.", _UNSAFE_HINT)
+        return g
+
+    def call(self, fn, args):
+        if not (isinstance(fn, _Global) and fn.kind == "call") or type(args) is not tuple:
+            self.fail(f"the pickle calls {_describe(fn)}, which is not tensor data.")
+        try:
+            return getattr(self, f"h_{fn.arg}")(*args)
+        except TypeError:
+            self.fail(f"the pickle passes malformed arguments to {fn.qualname}.")
+
+    def build(self, obj, state):
+        if self.modules.get(id(obj)) is not obj:
+            if state is None or (type(state) is dict and not state):
+                return
+            self.fail(f"the pickle sets the state of {_describe(obj)}, which is not tensor data.")
+        if type(state) is tuple and state and type(state[0]) is dict:
+            state = state[0]  # (dict state, slot state)
+        params = state.get("_parameters") if type(state) is dict else None
+        if type(params) is dict:  # keep a module's parameters, drop hooks and flags
+            obj.update((k, v) for k, v in params.items() if isinstance(v, np.ndarray))
+
+    def persistent(self, pid):
+        """('storage', storage type, key, location, numel) -> the bytes of data/<key>."""
+        if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage"):
+            self.fail("the pickle holds a persistent id that is not a tensor storage.")
+        _, stype, key, _location, numel = pid
+        key = key.decode("ascii") if isinstance(key, bytes) else key
+        if not (isinstance(stype, _Global) and stype.kind == "storage" and isinstance(key, str)
+                and key.isascii() and key.isdigit() and type(numel) is int and numel >= 0):
+            self.fail("the pickle holds a malformed storage reference.")
+        if key not in self.raw:
+            self.raw[key] = self.storage_bytes(key)
+        raw, need = self.raw[key], numel * _itemsize(stype.arg)
+        if len(raw) < need:
+            self.fail(f"storage data/{key} holds {len(raw)} bytes but the pickle needs {need}.")
+        return _Storage(key, stype.arg, memoryview(raw)[:need], self.big)
+
+    # -- the allowlisted callables: our own code, nothing named in the file is imported --
+    def h_dict(self, items=()):  # OrderedDict(): a plain dict keeps the order just as well
+        return dict(self.items_of(items, (list, tuple, dict)))
+
+    def h_set(self, items=()):
+        return set(self.items_of(items))
+
+    def h_frozenset(self, items=()):
+        return self.make_tuple(self.items_of(items), frozenset)
+
+    def h_bytes(self):  # protocol 2 writes b"" as bytes() ...
+        return b""
+
+    def h_encode(self, text, encoding="latin1"):  # ... and other bytes as encode(str, "latin1")
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            self.fail("_codecs.encode is only used for latin-1 bytes.")
+        return text.encode("latin-1")
+
+    def h_size(self, dims=()):
+        return self.make_tuple(self.items_of(dims, (tuple,)))
+
+    def h_tensor_v1(self, storage, offset, size, stride):
+        return self.tensor(storage, offset, size, stride, None)
+
+    def h_tensor_v2(self, storage, offset, size, stride, requires_grad=False, hooks=None, meta=None):
+        return self.tensor(storage, offset, size, stride, None)
+
+    def h_tensor_v3(self, storage, offset, size, stride, requires_grad, hooks, dtype, meta=None):
+        if not (isinstance(dtype, _Global) and dtype.kind == "dtype"):
+            self.fail("a tensor's dtype is not a torch dtype.")
+        return self.tensor(storage, offset, size, stride, dtype.arg)
+
+    def h_parameter(self, data, requires_grad=True, hooks=None, state=None):
+        if not isinstance(data, np.ndarray):
+            self.fail("a Parameter wraps something that is not a tensor.")
+        return data  # a Parameter is its data; hooks and Python state are dropped
+
+    def items_of(self, items, kinds=(list, tuple)):
+        if type(items) not in kinds:
+            self.fail(f"an allowlisted constructor gets {_describe(items)}.")
+        return items
+
+    def tensor(self, storage, offset, size, stride, code):
+        if not isinstance(storage, _Storage):
+            self.fail(f"a tensor's storage is {_describe(storage)}, not tensor data.")
+        ints = lambda t: type(t) is tuple and all(type(x) is int and x >= 0 for x in t)  # noqa: E731
+        if not (type(offset) is int and offset >= 0 and ints(size) and ints(stride)
+                and len(size) == len(stride) <= MAX_NDIM):
+            self.fail("a tensor has a malformed offset, shape or stride.")
+        code = code or storage.code or "u1"
+        item = _itemsize(code)
+        numel = len(storage.raw) // item
+        count = int(np.prod(size, dtype=object)) if size else 1
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if count else offset - 1
+        if last >= numel or offset > numel:
+            self.fail(f"a tensor needs {last + 1} elements of storage data/{storage.key}, which holds "
+                      f"{numel}.")
+        self.out_bytes += count * item  # stride 0 can "expand" one element into terabytes
+        if self.out_bytes > self.cap:
+            self.fail("the tensors it describes are far larger than the file.")
+        return _decode(storage.raw, code, self.big, offset, size, stride)
+
+
+def _decode(raw, code: str, big: bool, offset: int, size: tuple, stride: tuple) -> np.ndarray:
+    """Copy a bounds-checked strided view of storage bytes into a native, C-ordered array."""
+    base = {"bf16": "u2", "b1": "u1"}.get(code, code)
+    item = np.dtype(base).itemsize
+    flat = np.frombuffer(raw, dtype=np.dtype(base).newbyteorder(">" if big else "<"), count=len(raw) // item)
+    if all(size):
+        view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size,
+                                               strides=[s * item for s in stride], writeable=False)
+        arr = np.array(view, dtype=np.dtype(base).newbyteorder("="), order="C")
+    else:
+        arr = np.zeros(size, dtype=np.dtype(base))
+    if code == "bf16":  # bfloat16 is the top half of a float32
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr != 0 if code == "b1" else arr
+
+
+def _itemsize(code: str | None) -> int:
+    return {"bf16": 2, "b1": 1, None: 1}.get(code) or np.dtype(code).itemsize
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, _Global):
+        return obj.qualname
+    return "a storage" if isinstance(obj, _Storage) else f"a {type(obj).__name__}"
+
+
+def _brief(e: Exception) -> str:
+    try:  # str() of an exception can itself fail on hostile contents
+        return f"{type(e).__name__}: {str(e)[:120]}"
+    except Exception:
+        return type(e).__name__
+
+
+def _plain(obj, memo: dict, depth: int, source: str):
+    """The result as plain Python: stand-ins become arrays or names; shared parts stay shared
+    (the memo also keeps a billion-laughs pickle from being expanded)."""
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, np.ndarray)):
+        return obj
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if depth > MAX_DEPTH:
+        raise FormatError(f"{source}: the pickle nests too deeply to be tensor data.")
+    kind = type(obj)
+    if kind in (dict, list):
+        out = memo[id(obj)] = kind()  # registered first, so cycles end here
+        if kind is dict:
+            out.update((_plain(k, memo, depth + 1, source), _plain(v, memo, depth + 1, source))
+                       for k, v in obj.items())
+        else:
+            out.extend(_plain(v, memo, depth + 1, source) for v in obj)
+        return out
+    if kind in (tuple, set, frozenset):
+        out = memo[id(obj)] = kind(_plain(v, memo, depth + 1, source) for v in obj)
+        return out
+    if isinstance(obj, _Storage):  # a bare storage, e.g. torch.save(t.untyped_storage())
+        code = obj.code or "u1"
+        return _decode(obj.raw, code, obj.big, 0, (len(obj.raw) // _itemsize(code),), (1,))
+    if isinstance(obj, _Global) and obj.kind == "dtype":
+        return obj.qualname
+    raise FormatError(f"{source}: the pickle holds a bare reference to {_describe(obj)}, not data.")
