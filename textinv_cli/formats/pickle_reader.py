@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import io
 import pickletools
-import re
-import zipfile
 
 import numpy as np
 
 from ..errors import FormatError, TextinvError, UnsafeFileError
+from .torch_zip import _CORRUPT_HINT, ZIP_MAGIC, open_archive, read_member
 
-ZIP_MAGIC = b"PK\x03\x04"
-MAX_PICKLE_BYTES = 32 * 2**20  # data.pkl of a whole SD checkpoint is a few hundred KB
 MAX_MEMO = 1_000_000           # one entry per PUT; real files have hundreds
 MAX_STACK = 1_000_000
 MAX_DEPTH = 100                # nesting; also keeps tuple hashing far from the C stack's end
@@ -30,14 +27,8 @@ MAX_NDIM = 32
 
 _UNSAFE_HINT = ("The file may be malicious; nothing in it was executed. Get the embedding as "
                 ".safetensors, or convert it on a machine you trust.")
-_CORRUPT_HINT = "The file is truncated or corrupt; download or copy it again."
 _LEGACY_HINT = ("Re-save it with a recent torch (torch.save writes zip archives since 1.6), or "
                 "convert it to .safetensors on a machine you trust.")
-
-# The records torch.save (1.6 .. 2.13) writes inside the archive's one top-level folder.
-_MEMBER = re.compile(r"(data\.pkl|data/\d+|version|\.data/version|\.data/serialization_id"
-                     r"|byteorder|\.format_version|\.storage_alignment)\Z")
-_DIRS = ("", "data/", ".data/")  # folder entries, which repacking tools add
 
 # Element codes: a little-endian numpy type, or bf16 / b1, which need a conversion step.
 _STORAGES = {"FloatStorage": "f4", "HalfStorage": "f2", "DoubleStorage": "f8", "BFloat16Storage": "bf16",
@@ -127,18 +118,18 @@ def load_torch_pickle(data: bytes, *, source: str) -> object:
                               _LEGACY_HINT)
         raise FormatError(f"{source} is not a torch file (no zip archive inside).", _CORRUPT_HINT)
     try:
-        zf, members, prefix = _open_archive(data, source)
-        order = _read(zf, members["byteorder"], source).strip() if "byteorder" in members else b"little"
+        zf, members, prefix = open_archive(data, source)
+        order = read_member(zf, members["byteorder"], source).strip() if "byteorder" in members else b"little"
         if order not in (b"little", b"big"):
             raise FormatError(f"{source}: unknown byte order {order[:20]!r} in {prefix}/byteorder.")
-        pkl = _read(zf, members["data.pkl"], source)
+        pkl = read_member(zf, members["data.pkl"], source)
         _refuse_unsafe(pkl, source)
 
         def storage_bytes(key: str) -> bytes:
             if f"data/{key}" not in members:
                 raise FormatError(f"{source}: data.pkl refers to storage {prefix}/data/{key}, which the "
                                   "archive does not contain.", _CORRUPT_HINT)
-            return _read(zf, members[f"data/{key}"], source)
+            return read_member(zf, members[f"data/{key}"], source)
 
         obj = _Interpreter(pkl, source, storage_bytes, big=order == b"big", cap=4 * len(data) + 2**20).run()
         return _plain(obj, {}, 0, source)
@@ -148,66 +139,6 @@ def load_torch_pickle(data: bytes, *, source: str) -> object:
         raise FormatError(f"{source}: the pickle nests too deeply to be tensor data.") from None
     except Exception as e:  # any slip on hostile bytes is still "corrupt", never a crash
         raise FormatError(f"{source} is truncated or corrupt ({_brief(e)}).", _CORRUPT_HINT) from None
-
-
-# -- the archive -------------------------------------------------------------------------
-
-def _open_archive(data: bytes, source: str):
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-        infos = zf.infolist()
-    except Exception:
-        raise FormatError(f"{source} is truncated or corrupt: its zip directory cannot be read.",
-                          _CORRUPT_HINT) from None
-    prefixes: set[str] = set()
-    members: dict[str, zipfile.ZipInfo] = {}
-    seen: set[str] = set()
-    total = 0
-    for info in infos:
-        name, shown = info.filename, repr(info.filename[:120])
-        if name in seen:
-            raise FormatError(f"{source}: the archive lists the member {shown} twice.",
-                              "torch never writes that; the file may have been tampered with.")
-        seen.add(name)
-        prefix, sep, rest = name.partition("/")
-        if (not sep or prefix in ("", ".", "..") or "\\" in name or "\x00" in name
-                or (rest not in _DIRS and not _MEMBER.match(rest))):
-            raise FormatError(f"{source}: unexpected archive member {shown}; a torch file holds only "
-                              "data.pkl, data/<n> and version records in one folder.",
-                              "It was not written by torch.save, or has been tampered with.")
-        prefixes.add(prefix)
-        if rest in _DIRS:
-            if info.file_size:
-                raise FormatError(f"{source}: the folder entry {shown} has contents.")
-            continue
-        if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise FormatError(f"{source}: the archive member {shown} is encrypted or compressed in a "
-                              "way torch never writes.")
-        total += info.file_size
-        # torch stores members uncompressed; compressed ones get some slack but no zip-bomb room
-        if total > 4 * len(data) + 2**20:
-            raise FormatError(f"{source}: the archive member {shown} declares {info.file_size} bytes in a "
-                              f"{len(data)}-byte file (a zip bomb?).", "Refusing to unpack it.")
-        members[rest] = info
-    if len(prefixes) != 1:
-        found = ", ".join(sorted(repr(p[:40]) for p in prefixes)[:5]) or "none"
-        raise FormatError(f"{source}: a torch archive has exactly one top-level folder; found {found}.")
-    if "data.pkl" not in members or members["data.pkl"].file_size > MAX_PICKLE_BYTES:
-        raise FormatError(f"{source}: the archive has no data.pkl of a plausible size; it is not a "
-                          "torch.save file.")
-    return zf, members, prefixes.pop()
-
-
-def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> bytes:
-    try:
-        with zf.open(info) as f:
-            blob = f.read(info.file_size + 1)  # never more than declared, whatever the stream says
-        if len(blob) == info.file_size:
-            return blob
-    except Exception:
-        pass
-    raise FormatError(f"{source}: the archive member {info.filename[:120]!r} is truncated or corrupt.",
-                      _CORRUPT_HINT)
 
 
 def _first_unsafe_global(data: bytes) -> str | None:

@@ -1,0 +1,82 @@
+"""The zip container of a torch.save file: which members it may hold, and reading them safely.
+
+torch.save (1.6 and later) writes one top-level folder holding data.pkl, data/<n> raw
+storages and a few version records, all stored uncompressed. Anything else (extra members,
+`..` names, duplicates, encryption, declared sizes far beyond the file) is refused before a
+byte is decompressed.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+
+from ..errors import FormatError
+
+ZIP_MAGIC = b"PK\x03\x04"
+MAX_PICKLE_BYTES = 32 * 2**20  # data.pkl of a whole SD checkpoint is a few hundred KB
+_CORRUPT_HINT = "The file is truncated or corrupt; download or copy it again."
+
+# The records torch.save (1.6 .. 2.13) writes inside the archive's one top-level folder.
+_MEMBER = re.compile(r"(data\.pkl|data/\d+|version|\.data/version|\.data/serialization_id"
+                     r"|byteorder|\.format_version|\.storage_alignment)\Z")
+_DIRS = ("", "data/", ".data/")  # folder entries, which repacking tools add
+
+
+def open_archive(data: bytes, source: str):
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except Exception:
+        raise FormatError(f"{source} is truncated or corrupt: its zip directory cannot be read.",
+                          _CORRUPT_HINT) from None
+    prefixes: set[str] = set()
+    members: dict[str, zipfile.ZipInfo] = {}
+    seen: set[str] = set()
+    total = 0
+    for info in infos:
+        name, shown = info.filename, repr(info.filename[:120])
+        if name in seen:
+            raise FormatError(f"{source}: the archive lists the member {shown} twice.",
+                              "torch never writes that; the file may have been tampered with.")
+        seen.add(name)
+        prefix, sep, rest = name.partition("/")
+        if (not sep or prefix in ("", ".", "..") or "\\" in name or "\x00" in name
+                or (rest not in _DIRS and not _MEMBER.match(rest))):
+            raise FormatError(f"{source}: unexpected archive member {shown}; a torch file holds only "
+                              "data.pkl, data/<n> and version records in one folder.",
+                              "It was not written by torch.save, or has been tampered with.")
+        prefixes.add(prefix)
+        if rest in _DIRS:
+            if info.file_size:
+                raise FormatError(f"{source}: the folder entry {shown} has contents.")
+            continue
+        if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise FormatError(f"{source}: the archive member {shown} is encrypted or compressed in a "
+                              "way torch never writes.")
+        total += info.file_size
+        # torch stores members uncompressed; compressed ones get some slack but no zip-bomb room
+        if total > 4 * len(data) + 2**20:
+            raise FormatError(f"{source}: the archive member {shown} declares {info.file_size} bytes in a "
+                              f"{len(data)}-byte file (a zip bomb?).", "Refusing to unpack it.")
+        members[rest] = info
+    if len(prefixes) != 1:
+        found = ", ".join(sorted(repr(p[:40]) for p in prefixes)[:5]) or "none"
+        raise FormatError(f"{source}: a torch archive has exactly one top-level folder; found {found}.")
+    if "data.pkl" not in members or members["data.pkl"].file_size > MAX_PICKLE_BYTES:
+        raise FormatError(f"{source}: the archive has no data.pkl of a plausible size; it is not a "
+                          "torch.save file.")
+    return zf, members, prefixes.pop()
+
+
+def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> bytes:
+    try:
+        with zf.open(info) as f:
+            blob = f.read(info.file_size + 1)  # never more than declared, whatever the stream says
+        if len(blob) == info.file_size:
+            return blob
+    except Exception:
+        pass
+    raise FormatError(f"{source}: the archive member {info.filename[:120]!r} is truncated or corrupt.",
+                      _CORRUPT_HINT)
