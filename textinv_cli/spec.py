@@ -22,6 +22,7 @@ class TrainSpec:
     init: list[str]
     model: str
     run_dir: str
+    backend: str = "torch"
     # concept
     vectors: int = 1
     property: str = "object"            # object | style: which caption templates
