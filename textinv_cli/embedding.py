@@ -17,6 +17,9 @@ from .errors import InvalidEmbeddingError
 
 SLOT_WIDTHS = {"clip_l": 768, "clip_h": 1024, "clip_g": 1280}
 WIDTH_SLOTS = {w: s for s, w in SLOT_WIDTHS.items()}
+# The built-in tiny models (textinv_torch.tiny) stand in 32 / 48 / 64 for 768 / 1024 / 1280,
+# so a tiny SD2 embedding read back from a file is still SD2. 64 only ever occurs beside 32.
+WIDTH_SLOTS[48] = "clip_h"
 FAMILY_SLOTS = {
     "sd1": ("clip_l",),
     "sd2": ("clip_h",),
@@ -114,12 +117,13 @@ class Embedding:
                 + ", ".join(f"{k} has {n}" for k, n in sorted(counts.items())) + ".",
                 "Every slot of an embedding must hold the same number of vectors.",
             )
-        for k, v in self.vectors.items():
-            if k in SLOT_WIDTHS and len(self.vectors) > 1 and v.shape[1] != SLOT_WIDTHS[k]:
-                raise InvalidEmbeddingError(
-                    f"Slot {k} should be {SLOT_WIDTHS[k]} wide but is {v.shape[1]}.",
-                    "The file's clip_l/clip_g tensors may be swapped or truncated.",
-                )
+        if len(self.vectors) > 1 and self.vectors["clip_l"].shape[1] >= self.vectors["clip_g"].shape[1]:
+            # SDXL's second encoder is always the wider one (1280 vs 768; 64 vs 32 in tiny models)
+            raise InvalidEmbeddingError(
+                f"clip_l is {self.vectors['clip_l'].shape[1]} wide and clip_g {self.vectors['clip_g'].shape[1]}; "
+                "clip_g (SDXL's second text encoder) must be the wider one.",
+                "The file's clip_l/clip_g tensors may be swapped.",
+            )
 
 
 def _as_matrix(slot: str, value) -> np.ndarray:

@@ -7,12 +7,27 @@ from pathlib import Path
 import typer
 
 
-def resume(run: Path = typer.Argument(..., help="The run directory printed when training started.")) -> None:
-    """Resume an interrupted training run."""
+def resume(
+    run: Path = typer.Argument(..., help="The run folder printed when training started."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON event per line instead of a progress bar."),
+) -> None:
+    """Resume an interrupted training run; the result is the same as an uninterrupted run."""
+    from ..errors import NotFoundError, TextinvError
     from ..plugins import require_backend
+    from ..registry import Registry
+    from ..runs import FINAL
+    from ..spec import SPEC_FILE, TrainSpec
 
-    require_backend(None)
-    from ..errors import BackendError
+    if not (run / SPEC_FILE).is_file():
+        raise NotFoundError(f"{run} is not a training run (no {SPEC_FILE}).",
+                            "Pass the run folder that `textinv train` printed (runs/<name>-<time>).")
+    try:
+        spec = TrainSpec.load(run)
+    except (ValueError, TypeError) as e:
+        raise TextinvError(f"{run / SPEC_FILE} is damaged: {e}.") from None
+    name = spec.extra.get("name") or spec.token.strip("<>")
+    if (run / FINAL).exists() and Registry().get(name) is not None:
+        raise TextinvError(f"This run already finished and is registered as {name}.", f"Use it: textinv sample \"a photo of {spec.token}\"")
+    from ..training import run_training
 
-    raise BackendError("Resuming is not wired to a backend in this build yet.",
-                       "Update textinv; `textinv backends` shows what is installed.")
+    run_training(require_backend(spec.backend), spec, resume=run, name=name, json_out=json_out)

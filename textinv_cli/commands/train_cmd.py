@@ -1,24 +1,128 @@
-"""textinv train DATA_DIR: train a new embedding on a backend."""
+"""textinv train DATA_DIR: train a new embedding on a backend.
+
+Everything is validated before any work: the data folder, the options, and that the
+registry name is free, so a bad invocation leaves no run folder and nothing registered.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 
+_PRECISIONS = ("fp32", "fp16", "bf16")
+
 
 def train(
-    data_dir: Path = typer.Argument(..., help="Folder of training images (optional .txt captions beside them)."),
+    data_dir: Path = typer.Argument(..., help="Folder of training images (optional IMAGE.txt captions beside them)."),
     token: str = typer.Option(..., "--token", help='The new placeholder token, e.g. "<cat-toy>".'),
-    init: str = typer.Option(..., "--init", help="Word(s) to initialise the new vectors from."),
-    backend: str = typer.Option(None, "--backend", help="torch or jax (default: the first usable one)."),
-    model: str = typer.Option(None, "--model", help="Base model: a Hub id or a local diffusers folder."),
+    init: str = typer.Option(..., "--init", help='Word(s) the new vectors start from, e.g. "toy" or "toy figure".'),
+    backend: Optional[str] = typer.Option(None, "--backend", help="torch or jax (default: the first usable one)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the token without brackets)."),
+    vectors: int = typer.Option(1, "--vectors", min=1, max=75, help="Vectors per token (multi-vector embedding)."),
+    prop: str = typer.Option("object", "--property", help="object or style: which caption templates to use."),
+    captions: str = typer.Option("templates", "--captions", help="templates, files (IMAGE.txt sidecars) or both."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", min=8, help="Training resolution (default: the model's)."),
+    center_crop: bool = typer.Option(False, "--center-crop", help="Crop the central square instead of resizing the whole image."),
+    flip_p: float = typer.Option(0.5, "--flip-p", help="Probability of a horizontal flip."),
+    steps: int = typer.Option(3000, "--steps", min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Gradient accumulation steps."),
+    lr: float = typer.Option(5e-3, "--lr", help="Learning rate."),
+    scale_lr: bool = typer.Option(False, "--scale-lr", help="Multiply lr by batch size x accumulation x processes."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help='constant, warmup, cosine, linear, or A1111 style "0.005:100, 1e-3:1000".'),
+    warmup_steps: int = typer.Option(0, "--warmup-steps", min=0),
+    adam_beta1: float = typer.Option(0.9, "--adam-beta1"),
+    adam_beta2: float = typer.Option(0.999, "--adam-beta2"),
+    adam_eps: float = typer.Option(1e-8, "--adam-eps"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay on the new rows."),
+    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Clip the rows' gradient norm."),
+    seed: int = typer.Option(0, "--seed"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 for the frozen weights."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
+    attention: str = typer.Option("sdpa", "--attention", help="sdpa (PyTorch) or xformers (if installed)."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic kernels (bit-exact resume on CPU)."),
+    save_every: int = typer.Option(0, "--save-every", min=0, help="Write an embedding snapshot every N steps."),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=0, help="Resumable checkpoint every N steps (0: none)."),
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", min=1, help="Keep the newest K checkpoints."),
+    validate: Optional[List[str]] = typer.Option(None, "--validate", help="Prompt for validation images (repeatable)."),
+    validate_every: int = typer.Option(0, "--validate-every", min=0, help="Validation images every N steps (0: at the end)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default: runs/<name>-<time>)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON event per line instead of a progress bar."),
 ) -> None:
     """Train a Textual Inversion embedding."""
+    from ..captions import captions_for, find_images
+    from ..embedding import safe_name
+    from ..errors import TextinvError
     from ..plugins import require_backend
+    from ..registry import Registry
+    from ..runs import new_run_dir
+    from ..schedules import validate as validate_schedule
+    from ..spec import TrainSpec
 
-    require_backend(backend)
-    from ..errors import BackendError
+    token = token.strip()
+    if not token or any(c.isspace() for c in token):
+        raise TextinvError(f"The token {token!r} must be one word without spaces.", 'Use something like "<cat-toy>".')
+    init_words = [w for w in init.replace(",", " ").split() if w]
+    if not init_words:
+        raise TextinvError("--init needs at least one word.", 'e.g. --init toy')
+    _check(0.0 <= flip_p <= 1.0, f"--flip-p must be between 0 and 1, not {flip_p}.")
+    _check(lr > 0, f"--lr must be positive, not {lr}.")
+    _check(precision in _PRECISIONS, f"--precision must be one of {', '.join(_PRECISIONS)}, not {precision!r}.")
+    _check(attention in ("sdpa", "xformers"), f"--attention must be sdpa or xformers, not {attention!r}.")
+    _check(resolution is None or resolution % 8 == 0, f"--resolution must be a multiple of 8, not {resolution}.")
+    _check(0 <= adam_beta1 < 1 and 0 <= adam_beta2 < 1 and adam_eps > 0 and weight_decay >= 0,
+           "AdamW settings out of range: betas in [0, 1), eps > 0, weight decay >= 0.")
+    _check(max_grad_norm is None or max_grad_norm > 0, "--max-grad-norm must be positive.")
+    validate_schedule(lr_schedule)
+    images, _ignored = find_images(data_dir)
+    captions_for(images, token, prop, captions)  # checks the placeholder is in every caption
 
-    raise BackendError("Training is not wired to a backend in this build yet.",
-                       "Update textinv; `textinv backends` shows what is installed.")
+    reg_name = safe_name(name or token)
+    existing = Registry().get(reg_name)
+    if existing is not None:
+        raise TextinvError(f"The registry already has an embedding named {reg_name} ({existing.token}, {existing.source}).",
+                           f"Pass --name {reg_name}-v2, or remove it first: textinv rm {reg_name}")
+
+    from ..models import resolve_model
+
+    chosen = require_backend(backend)
+    run = run_dir or _planned_run_dir(reg_name)
+    if run.exists() and any(run.iterdir()):
+        raise TextinvError(f"{run} already exists and is not empty.", "Pick another --run-dir, or resume it: textinv resume " + str(run))
+    spec = TrainSpec(
+        data_dir=str(Path(data_dir).resolve()), token=token, init=init_words, model=resolve_model(model),
+        run_dir=str(run.resolve()), backend=getattr(chosen, "name", backend or "torch"),
+        vectors=vectors, property=prop, captions=captions, resolution=resolution, center_crop=center_crop,
+        flip_p=flip_p, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, scale_lr=scale_lr,
+        lr_schedule=lr_schedule, warmup_steps=warmup_steps, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
+        adam_eps=adam_eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
+        precision=precision, gradient_checkpointing=gradient_checkpointing, attention=attention,
+        deterministic=deterministic, save_every=save_every, checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints, validate=list(validate or []), validate_every=validate_every,
+        extra={"name": reg_name, "model_name": model or "tiny"},
+    )
+    from ..training import run_training
+
+    run_training(chosen, spec, resume=None, name=reg_name, json_out=json_out)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        from ..errors import TextinvError
+
+        raise TextinvError(message, "See textinv train --help for the accepted values.")
+
+
+def _planned_run_dir(name: str) -> Path:
+    """runs/<name>-<UTC time>: the backend creates it once the model and data are validated."""
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    base = Path.cwd() / "runs" / f"{name}-{stamp}"
+    run, n = base, 1
+    while run.exists():
+        run, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return run

@@ -1,0 +1,123 @@
+"""Drive a backend's training generator from the CLI: render events, register the result.
+
+The backend yields events and never prints; this module turns them into a rich progress
+bar (or JSON lines with --json), and when the run finishes registers the embedding
+(source=trained, origin = the run and its config). Nothing is registered unless the run
+finished: an interrupted or failed run leaves only its run folder and checkpoints.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import numpy as np
+
+from .console import console, err_console, print_json_line
+from .errors import Interrupted
+from .spec import Event, TrainSpec
+
+
+def _jsonable(data: dict) -> dict:
+    """Events may carry numpy vectors (finished); JSON lines carry their shapes instead."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and any(isinstance(x, np.ndarray) for x in v.values()):
+            out[k] = {s: list(a.shape) for s, a in v.items()}
+        elif isinstance(v, np.ndarray):
+            out[k] = list(v.shape)
+        else:
+            out[k] = v
+    return out
+
+
+def run_training(backend, spec: TrainSpec, *, resume: Path | None, name: str, json_out: bool) -> dict:
+    """Iterate the backend's events to the end; return the registry entry as JSON."""
+    events = backend.train(spec, resume)
+    if json_out:
+        finished = None
+        for ev in events:
+            print_json_line(_jsonable(ev.to_json()))
+            if ev.kind == "finished":
+                finished = ev
+            elif ev.kind == "interrupted":
+                raise _interrupted(ev, spec)
+        return _register(finished, spec, name, json_out=True)
+    return _render(events, spec, name)
+
+
+def _render(events, spec: TrainSpec, name: str) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=err_console, transient=False,
+    )
+    finished = None
+    with progress:
+        task = None
+        for ev in events:
+            d = ev.data
+            if ev.kind == "started":
+                progress.console.print(f"Run folder: {d.get('run_dir')}", markup=False)
+                resumed = f", resumed from step {d['start_step']}" if d.get("start_step") else ""
+                progress.console.print(f"Training {spec.token} on {d.get('model', spec.model)} ({d.get('family', '?')}) "
+                                       f"on {d.get('device', '?')}: {d.get('images', '?')} images{resumed}", markup=False)
+                task = progress.add_task(f"{spec.token}", total=d.get("total_steps", spec.steps),
+                                         completed=d.get("start_step", 0), loss="-", lr="-", rate="")
+            elif ev.kind == "progress" and task is not None:
+                fields = {"lr": f"{d['lr']:.2e}"} if "lr" in d else {}
+                if "loss" in d:
+                    fields["loss"] = f"{d['loss']:.4f}"
+                if "it_s" in d:
+                    fields["rate"] = f"{d['it_s']:.2f} it/s"
+                progress.update(task, completed=d["step"], **fields)
+            elif ev.kind == "warning":
+                progress.console.print(f"Warning: {d.get('message')}", markup=False, style="yellow")
+            elif ev.kind == "checkpoint":
+                progress.console.print(f"Checkpoint at step {d['step']}: {d['path']}", markup=False, style="dim")
+            elif ev.kind == "snapshot":
+                progress.console.print(f"Embedding snapshot at step {d['step']}: {d['path']}", markup=False, style="dim")
+            elif ev.kind == "validation":
+                progress.console.print(f"Validation images at step {d['step']}: " + ", ".join(map(str, d.get("paths", []))),
+                                       markup=False, style="dim")
+            elif ev.kind == "interrupted":
+                progress.stop()
+                raise _interrupted(ev, spec)
+            elif ev.kind == "finished":
+                finished = ev
+    return _register(finished, spec, name, json_out=False)
+
+
+def _interrupted(ev: Event, spec: TrainSpec) -> Interrupted:
+    d = ev.data
+    saved = f"checkpoint saved in {d['checkpoint']}" if d.get("checkpoint") else "no checkpoint was written"
+    return Interrupted(f"Interrupted at step {d.get('step')}; {saved}.",
+                       f"Resume with: textinv resume {shlex.quote(str(spec.run_dir))}")
+
+
+def _register(finished: Event | None, spec: TrainSpec, name: str, *, json_out: bool) -> dict:
+    from .embedding import Embedding
+    from .errors import BackendError
+    from .registry import Registry
+
+    if finished is None:
+        raise BackendError("The backend stopped without finishing the run; nothing was registered.",
+                           f"Look at {spec.run_dir}/events.jsonl, then `textinv resume {spec.run_dir}`.")
+    d = finished.data
+    meta = {"learnable_property": spec.property, "base_model": spec.model, "step": str(d.get("step", spec.steps)),
+            "backend": spec.backend, **{k: str(v) for k, v in (d.get("meta") or {}).items()}}
+    emb = Embedding(d.get("token", spec.token), d["vectors"], meta)
+    origin = {"run": str(Path(spec.run_dir).resolve()), "config": spec.to_json(),
+              "embedding_path": str(d.get("embedding_path", ""))}
+    entry, created = Registry().add(emb, name=name, source="trained", origin=origin)
+    if json_out:
+        print_json_line({"event": "registered", "created": created, "entry": entry.to_json()})
+    else:
+        console.print(f"Embedding: {d.get('embedding_path')}", markup=False)
+        verb = "Registered" if created else "Already registered (identical content)"
+        console.print(f"{verb} as {entry.name} ({entry.token}, {entry.family}, {entry.n_vectors} vector(s)). "
+                      f'Try: textinv sample "a photo of {entry.token}"', markup=False)
+    return entry.to_json()
