@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from .commands import (backends_cmd, convert_cmd, hub_cmd, import_cmd, inspect_cmd, list_cmd,
-                       resume_cmd, rm_cmd, sample_cmd, train_cmd)
+                       resume_cmd, rm_cmd, sample_cmd, tiny_model_cmd, train_cmd)
 
 class _ErrorMappingGroup(TyperGroup):
     """Turns known errors into messages + exit codes inside click, so CliRunner sees them too."""
@@ -55,6 +55,7 @@ app.command("list")(list_cmd.list_embeddings)
 app.command("rm")(rm_cmd.rm)
 app.command("import")(import_cmd.import_embedding)
 app.command("backends")(backends_cmd.backends)
+app.command("tiny-model")(tiny_model_cmd.tiny_model)
 
 
 def _debug() -> bool:
