@@ -1,19 +1,173 @@
-"""textinv sample PROMPT: generate images, loading every registered token in the prompt."""
+"""textinv sample PROMPT: generate images, loading every registered token in the prompt.
+
+Everything that can be refused without a model is refused first (options, unknown
+`<tokens>`, an embedding of another model family), so a typo costs no model load.
+The backend yields events; this module renders them (progress bar, or --json lines).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++", "unipc")
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def sample(
-    prompt: str = typer.Argument(..., help='e.g. "A <cat-toy> backpack".'),
-    backend: str = typer.Option(None, "--backend", help="torch or jax (default: the first usable one)."),
+    prompt: str = typer.Argument(..., help='e.g. "A <cat-toy> backpack"; registered tokens in it are loaded.'),
+    n: int = typer.Option(1, "-n", "--num-images", help="How many images (image i uses seed + i)."),
+    steps: int = typer.Option(30, "--steps", help="Denoising steps per image."),
+    scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, euler, euler-a, dpm++ or unipc."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (CFG)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first image."),
+    size: Optional[str] = typer.Option(None, "--size", help="512 (square) or WIDTHxHEIGHT such as 768x512 (default: the model's)."),
+    negative: str = typer.Option("", "--negative", help="Negative prompt (registered tokens in it are loaded too)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny)."),
+    out: Path = typer.Option(Path("samples"), "-o", "--output", help="Folder for the PNGs (numbered after existing files)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 (CUDA only) or bf16."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="torch or jax (default: the first usable one)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON event per line instead of a progress bar."),
 ) -> None:
-    """Sample images with registered embeddings."""
+    """Sample images with registered embeddings (PNG info as A1111 writes it)."""
+    from ..errors import TextinvError
+    from ..prompt_tokens import check_families, embeddings_in_prompt
+    from ..registry import Registry
+
+    width, height = _check_options(n, steps, scheduler, guidance, size, precision)
+    if not prompt.strip():
+        raise TextinvError("The prompt is empty.", 'Pass one, e.g. textinv sample "A <cat-toy> backpack".')
+    registry = Registry()
+    entries = embeddings_in_prompt(prompt, negative, registry.entries())
+
+    from ..models import model_family, resolve_model
     from ..plugins import require_backend
+    from ..spec import EmbeddingRef, SampleRequest
 
-    require_backend(backend)
-    from ..errors import BackendError
+    chosen = require_backend(backend)
+    resolved = resolve_model(model)
+    model_name = Path(resolved).name if Path(resolved).is_dir() else resolved
+    check_families(entries, model_name, model_family(resolved))
+    refs = []
+    for entry in entries:
+        emb = registry.load(entry)
+        refs.append(EmbeddingRef(token=emb.token, vectors=emb.vectors, short_hash=_short_hash(entry), name=entry.name))
+    request = SampleRequest(
+        prompt=prompt, model=resolved, out_dir=str(out.expanduser().absolute()), embeddings=refs,
+        negative=negative, n=n, steps=steps, scheduler=scheduler, guidance=guidance, seed=seed,
+        width=width, height=height, precision=precision)
+    events = chosen.sample(request)
+    try:
+        if json_out:
+            _render_json(events)
+        else:
+            _render_rich(events, model_name)
+    finally:
+        # On Ctrl-C or an error, close the backend's generator now (not at garbage
+        # collection), so it stops its work after the current denoising step.
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
 
-    raise BackendError("Sampling is not wired to a backend in this build yet.",
-                       "Update textinv; `textinv backends` shows what is installed.")
+
+def _check_options(n, steps, scheduler, guidance, size, precision) -> tuple[int | None, int | None]:
+    """Every out-of-range option at once, before any work; returns (width, height)."""
+    from ..errors import TextinvError
+
+    problems = []
+    if n < 1:
+        problems.append(f"-n must be at least 1, not {n}")
+    if steps < 1:
+        problems.append(f"--steps must be at least 1, not {steps}")
+    if not guidance >= 0:  # also catches nan
+        problems.append(f"--guidance must be 0 or more, not {guidance}")
+    if scheduler not in SCHEDULERS:
+        problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
+    if precision not in PRECISIONS:
+        problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    width = height = None
+    if size is not None:
+        try:
+            width, height = _parse_size(size)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise TextinvError("; ".join(problems) + ".", "See textinv sample --help for the accepted values.")
+    return width, height
+
+
+def _parse_size(size: str) -> tuple[int, int]:
+    """"512" -> (512, 512); "768x512" -> width 768, height 512 (A1111's WxH order)."""
+    parts = size.lower().replace("×", "x").split("x")
+    try:
+        dims = [int(p.strip()) for p in parts]
+    except ValueError:
+        dims = []
+    if len(dims) == 1:
+        dims = dims * 2
+    if len(dims) != 2 or min(dims) < 8 or any(d % 8 for d in dims):
+        raise ValueError(f"--size must be a positive multiple of 8 such as 512 or 768x512, not {size!r}")
+    return dims[0], dims[1]
+
+
+def _short_hash(entry) -> str:
+    """A1111's short hash: the first 12 hex of the embedding *file's* sha256, so it matches
+    what A1111 writes for the same file; the registry blob's own sha256 when there is no file."""
+    full = entry.meta.get("file_sha256") or entry.origin.get("file_sha256") or entry.sha256
+    return str(full)[:12]
+
+
+def _render_json(events) -> None:
+    from ..console import print_json_line
+
+    for event in events:
+        print_json_line(event.to_json())
+
+
+def _render_rich(events, model_name: str) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ..console import console
+
+    written: list[str] = []
+    progress = None
+    task = None
+    out_dir = None
+    try:
+        stream = iter(events)
+        with console.status(f"Loading {model_name}…"):  # the first event comes once the model is loaded
+            first = next(stream, None)
+        for event in _chain(first, stream):
+            data = event.data
+            if event.kind == "started":
+                out_dir = data.get("out_dir")
+                used = ", ".join(e["token"] for e in data.get("embeddings", [])) or "no embeddings"
+                console.print(f"Sampling {data['images']} image(s) with {data['model']} on {data['device']} "
+                              f"({data['sampler']}, {data['steps']} steps; {used})", markup=False)
+                progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                    console=console, transient=False)
+                progress.start()
+                task = progress.add_task("image 1", total=data.get("total"), rate="")
+            elif event.kind == "progress" and progress is not None:
+                speed = progress.tasks[0].speed
+                progress.update(task, completed=data["done"], description=f"image {data['image'] + 1}/{data['images']}",
+                                rate=f"{speed:.2f} it/s" if speed else "")
+            elif event.kind == "sample":
+                written.append(data["path"])
+                (progress.console if progress else console).print(f"Wrote {data['path']}", markup=False)
+            elif event.kind == "warning":
+                (progress.console if progress else console).print(f"Warning: {data.get('message', data)}", markup=False)
+    finally:
+        if progress is not None:
+            progress.stop()
+    if written:
+        console.print(f"{len(written)} image(s) in {out_dir or Path(written[0]).parent}", markup=False)
+
+
+def _chain(first, rest):
+    if first is not None:
+        yield first
+    yield from rest

@@ -1,0 +1,410 @@
+"""`TorchBackend.sample`: generate images with registered embeddings through diffusers.
+
+The embeddings go in with diffusers' own `load_textual_inversion` (twice for SDXL: clip_l
+into text_encoder/tokenizer, clip_g into text_encoder_2/tokenizer_2, as diffusers documents
+it), and the images come from the stock pipelines, so what we render is exactly what a
+diffusers user gets from the same files and seed.
+
+Image i uses `torch.Generator(device).manual_seed(seed + i)` and is rendered on its own,
+so any single image can be reproduced alone (A1111's `Seed: N` means the same thing).
+PNGs are named and annotated the way A1111 writes them (`00000-<seed>.png`, a `parameters`
+text chunk in its infotext format), so image browsers and "PNG info" readers show them.
+
+The backend never prints: it yields Events (started, progress, sample, finished).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+from textinv_cli.errors import OutputExistsError, TextinvError
+from textinv_cli.spec import Event, SampleRequest
+
+# Our scheduler names -> (diffusers class, extra config, A1111's sampler name for the infotext).
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+}
+PRECISIONS = ("fp32", "fp16", "bf16")
+_POLL_S = 0.1  # how often the event loop wakes while a step runs (keeps Ctrl-C responsive)
+
+
+# -- the entry point ----------------------------------------------------------------------
+
+def sample(request: SampleRequest) -> Iterator[Event]:
+    """Render request.n images; yield started, progress (per denoising step), sample, finished."""
+    _check_request(request)
+    out_dir = Path(request.out_dir)
+    _check_out_dir(out_dir)  # before the (slow) model load; created only once there is an image
+    import torch
+
+    t0 = time.monotonic()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = _dtype(request.precision, device)
+    pipe, info = load_pipeline(request.model, dtype)
+    load_embeddings(pipe, request.embeddings, info)
+    pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    n, steps = request.n, request.steps
+    yield Event("started", {
+        "model": info["name"], "family": info["family"], "device": device, "precision": request.precision,
+        "scheduler": request.scheduler, "sampler": SCHEDULERS[request.scheduler][2],
+        "images": n, "steps": steps, "total": n * steps, "out_dir": str(out_dir),
+        "embeddings": [{"name": r.name, "token": r.token, "vectors": _n_vectors(r)} for r in request.embeddings],
+    })
+    paths = []
+    for i in range(n):
+        seed = request.seed + i
+        kwargs = dict(
+            prompt=request.prompt, negative_prompt=request.negative or None, num_inference_steps=steps,
+            guidance_scale=request.guidance, width=request.width, height=request.height,
+            generator=torch.Generator(device).manual_seed(seed), output_type="pil",
+        )
+        runner = _StepStream(pipe, kwargs)
+        for step in runner:
+            done = min(step + 1, steps)  # schedulers we offer run exactly `steps` steps; clamp anyway
+            yield Event("progress", {"image": i, "images": n, "step": done, "steps": steps,
+                                     "done": i * steps + done, "total": n * steps})
+        image = runner.image
+        out_dir.mkdir(parents=True, exist_ok=True)
+        text = infotext(request, seed=seed, width=image.width, height=image.height, model_name=info["name"])
+        path = save_png(image, out_dir, seed, text)
+        paths.append(str(path))
+        yield Event("sample", {"path": str(path), "seed": seed, "index": i,
+                               "width": image.width, "height": image.height})
+    yield Event("finished", {"paths": paths, "out_dir": str(out_dir),
+                             "seconds": round(time.monotonic() - t0, 3)})
+
+
+def _check_request(r: SampleRequest) -> None:
+    """The CLI validates first; this guards other callers (validation images, scripts)."""
+    def positive_int(v, least):
+        return isinstance(v, int) and v >= least
+
+    problems = [msg for ok, msg in (
+        (positive_int(r.n, 1), f"n must be at least 1 (got {r.n!r})"),
+        (positive_int(r.steps, 1), f"steps must be at least 1 (got {r.steps!r})"),
+        (r.guidance is not None and r.guidance >= 0, f"guidance must be >= 0 (got {r.guidance!r})"),
+        (all(v is None or (positive_int(v, 8) and v % 8 == 0) for v in (r.width, r.height)),
+         f"width and height must be positive multiples of 8 (got {r.width!r}x{r.height!r})"),
+        (r.scheduler in SCHEDULERS, f"unknown scheduler {r.scheduler!r} (choose {', '.join(SCHEDULERS)})"),
+        (r.precision in PRECISIONS, f"unknown precision {r.precision!r} (choose {', '.join(PRECISIONS)})"),
+    ) if not ok]
+    if problems:
+        raise TextinvError("Invalid sampling request: " + "; ".join(problems) + ".")
+
+
+def _dtype(precision: str, device: str):
+    import torch
+
+    if precision == "fp16" and device == "cpu":
+        # Many CPU kernels have no fp16 implementation; it would fail mid-run or crawl.
+        raise TextinvError("fp16 sampling needs a CUDA GPU, and none is available.",
+                           "Use --precision fp32 (or bf16) on the CPU.")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def _n_vectors(ref) -> int:
+    return int(next(iter(ref.vectors.values())).shape[0]) if ref.vectors else 0
+
+
+# -- the model ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet():
+    """transformers/diffusers log warnings and draw tqdm bars on import and load (torchvision
+    fallbacks, "Loading pipeline components"); a backend must not print, so mute them here."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    saved = [(lib.logging, lib.logging.get_verbosity(), lib.logging.is_progress_bar_enabled())
+             for lib in (transformers, diffusers)]
+    for log, _, _ in saved:
+        log.set_verbosity_error()
+        log.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            # `torch_dtype` is deprecated in newer diffusers, but older ones (>= 0.30, which we
+            # support) only know it; keep it and drop the FutureWarning.
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for log, level, bars in saved:
+            log.set_verbosity(level)
+            if bars:
+                log.enable_progress_bar()
+
+
+def model_display_name(model: str) -> str:
+    """What messages and the infotext call the model: a folder's name, or the Hub id."""
+    path = Path(model)
+    return path.name if path.is_dir() else model
+
+
+def _model_index(model: str, local: bool) -> dict:
+    """model_index.json, from the folder or through the Hub cache (offline -> cache only)."""
+    from textinv_cli.models import offline
+
+    if local:
+        return json.loads((Path(model) / "model_index.json").read_text())
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(model, "model_index.json", local_files_only=offline())).read_text())
+    except Exception as e:  # noqa: BLE001 - any Hub/cache failure means the same thing to the user
+        raise _unavailable(model, e) from None
+
+
+def _unavailable(model: str, e: Exception) -> TextinvError:
+    from textinv_cli.models import offline
+
+    msg = (f"The model {model} is not in the Hugging Face cache, and the Hub is offline (HF_HUB_OFFLINE)."
+           if offline() else f"Cannot get the model {model} from the Hugging Face Hub: {type(e).__name__}: {e}")
+    return TextinvError(msg, "Pass --model with a local diffusers folder (or a cached Hub id), "
+                             "or --model tiny for the built-in demo model.")
+
+
+def load_pipeline(model: str, dtype=None):
+    """(pipeline on the CPU, info {name, family, path}) for a tiny name, a folder or a Hub id."""
+    import torch
+    from textinv_cli.models import model_family, offline, resolve_model
+
+    model = resolve_model(model)  # idempotent for folders/Hub ids; builds a tiny model if named
+    local = Path(model).is_dir()
+    name = model_display_name(model)
+    cls_name = _model_index(model, local).get("_class_name", "")
+    with _quiet():
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if cls_name == "StableDiffusionXLPipeline":
+            cls, extra = StableDiffusionXLPipeline, {}
+        elif cls_name == "StableDiffusionPipeline":
+            # No safety checker: we render for the person training the embedding, as A1111 does.
+            cls, extra = StableDiffusionPipeline, {"safety_checker": None, "requires_safety_checker": False}
+        else:
+            raise TextinvError(f"{name} is a {cls_name or 'non-diffusers'} model; textinv samples "
+                               "Stable Diffusion 1.x, 2.x and XL pipelines.",
+                               "Pass --model with a Stable Diffusion model, or --model tiny.")
+        try:
+            pipe = cls.from_pretrained(model, torch_dtype=dtype or torch.float32,
+                                       local_files_only=local or offline(), **extra)
+        except TextinvError:
+            raise
+        except Exception as e:  # noqa: BLE001 - third-party loading code; say which model and why
+            if not local:
+                raise _unavailable(model, e) from None
+            raise TextinvError(f"Cannot load the model at {model}: {type(e).__name__}: {e}",
+                               "Check it is a complete diffusers folder (written by save_pretrained).") from None
+    family = (model_family(model) if local else None) or _pipeline_family(pipe)
+    return pipe, {"name": name, "family": family, "path": model}
+
+
+def _pipeline_family(pipe) -> str:
+    if hasattr(pipe, "text_encoder_2"):
+        return "sdxl"
+    # OpenCLIP (SD 2.x) uses plain gelu, OpenAI CLIP (SD 1.x) quick_gelu: as models.model_family.
+    return "sd2" if getattr(pipe.text_encoder.config, "hidden_act", "") == "gelu" else "sd1"
+
+
+def make_scheduler(name: str, config):
+    """The asked-for scheduler, built from the model's own scheduler config (betas, prediction type)."""
+    import diffusers
+
+    cls_name, extra, _ = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(config, **extra)
+
+
+# -- the embeddings -----------------------------------------------------------------------
+
+def _targets(pipe):
+    """slot groups -> (tokenizer, text_encoder): which encoder each slot feeds."""
+    if hasattr(pipe, "text_encoder_2"):
+        return {"clip_l": (pipe.tokenizer, pipe.text_encoder), "clip_g": (pipe.tokenizer_2, pipe.text_encoder_2)}
+    return {None: (pipe.tokenizer, pipe.text_encoder)}  # SD 1.x/2.x: the one slot, whatever its name
+
+
+def _width(text_encoder) -> int:
+    return int(text_encoder.get_input_embeddings().weight.shape[-1])
+
+
+def check_fit(ref, pipe, info) -> dict:
+    """{slot: (tokenizer, text_encoder)} for this embedding, or the family error naming both."""
+    from textinv_cli.embedding import family_of
+    from textinv_cli.prompt_tokens import FAMILY_NAMES, family_mismatch_error
+
+    slots = set(ref.vectors)
+    try:
+        emb_family = family_of(slots)
+    except TextinvError:  # an odd slot set (not from our registry): name the slots instead
+        emb_family = "+".join(sorted(slots)) or "empty"
+    targets = _targets(pipe)
+    if None in targets:
+        plan = {s: targets[None] for s in slots} if len(slots) == 1 else {}
+    else:
+        plan = {s: targets[s] for s in slots} if slots == set(targets) else {}
+    fits = bool(plan) and all(ref.vectors[s].shape[-1] == _width(te) for s, (_, te) in plan.items())
+    if fits:
+        return plan
+    have = ", ".join(f"{s} {ref.vectors[s].shape[-1]}" for s in sorted(slots))
+    want = ", ".join(f"{_width(te)}" for _, te in targets.values())
+    detail = f"its vectors are {have} wide; the model's text encoder{'s take' if len(targets) > 1 else ' takes'} {want}"
+    if emb_family == info["family"]:  # same family, other widths: e.g. a real SD 1.5 embedding on a tiny model
+        raise TextinvError(
+            f"{ref.token} does not fit {info['name']}: {detail}.",
+            f"It was made for another {FAMILY_NAMES.get(emb_family, emb_family)} model size; "
+            "pass --model with the model it was trained for.")
+    raise family_mismatch_error(ref.token, emb_family, info["name"], info["family"], detail)
+
+
+def load_embeddings(pipe, refs, info) -> None:
+    """Each embedding into its text encoder(s) with diffusers' load_textual_inversion."""
+    import torch
+
+    plans = [(ref, check_fit(ref, pipe, info)) for ref in refs]  # check all before changing any
+    for ref, plan in plans:
+        for tokenizer, _ in plan.values():
+            vocab = tokenizer.get_vocab()
+            if ref.token in vocab or f"{ref.token}_1" in vocab:
+                raise TextinvError(
+                    f"The token {ref.token} is already in {info['name']}'s vocabulary, "
+                    "so the embedding cannot be added under it.",
+                    "Import it again under an unused token: textinv import FILE --token \"<new-token>\".")
+    with _quiet():
+        for ref, plan in plans:
+            for slot, (tokenizer, text_encoder) in plan.items():
+                vectors = torch.from_numpy(ref.vectors[slot]).to(torch.float32)
+                pipe.load_textual_inversion(vectors, token=ref.token, tokenizer=tokenizer, text_encoder=text_encoder)
+
+
+# -- running the pipeline with live progress ------------------------------------------------
+
+class _Cancelled(Exception):
+    """Raised inside the pipeline's step callback when the consumer went away (Ctrl-C, close)."""
+
+
+class _StepStream:
+    """Run one pipeline call in a worker thread; iterate to get each finished step index.
+
+    A generator cannot yield from inside diffusers' `callback_on_step_end`, so the callback
+    hands step numbers over a queue. If the consumer stops (Ctrl-C, generator closed), the
+    next callback raises and the worker ends after the step it is in.
+    """
+
+    def __init__(self, pipe, kwargs):
+        self.pipe, self.kwargs = pipe, kwargs
+        self.image = None
+
+    def __iter__(self):
+        steps: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        outcome: dict = {}
+
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            if stop.is_set():
+                raise _Cancelled()
+            steps.put(step)
+            return callback_kwargs
+
+        def work():
+            try:
+                outcome["image"] = self.pipe(**self.kwargs, callback_on_step_end=on_step_end).images[0]
+            except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
+                outcome["error"] = e
+            finally:
+                steps.put(None)
+
+        worker = threading.Thread(target=work, name="textinv-sample", daemon=True)
+        worker.start()
+        try:
+            while True:
+                try:
+                    step = steps.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+                if step is None:
+                    break
+                yield step
+        finally:
+            stop.set()
+            worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        self.image = outcome["image"]
+
+
+# -- writing PNGs the way A1111 does -----------------------------------------------------------
+
+def _check_out_dir(out_dir: Path) -> None:
+    """The folder, or the nearest part of its path that exists, must be a writable folder."""
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise TextinvError(f"Cannot write images into {out_dir}: {probe} is not a writable folder.",
+                           "Pick another folder with -o.")
+
+
+def next_number(out_dir: Path) -> int:
+    """One past the highest leading number of a file name in the folder (A1111's numbering)."""
+    heads = (os.path.splitext(name)[0].split("-")[0] for name in os.listdir(out_dir))
+    return max((int(h) for h in heads if h.isascii() and h.isdigit()), default=-1) + 1
+
+
+def save_png(image, out_dir: Path, seed: int, text: str) -> Path:
+    """`NNNNN-<seed>.png` with a `parameters` text chunk, written atomically, never over a file."""
+    from PIL.PngImagePlugin import PngInfo
+    from textinv_cli.fsutil import atomic_write_bytes
+
+    meta = PngInfo()
+    meta.add_text("parameters", text)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=meta)
+    data = buf.getvalue()
+    number = next_number(out_dir)
+    for _ in range(1000):  # another sampler writing into the same folder took the number: take the next
+        path = out_dir / f"{number:05d}-{seed}.png"
+        try:
+            atomic_write_bytes(path, data)
+            return path
+        except OutputExistsError:
+            number += 1
+    raise TextinvError(f"Could not find a free file name in {out_dir}.", "Pick another folder with -o.")
+
+
+def _quote(value) -> str:
+    """A1111's infotext quoting: JSON-quote a value holding a comma, colon or newline."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def infotext(request: SampleRequest, *, seed: int, width: int, height: int, model_name: str) -> str:
+    """A1111's `parameters` text: prompt, `Negative prompt: ...`, then `Key: value, ...`.
+
+    Keys, order and quoting follow A1111's create_infotext; TI hashes are `name: shorthash`
+    joined by ", " with ':' and ',' removed from names, as A1111 writes them.
+    """
+    from textinv_cli import __version__
+
+    hashes = [f"{(ref.name or ref.token.strip('<>')).replace(':', '').replace(',', '')}: {ref.short_hash}"
+              for ref in request.embeddings if ref.short_hash]
+    params = {"Steps": request.steps, "Sampler": SCHEDULERS[request.scheduler][2],
+              "CFG scale": float(request.guidance), "Seed": seed, "Size": f"{width}x{height}",
+              "Model": model_name, "TI hashes": ", ".join(hashes) or None, "Version": f"textinv {__version__}"}
+    line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
+    negative = f"\nNegative prompt: {request.negative}" if request.negative else ""
+    return f"{request.prompt}{negative}\n{line}".strip()
