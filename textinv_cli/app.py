@@ -72,6 +72,14 @@ def report(exc: BaseException) -> int:
         if exc.hint:
             err_console.print(exc.hint, markup=False)
         return exc.exit_code
+    if isinstance(exc, BrokenPipeError):  # `textinv list --json | head`: the reader left; stop quietly
+        import os
+
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
     if isinstance(exc, KeyboardInterrupt):
         err_console.print("Interrupted.")
         return 130
