@@ -1,0 +1,198 @@
+"""Weights from a diffusers model folder, as numpy, without torch.
+
+A diffusers folder keeps one component per subfolder (`text_encoder/`, `vae/`, `unet/`),
+each with a `config.json` and its weights in safetensors. We read those with the core's
+strict, numpy-only safetensors reader and never unpickle a `.bin` (a pickle can run code).
+
+Torch layouts differ from JAX's, so the converters here are shared by every Flax port:
+  conv    torch OIHW            -> HWIO   (lax.conv_general_dilated with NHWC inputs)
+  linear  torch [out, in]       -> [in, out]  (x @ kernel)
+`to_params` applies them to a whole state dict, turning dotted names into nested dicts,
+so the ports index params by the same names as the PyTorch modules.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from textinv_cli.errors import NotFoundError, TextinvError
+from textinv_cli.formats.safetensors_io import load_safetensors
+
+__all__ = ["conv_weight", "linear_weight", "read_config", "read_state", "require_keys", "to_params"]
+
+# In the order diffusers/transformers prefer them: full precision first, then the fp16 variant.
+_STEMS = ("diffusion_pytorch_model", "model")
+_VARIANTS = ("", ".fp16")
+_PICKLED = ("*.bin", "*.ckpt", "*.pt", "*.pth")
+
+
+def component_dir(folder: Path, component: str) -> Path:
+    """`<folder>/<component>`, with an error that says what is missing."""
+    path = Path(folder).expanduser() / component
+    if not path.is_dir():
+        raise NotFoundError(f"{Path(folder)} has no {component!r} folder.",
+                            "Pass a diffusers model folder (saved with save_pretrained).")
+    return path
+
+
+def read_config(folder: Path, component: str) -> dict:
+    """The component's config.json as a dict."""
+    path = component_dir(folder, component) / "config.json"
+    try:
+        config = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise NotFoundError(f"{path} does not exist.", "The model folder is incomplete.") from None
+    except (OSError, ValueError) as e:
+        raise TextinvError(f"Cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise TextinvError(f"{path} is not a JSON object.")
+    return config
+
+
+def read_state(folder: Path, component: str) -> dict[str, np.ndarray]:
+    """All tensors of `<folder>/<component>` as {torch name: numpy array}.
+
+    Floating tensors come back as float32 whatever they were stored as (fp16/bf16
+    variants included); integer buffers keep their dtype. Sharded checkpoints (an
+    `*.safetensors.index.json` beside the shards) are read shard by shard.
+    """
+    path = component_dir(folder, component)
+    for variant in _VARIANTS:
+        for stem in _STEMS:
+            single = path / f"{stem}{variant}.safetensors"
+            if single.is_file():
+                return _read_files([single])
+            index = path / f"{stem}{variant}.safetensors.index.json"
+            if index.is_file():
+                return _read_files(_shards(index))
+    pickled = sorted(p.name for pattern in _PICKLED for p in path.glob(pattern))
+    if pickled:
+        raise TextinvError(
+            f"{path} has only pickled weights ({', '.join(pickled)}); the JAX backend reads safetensors only, "
+            "because loading a pickle can run arbitrary code.",
+            "Re-save the model with save_pretrained(..., safe_serialization=True), or use --backend torch.")
+    raise NotFoundError(f"{path} holds no model weights (no *.safetensors).", "The model folder is incomplete.")
+
+
+def _shards(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise TextinvError(f"Cannot read the shard index {index}: {e}") from None
+    files = [index.parent / n for n in names]
+    missing = [f.name for f in files if not f.is_file() or f.parent != index.parent]
+    if missing:
+        raise NotFoundError(f"{index} names shards that are not there: {', '.join(missing)}.")
+    return files
+
+
+def _read_files(files: Iterable[Path]) -> dict[str, np.ndarray]:
+    state: dict[str, np.ndarray] = {}
+    for file in files:
+        for name, arr in _read_one(file).items():
+            if name in state:
+                raise TextinvError(f"Tensor {name!r} appears in more than one shard ({file.name}).")
+            state[name] = arr.astype(np.float32) if arr.dtype.kind == "f" else arr
+    return state
+
+
+def _read_one(file: Path) -> dict[str, np.ndarray]:
+    # mmap rather than read(): a UNet is GBs, and the reader copies each tensor out anyway,
+    # so only one tensor's pages need to be resident at a time.
+    with open(file, "rb") as f:
+        try:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # an empty file cannot be mapped; let the reader refuse it
+            data = f.read()
+    try:
+        tensors, _ = load_safetensors(data, source=str(file))
+    finally:
+        if isinstance(data, mmap.mmap):
+            try:
+                data.close()
+            except BufferError:  # a view is still alive; the GC closes it
+                pass
+    return tensors
+
+
+# -- layout converters ---------------------------------------------------------------------
+
+def conv_weight(w: np.ndarray) -> np.ndarray:
+    """A torch Conv2d weight [out, in, kh, kw] as a JAX HWIO kernel [kh, kw, in, out]."""
+    w = np.asarray(w)
+    if w.ndim != 4:
+        raise ValueError(f"expected a 4-D conv weight, got shape {w.shape}")
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
+def linear_weight(w: np.ndarray) -> np.ndarray:
+    """A torch Linear weight [out, in] as a JAX kernel [in, out]; a 1x1 conv weight
+    [out, in, 1, 1] (old checkpoints store some attention projections so) is accepted too."""
+    w = np.asarray(w)
+    if w.ndim == 4 and w.shape[2:] == (1, 1):
+        w = w[:, :, 0, 0]
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D linear weight, got shape {w.shape}")
+    return np.ascontiguousarray(w.T)
+
+
+def to_params(state: Mapping[str, np.ndarray], *, embeddings: Iterable[str] = ()) -> dict:
+    """A flat torch state dict as a nested params dict, converting layouts by shape.
+
+    "a.b.0.weight" becomes params["a"]["b"]["0"][leaf], where leaf is
+      "kernel"     for a 4-D weight (conv, HWIO) or a 2-D weight (linear, [in, out]),
+      "embedding"  for a 2-D weight of a module named in `embeddings` (an nn.Embedding
+                   table [rows, width], not transposed),
+      "scale"      for a 1-D weight (LayerNorm / GroupNorm),
+      "bias"       for a bias; any other name is kept as it is.
+    Numeric parts of names (ModuleList indices) stay strings: params["layers"]["0"].
+    """
+    embeddings = set(embeddings)
+    out: dict = {}
+    for name, value in state.items():
+        *path, leaf = name.split(".")
+        module = ".".join(path)
+        value = np.asarray(value)
+        if leaf == "weight":
+            if module in embeddings:
+                leaf = "embedding"
+            elif value.ndim == 4:
+                leaf, value = "kernel", conv_weight(value)
+            elif value.ndim == 2:
+                leaf, value = "kernel", linear_weight(value)
+            elif value.ndim == 1:
+                leaf = "scale"
+            else:
+                raise TextinvError(f"Cannot convert {name!r} of shape {value.shape}.")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise TextinvError(f"{name!r} clashes with another tensor's name.")
+        node[leaf] = value
+    return out
+
+
+def require_keys(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple], what: str) -> None:
+    """Refuse a state dict whose names or shapes differ from what the config implies.
+
+    `expected` maps torch names to torch shapes. Missing and unexpected tensors are both
+    errors: silently ignoring either would give a model that runs but computes nonsense.
+    """
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = sorted(f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
+                   for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
+    if missing or extra or wrong:
+        def few(items):
+            return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+        parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(extra)}" if extra else "",
+                 f"wrong shape {few(wrong)}" if wrong else ""]
+        raise TextinvError(f"The {what} weights do not match its config: " + "; ".join(p for p in parts if p) + ".",
+                           "The folder's config.json and weights must come from the same model.")
