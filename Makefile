@@ -4,7 +4,7 @@ VENV       ?= .venv
 # A plain `torch` pulls several GB of CUDA wheels on a CPU machine; pin the CPU build.
 # GPU users: make install TORCH_SPEC="torch==2.11.0" (or whatever build fits their CUDA).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= torch,dev
+EXTRAS     ?= torch,jax,dev
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed
 
