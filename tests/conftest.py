@@ -26,3 +26,29 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model("sd1" | "sd2" | "sdxl") -> folder of the built-in tiny model, built once per session."""
+    pytest.importorskip("torch")
+    from textinv_torch.tiny import write_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict = {}
+
+    def get(family: str = "sd1"):
+        if family not in built:
+            built[family] = write_tiny_model(root / family, family=family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def demo_images(tmp_path_factory):
+    """A small synthetic training set (includes RGBA, grayscale and non-square images)."""
+    pytest.importorskip("torch")
+    from textinv_torch.tiny import write_demo_images
+
+    return write_demo_images(tmp_path_factory.mktemp("demo-images") / "cat", n=4, size=64)
