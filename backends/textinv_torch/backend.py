@@ -1,0 +1,45 @@
+"""The `torch` backend: what the CLI talks to (DESIGN §6).
+
+Thin on purpose: probe() reports versions and devices, train() is trainer.train. torch is
+imported inside the methods so `textinv backends` can list this backend cheaply and the
+core never pays for torch at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from textinv_cli.plugins import BackendInfo
+
+
+class TorchBackend:
+    name = "torch"
+
+    def probe(self) -> BackendInfo:
+        try:
+            import torch
+        except ImportError as e:
+            return BackendInfo(self.name, available=False, reason=f"torch is not installed ({e.name or e})")
+        details: dict[str, str] = {}
+        for lib in ("diffusers", "transformers", "accelerate", "xformers"):
+            try:
+                details[lib] = __import__(lib).__version__
+            except Exception:  # noqa: BLE001 - a missing or broken optional library is just absent
+                details[lib] = "not installed"
+        missing = [lib for lib in ("diffusers", "transformers") if details[lib] == "not installed"]
+        devices = [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())] \
+            if torch.cuda.is_available() else []
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            devices.append("mps")
+        devices.append("cpu")
+        return BackendInfo(self.name, version=torch.__version__, available=not missing, devices=devices,
+                           reason=f"{', '.join(missing)} not installed" if missing else None, details=details)
+
+    def train(self, spec, resume: Path | None = None) -> Iterator:
+        from .trainer import train
+
+        return train(spec, Path(resume) if resume is not None else None)
+
+    def sample(self, request) -> Iterator:
+        raise NotImplementedError("sampling is wired in by textinv_torch.sampling")

@@ -1,0 +1,158 @@
+"""Training images -> cached latent distributions.
+
+Textual inversion trains on a handful of images for thousands of steps, and diffusers'
+script runs the VAE encoder on every one of them. The VAE is frozen, so its output for an
+(image, flip) pair never changes: we encode each once and keep the latent distribution's
+mean and std. A step then samples `mean + std * eps` with the step's own generator, which
+is the same distribution `latent_dist.sample()` draws from every step (DESIGN §6).
+
+Preprocessing is diffusers' textual_inversion.py: any mode -> RGB (transparency composited
+on white), optional central square crop, resize the whole image to the square resolution
+(bicubic), horizontal flip after the resize, scale to [-1, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from textinv_cli.errors import TextinvError
+
+from .rows import expand_placeholder
+
+
+def open_rgb(path: Path):
+    """The image as RGB; transparent pixels become white (what a viewer shows, not black)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as f:
+            f.load()
+            img = ImageOps.exif_transpose(f)  # phone photos store rotation in EXIF
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:
+        raise TextinvError(f"Cannot read the image {path}: {e}",
+                           "Remove or re-save it (PNG/JPEG), or move it out of the data folder.") from None
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit / float grayscale: scale to 8 bits before the RGB conversion clips it.
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size and arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / hi), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def preprocess(img, resolution: int, center_crop: bool) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """(uint8 [res, res, 3], original (h, w), crop top-left in resized pixels) of an RGB image.
+
+    The crop coordinates are SDXL's micro-conditioning: where the crop starts in the image
+    scaled so its shorter side is `resolution`; (0, 0) when the whole image is resized.
+    """
+    from PIL import Image
+
+    w, h = img.size
+    top = left = 0
+    if center_crop:
+        c = min(w, h)
+        top, left = (h - c) // 2, (w - c) // 2
+        img = img.crop((left, top, left + c, top + c))
+        top, left = round(top * resolution / c), round(left * resolution / c)
+    img = img.resize((resolution, resolution), resample=Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8), (h, w), (top, left)
+
+
+@dataclass
+class LatentCache:
+    """Per (image, flip): latent mean/std [E, C, h, w] (fp32) and SDXL time ids [E, 6]."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    time_ids: torch.Tensor
+    flips: tuple[bool, ...]  # which flip variants were encoded, in entry order per image
+
+    @property
+    def n_images(self) -> int:
+        return self.mean.shape[0] // len(self.flips)
+
+    def entry(self, image: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """Entry index for image indices and flip booleans (tensors of the same shape)."""
+        if len(self.flips) == 1:
+            return image
+        return image * 2 + flip.long()
+
+
+def flip_variants(flip_p: float) -> tuple[bool, ...]:
+    """Only encode what can be drawn: p=0 never flips, p=1 always does."""
+    if flip_p <= 0:
+        return (False,)
+    if flip_p >= 1:
+        return (True,)
+    return (False, True)
+
+
+@torch.no_grad()
+def build_cache(paths: list[Path], vae, resolution: int, center_crop: bool, flip_p: float,
+                device: torch.device, batch: int = 8) -> LatentCache:
+    """Encode every (image, flip) with the VAE in eval mode, `batch` at a time.
+
+    Images are read and encoded one batch at a time, so a large folder never sits in memory
+    as pixels. The same inputs in the same batches give the same latents (resume relies on it).
+    """
+    flips = flip_variants(flip_p)
+    vae_dtype = next(vae.parameters()).dtype
+    was_training = vae.training
+    vae.eval()
+    means, stds, time_ids = [], [], []
+    pending: list[np.ndarray] = []
+
+    def flush():
+        x = torch.from_numpy(np.stack(pending)).to(device)
+        x = (x.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0).to(vae_dtype)
+        dist = vae.encode(x).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+        pending.clear()
+
+    for path in paths:
+        arr, (h, w), (top, left) = preprocess(open_rgb(path), resolution, center_crop)
+        for flip in flips:
+            pending.append(np.ascontiguousarray(arr[:, ::-1]) if flip else arr)
+            # A horizontal flip of a centred crop starts at the same (top, left).
+            time_ids.append([h, w, top, left, resolution, resolution])
+            if len(pending) == batch:
+                flush()
+    if pending:
+        flush()
+    vae.train(was_training)
+    return LatentCache(mean=torch.cat(means), std=torch.cat(stds),
+                       time_ids=torch.tensor(time_ids, dtype=torch.float32, device=device), flips=flips)
+
+
+def check_resolution(resolution: int, vae_scale: int) -> None:
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < vae_scale \
+            or resolution % vae_scale:
+        raise TextinvError(f"--resolution must be a positive multiple of {vae_scale}, not {resolution!r}.",
+                           "Use the model's size (512 for SD 1.5, 768 for SD 2.1, 1024 for SDXL) or leave it out.")
+
+
+def tokenize_captions(comp, captions: list[list[str]], token: str,
+                      n: int) -> tuple[list[torch.Tensor], list[list[int]], int]:
+    """Each distinct caption tokenized once per tokenizer: (id tables [U, L], per-image
+    indices into them, how many captions lose the placeholder to truncation)."""
+    unique: dict[str, int] = {}
+    choices = [[unique.setdefault(c, len(unique)) for c in caps] for caps in captions]
+    texts = [expand_placeholder(c, token, n) for c in unique]
+    tables, truncated = [], 0
+    for tok, (first, _) in zip(comp.tokenizers, comp.prepared):
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        truncated = max(truncated, int((~(ids >= first).any(dim=1)).sum()))
+        tables.append(ids)
+    return tables, choices, truncated

@@ -1,0 +1,184 @@
+"""The trainable rows: placeholder tokens in the tokenizer, their vectors spliced into the
+text encoder's token embedding.
+
+diffusers' script resizes the 49k-row embedding matrix, hands all of it to AdamW and copies
+the old rows back after every step. We never touch that matrix: the tokenizer gets the new
+tokens (diffusers' multi-vector names `<tok>`, `<tok>_1`, ... `<tok>_{n-1}`, so a file we
+write loads with `load_textual_inversion` and gets the same ids), and the encoder's
+`token_embedding` is wrapped so ids >= first_id read from an fp32 parameter [n, width]
+instead. The optimizer sees n x width numbers; the frozen matrix may be fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textinv_cli.errors import TextinvError
+
+
+def placeholder_names(token: str, n: int) -> list[str]:
+    """diffusers' multi-vector convention: <tok>, <tok>_1, ..., <tok>_{n-1}."""
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
+def expand_placeholder(text: str, token: str, n: int) -> str:
+    """`<tok>` -> `<tok> <tok>_1 ... <tok>_{n-1}`, what diffusers' maybe_convert_prompt does.
+
+    Matched exactly (not through tokenize(), which lower-cases: diffusers' own expansion
+    misses multi-vector tokens with capitals), and never inside an explicit `<tok>_1`.
+    """
+    if n == 1:
+        return text
+    return re.sub(re.escape(token) + r"(?!_\d)", " ".join(placeholder_names(token, n)), text)
+
+
+def check_token(token: str, tokenizer, label: str = "tokenizer") -> None:
+    """Refuse tokens that would collide with the vocabulary or cannot be one token."""
+    if not isinstance(token, str) or not token.strip():
+        raise TextinvError("The placeholder token is empty.", 'Pass --token, e.g. --token "<cat-toy>".')
+    if any(c.isspace() for c in token):
+        raise TextinvError(f"The token {token!r} contains spaces; a placeholder is one word.",
+                           'Use dashes instead, e.g. --token "<cat-toy>".')
+    vocab = tokenizer.get_vocab()
+    pieces = tokenizer.tokenize(token)
+    # "toy" is already "toy</w>": training it would hijack a real word in every prompt.
+    if token in vocab or token.lower() in vocab or (len(pieces) == 1 and pieces[0] in vocab):
+        raise TextinvError(f"The token {token!r} is already in the {label}'s vocabulary.",
+                           f'Pick a new word, e.g. --token "<{token.strip("<>")}-concept>" (angle brackets help).')
+
+
+def add_placeholder(tokenizer, token: str, n: int, label: str = "tokenizer") -> int:
+    """Add the n placeholder tokens; returns the id of the first (the rest follow it)."""
+    check_token(token, tokenizer, label)
+    names = placeholder_names(token, n)
+    taken = [t for t in names[1:] if t in tokenizer.get_vocab()]
+    if taken:
+        raise TextinvError(f"The {label} already has {taken[0]!r}.", "Pick another --token.")
+    first = len(tokenizer)
+    added = tokenizer.add_tokens(names)
+    ids = tokenizer.convert_tokens_to_ids(names)
+    if added != n or ids != list(range(first, first + n)):
+        raise TextinvError(f"Could not add {token!r} to the {label} as {n} new tokens.", "Pick another --token.")
+    return first
+
+
+def init_rows(tokenizer, weight: torch.Tensor, words: list[str], n: int, label: str = "tokenizer") -> torch.Tensor:
+    """Start vectors [n, width] (fp32) from the embeddings of the --init words' tokens.
+
+    One token per vector; fewer tokens than vectors are cycled (A1111 and kohya repeat the
+    init text too). A word of several tokens is spread over the vectors when there are
+    enough of them, else it is an error that says which word and what to pass.
+    """
+    words = [w.strip() for w in words]
+    if not words or any(not w for w in words):
+        raise TextinvError("An --init word is empty.", "Pass a word that describes the concept, e.g. --init toy.")
+    unk = tokenizer.unk_token_id
+    per_word = []
+    for w in words:
+        ids = tokenizer.encode(w, add_special_tokens=False)
+        # CLIP's byte-level BPE spells any text; unk only appears for text it cannot spell.
+        if not ids or (unk is not None and unk in ids):
+            raise TextinvError(f"The init word {w!r} is not in the {label}'s vocabulary.",
+                               "Pass a plain word the model knows, e.g. --init toy.")
+        per_word.append(ids)
+    flat = [i for ids in per_word for i in ids]
+    if len(flat) > n:
+        long = next((w for w, ids in zip(words, per_word) if len(ids) > 1), None)
+        if long is not None:
+            k = len(per_word[words.index(long)])
+            raise TextinvError(f"init word {long!r} is {k} tokens; with --vectors {n} pass a single-token word "
+                               f"or --vectors {len(flat)}.",
+                               "Each vector starts from one token's embedding.")
+        raise TextinvError(f"--init has {len(words)} words but --vectors is {n}.",
+                           f"Pass at most {n} word(s), or --vectors {len(flat)}.")
+    ids = torch.tensor([flat[i % len(flat)] for i in range(n)], dtype=torch.long)
+    return weight.detach()[ids].to(torch.float32).clone()
+
+
+class RowSplice(nn.Module):
+    """Wraps a frozen nn.Embedding: ids >= first_id read rows[id - first_id] instead.
+
+    `rows` is held as a plain attribute, not a registered parameter, so `.to(dtype)`,
+    `requires_grad_(False)` or a state_dict of the text encoder never touch it: it stays
+    fp32 and trainable, and is cast to the compute dtype here, in the forward pass.
+    torch.where (not a boolean index) keeps the graph free of host syncs and shape changes.
+    """
+
+    def __init__(self, base: nn.Embedding, rows: torch.Tensor, first_id: int):
+        super().__init__()
+        self.base = base
+        object.__setattr__(self, "rows", rows)
+        self.first_id = int(first_id)
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that asks an embedding for its dtype/device
+        return self.base.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # Only our n ids: tokens added after ours (another embedding) are not ours to answer.
+        new = (ids >= self.first_id) & (ids < self.first_id + self.rows.shape[0])
+        out = self.base(torch.where(new, torch.zeros_like(ids), ids))
+        local = (ids - self.first_id).clamp(0, self.rows.shape[0] - 1)
+        extra = F.embedding(local, self.rows.to(out.dtype))
+        return torch.where(new.unsqueeze(-1), extra, out)
+
+
+def _embeddings(text_encoder) -> nn.Module:
+    """CLIPTextEmbeddings: under .text_model in transformers 4, at the top in 5."""
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    return inner.embeddings
+
+
+def token_embedding(text_encoder) -> nn.Module:
+    return _embeddings(text_encoder).token_embedding
+
+
+def splice(text_encoder, rows: torch.Tensor, first_id: int) -> RowSplice:
+    """Install the splice (idempotent: re-splicing replaces the rows)."""
+    emb = _embeddings(text_encoder)
+    base = emb.token_embedding.base if isinstance(emb.token_embedding, RowSplice) else emb.token_embedding
+    emb.token_embedding = RowSplice(base, rows, first_id)
+    return emb.token_embedding
+
+
+def unsplice(text_encoder) -> None:
+    emb = _embeddings(text_encoder)
+    if isinstance(emb.token_embedding, RowSplice):
+        emb.token_embedding = emb.token_embedding.base
+
+
+def prepare_rows(comp, token: str, words: list[str], n: int) -> list[tuple[int, torch.Tensor]]:
+    """Add the placeholder to every tokenizer; (first id, fp32 init [n, width]) per encoder.
+
+    Call while the text encoders are still fp32 (the init is read from full-precision
+    weights, as diffusers does). Every check runs on every tokenizer before any is changed,
+    so a refused token leaves the tokenizers as they were.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise TextinvError(f"--vectors must be at least 1, not {n!r}.")
+    labels = [f"{s} tokenizer" for s in comp.slots]
+    for tok, label in zip(comp.tokenizers, labels):
+        check_token(token, tok, label)
+    inits = [init_rows(tok, token_embedding(te).weight, words, n, label)
+             for tok, te, label in zip(comp.tokenizers, comp.text_encoders, labels)]
+    return [(add_placeholder(tok, token, n, label), init)
+            for tok, init, label in zip(comp.tokenizers, inits, labels)]
+
+
+def install_rows(comp, prepared: list[tuple[int, torch.Tensor]], device=None) -> dict[str, torch.Tensor]:
+    """Trainable fp32 leaves on `device`, spliced into each text encoder: {slot: [n, width]}."""
+    rows = {}
+    for slot, te, (first, init) in zip(comp.slots, comp.text_encoders, prepared):
+        r = init.detach().to(device or token_embedding(te).weight.device, torch.float32).clone().requires_grad_(True)
+        splice(te, r, first)
+        rows[slot] = r
+    return rows
+
+
+def setup_rows(comp, token: str, words: list[str], n: int, device=None) -> dict[str, torch.Tensor]:
+    """prepare_rows + install_rows, for callers that keep the encoders where they are."""
+    return install_rows(comp, prepare_rows(comp, token, words, n), device)

@@ -1,0 +1,165 @@
+"""What a run writes to disk: checkpoints, embedding snapshots, the final embedding, events.
+
+Checkpoints hold what a run needs to continue exactly, in safetensors + a small JSON.
+
+All randomness of a step is derived from (seed, step, micro-step) and the data order from
+(seed, epoch) (see trainer.py), and the learning rate is a pure function of the step. So a
+checkpoint is only:
+
+    state.safetensors   rows.<slot>            fp32 [n, width]  the trainable rows
+                        adam.<slot>.exp_avg     fp32 [n, width]  AdamW moments
+                        adam.<slot>.exp_avg_sq
+                        adam.<slot>.step        AdamW's step counter, as torch keeps it
+    state.json          step, token, slots, shapes, seed, grad-scaler state, data position
+
+No pickle anywhere (the house rule: never torch.load): a checkpoint is data, never code.
+Folders are written through runs.begin_checkpoint/commit_checkpoint (temp dir, rename,
+`complete` marker, retention), so a half-written one is never picked up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+import torch
+
+from textinv_cli import runs
+from textinv_cli.errors import OutputExistsError, TextinvError
+
+TENSORS = "state.safetensors"
+INFO = "state.json"
+VERSION = 1
+EVENTS = "events.jsonl"
+
+
+def save_checkpoint(run: Path, step: int, rows: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    info: dict, keep: int) -> Path:
+    """Write run/checkpoints/step-NNNNNN/ atomically; returns its final path."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for slot, r in rows.items():
+        tensors[f"rows.{slot}"] = r.detach().to("cpu", torch.float32).contiguous()
+        st = optimizer.state.get(r, {})
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            if key in st:
+                v = st[key] if torch.is_tensor(st[key]) else torch.tensor(float(st[key]))
+                tensors[f"adam.{slot}.{key}"] = v.detach().to("cpu").contiguous()
+    meta = {"version": VERSION, "step": step, "slots": list(rows),
+            "shapes": {s: list(r.shape) for s, r in rows.items()}, **info}
+    tmp = runs.begin_checkpoint(run, step)
+    save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt"})
+    (tmp / INFO).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return runs.commit_checkpoint(run, tmp, step, keep)
+
+
+def load_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(info, tensors) of a complete checkpoint folder, on the CPU."""
+    from safetensors.torch import load_file
+
+    try:
+        info = json.loads((Path(folder) / INFO).read_text("utf-8"))
+        tensors = load_file(str(Path(folder) / TENSORS))
+    except Exception as e:  # noqa: BLE001 - OSError, JSON and safetensors' own error all mean "damaged"
+        raise TextinvError(f"The checkpoint {folder} cannot be read: {e}",
+                           "Delete that checkpoint folder to resume from the one before it.") from None
+    if info.get("version") != VERSION:
+        raise TextinvError(f"The checkpoint {folder} has format version {info.get('version')!r}; "
+                           f"this textinv reads version {VERSION}.")
+    return info, tensors
+
+
+def restore(info: dict, tensors: dict[str, torch.Tensor], rows: dict[str, torch.Tensor],
+            optimizer: torch.optim.Optimizer, token: str, folder: Path) -> int:
+    """Copy rows and AdamW state into the live run; returns the step to continue from."""
+    if info.get("token") not in (None, token) or list(info.get("slots", [])) != list(rows):
+        theirs = ", ".join(info.get("slots", []))
+        raise TextinvError(f"The checkpoint {folder} is for {info.get('token')!r} ({theirs}), "
+                           f"not {token!r} ({', '.join(rows)}).", "Resume the run it belongs to.")
+    with torch.no_grad():
+        for slot, r in rows.items():
+            saved = tensors.get(f"rows.{slot}")
+            if saved is None or tuple(saved.shape) != tuple(r.shape):
+                shape = None if saved is None else list(saved.shape)
+                raise TextinvError(f"The checkpoint {folder} holds rows of shape {shape} for {slot}; "
+                                   f"the run has {list(r.shape)}.",
+                                   "The base model or --vectors changed since the checkpoint was written.")
+            r.copy_(saved.to(r.device, r.dtype))
+    # Rebuild the optimizer's state dict around the live parameters (AdamW keys state by
+    # position in param_groups), then let load_state_dict put tensors on the right device.
+    sd = optimizer.state_dict()
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    moments = {}
+    for slot, r in rows.items():
+        keys = {k: tensors[f"adam.{slot}.{k}"] for k in ("exp_avg", "exp_avg_sq", "step")
+                if f"adam.{slot}.{k}" in tensors}
+        if keys:
+            moments[index[id(r)]] = keys
+    sd["state"] = moments
+    optimizer.load_state_dict(sd)
+    return int(info["step"])
+
+
+# -- embeddings the run writes: snapshots and the final one ---------------------------------
+
+def embedding_meta(spec, family: str, step: int) -> dict[str, str]:
+    """What the file and the registry keep about where the embedding came from."""
+    return {"token": spec.token, "step": str(step), "base_model": str(spec.model), "family": family,
+            "learnable_property": spec.property, "vectors": str(spec.vectors), "trained_with": "textinv torch"}
+
+
+def write_vectors(path: Path, vectors: dict, spec, family: str, step: int) -> Path:
+    """The diffusers format at `path` (X.safetensors: {token: [n, w]}); SDXL also writes
+    X_2.safetensors beside it, the pair diffusers' SDXL script writes. Returns `path`."""
+    from textinv_cli.embedding import Embedding
+    from textinv_cli.formats import write_embedding
+    from textinv_cli.formats.folders import SDXL_FIRST, SDXL_SECOND, sdxl_pair_files
+    from textinv_cli.fsutil import atomic_write_bytes
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Through Embedding: the same checks (NaN, shapes) and metadata as every other writer.
+    emb = Embedding(token=spec.token, vectors=vectors, meta=embedding_meta(spec, family, step))
+    if family == "sdxl":
+        files = sdxl_pair_files(emb)  # the bytes diffusers' SDXL script writes, under our names
+        atomic_write_bytes(path.with_name(path.stem + "_2" + path.suffix), files[SDXL_SECOND], force=True)
+        atomic_write_bytes(path, files[SDXL_FIRST], force=True)
+        return path
+    write_embedding(emb, path, "safetensors", force=True)
+    return path
+
+
+# -- the run folder ----------------------------------------------------------------------
+
+def check_new_run_dir(run: Path) -> None:
+    """A new run needs an absent or empty folder in a writable place; checked before any work."""
+    if run.exists() and (not run.is_dir() or any(run.iterdir())):
+        raise OutputExistsError(f"The run folder {run} already exists and is not empty.",
+                                f"Continue it with `textinv resume {run}`, or pick another folder.")
+    parent = run
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TextinvError(f"Cannot create the run folder {run}: {parent} is not writable.",
+                           "Pick a writable place for the run (--run-dir / --output).")
+
+
+def record_event(run: Path, event) -> object:
+    """Append the event to run/events.jsonl; numpy arrays are left out (shapes stay)."""
+    def plain(v):
+        if isinstance(v, np.ndarray):
+            return list(v.shape)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+
+    with open(run / EVENTS, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": round(time.time(), 3), **plain(event.to_json())}) + "\n")
+    return event
