@@ -2,9 +2,9 @@
 top to bottom, host syncs (`.item()`) only at log steps.
 
 Exact resume is designed in rather than bolted on. Every random draw of a micro-step
-(caption, flip, latent sample, noise, timestep) comes from a fresh torch.Generator seeded
-with a hash of (seed, step, micro-step); the data order is a per-epoch permutation from
-numpy's default_rng([seed, epoch]); the learning rate is a function of the step. Nothing
+(images, caption, flip, latent sample, noise, timestep) comes from the core's BatchPlan,
+a pure function of (seed, step, micro-step) shared with the JAX backend; the learning
+rate is a function of the step. Nothing
 random carries over from one step to the next except the rows and AdamW's moments, so a
 checkpoint holds just those (state.py) and continuing from step k replays steps k+1...
 with bit-identical inputs.
@@ -13,7 +13,6 @@ with bit-identical inputs.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import signal
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from textinv_cli import runs
+from textinv_cli.batch_plan import BatchPlan
 from textinv_cli.captions import captions_for, find_images
 from textinv_cli.errors import TextinvError
 from textinv_cli.models import resolve_model
@@ -85,12 +85,6 @@ def check_spec(spec: TrainSpec) -> None:
         raise TextinvError("--validate prompts must be non-empty text.")
 
 
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers; a hash, so (seed, step) and (seed+1, step-1) never collide."""
-    digest = hashlib.sha256(("textinv:" + ":".join(str(int(p)) for p in parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def is_log_step(done: int, total: int) -> bool:
     """About 50 loss readings per run, and the last step: the only places we sync with the device."""
     return done % max(1, total // 50) == 0 or done == total
@@ -120,32 +114,19 @@ class Sampler:
         self.offsets = torch.tensor(np.cumsum([0] + [len(c) for c in choices[:-1]]), dtype=torch.long)
         self.counts = torch.tensor([len(c) for c in choices], dtype=torch.long)
         self.flat = torch.tensor([i for c in choices for i in c], dtype=torch.long)
-        self.scaling, self.num_timesteps, self.device = scaling, num_timesteps, device
-        self.rank, self.world = rank, world
-        self._orders: dict[int, np.ndarray] = {}
-
-    def order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            if len(self._orders) > 4:
-                self._orders.clear()
-            self._orders[epoch] = np.random.default_rng([self.spec.seed, epoch]).permutation(self.cache.n_images)
-        return self._orders[epoch]
+        self.scaling, self.device = scaling, device
+        self.plan = BatchPlan(seed=spec.seed, n_images=cache.n_images, batch_size=spec.batch_size,
+                              grad_accum=spec.grad_accum, latent_shape=tuple(cache.mean.shape[1:]),
+                              num_timesteps=num_timesteps, rank=rank, world=world)
 
     def batch(self, step: int, micro: int) -> Batch:
-        spec, n, b = self.spec, self.cache.n_images, self.spec.batch_size
-        first = ((step * spec.grad_accum + micro) * self.world + self.rank) * b
-        images = torch.tensor([int(self.order(g // n)[g % n]) for g in range(first, first + b)], dtype=torch.long)
-        g = torch.Generator().manual_seed(mix_seed(spec.seed, step, micro, self.rank))
-        shape = (b,) + tuple(self.cache.mean.shape[1:])
-        # Drawn on the CPU in a fixed order: the same numbers on every device and every resume.
-        u_caption = torch.rand(b, generator=g, dtype=torch.float64)
-        u_flip = torch.rand(b, generator=g, dtype=torch.float64)
-        eps = torch.randn(shape, generator=g)
-        noise = torch.randn(shape, generator=g)
-        timesteps = torch.randint(0, self.num_timesteps, (b,), generator=g)
+        d = self.plan.draw(step, micro)  # host numpy: the same numbers on every device and backend
+        images = torch.from_numpy(d.images)
+        u_caption, u_flip = torch.from_numpy(d.caption_u), torch.from_numpy(d.flip_u)
+        eps, noise, timesteps = torch.from_numpy(d.eps), torch.from_numpy(d.noise), torch.from_numpy(d.timesteps)
         pick = torch.minimum((u_caption * self.counts[images]).long(), self.counts[images] - 1)
         caption = self.flat[self.offsets[images] + pick]
-        entry = self.cache.entry(images, u_flip < spec.flip_p)
+        entry = self.cache.entry(images, u_flip < self.spec.flip_p)
         caption, entry, timesteps, eps, noise = (self._put(t) for t in (caption, entry, timesteps, eps, noise))
         latents = (self.cache.mean[entry] + self.cache.std[entry] * eps) * self.scaling
         return Batch(ids=[t[caption] for t in self.caption_ids], latents=latents, noise=noise,

@@ -49,16 +49,23 @@ def sdxl_partner(path: Path) -> Path | None:
 
 
 def pair_parts(first: Part, second: Part) -> tuple[Part, Part] | None:
-    """(clip_l part, clip_g part) when the two files are one SDXL embedding, else None."""
+    """(clip_l part, clip_g part) when the two files are one SDXL embedding, else None.
+
+    Two single-tensor diffusers files with the same token, the second encoder's part the
+    wider one (1280 vs 768; 64 vs 32 in the built-in tiny models). Widths alone name the
+    slots of a lone file, so the pair's slots are set here from which part is wider.
+    """
     a, b = first.parsed, second.parsed
-    if a.fmt != "diffusers" or b.fmt != "diffusers":
+    if a.fmt != "diffusers" or b.fmt != "diffusers" or a.token != b.token:
         return None
-    if set(a.vectors) == {"clip_g"}:
-        first, second, a, b = second, first, b, a
-    if set(a.vectors) != {"clip_l"} or set(b.vectors) != {"clip_g"} or a.token != b.token:
+    if len(a.vectors) != 1 or len(b.vectors) != 1:
         return None
-    if a.vectors["clip_l"].shape[1] != 768:
+    (va,), (vb,) = a.vectors.values(), b.vectors.values()
+    if va.shape[1] == vb.shape[1]:
         return None
+    if va.shape[1] > vb.shape[1]:
+        first, second, a, b, va, vb = second, first, b, a, vb, va
+    a.vectors, b.vectors = {"clip_l": va}, {"clip_g": vb}
     return first, second
 
 
