@@ -32,9 +32,10 @@ class Draw:
 
 
 class BatchPlan:
-    """`rank`/`world` let data-parallel processes take disjoint samples of one global order:
-    each micro-step's world x batch samples are cut into one block per rank, and each rank
-    seeds its own draws. A single process is rank 0 of 1."""
+    """`rank`/`world` let data-parallel processes share one global batch: a micro-step's
+    world x batch samples are numbered globally and rank r takes block r. Every sample is
+    drawn from its own generator seeded by (seed, step, micro, global index), so 2 processes
+    at batch 1 see exactly the inputs 1 process at batch 2 sees."""
 
     def __init__(self, *, seed: int, n_images: int, batch_size: int, grad_accum: int,
                  latent_shape: tuple[int, ...], num_timesteps: int, rank: int = 0, world: int = 1):
@@ -51,14 +52,18 @@ class BatchPlan:
         return self._orders[epoch]
 
     def draw(self, step: int, micro: int) -> Draw:
-        first = ((step * self.accum + micro) * self.world + self.rank) * self.b
-        images = np.array([self.order(g // self.n)[g % self.n] for g in range(first, first + self.b)], dtype=np.int64)
-        rng = np.random.Generator(np.random.PCG64(mix_seed(self.seed, step, micro, self.rank)))
-        shape = (self.b,) + self.latent_shape
-        # a fixed order of draws: changing it changes every run, so don't
-        caption_u = rng.random(self.b)
-        flip_u = rng.random(self.b)
-        eps = rng.standard_normal(shape, dtype=np.float32)
-        noise = rng.standard_normal(shape, dtype=np.float32)
-        timesteps = rng.integers(0, self.num_timesteps, self.b, dtype=np.int64)
+        b, shape = self.b, self.latent_shape
+        start = (step * self.accum + micro) * self.world * b  # first global sample of this micro-step
+        mine = range(self.rank * b, (self.rank + 1) * b)       # this rank's block of it
+        images = np.array([self.order((start + j) // self.n)[(start + j) % self.n] for j in mine], dtype=np.int64)
+        caption_u, flip_u = np.empty(b), np.empty(b)
+        eps, noise = np.empty((b,) + shape, np.float32), np.empty((b,) + shape, np.float32)
+        timesteps = np.empty(b, np.int64)
+        for i, j in enumerate(mine):
+            rng = np.random.Generator(np.random.PCG64(mix_seed(self.seed, step, micro, j)))
+            # a fixed order of draws: changing it changes every run, so don't
+            caption_u[i], flip_u[i] = rng.random(), rng.random()
+            eps[i] = rng.standard_normal(shape, dtype=np.float32)
+            noise[i] = rng.standard_normal(shape, dtype=np.float32)
+            timesteps[i] = rng.integers(0, self.num_timesteps)
         return Draw(images, caption_u, flip_u, eps, noise, timesteps)
