@@ -47,12 +47,18 @@ def run_training(backend, spec: TrainSpec, *, resume: Path | None, name: str, js
 
 
 def _render(events, spec: TrainSpec, name: str) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:.2f} it/s" if task.speed else "- it/s")
 
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        Rate(), TimeElapsedColumn(), TimeRemainingColumn(),
         console=err_console, transient=False,
     )
     finished = None
@@ -66,13 +72,11 @@ def _render(events, spec: TrainSpec, name: str) -> dict:
                 progress.console.print(f"Training {spec.token} on {d.get('model', spec.model)} ({d.get('family', '?')}) "
                                        f"on {d.get('device', '?')}: {d.get('images', '?')} images{resumed}", markup=False)
                 task = progress.add_task(f"{spec.token}", total=d.get("total_steps", spec.steps),
-                                         completed=d.get("start_step", 0), loss="-", lr="-", rate="")
+                                         completed=d.get("start_step", 0), loss="-", lr="-")
             elif ev.kind == "progress" and task is not None:
                 fields = {"lr": f"{d['lr']:.2e}"} if "lr" in d else {}
                 if "loss" in d:
                     fields["loss"] = f"{d['loss']:.4f}"
-                if "it_s" in d:
-                    fields["rate"] = f"{d['it_s']:.2f} it/s"
                 progress.update(task, completed=d["step"], **fields)
             elif ev.kind == "warning":
                 progress.console.print(f"Warning: {d.get('message')}", markup=False, style="yellow")
