@@ -5,6 +5,7 @@ Shared by every backend so both train on the same captions for the same seed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .errors import TextinvError
@@ -100,3 +101,19 @@ def captions_for(images: list[Path], token: str, prop: str = "object", mode: str
                            + "; ".join(without[:3]),
                            f"Write {token} (or [name]) where the concept appears in each caption.")
     return result
+
+
+def placeholder_names(token: str, n: int) -> list[str]:
+    """diffusers' multi-vector convention: <tok>, <tok>_1, ..., <tok>_{n-1}."""
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
+def expand_placeholder(text: str, token: str, n: int) -> str:
+    """`<tok>` -> `<tok> <tok>_1 ... <tok>_{n-1}`, what diffusers' maybe_convert_prompt does.
+
+    Matched exactly (not through tokenize(), which lower-cases: diffusers' own expansion
+    misses multi-vector tokens with capitals), and never inside an explicit `<tok>_1`.
+    """
+    if n == 1:
+        return text
+    return re.sub(re.escape(token) + r"(?!_\d)", " ".join(placeholder_names(token, n)), text)

@@ -11,7 +11,6 @@ instead. The optimizer sees n x width numbers; the frozen matrix may be fp16/bf1
 
 from __future__ import annotations
 
-import re
 
 import torch
 import torch.nn.functional as F
@@ -20,20 +19,7 @@ from torch import nn
 from textinv_cli.errors import TextinvError
 
 
-def placeholder_names(token: str, n: int) -> list[str]:
-    """diffusers' multi-vector convention: <tok>, <tok>_1, ..., <tok>_{n-1}."""
-    return [token] + [f"{token}_{i}" for i in range(1, n)]
-
-
-def expand_placeholder(text: str, token: str, n: int) -> str:
-    """`<tok>` -> `<tok> <tok>_1 ... <tok>_{n-1}`, what diffusers' maybe_convert_prompt does.
-
-    Matched exactly (not through tokenize(), which lower-cases: diffusers' own expansion
-    misses multi-vector tokens with capitals), and never inside an explicit `<tok>_1`.
-    """
-    if n == 1:
-        return text
-    return re.sub(re.escape(token) + r"(?!_\d)", " ".join(placeholder_names(token, n)), text)
+from textinv_cli.captions import expand_placeholder, placeholder_names  # noqa: F401 - shared with JAX
 
 
 def check_token(token: str, tokenizer, label: str = "tokenizer") -> None:

@@ -16,7 +16,6 @@ The backend never prints: it yields Events (started, progress, sample, finished)
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import queue
@@ -25,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from textinv_cli.errors import OutputExistsError, TextinvError
+from textinv_cli.errors import TextinvError
+from textinv_cli.infotext import infotext, save_png
 from textinv_cli.spec import Event, SampleRequest
 
 # Our scheduler names -> (diffusers class, extra config, A1111's sampler name for the infotext).
@@ -80,7 +80,8 @@ def sample(request: SampleRequest) -> Iterator[Event]:
                                      "done": i * steps + done, "total": n * steps})
         image = runner.image
         out_dir.mkdir(parents=True, exist_ok=True)
-        text = infotext(request, seed=seed, width=image.width, height=image.height, model_name=info["name"])
+        text = infotext(request, seed=seed, width=image.width, height=image.height, model_name=info["name"],
+                        sampler=SCHEDULERS[request.scheduler][2])
         path = save_png(image, out_dir, seed, text)
         paths.append(str(path))
         yield Event("sample", {"path": str(path), "seed": seed, "index": i,
@@ -357,54 +358,3 @@ def _check_out_dir(out_dir: Path) -> None:
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise TextinvError(f"Cannot write images into {out_dir}: {probe} is not a writable folder.",
                            "Pick another folder with -o.")
-
-
-def next_number(out_dir: Path) -> int:
-    """One past the highest leading number of a file name in the folder (A1111's numbering)."""
-    heads = (os.path.splitext(name)[0].split("-")[0] for name in os.listdir(out_dir))
-    return max((int(h) for h in heads if h.isascii() and h.isdigit()), default=-1) + 1
-
-
-def save_png(image, out_dir: Path, seed: int, text: str) -> Path:
-    """`NNNNN-<seed>.png` with a `parameters` text chunk, written atomically, never over a file."""
-    from PIL.PngImagePlugin import PngInfo
-    from textinv_cli.fsutil import atomic_write_bytes
-
-    meta = PngInfo()
-    meta.add_text("parameters", text)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=meta)
-    data = buf.getvalue()
-    number = next_number(out_dir)
-    for _ in range(1000):  # another sampler writing into the same folder took the number: take the next
-        path = out_dir / f"{number:05d}-{seed}.png"
-        try:
-            atomic_write_bytes(path, data)
-            return path
-        except OutputExistsError:
-            number += 1
-    raise TextinvError(f"Could not find a free file name in {out_dir}.", "Pick another folder with -o.")
-
-
-def _quote(value) -> str:
-    """A1111's infotext quoting: JSON-quote a value holding a comma, colon or newline."""
-    text = str(value)
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
-
-
-def infotext(request: SampleRequest, *, seed: int, width: int, height: int, model_name: str) -> str:
-    """A1111's `parameters` text: prompt, `Negative prompt: ...`, then `Key: value, ...`.
-
-    Keys, order and quoting follow A1111's create_infotext; TI hashes are `name: shorthash`
-    joined by ", " with ':' and ',' removed from names, as A1111 writes them.
-    """
-    from textinv_cli import __version__
-
-    hashes = [f"{(ref.name or ref.token.strip('<>')).replace(':', '').replace(',', '')}: {ref.short_hash}"
-              for ref in request.embeddings if ref.short_hash]
-    params = {"Steps": request.steps, "Sampler": SCHEDULERS[request.scheduler][2],
-              "CFG scale": float(request.guidance), "Seed": seed, "Size": f"{width}x{height}",
-              "Model": model_name, "TI hashes": ", ".join(hashes) or None, "Version": f"textinv {__version__}"}
-    line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
-    negative = f"\nNegative prompt: {request.negative}" if request.negative else ""
-    return f"{request.prompt}{negative}\n{line}".strip()
