@@ -82,8 +82,10 @@ def gpu(res: Results, work: Path, args) -> None:
     if "flops" in parts:
         res.add("flops", per_sample=measure.flops_per_sample(model))
     if "ours" in parts:
-        for precision in ("bf16", "fp32"):
-            for batch, steps, warm in ((1, 150, 30), (8, 50, 10), (32, 25, 8)):
+        sizes = {1: (150, 30), 8: (50, 10), 32: (25, 8)}
+        for precision in args.precisions.split(","):
+            for batch in (int(b) for b in args.batches.split(",")):
+                steps, warm = sizes.get(batch, (25, 8))
                 res.add("train", backend="textinv-torch", model="sd15",
                         **measure.train_throughput(model, images, batch=batch, precision=precision, steps=steps,
                                                    warmup=warm))
@@ -92,8 +94,8 @@ def gpu(res: Results, work: Path, args) -> None:
         res.add("recipe-slice", backend="textinv-torch", **measure.train_throughput(
             model, images, batch=1, grad_accum=4, precision="bf16", steps=150, warmup=30))
     if "diffusers" in parts and args.diffusers_script:
-        for batch, precision, workers, steps in ((1, "no", 8, 60), (1, "bf16", 8, 60), (8, "bf16", 8, 40),
-                                                 (32, "bf16", 12, 20)):
+        configs = [c.split(":") for c in args.diffusers_configs.split(",")]
+        for batch, precision, workers, steps in ((int(b), p, int(w), int(n)) for b, p, w, n in configs):
             res.add("train", backend="diffusers-script", model="sd15", **measure.diffusers_script(
                 Path(args.diffusers_script), model, images, batch=batch, precision=precision if precision != "no" else "fp32",
                 steps=steps, workers=workers))
@@ -130,6 +132,10 @@ def main() -> None:
     ap.add_argument("--diffusers-script", default=".bench-carry/textual_inversion.py",
                     help="diffusers' examples/textual_inversion/textual_inversion.py (not shipped with textinv)")
     ap.add_argument("--parts", default="peak,flops,ours,recipe,diffusers,sample")
+    ap.add_argument("--precisions", default="bf16,fp32", help="precisions of textinv's train rows")
+    ap.add_argument("--batches", default="1,8,32", help="batch sizes of textinv's train rows")
+    ap.add_argument("--diffusers-configs", default="1:no:8:60,1:bf16:8:60,8:bf16:8:40,32:bf16:12:20",
+                    help="batch:precision:workers:steps of each diffusers-script row (precision no = fp32)")
     args = ap.parse_args()
     os.environ.setdefault("TEXTINV_HOME", str(Path(args.work) / "home"))
     work = Path(args.work)
