@@ -8,6 +8,10 @@ rate is a function of the step. Nothing
 random carries over from one step to the next except the rows and AdamW's moments, so a
 checkpoint holds just those (state.py) and continuing from step k replays steps k+1...
 with bit-identical inputs.
+
+Data-parallel (distributed.py): launched with WORLD_SIZE > 1, every process runs this same
+loop on its block of each global batch; the rows' gradients are averaged across processes
+once per step, and only rank 0 writes anything (run folder, events, checkpoints, files).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import math
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +39,7 @@ from textinv_cli.schedules import lr_at
 from textinv_cli.spec import Event, TrainSpec
 
 from . import data as datamod
+from . import distributed
 from . import models as modelsmod
 from . import rows as rowsmod
 from . import state
@@ -108,14 +114,15 @@ class Sampler:
     """
 
     def __init__(self, spec: TrainSpec, cache: datamod.LatentCache, caption_ids: list[torch.Tensor],
-                 choices: list[list[int]], scaling: float, num_timesteps: int, device, rank: int = 0, world: int = 1):
+                 choices: list[list[int]], scaling: float, num_timesteps: int, device, rank: int = 0, world: int = 1,
+                 batch_size: int | None = None):
         self.spec, self.cache = spec, cache
         self.caption_ids = [t.to(device) for t in caption_ids]
         self.offsets = torch.tensor(np.cumsum([0] + [len(c) for c in choices[:-1]]), dtype=torch.long)
         self.counts = torch.tensor([len(c) for c in choices], dtype=torch.long)
         self.flat = torch.tensor([i for c in choices for i in c], dtype=torch.long)
         self.scaling, self.device = scaling, device
-        self.plan = BatchPlan(seed=spec.seed, n_images=cache.n_images, batch_size=spec.batch_size,
+        self.plan = BatchPlan(seed=spec.seed, n_images=cache.n_images, batch_size=batch_size or spec.batch_size,
                               grad_accum=spec.grad_accum, latent_shape=tuple(cache.mean.shape[1:]),
                               num_timesteps=num_timesteps, rank=rank, world=world)
 
@@ -169,24 +176,32 @@ def forward_loss(comp, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
 
 class StopFlag:
     """Ctrl-C asks to stop after the current optimizer step; presses while a checkpoint is
-    being written are ignored. A third press outside checkpointing aborts at once."""
+    being written are ignored. A third press outside checkpointing aborts at once.
 
-    def __init__(self):
+    `debounce` (seconds) counts signals that arrive together as one press: under torchrun a
+    terminal Ctrl-C reaches each worker twice, from the terminal and forwarded by the agent."""
+
+    def __init__(self, debounce: float = 0.0):
         self.requested = False
         self.checkpointing = False
         self.presses = 0
+        self.debounce = debounce
+        self._last = -math.inf
 
     def __call__(self, signum, frame):
         self.requested = True
-        if not self.checkpointing:
-            self.presses += 1
-            if self.presses >= 3:
-                raise KeyboardInterrupt
+        now = time.monotonic()
+        if self.checkpointing or now - self._last < self.debounce:
+            return
+        self._last = now
+        self.presses += 1
+        if self.presses >= 3:
+            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
-def sigint_flag():
-    flag = StopFlag()
+def sigint_flag(debounce: float = 0.0):
+    flag = StopFlag(debounce)
     if threading.current_thread() is not threading.main_thread():
         yield flag  # signals only reach the main thread; the caller stops us another way
         return
@@ -217,8 +232,12 @@ def determinism(on: bool, threads: int | None = None):
 def train(spec: TrainSpec, resume: Path | None = None) -> Iterator[Event]:
     # -- everything a user can get wrong, before anything is written --------------------
     check_spec(spec)
-    device = modelsmod.pick_device(spec)
+    dist = distributed.setup(spec)  # one process: rank 0 of 1 on pick_device(spec)
+    device = dist.device
     dtype = modelsmod.compute_dtype(spec.precision, device)
+    batch = distributed.local_batch(spec, dist.world)
+    if resume is None and dist.world > 1:
+        spec.run_dir = dist.broadcast(spec.run_dir)  # each rank may have planned its own name
     run = Path(resume if resume is not None else spec.run_dir)
     if resume is not None:
         if not (run / "spec.json").is_file():
@@ -253,11 +272,11 @@ def train(spec: TrainSpec, resume: Path | None = None) -> Iterator[Event]:
         else:
             comp.vae = None  # not needed again: free it
         yield from _loop(spec, comp, rows, cache, tables, choices, truncated, run, resume, device, dtype,
-                         resolution, images, ignored)
+                         resolution, images, ignored, dist, batch)
 
 
 def _loop(spec, comp, rows, cache, tables, choices, truncated, run, resume, device, dtype, resolution,
-          images, ignored) -> Iterator[Event]:
+          images, ignored, dist: distributed.Dist, batch: int) -> Iterator[Event]:
     accum, total = spec.grad_accum, spec.steps
     base_lr = spec.lr * (spec.batch_size * accum * spec.num_processes if spec.scale_lr else 1)
     params = list(rows.values())
@@ -266,7 +285,8 @@ def _loop(spec, comp, rows, cache, tables, choices, truncated, run, resume, devi
     # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it.
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     sampler = Sampler(spec, cache, tables, choices, comp.scaling_factor, comp.scheduler.config.num_train_timesteps,
-                      device)
+                      device, rank=dist.rank, world=dist.world, batch_size=batch)
+    main = dist.is_main  # only rank 0 writes; the others train in step and stay silent
 
     start, resumed_from, warnings = 0, None, []
     if resume is not None:
@@ -280,12 +300,18 @@ def _loop(spec, comp, rows, cache, tables, choices, truncated, run, resume, devi
                 scaler.load_state_dict(info["scaler"])
             resumed_from = str(found[1])
 
-    run.mkdir(parents=True, exist_ok=True)  # the first write of the run, after every check
-    spec.save(run)
-    emit = lambda kind, **data: state.record_event(run, Event(kind, data))  # noqa: E731
+    dist.barrier()  # every rank loaded and checked everything before rank 0 creates the run
+    if main:
+        run.mkdir(parents=True, exist_ok=True)  # the first write of the run, after every check
+        spec.save(run)
+
+    def emit(kind, **data):
+        return state.record_event(run, Event(kind, data)) if main else Event(kind, data)
+
+    where = {"processes": dist.world} if dist.world > 1 else {}
     yield emit("started", run_dir=str(run), device=str(device), family=comp.family, model=spec.model,
                images=len(images), ignored=[p.name for p in ignored], total_steps=total, start_step=start,
-               resumed_from=resumed_from)
+               resumed_from=resumed_from, **where)
     if ignored:
         warnings.append(f"Skipped {len(ignored)} file(s) that are not images: "
                         + ", ".join(p.name for p in ignored[:10]) + (" ..." if len(ignored) > 10 else ""))
@@ -301,7 +327,8 @@ def _loop(spec, comp, rows, cache, tables, choices, truncated, run, resume, devi
 
     step = start
     last_checkpoint = start if resumed_from else -1
-    with sigint_flag() as stop:
+    stop_agreed = False
+    with sigint_flag(debounce=1.0 if dist.world > 1 else 0.0) as stop:
         for step in range(start, total):
             lr = lr_at(step, base_lr=base_lr, schedule=spec.lr_schedule, total_steps=total,
                        warmup_steps=spec.warmup_steps)
@@ -312,6 +339,8 @@ def _loop(spec, comp, rows, cache, tables, choices, truncated, run, resume, devi
                 loss = forward_loss(comp, sampler.batch(step, micro), dtype) / accum
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 loss_sum += loss.detach()
+            if dist.world > 1:  # average the gradients (still scaled: all ranks agree on inf/nan)
+                loss_sum, stop_agreed = dist.reduce_step(params, loss_sum, stop.requested)
             if scaler is not None:
                 scaler.unscale_(opt)
             if spec.max_grad_norm:
@@ -326,38 +355,41 @@ def _loop(spec, comp, rows, cache, tables, choices, truncated, run, resume, devi
 
             progress = {"step": done, "total": total, "lr": lr}
             if is_log_step(done, total):
-                progress["loss"] = loss_sum.item()  # the only host sync of the loop
+                progress["loss"] = loss_sum.item()  # one process: the only host sync of the loop
             yield emit("progress", **progress)
-            if spec.save_every and done % spec.save_every == 0:
+            if main and spec.save_every and done % spec.save_every == 0:
                 path = state.write_vectors(run / "snapshots" / f"step-{done:06d}.safetensors", _vectors(rows), spec,
                                              comp.family, done)
                 yield emit("snapshot", step=done, path=str(path))
             if spec.checkpoint_every and done % spec.checkpoint_every == 0:
-                stop.checkpointing = True
-                path = state.save_checkpoint(run, done, rows, opt, snapshot_info(done), spec.keep_checkpoints)
-                stop.checkpointing = False
                 last_checkpoint = done
-                yield emit("checkpoint", step=done, path=str(path))
-            if spec.validate and spec.validate_every and done % spec.validate_every == 0:
+                if main:
+                    stop.checkpointing = True
+                    path = state.save_checkpoint(run, done, rows, opt, snapshot_info(done), spec.keep_checkpoints)
+                    stop.checkpointing = False
+                    yield emit("checkpoint", step=done, path=str(path))
+            if main and spec.validate and spec.validate_every and done % spec.validate_every == 0:
                 paths = modelsmod.validate(comp, spec, run, done, resolution, device)
                 yield emit("validation", step=done, paths=[str(p) for p in paths])
-            if stop.requested and done < total:
-                stop.checkpointing = True
-                if last_checkpoint != done:
+            # one process: the flag as it is now; several: as all ranks agreed in reduce_step
+            if (stop_agreed if dist.world > 1 else stop.requested) and done < total:
+                path = runs.checkpoint_dir(run, done)
+                if main and last_checkpoint != done:
+                    stop.checkpointing = True
                     path = state.save_checkpoint(run, done, rows, opt, snapshot_info(done), spec.keep_checkpoints)
-                else:
-                    path = runs.checkpoint_dir(run, done)
-                stop.checkpointing = False
+                    stop.checkpointing = False
                 yield emit("interrupted", step=done, checkpoint=str(path))
                 return
 
     done = total
-    if spec.validate and (not spec.validate_every or done % spec.validate_every):
+    if main and spec.validate and (not spec.validate_every or done % spec.validate_every):
         paths = modelsmod.validate(comp, spec, run, done, resolution, device)  # once at the end
         yield emit("validation", step=done, paths=[str(p) for p in paths])
     vectors = _vectors(rows)
     meta = state.embedding_meta(spec, comp.family, done)
-    path = state.write_vectors(run / runs.FINAL, vectors, spec, comp.family, done)
+    path = run / runs.FINAL
+    if main:
+        state.write_vectors(path, vectors, spec, comp.family, done)
     yield emit("finished", step=done, embedding_path=str(path), token=spec.token, vectors=vectors, meta=meta)
 
 

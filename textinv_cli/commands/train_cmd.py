@@ -2,10 +2,16 @@
 
 Everything is validated before any work: the data folder, the options, and that the
 registry name is free, so a bad invocation leaves no run folder and nothing registered.
+
+Several processes (data parallel): `--num-processes N` validates here, plans the run
+folder, then starts N copies of this same command with `--run-dir` set (training.
+launch_processes) and exits with rank 0's code. Started by a launcher instead (torchrun,
+`accelerate launch --multi_gpu`), each copy finds WORLD_SIZE in its environment.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,6 +21,7 @@ _PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def train(
+    ctx: typer.Context,
     data_dir: Path = typer.Argument(..., help="Folder of training images (optional IMAGE.txt captions beside them)."),
     token: str = typer.Option(..., "--token", help='The new placeholder token, e.g. "<cat-toy>".'),
     init: str = typer.Option(..., "--init", help='Word(s) the new vectors start from, e.g. "toy" or "toy figure".'),
@@ -49,6 +56,9 @@ def train(
     keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", min=1, help="Keep the newest K checkpoints."),
     validate: Optional[List[str]] = typer.Option(None, "--validate", help="Prompt for validation images (repeatable)."),
     validate_every: int = typer.Option(0, "--validate-every", min=0, help="Validation images every N steps (0: at the end)."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", min=1,
+                                                help="Data-parallel processes, one per GPU (or CPU processes without one); "
+                                                     "each takes --batch-size samples per micro-step."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default: runs/<name>-<time>)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON event per line instead of a progress bar."),
 ) -> None:
@@ -58,7 +68,6 @@ def train(
     from ..errors import TextinvError
     from ..plugins import require_backend
     from ..registry import Registry
-    from ..runs import new_run_dir
     from ..schedules import validate as validate_schedule
     from ..spec import TrainSpec
 
@@ -77,6 +86,21 @@ def train(
            "AdamW settings out of range: betas in [0, 1), eps > 0, weight decay >= 0.")
     _check(max_grad_norm is None or max_grad_norm > 0, "--max-grad-norm must be positive.")
     validate_schedule(lr_schedule)
+    from ..training import launched_world
+
+    world = launched_world()
+    if world > 1 and num_processes not in (None, world):
+        raise TextinvError(f"--num-processes {num_processes} does not match the {world} processes the launcher started.",
+                           "Leave --num-processes out under accelerate launch / torchrun.")
+    processes = world if world > 1 else (num_processes or 1)
+    if world == 1 and os.environ.get("MASTER_ADDR") and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        from ..console import err_console
+
+        # `accelerate launch --cpu --num_processes N` starts ONE process unless it runs under MPI
+        err_console.print("Warning: accelerate launch --cpu started a single process (several CPU processes need "
+                          "MPI there). For N CPU processes use `textinv train --num-processes N`, or "
+                          "`accelerate launch --multi_gpu --num_processes N` (gloo, no GPU needed).",
+                          markup=False, style="yellow")
     images, _ignored = find_images(data_dir)
     captions_for(images, token, prop, captions)  # checks the placeholder is in every caption
 
@@ -89,12 +113,27 @@ def train(
     from ..models import resolve_model
 
     chosen = require_backend(backend)
+    backend_name = getattr(chosen, "name", backend or "torch")
+    if processes > 1 and backend_name != "torch":
+        raise TextinvError(f"The {backend_name} backend trains in one process; --num-processes needs --backend torch.")
     run = run_dir or _planned_run_dir(reg_name)
     if run.exists() and any(run.iterdir()):
         raise TextinvError(f"{run} already exists and is not empty.", "Pick another --run-dir, or resume it: textinv resume " + str(run))
+    if processes > 1 and world == 1:  # start the processes; each runs this command again
+        from ..training import launch_processes
+
+        gpus = [d for d in chosen.probe().devices if str(d).startswith("cuda")]
+        if gpus and processes > len(gpus) and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true"):
+            raise TextinvError(f"--num-processes {processes} needs one GPU per process; this machine shows {len(gpus)}.",
+                               f"Use --num-processes {len(gpus)} (or ACCELERATE_USE_CPU=1 for CPU processes).")
+
+        code = launch_processes(["train", *_child_args(ctx, run)], processes)
+        if code:
+            raise typer.Exit(code)
+        return
     spec = TrainSpec(
         data_dir=str(Path(data_dir).resolve()), token=token, init=init_words, model=resolve_model(model),
-        run_dir=str(run.resolve()), backend=getattr(chosen, "name", backend or "torch"),
+        run_dir=str(run.resolve()), backend=backend_name, num_processes=processes,
         vectors=vectors, property=prop, captions=captions, resolution=resolution, center_crop=center_crop,
         flip_p=flip_p, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, scale_lr=scale_lr,
         lr_schedule=lr_schedule, warmup_steps=warmup_steps, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
@@ -114,6 +153,33 @@ def _check(ok: bool, message: str) -> None:
         from ..errors import TextinvError
 
         raise TextinvError(message, "See textinv train --help for the accepted values.")
+
+
+def _child_args(ctx: typer.Context, run: Path) -> list[str]:
+    """This command's arguments as the user gave them, minus --num-processes, plus --run-dir."""
+    opts: list[str] = []
+    positional: list[str] = []
+    for param in ctx.command.params:
+        name, value = param.name, ctx.params.get(param.name)
+        if name in ("num_processes", "run_dir") or value is None:
+            continue
+        if param.param_type_name == "argument":
+            positional.append(str(value))
+            continue
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name == "DEFAULT":
+            continue
+        if getattr(param, "is_flag", False) and isinstance(value, bool):
+            if value:
+                opts.append(param.opts[0])
+            elif param.secondary_opts:
+                opts.append(param.secondary_opts[0])
+        elif getattr(param, "multiple", False):
+            for v in value:
+                opts += [param.opts[0], str(v)]
+        else:
+            opts += [param.opts[0], str(value)]
+    return [*opts, "--run-dir", str(Path(run).resolve()), "--", *positional]
 
 
 def _planned_run_dir(name: str) -> Path:
