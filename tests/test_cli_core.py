@@ -116,6 +116,12 @@ def test_traceback_only_with_debug_in_a_real_process(tmp_path):
 
 # -- plugins ---------------------------------------------------------------
 
+@pytest.fixture
+def only_in_process(monkeypatch):
+    """Hide installed entry points (the torch backend) so only test-registered backends exist."""
+    monkeypatch.setattr(plugins.metadata, "entry_points", lambda group: [])
+
+
 class FakeBackend:
     name = "fake"
 
@@ -133,7 +139,7 @@ class FakeBackend:
         yield from ()
 
 
-def test_in_process_backend_is_listed(cli):
+def test_in_process_backend_is_listed(cli, only_in_process):
     with plugins.registered("fake", FakeBackend):
         r = cli("backends", "--json")
     assert r.exit_code == 0
@@ -141,7 +147,7 @@ def test_in_process_backend_is_listed(cli):
     assert info["name"] == "fake" and info["version"] == "9.9" and info["available"] and info["devices"] == ["cpu:0"]
 
 
-def test_broken_plugin_is_reported_and_does_not_break_others(cli):
+def test_broken_plugin_is_reported_and_does_not_break_others(cli, only_in_process):
     def broken():
         raise ImportError("No module named 'torch'", name="torch")
 
@@ -159,7 +165,7 @@ def test_broken_plugin_is_reported_and_does_not_break_others(cli):
         assert cli("list", "--json").exit_code == 0
 
 
-def test_require_backend_prefers_usable_one_and_names_unknown():
+def test_require_backend_prefers_usable_one_and_names_unknown(only_in_process):
     with plugins.registered("fake", FakeBackend):
         assert plugins.require_backend().name == "fake"
         assert plugins.require_backend("fake").name == "fake"
