@@ -20,21 +20,16 @@ Folders are written through runs.begin_checkpoint/commit_checkpoint (temp dir, r
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
-
-import numpy as np
 
 import torch
 
 from textinv_cli import runs
-from textinv_cli.errors import OutputExistsError, TextinvError
+from textinv_cli.errors import TextinvError
 
 TENSORS = "state.safetensors"
 INFO = "state.json"
 VERSION = 1
-EVENTS = "events.jsonl"
 
 
 def save_checkpoint(run: Path, step: int, rows: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -105,61 +100,6 @@ def restore(info: dict, tensors: dict[str, torch.Tensor], rows: dict[str, torch.
     return int(info["step"])
 
 
-# -- embeddings the run writes: snapshots and the final one ---------------------------------
-
-def embedding_meta(spec, family: str, step: int) -> dict[str, str]:
-    """What the file and the registry keep about where the embedding came from."""
-    return {"token": spec.token, "step": str(step), "base_model": str(spec.model), "family": family,
-            "learnable_property": spec.property, "vectors": str(spec.vectors), "trained_with": "textinv torch"}
-
-
-def write_vectors(path: Path, vectors: dict, spec, family: str, step: int) -> Path:
-    """The diffusers format at `path` (X.safetensors: {token: [n, w]}); SDXL also writes
-    X_2.safetensors beside it, the pair diffusers' SDXL script writes. Returns `path`."""
-    from textinv_cli.embedding import Embedding
-    from textinv_cli.formats import write_embedding
-    from textinv_cli.formats.folders import SDXL_FIRST, SDXL_SECOND, sdxl_pair_files
-    from textinv_cli.fsutil import atomic_write_bytes
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Through Embedding: the same checks (NaN, shapes) and metadata as every other writer.
-    emb = Embedding(token=spec.token, vectors=vectors, meta=embedding_meta(spec, family, step))
-    if family == "sdxl":
-        files = sdxl_pair_files(emb)  # the bytes diffusers' SDXL script writes, under our names
-        atomic_write_bytes(path.with_name(path.stem + "_2" + path.suffix), files[SDXL_SECOND], force=True)
-        atomic_write_bytes(path, files[SDXL_FIRST], force=True)
-        return path
-    write_embedding(emb, path, "safetensors", force=True)
-    return path
-
-
-# -- the run folder ----------------------------------------------------------------------
-
-def check_new_run_dir(run: Path) -> None:
-    """A new run needs an absent or empty folder in a writable place; checked before any work."""
-    if run.exists() and (not run.is_dir() or any(run.iterdir())):
-        raise OutputExistsError(f"The run folder {run} already exists and is not empty.",
-                                f"Continue it with `textinv resume {run}`, or pick another folder.")
-    parent = run
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TextinvError(f"Cannot create the run folder {run}: {parent} is not writable.",
-                           "Pick a writable place for the run (--run-dir / --output).")
-
-
-def record_event(run: Path, event) -> object:
-    """Append the event to run/events.jsonl; numpy arrays are left out (shapes stay)."""
-    def plain(v):
-        if isinstance(v, np.ndarray):
-            return list(v.shape)
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
-
-    with open(run / EVENTS, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"time": round(time.time(), 3), **plain(event.to_json())}) + "\n")
-    return event
+# Shared with the JAX backend: the run's embeddings, its folder and its event log.
+from textinv_cli.run_files import (EVENTS, check_new_run_dir, embedding_meta, record_event,  # noqa: E402,F401
+                                   write_vectors)

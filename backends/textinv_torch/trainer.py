@@ -36,6 +36,7 @@ from textinv_cli.captions import captions_for, find_images
 from textinv_cli.errors import TextinvError
 from textinv_cli.models import resolve_model
 from textinv_cli.schedules import lr_at
+from textinv_cli.run_files import check_spec
 from textinv_cli.spec import Event, TrainSpec
 
 from . import data as datamod
@@ -44,51 +45,6 @@ from . import models as modelsmod
 from . import rows as rowsmod
 from . import state
 from .models import load_image_side, load_text_side, quiet
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_spec(spec: TrainSpec) -> None:
-    """Every option in range, before anything is loaded or written; messages name the flag."""
-    from textinv_cli.schedules import validate as validate_schedule
-
-    def need(ok: bool, name: str, what: str, hint: str | None = None):
-        if not ok:
-            raise TextinvError(f"{_flag(name)} {what}, not {getattr(spec, name)!r}.", hint)
-
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_num(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if not isinstance(spec.token, str) or not spec.token.strip() or any(c.isspace() for c in spec.token):
-        raise TextinvError(f"--token must be one word without spaces, not {spec.token!r}.",
-                           'For example --token "<cat-toy>".')
-    if not spec.init or not all(isinstance(w, str) and w.strip() for w in spec.init):
-        raise TextinvError("--init needs at least one non-empty word.", "For example --init toy.")
-    need(is_int(spec.vectors) and 1 <= spec.vectors <= 64, "vectors", "must be between 1 and 64")
-    need(spec.resolution is None or (is_int(spec.resolution) and spec.resolution > 0), "resolution",
-         "must be a positive number of pixels")
-    need(is_num(spec.flip_p) and 0 <= spec.flip_p <= 1, "flip_p", "must be a probability between 0 and 1")
-    for name in ("steps", "batch_size", "grad_accum", "validate_steps", "num_processes"):
-        need(is_int(getattr(spec, name)) and getattr(spec, name) >= 1, name, "must be at least 1")
-    for name in ("warmup_steps", "save_every", "checkpoint_every", "keep_checkpoints", "validate_every", "seed"):
-        need(is_int(getattr(spec, name)) and getattr(spec, name) >= 0, name, "must be 0 or more")
-    need(is_num(spec.lr) and spec.lr > 0, "lr", "must be a positive learning rate", "Typical: 5e-3 (A1111) or 5e-4.")
-    validate_schedule(spec.lr_schedule)
-    for name in ("adam_beta1", "adam_beta2"):
-        need(is_num(getattr(spec, name)) and 0 <= getattr(spec, name) < 1, name, "must be in [0, 1)")
-    need(is_num(spec.adam_eps) and spec.adam_eps > 0, "adam_eps", "must be positive")
-    need(is_num(spec.weight_decay) and spec.weight_decay >= 0, "weight_decay", "must be 0 or more")
-    need(spec.max_grad_norm is None or (is_num(spec.max_grad_norm) and spec.max_grad_norm > 0), "max_grad_norm",
-         "must be positive (or left out)")
-    need(spec.precision in ("fp32", "fp16", "bf16"), "precision", "must be fp32, fp16 or bf16")
-    need(spec.attention in ("sdpa", "xformers"), "attention", "must be sdpa or xformers")
-    if not all(isinstance(p, str) and p.strip() for p in spec.validate):
-        raise TextinvError("--validate prompts must be non-empty text.")
 
 
 def is_log_step(done: int, total: int) -> bool:

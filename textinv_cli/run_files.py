@@ -1,0 +1,126 @@
+"""The files every backend's training run writes, and the checks before it writes any.
+
+check_spec validates a TrainSpec (every option in range, messages naming the flag) before
+anything is loaded; the rest writes the run's embeddings (snapshots and the final one in
+the diffusers format), checks the run folder, and appends to its event log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import OutputExistsError, TextinvError
+from .spec import TrainSpec
+
+EVENTS = "events.jsonl"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_spec(spec: TrainSpec) -> None:
+    """Every option in range, before anything is loaded or written; messages name the flag."""
+    from .schedules import validate as validate_schedule
+
+    def need(ok: bool, name: str, what: str, hint: str | None = None):
+        if not ok:
+            raise TextinvError(f"{_flag(name)} {what}, not {getattr(spec, name)!r}.", hint)
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not isinstance(spec.token, str) or not spec.token.strip() or any(c.isspace() for c in spec.token):
+        raise TextinvError(f"--token must be one word without spaces, not {spec.token!r}.",
+                           'For example --token "<cat-toy>".')
+    if not spec.init or not all(isinstance(w, str) and w.strip() for w in spec.init):
+        raise TextinvError("--init needs at least one non-empty word.", "For example --init toy.")
+    need(is_int(spec.vectors) and 1 <= spec.vectors <= 64, "vectors", "must be between 1 and 64")
+    need(spec.resolution is None or (is_int(spec.resolution) and spec.resolution > 0), "resolution",
+         "must be a positive number of pixels")
+    need(is_num(spec.flip_p) and 0 <= spec.flip_p <= 1, "flip_p", "must be a probability between 0 and 1")
+    for name in ("steps", "batch_size", "grad_accum", "validate_steps", "num_processes"):
+        need(is_int(getattr(spec, name)) and getattr(spec, name) >= 1, name, "must be at least 1")
+    for name in ("warmup_steps", "save_every", "checkpoint_every", "keep_checkpoints", "validate_every", "seed"):
+        need(is_int(getattr(spec, name)) and getattr(spec, name) >= 0, name, "must be 0 or more")
+    need(is_num(spec.lr) and spec.lr > 0, "lr", "must be a positive learning rate", "Typical: 5e-3 (A1111) or 5e-4.")
+    validate_schedule(spec.lr_schedule)
+    for name in ("adam_beta1", "adam_beta2"):
+        need(is_num(getattr(spec, name)) and 0 <= getattr(spec, name) < 1, name, "must be in [0, 1)")
+    need(is_num(spec.adam_eps) and spec.adam_eps > 0, "adam_eps", "must be positive")
+    need(is_num(spec.weight_decay) and spec.weight_decay >= 0, "weight_decay", "must be 0 or more")
+    need(spec.max_grad_norm is None or (is_num(spec.max_grad_norm) and spec.max_grad_norm > 0), "max_grad_norm",
+         "must be positive (or left out)")
+    need(spec.precision in ("fp32", "fp16", "bf16"), "precision", "must be fp32, fp16 or bf16")
+    need(spec.attention in ("sdpa", "xformers"), "attention", "must be sdpa or xformers")
+    if not all(isinstance(p, str) and p.strip() for p in spec.validate):
+        raise TextinvError("--validate prompts must be non-empty text.")
+
+
+# -- embeddings the run writes: snapshots and the final one ---------------------------------
+
+def embedding_meta(spec, family: str, step: int) -> dict[str, str]:
+    """What the file and the registry keep about where the embedding came from."""
+    return {"token": spec.token, "step": str(step), "base_model": str(spec.model), "family": family,
+            "learnable_property": spec.property, "vectors": str(spec.vectors), "trained_with": f"textinv {spec.backend}"}
+
+
+def write_vectors(path: Path, vectors: dict, spec, family: str, step: int) -> Path:
+    """The diffusers format at `path` (X.safetensors: {token: [n, w]}); SDXL also writes
+    X_2.safetensors beside it, the pair diffusers' SDXL script writes. Returns `path`."""
+    from .embedding import Embedding
+    from .formats import write_embedding
+    from .formats.folders import SDXL_FIRST, SDXL_SECOND, sdxl_pair_files
+    from .fsutil import atomic_write_bytes
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Through Embedding: the same checks (NaN, shapes) and metadata as every other writer.
+    emb = Embedding(token=spec.token, vectors=vectors, meta=embedding_meta(spec, family, step))
+    if family == "sdxl":
+        files = sdxl_pair_files(emb)  # the bytes diffusers' SDXL script writes, under our names
+        atomic_write_bytes(path.with_name(path.stem + "_2" + path.suffix), files[SDXL_SECOND], force=True)
+        atomic_write_bytes(path, files[SDXL_FIRST], force=True)
+        return path
+    write_embedding(emb, path, "safetensors", force=True)
+    return path
+
+
+# -- the run folder ----------------------------------------------------------------------
+
+def check_new_run_dir(run: Path) -> None:
+    """A new run needs an absent or empty folder in a writable place; checked before any work."""
+    if run.exists() and (not run.is_dir() or any(run.iterdir())):
+        raise OutputExistsError(f"The run folder {run} already exists and is not empty.",
+                                f"Continue it with `textinv resume {run}`, or pick another folder.")
+    parent = run
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TextinvError(f"Cannot create the run folder {run}: {parent} is not writable.",
+                           "Pick a writable place for the run (--run-dir / --output).")
+
+
+def record_event(run: Path, event) -> object:
+    """Append the event to run/events.jsonl; numpy arrays are left out (shapes stay)."""
+    def plain(v):
+        if isinstance(v, np.ndarray):
+            return list(v.shape)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+
+    with open(run / EVENTS, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": round(time.time(), 3), **plain(event.to_json())}) + "\n")
+    return event
