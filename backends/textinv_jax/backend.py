@@ -1,0 +1,81 @@
+"""The `jax` backend: what the CLI talks to (DESIGN §6).
+
+Thin on purpose: jax is imported inside the methods, so `textinv backends` can list this
+backend cheaply, and nothing here (or in the modules it loads) imports torch.
+
+Several hosts (TPU pods, GPU clusters): `jax.distributed.initialize()` must run before JAX
+touches a device, and probe() is the first thing the CLI asks, so every entry point calls
+`init_distributed()` first. It acts only where a launcher set the usual variables:
+JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES and JAX_PROCESS_ID where JAX cannot
+detect them), a multi-host TPU slice (TPU_WORKER_HOSTNAMES lists several hosts), SLURM with
+several tasks, or TEXTINV_JAX_DISTRIBUTED=1 to ask for JAX's own cluster detection.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+from textinv_cli.plugins import BackendInfo
+
+
+def wants_distributed(env=os.environ) -> bool:
+    try:
+        slurm_tasks = int(env.get("SLURM_NTASKS", "1"))
+    except ValueError:
+        slurm_tasks = 1
+    return bool(env.get("JAX_COORDINATOR_ADDRESS") or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+                or slurm_tasks > 1 or env.get("TEXTINV_JAX_DISTRIBUTED") == "1")
+
+
+def init_distributed() -> None:
+    """jax.distributed.initialize() once, where the environment describes several processes."""
+    import jax
+
+    if wants_distributed() and not jax.distributed.is_initialized():
+        # JAX reads JAX_COORDINATOR_ADDRESS itself; the process count and id it detects only
+        # on clusters it knows (TPU, SLURM, MPI, k8s), so a plain launcher passes them as well.
+        kw = {name: int(os.environ[var]) for name, var in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                           ("process_id", "JAX_PROCESS_ID")) if os.environ.get(var)}
+        jax.distributed.initialize(**kw)
+
+
+class JaxBackend:
+    name = "jax"
+
+    def probe(self) -> BackendInfo:
+        try:
+            import jax
+        except ImportError as e:
+            return BackendInfo(self.name, available=False, reason=f"jax is not installed ({e.name or e})")
+        details: dict[str, str] = {}
+        for lib in ("jaxlib", "flax", "optax", "transformers"):
+            try:
+                details[lib] = __import__(lib).__version__
+            except Exception:  # noqa: BLE001 - a missing or broken optional library is just absent
+                details[lib] = "not installed"
+        # optax runs the optimizer; transformers' CLIPTokenizer (pure Python, no torch) tokenizes.
+        missing = [lib for lib in ("optax", "transformers") if details[lib] == "not installed"]
+        try:
+            init_distributed()
+            devices = [f"{d.platform}:{d.id} {d.device_kind}" for d in jax.devices()]
+        except Exception as e:  # noqa: BLE001 - a broken accelerator plugin: say why, don't crash
+            return BackendInfo(self.name, version=jax.__version__, available=False, details=details,
+                               reason=f"jax cannot use its devices: {type(e).__name__}: {e}")
+        if jax.process_count() > 1:
+            details["processes"] = f"{jax.process_count()} (this is process {jax.process_index()})"
+        return BackendInfo(self.name, version=jax.__version__, available=not missing, devices=devices,
+                           reason=f"{', '.join(missing)} not installed" if missing else None, details=details)
+
+    def train(self, spec, resume: Path | None = None) -> Iterator:
+        init_distributed()
+        from .trainer import train
+
+        return train(spec, Path(resume) if resume is not None else None)
+
+    def sample(self, request) -> Iterator:
+        init_distributed()
+        from .sampling import sample
+
+        return sample(request)

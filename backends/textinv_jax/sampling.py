@@ -1,0 +1,328 @@
+"""`JaxBackend.sample`, the trainer's validation images and its latent cache: the frozen image
+side of a model (UNet, VAE, noise schedule). Sampling: text -> DDIM or DPM-Solver++ 2M
+with classifier-free guidance -> VAE decode -> PNG, all in JAX.
+
+What the torch backend's diffusers pipeline computes, step for step: the prompt and the
+negative prompt (or "") are encoded once, each denoising step runs the UNet on
+[uncond, cond] and mixes uncond + guidance * (cond - uncond) (guidance <= 1: the prompt
+alone, as diffusers does), and the image is `decode(latents / scaling_factor)` mapped to
+[0, 1] and rounded to 8 bits. Embeddings enter as extra rows of the text encoder (text.py),
+so sampling never touches the 49k-row token table.
+
+Image i starts from `jax.random.normal(key(seed + i))` (threefry: the same picture on any
+device); the pixels differ from the torch backend's, whose noise comes from torch's RNG.
+One jitted function per denoising step, called from a host loop, so `progress` events
+follow the work; the UNet compiles once per shape. PNGs are named and annotated the way
+A1111 writes them (textinv_cli.infotext), exactly as the torch sampler does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from textinv_cli.errors import TextinvError
+from textinv_cli.images import open_rgb, preprocess
+from textinv_cli.spec import Event, SampleRequest
+
+from . import schedule as sched
+from .clip import apply_clip
+from .unet import apply_unet, read_unet_config
+from .vae import apply_vae_decoder, apply_vae_encoder, read_vae_config
+
+# Our scheduler names -> A1111's sampler name for the infotext (the torch backend's names).
+SCHEDULERS = {"ddim": "DDIM", "dpm++": "DPM++ 2M"}
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+# -- the image side of a model ---------------------------------------------------------------
+
+@dataclass
+class ImageSide:
+    """UNet, VAE (numpy params, host memory) and the model's own scheduler config."""
+
+    unet_config: object
+    unet_params: dict
+    vae_config: object
+    vae_params: dict
+    scheduler_config: dict
+    schedule: sched.NoiseSchedule
+
+    @property
+    def native_resolution(self) -> int:
+        # What the model was trained at: 512 (SD 1.5), 768 (SD 2.1), 64 (tiny).
+        return int(self.unet_config.sample_size or 64) * self.vae_config.downscale
+
+
+def load_image_side(folder: Path) -> ImageSide:
+    from .unet import load_unet
+    from .vae import load_vae
+    from .weights import component_dir
+
+    unet_cfg, vae_cfg = read_unet_config(folder), read_vae_config(folder)
+    if unet_cfg.in_channels != vae_cfg.latent_channels:
+        raise TextinvError(f"The UNet of {folder} takes {unet_cfg.in_channels} input channels (an inpainting or "
+                           "image-conditioned model); textinv works with text-to-image models.",
+                           "Use the base text-to-image model of the same family.")
+    path = component_dir(folder, "scheduler") / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise TextinvError(f"Cannot read {path}: {e}", "The model folder is incomplete.") from None
+    return ImageSide(unet_config=unet_cfg, unet_params=load_unet(folder, unet_cfg), vae_config=vae_cfg,
+                     vae_params=load_vae(folder, vae_cfg), scheduler_config=config,
+                     schedule=sched.noise_schedule(config))
+
+
+def make_plan(name: str, scheduler_config: dict, steps: int, **override):
+    """The sampler plan, read from the model's scheduler config as diffusers' from_config does."""
+    config = {**scheduler_config, **override}
+    if name == "ddim":
+        return sched.ddim_plan(sched.ddim_config(config), steps)
+    if name == "dpm++":
+        return sched.dpmpp_2m_plan(sched.dpmpp_2m_config(config), steps)
+    raise TextinvError(f"The jax backend samples with ddim or dpm++, not {name!r}.",
+                       "Pass --scheduler ddim or --scheduler dpm++, or --backend torch for the others.")
+
+
+def compute_dtype(precision: str, platform: str):
+    """fp16 kernels are GPU-only in XLA; bf16 runs everywhere (slowly on CPUs without it)."""
+    if precision == "fp16" and platform not in ("gpu", "cuda", "rocm"):
+        raise TextinvError(f"--precision fp16 needs a GPU; this jax backend runs on {platform}.",
+                           "Use --precision bf16 or --precision fp32 here.")
+    return {"fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}[precision]
+
+
+_encode_images = jax.jit(apply_vae_encoder, static_argnums=1)
+
+
+def latent_cache(paths, image: ImageSide, resolution: int, center_crop: bool, flip_p: float,
+                 batch: int = 8) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Training images -> latent distributions: VAE-encode every (image, flip) once; latent
+    mean and std [E, C, h, w] (fp32, NCHW, the layout the BatchPlan's draws have). A step
+    samples mean + std * eps, the distribution the VAE would draw from every step.
+
+    Images are read `batch` at a time (a large folder never sits in memory as pixels), and
+    the last batch is padded so the encoder compiles once. Only flips that can be drawn are
+    encoded (p=0 never flips, p=1 always does), entries ordered as the torch cache's."""
+    flips = (False,) if flip_p <= 0 else (True,) if flip_p >= 1 else (False, True)
+    params = jax.device_put(image.vae_params, jax.local_devices()[0])  # this host's own work
+    means, stds, pending = [], [], []
+
+    def flush():
+        chunk = np.stack(pending).astype(np.float32) / 127.5 - 1.0
+        pad = np.zeros((batch - len(chunk),) + chunk.shape[1:], np.float32)
+        mean, std = _encode_images(params, image.vae_config, np.concatenate([chunk, pad]))
+        means.append(np.asarray(mean)[:len(chunk)].transpose(0, 3, 1, 2))
+        stds.append(np.asarray(std)[:len(chunk)].transpose(0, 3, 1, 2))
+        pending.clear()
+
+    for path in paths:
+        arr, _, _ = preprocess(open_rgb(path), resolution, center_crop)
+        for flip in flips:
+            pending.append(arr[:, ::-1] if flip else arr)
+            if len(pending) == batch:
+                flush()
+    if pending:
+        flush()
+    return np.ascontiguousarray(np.concatenate(means)), np.ascontiguousarray(np.concatenate(stds)), flips
+
+
+# -- the jitted pieces --------------------------------------------------------------------------
+
+@partial(jax.jit, static_argnames=("config", "dtype"))
+def text_states(params, ids, rows, *, config, dtype):
+    """The UNet's conditioning (CLIP's last hidden state) for ids [B, T]; rows may be None."""
+    return apply_clip(params, config, ids, extra_rows=rows, dtype=dtype)["last_hidden_state"]
+
+
+@partial(jax.jit, static_argnames=("config", "dtype", "guided"))
+def denoise_step(params, plan, i, x, prev_x0, context, guidance, *, config, dtype, guided):
+    """One sampler step from x [1, h, w, C]; context [2, T, D] (uncond, cond) or [1, T, D]."""
+    t = plan.timesteps[i]
+    if guided:
+        out = apply_unet(params, config, jnp.concatenate([x, x]), t, context, dtype=dtype)
+        uncond, cond = out[:1], out[1:]
+        out = uncond + guidance * (cond - uncond)
+    else:
+        out = apply_unet(params, config, x, t, context, dtype=dtype)
+    if isinstance(plan, sched.DDIMPlan):
+        return sched.ddim_step(plan, i, out, x)
+    return sched.dpmpp_2m_step(plan, i, out, x, prev_x0)
+
+
+@partial(jax.jit, static_argnames=("config", "dtype"))
+def decode(params, latents, *, config, dtype):
+    """Latents -> float32 RGB [B, H, W, 3] in [0, 1], as the pipeline's image processor."""
+    z = latents / config.scaling_factor + (config.shift_factor or 0.0)
+    return jnp.clip(apply_vae_decoder(params, config, z, dtype=dtype) / 2 + 0.5, 0.0, 1.0)
+
+
+def denoise(nets: dict, configs: dict, context, *, plan, guidance: float, noise, dtype) -> Iterator[int]:
+    """Run every step of `plan` from `noise`; yields each finished step index and returns
+    the image as float32 [H, W, 3] in [0, 1] (use `image = yield from denoise(...)`).
+
+    nets: {"unet", "vae"} params (already on the device); configs: the same keys."""
+    guided = context.shape[0] == 2
+    # Everything committed to the params' devices up front: outputs come back committed, and
+    # an uncommitted first input would compile the step a second time for step 2.
+    where = jax.tree.leaves(nets["unet"])[0].sharding
+    x, x0, plan, g, context = jax.device_put((noise, jnp.zeros_like(noise), plan, jnp.float32(guidance), context),
+                                             where)
+    for i in range(plan.steps):
+        x, x0 = denoise_step(nets["unet"], plan, i, x, x0, context, g, config=configs["unet"], dtype=dtype,
+                             guided=guided)
+        x.block_until_ready()  # progress events follow the work, not the dispatch
+        yield i
+    return np.asarray(decode(nets["vae"], x, config=configs["vae"], dtype=dtype)[0])
+
+
+def initial_noise(seed: int, height: int, width: int, vae_config) -> jax.Array:
+    f = vae_config.downscale
+    shape = (1, height // f, width // f, vae_config.latent_channels)
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)  # init_noise_sigma is 1 for both
+
+
+def to_pil(image: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray((image * 255).round().astype(np.uint8))  # diffusers' numpy_to_pil
+
+
+# -- the entry point ------------------------------------------------------------------------------
+
+def sample(request: SampleRequest) -> Iterator[Event]:
+    """Render request.n images; yield started, progress (per denoising step), sample, finished."""
+    from textinv_cli.infotext import infotext, save_png
+
+    from .text import add_embeddings, encode, expand_all, load_text_side, model_family, model_folder, to_model_ids
+
+    _check_request(request)
+    out_dir = Path(request.out_dir)
+    _check_out_dir(out_dir)  # before the (slow) model load; created only once there is an image
+    t0 = time.monotonic()
+    device = jax.local_devices()[0]
+    dtype = compute_dtype(request.precision, device.platform)
+    folder = model_folder(request.model)
+    name = Path(request.model).name if Path(request.model).is_dir() else request.model
+    family = model_family(folder)
+    text = load_text_side(folder)
+    rows, first = add_embeddings(text, request.embeddings, name, family)
+    image = load_image_side(folder)
+    plan = make_plan(request.scheduler, image.scheduler_config, request.steps)
+    height = request.height or image.native_resolution
+    width = request.width or image.native_resolution
+
+    put = partial(jax.device_put, device=device)
+    clip_params, rows = put(text.params), (None if rows is None else put(rows))
+    nets = {"unet": put(image.unet_params), "vae": put(image.vae_params)}
+    configs = {"unet": image.unet_config, "vae": image.vae_config}
+    guided = request.guidance > 1  # diffusers: classifier-free guidance only above 1
+    texts = ([expand_all(request.negative, request.embeddings)] if guided else []) + \
+        [expand_all(request.prompt, request.embeddings)]
+    ids = to_model_ids(encode(text.tokenizer, texts), first, text.vocab_rows)
+    context = text_states(clip_params, ids, rows, config=text.config, dtype=dtype)
+
+    n, steps = request.n, request.steps
+    yield Event("started", {
+        "model": name, "family": family, "device": device.platform, "precision": request.precision,
+        "scheduler": request.scheduler, "sampler": SCHEDULERS[request.scheduler],
+        "images": n, "steps": steps, "total": n * steps, "out_dir": str(out_dir),
+        "embeddings": [{"name": r.name, "token": r.token, "vectors": int(next(iter(r.vectors.values())).shape[0])}
+                       for r in request.embeddings],
+    })
+    paths = []
+    for i in range(n):
+        seed = request.seed + i
+        run = denoise(nets, configs, context, plan=plan, guidance=request.guidance, dtype=dtype,
+                      noise=initial_noise(seed, height, width, image.vae_config))
+        while True:
+            try:
+                step = next(run)
+            except StopIteration as done:
+                pixels = done.value
+                break
+            yield Event("progress", {"image": i, "images": n, "step": step + 1, "steps": steps,
+                                     "done": i * steps + step + 1, "total": n * steps})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        text_chunk = infotext(request, seed=seed, width=width, height=height, model_name=name,
+                              sampler=SCHEDULERS[request.scheduler])
+        path = save_png(to_pil(pixels), out_dir, seed, text_chunk)
+        paths.append(str(path))
+        yield Event("sample", {"path": str(path), "seed": seed, "index": i, "width": width, "height": height})
+    yield Event("finished", {"paths": paths, "out_dir": str(out_dir), "seconds": round(time.monotonic() - t0, 3)})
+
+
+def _check_request(r: SampleRequest) -> None:
+    """The CLI validates first; this guards other callers (and names the two samplers we have)."""
+    def positive_int(v, least):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    problems = [msg for ok, msg in (
+        (positive_int(r.n, 1), f"n must be at least 1 (got {r.n!r})"),
+        (positive_int(r.steps, 1), f"steps must be at least 1 (got {r.steps!r})"),
+        (r.guidance is not None and r.guidance >= 0, f"guidance must be >= 0 (got {r.guidance!r})"),
+        (all(v is None or (positive_int(v, 8) and v % 8 == 0) for v in (r.width, r.height)),
+         f"width and height must be positive multiples of 8 (got {r.width!r}x{r.height!r})"),
+        (r.precision in PRECISIONS, f"unknown precision {r.precision!r} (choose {', '.join(PRECISIONS)})"),
+    ) if not ok]
+    if r.scheduler not in SCHEDULERS:
+        raise TextinvError(f"The jax backend samples with ddim or dpm++ (DPM-Solver++ 2M), not {r.scheduler!r}.",
+                           "Pass --scheduler ddim or --scheduler dpm++, or --backend torch for euler, "
+                           "euler-a and unipc.")
+    if problems:
+        raise TextinvError("Invalid sampling request: " + "; ".join(problems) + ".")
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """The folder, or the nearest part of its path that exists, must be a writable folder."""
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise TextinvError(f"Cannot write images into {out_dir}: {probe} is not a writable folder.",
+                           "Pick another folder with -o.")
+
+
+# -- validation images of a training run -------------------------------------------------------------
+
+def validation_images(nets: dict, configs: dict, tokenizer, rows, *, first: int, vocab_rows: int,
+                      scheduler_config: dict, prompts: list, token: str, vectors: int, steps: int, seed: int,
+                      resolution: int, dtype, out: Path, step: int, place, write: bool) -> list[Path]:
+    """Each prompt rendered with the trained `rows` as the torch backend's validation does:
+    DDIM (clip_sample and set_alpha_to_one off), guidance 7.5, an empty negative prompt,
+    seed + i; saved as out/step-N-i.png. `place` puts host arrays where the params live (the
+    trainer's replicated sharding): on several hosts every process renders, since the
+    replicated program needs them all, and only the one with `write` saves."""
+    from textinv_cli.captions import expand_placeholder
+
+    from .text import encode, to_model_ids
+
+    plan = make_plan("ddim", scheduler_config, steps, clip_sample=False, set_alpha_to_one=False)
+    paths = []
+    for i, prompt in enumerate(prompts):
+        ids = to_model_ids(encode(tokenizer, ["", expand_placeholder(prompt, token, vectors)]), first, vocab_rows)
+        context = text_states(nets["clip"], place(ids), rows, config=configs["clip"], dtype=dtype)
+        noise = place(np.asarray(initial_noise(seed + i, resolution, resolution, configs["vae"])))
+        run = denoise(nets, configs, context, plan=plan, guidance=7.5, noise=noise, dtype=dtype)
+        while True:
+            try:
+                next(run)
+            except StopIteration as done:
+                pixels = done.value
+                break
+        path = Path(out) / f"step-{step:06d}-{i}.png"
+        if write:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            to_pil(pixels).save(path)
+        paths.append(path)
+    return paths

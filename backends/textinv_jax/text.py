@@ -1,0 +1,239 @@
+"""The text side of the JAX backend: the model folder, its tokenizer and CLIP weights, the
+placeholder tokens and their starting rows, and captions/prompts as id tables.
+
+Tokenizing is transformers' CLIPTokenizer, which is pure Python (no torch): the ids the
+JAX backend trains on are then exactly the torch backend's, added tokens included. The
+placeholder gets diffusers' multi-vector names (`<tok>`, `<tok>_1`, ...) so a file we write
+loads with `load_textual_inversion` under the same ids.
+
+apply_clip reads ids >= V (the frozen table's row count) from `extra_rows`. The tokenizer
+numbers added tokens from len(tokenizer), which is V for every real Stable Diffusion model,
+but a model whose table has spare rows would differ; `to_model_ids` moves added ids to V..
+so they always reach the trainable rows, never a stale row of the table.
+
+The checks and messages are the torch backend's (textinv_torch/rows.py), so a user gets the
+same refusal whichever backend they picked.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from textinv_cli.captions import expand_placeholder, placeholder_names
+from textinv_cli.errors import NotFoundError, TextinvError
+
+SDXL_REFUSAL = "SDXL is not supported by the jax backend yet; use --backend torch"
+# What the JAX backend reads of a Hub model: configs, tokenizer, safetensors weights of the
+# parts it uses. Never a pickled .bin (it would run code), nor root-level single-file checkpoints.
+_WANTED = ["model_index.json", "scheduler/*.json", "tokenizer/*", "text_encoder/*.json", "text_encoder/*.safetensors*",
+           "unet/*.json", "unet/*.safetensors*", "vae/*.json", "vae/*.safetensors*"]
+_SKIPPED = ["*non_ema*", "*.bin", "*.ckpt", "*.msgpack", "*.onnx*"]
+
+
+# -- the model folder ---------------------------------------------------------------------
+
+def model_folder(model: str) -> Path:
+    """A local diffusers folder for `model` (a folder, a tiny-model name or a cached Hub id)."""
+    from textinv_cli.models import offline, resolve_model
+
+    resolved = resolve_model(model)
+    if Path(resolved).is_dir():
+        return Path(resolved)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(resolved, allow_patterns=_WANTED, ignore_patterns=_SKIPPED,
+                                      local_files_only=offline()))
+    except Exception as e:  # noqa: BLE001 - every hub/cache failure means "not here" to the user
+        raise NotFoundError(f"Cannot get the model {resolved!r}: it is not in the Hugging Face cache and the Hub "
+                            f"cannot be reached ({type(e).__name__}).",
+                            "Pass --model with a local diffusers folder, or --model tiny for the built-in demo "
+                            "model.") from None
+
+
+def model_family(folder: Path) -> str:
+    """sd1 or sd2; SDXL and other pipelines are refused with what to do instead."""
+    from textinv_cli.models import model_family as family_of_folder
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise NotFoundError(f"Cannot read {folder / 'model_index.json'}: {e}",
+                            "Pass a complete diffusers model folder (save_pretrained output).") from None
+    cls = str(index.get("_class_name", ""))
+    if "XL" in cls:
+        raise TextinvError(SDXL_REFUSAL + ".", "For example: textinv train ... --backend torch")
+    unet = index.get("unet") or [None, None]
+    if not cls.startswith("StableDiffusion") or unet[-1] != "UNet2DConditionModel":
+        raise TextinvError(f"Unsupported model family: {cls or 'unknown pipeline'} (unet: {unet[-1]}).",
+                           "textinv trains embeddings for Stable Diffusion 1.x, 2.x and XL models.")
+    return family_of_folder(str(folder)) or "sd1"
+
+
+# -- tokenizer and text encoder -------------------------------------------------------------
+
+@dataclass
+class TextSide:
+    """The tokenizer and the frozen CLIP text encoder (numpy params, host memory)."""
+
+    tokenizer: object
+    config: object  # clip.ClipConfig
+    params: dict
+
+    @property
+    def vocab_rows(self) -> int:
+        return int(self.params["embeddings"]["token_embedding"]["embedding"].shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.config.hidden_size)
+
+
+def load_tokenizer(folder: Path, sub: str = "tokenizer"):
+    import transformers
+    from transformers import CLIPTokenizer
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # a backend never prints
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder / sub), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure: the folder's tokenizer is unusable
+        raise NotFoundError(f"Cannot load the tokenizer of {folder}: {e}",
+                            "Check that the folder is a complete diffusers model.") from None
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+def load_text_side(folder: Path) -> TextSide:
+    from .clip import load_clip, read_clip_config
+
+    tok = load_tokenizer(folder)
+    config = read_clip_config(folder, "text_encoder")
+    return TextSide(tokenizer=tok, config=config, params=load_clip(folder, config, "text_encoder"))
+
+
+def check_token(token: str, tokenizer, label: str = "clip_l tokenizer") -> None:
+    """Refuse tokens that would collide with the vocabulary or cannot be one token."""
+    if not isinstance(token, str) or not token.strip():
+        raise TextinvError("The placeholder token is empty.", 'Pass --token, e.g. --token "<cat-toy>".')
+    if any(c.isspace() for c in token):
+        raise TextinvError(f"The token {token!r} contains spaces; a placeholder is one word.",
+                           'Use dashes instead, e.g. --token "<cat-toy>".')
+    vocab = tokenizer.get_vocab()
+    pieces = tokenizer.tokenize(token)
+    # "toy" is already "toy</w>": training it would hijack a real word in every prompt.
+    if token in vocab or token.lower() in vocab or (len(pieces) == 1 and pieces[0] in vocab):
+        raise TextinvError(f"The token {token!r} is already in the {label}'s vocabulary.",
+                           f'Pick a new word, e.g. --token "<{token.strip("<>")}-concept>" (angle brackets help).')
+
+
+def init_rows(tokenizer, table: np.ndarray, words: list[str], n: int, label: str = "clip_l tokenizer") -> np.ndarray:
+    """Start vectors [n, width] (fp32) from the embeddings of the --init words' tokens: one
+    token per vector, cycled when there are fewer (as A1111 and kohya repeat the init text)."""
+    words = [w.strip() for w in words]
+    if not words or any(not w for w in words):
+        raise TextinvError("An --init word is empty.", "Pass a word that describes the concept, e.g. --init toy.")
+    unk = tokenizer.unk_token_id
+    per_word = []
+    for w in words:
+        ids = tokenizer.encode(w, add_special_tokens=False)
+        if not ids or (unk is not None and unk in ids):
+            raise TextinvError(f"The init word {w!r} is not in the {label}'s vocabulary.",
+                               "Pass a plain word the model knows, e.g. --init toy.")
+        per_word.append(ids)
+    flat = [i for ids in per_word for i in ids]
+    if len(flat) > n:
+        long = next((w for w, ids in zip(words, per_word) if len(ids) > 1), None)
+        if long is not None:
+            k = len(per_word[words.index(long)])
+            raise TextinvError(f"init word {long!r} is {k} tokens; with --vectors {n} pass a single-token word "
+                               f"or --vectors {len(flat)}.", "Each vector starts from one token's embedding.")
+        raise TextinvError(f"--init has {len(words)} words but --vectors is {n}.",
+                           f"Pass at most {n} word(s), or --vectors {len(flat)}.")
+    return np.asarray(table, np.float32)[[flat[i % len(flat)] for i in range(n)]].copy()
+
+
+def add_tokens(tokenizer, token: str, n: int, label: str = "clip_l tokenizer") -> int:
+    """Add `token`'s n names; returns the first id (the others follow it)."""
+    names = placeholder_names(token, n)
+    taken = [t for t in names[1:] if t in tokenizer.get_vocab()]
+    if taken:
+        raise TextinvError(f"The {label} already has {taken[0]!r}.", "Pick another --token.")
+    first = len(tokenizer)
+    added = tokenizer.add_tokens(names)
+    if added != n or tokenizer.convert_tokens_to_ids(names) != list(range(first, first + n)):
+        raise TextinvError(f"Could not add {token!r} to the {label} as {n} new tokens.", "Pick another --token.")
+    return first
+
+
+def to_model_ids(ids: np.ndarray, first: int, vocab_rows: int) -> np.ndarray:
+    """Tokenizer ids -> apply_clip ids: added tokens (>= first) become vocab_rows + k."""
+    ids = np.asarray(ids, np.int64)
+    return np.where(ids >= first, ids - first + vocab_rows, ids).astype(np.int32)
+
+
+def encode(tokenizer, texts: list[str]) -> np.ndarray:
+    """Ids [len(texts), model_max_length]: padded and truncated as SD pipelines do."""
+    return np.asarray(tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                                truncation=True).input_ids, np.int64)
+
+
+def tokenize_captions(tokenizer, captions: list[list[str]], token: str, n: int, first: int,
+                      vocab_rows: int) -> tuple[np.ndarray, list[list[int]], int]:
+    """Each distinct caption tokenized once: (id table [U, L] for apply_clip, per-image
+    indices into it, how many captions lose the placeholder to truncation)."""
+    unique: dict[str, int] = {}
+    choices = [[unique.setdefault(c, len(unique)) for c in caps] for caps in captions]
+    ids = encode(tokenizer, [expand_placeholder(c, token, n) for c in unique])
+    truncated = int((~(ids >= first).any(axis=1)).sum())
+    return to_model_ids(ids, first, vocab_rows), choices, truncated
+
+
+# -- embeddings for sampling -----------------------------------------------------------------
+
+def add_embeddings(text: TextSide, refs, model_name: str, family: str) -> tuple[np.ndarray | None, int]:
+    """Add each EmbeddingRef's tokens; (extra rows [sum n, width] in id order, first id).
+
+    Every embedding is checked (slots, width, a free token) before the tokenizer changes.
+    """
+    from textinv_cli.embedding import family_of
+    from textinv_cli.prompt_tokens import FAMILY_NAMES, family_mismatch_error
+
+    first = len(text.tokenizer)
+    for ref in refs:
+        slots = set(ref.vectors)
+        vec = next(iter(ref.vectors.values())) if len(slots) == 1 else None
+        if vec is None or vec.ndim != 2 or vec.shape[-1] != text.width:
+            have = ", ".join(f"{s} {np.shape(v)[-1]}" for s, v in sorted(ref.vectors.items()))
+            detail = f"its vectors are {have} wide; the model's text encoder takes {text.width}"
+            try:
+                theirs = family_of(slots)
+            except TextinvError:
+                theirs = "+".join(sorted(slots)) or "empty"
+            if theirs == family:
+                raise TextinvError(f"{ref.token} does not fit {model_name}: {detail}.",
+                                   f"It was made for another {FAMILY_NAMES.get(theirs, theirs)} model size; "
+                                   "pass --model with the model it was trained for.")
+            raise family_mismatch_error(ref.token, theirs, model_name, family, detail)
+        vocab = text.tokenizer.get_vocab()
+        if ref.token in vocab or f"{ref.token}_1" in vocab:
+            raise TextinvError(f"The token {ref.token} is already in {model_name}'s vocabulary, "
+                               "so the embedding cannot be added under it.",
+                               "Import it again under an unused token: textinv import FILE --token \"<new-token>\".")
+    rows = []
+    for ref in refs:
+        vec = np.asarray(next(iter(ref.vectors.values())), np.float32)
+        add_tokens(text.tokenizer, ref.token, vec.shape[0])
+        rows.append(vec)
+    return (np.concatenate(rows) if rows else None), first
+
+
+def expand_all(prompt: str, refs) -> str:
+    """Every multi-vector token of the prompt written out (`<t>` -> `<t> <t>_1 ...`)."""
+    for ref in refs:
+        prompt = expand_placeholder(prompt, ref.token, int(next(iter(ref.vectors.values())).shape[0]))
+    return prompt

@@ -1,0 +1,180 @@
+"""The JAX backend computes what the torch backend computes.
+
+On the tiny SD 1.x model, from the same spec: the same BatchPlan draws give the same
+training loss (within 1e-4) and the same gradient of the rows for a whole optimizer step
+with gradient accumulation; three training steps end at the same rows; an embedding the
+JAX backend trains loads in diffusers (`load_textual_inversion` of the file it wrote) and
+samples through the torch backend; and the JAX sampler (DDIM, DPM-Solver++ 2M, guidance,
+a multi-vector embedding) renders diffusers' picture from the same starting latents.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+jax = pytest.importorskip("jax")
+pytest.importorskip("optax")
+
+from textinv_cli.captions import captions_for, find_images  # noqa: E402
+from textinv_cli.spec import EmbeddingRef, SampleRequest, TrainSpec  # noqa: E402
+from textinv_jax import sampling as jsampling  # noqa: E402
+from textinv_jax import text as jtext  # noqa: E402
+from textinv_jax import trainer as jtrainer  # noqa: E402
+from textinv_jax.backend import JaxBackend  # noqa: E402
+from textinv_torch import data as tdata  # noqa: E402
+from textinv_torch import models as tmodels  # noqa: E402
+from textinv_torch import rows as trows  # noqa: E402
+from textinv_torch import sampling as tsampling  # noqa: E402
+from textinv_torch import trainer as ttrainer  # noqa: E402
+from textinv_torch.backend import TorchBackend  # noqa: E402
+
+TOKEN = "<cat-toy>"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def settings():
+    """One torch thread (tiny kernels, busy 2-core machine) and quick XLA compiles."""
+    threads, fast = torch.get_num_threads(), jax.config.values["jax_disable_most_optimizations"]
+    torch.set_num_threads(1)
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    torch.set_num_threads(threads)
+    jax.config.update("jax_disable_most_optimizations", fast)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model, demo_images):
+    return {"data": demo_images, "sd1": tiny_model("sd1")}
+
+
+def make_spec(tiny, root: Path, name: str, **kw) -> TrainSpec:
+    # batch 1 x 2 micro-steps: the accumulation path, with the shapes test_jax_train compiles
+    base = dict(data_dir=str(tiny["data"]), token=TOKEN, init=["toy"], model=str(tiny["sd1"]),
+                run_dir=str(root / name), steps=3, grad_accum=2, checkpoint_every=0, seed=3, lr=5e-2,
+                deterministic=True, extra={"device": "cpu"})
+    return TrainSpec(**{**base, **kw})
+
+
+def torch_first_step(spec: TrainSpec) -> tuple[float, np.ndarray]:
+    """Loss and rows' gradient of optimizer step 0, built the way the torch trainer builds it."""
+    cpu = torch.device("cpu")
+    images, _ = find_images(Path(spec.data_dir))
+    captions = captions_for(images, spec.token, spec.property, spec.captions)
+    with tmodels.quiet():
+        comp = tmodels.load_text_side(spec.model)
+        comp.prepared = trows.prepare_rows(comp, spec.token, spec.init, spec.vectors)
+        tmodels.load_image_side(comp)
+        rows = trows.install_rows(comp, comp.prepared, cpu)
+        tables, choices, _ = tdata.tokenize_captions(comp, captions, spec.token, spec.vectors)
+        cache = tdata.build_cache(images, comp.vae, 64, spec.center_crop, spec.flip_p, cpu)
+    sampler = ttrainer.Sampler(spec, cache, tables, choices, comp.scaling_factor,
+                               comp.scheduler.config.num_train_timesteps, cpu)
+    total = 0.0
+    for micro in range(spec.grad_accum):
+        loss = ttrainer.forward_loss(comp, sampler.batch(0, micro), torch.float32) / spec.grad_accum
+        loss.backward()
+        total += loss.item()
+    return total, rows["clip_l"].grad.numpy().copy()
+
+
+def jax_first_step(spec: TrainSpec) -> tuple[float, np.ndarray]:
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    s = jtrainer.prepare(spec)
+    repl, sharded = NamedSharding(s.mesh, P()), NamedSharding(s.mesh, P(None, "data"))
+    rows = {s.slot: s.init}
+    st = jtrainer.put((rows, jtrainer.opt_state(spec, rows)), repl)
+    frozen = jtrainer.put({"clip": s.text.params, "unet": s.image.unet_params, "tables": s.tables, "mean": s.mean,
+                           "std": s.std, "ac": s.image.schedule.alphas_cumprod}, repl)
+    batch = jtrainer.put(jtrainer.step_batch(s, jtrainer.batch_plan(s), 0), sharded)
+    _, metrics = jtrainer.train_step(st, frozen, batch, np.float32(spec.lr), np.float32(np.inf), cfg=s.config())
+    return float(metrics["loss"]), np.asarray(metrics["grads"]["clip_l"])
+
+
+def test_loss_and_gradient_match_torch(tiny, tmp_path):
+    spec = make_spec(tiny, tmp_path, "unused")
+    t_loss, t_grad = torch_first_step(spec)
+    j_loss, j_grad = jax_first_step(spec)
+    print(f"\nloss torch {t_loss:.7f} jax {j_loss:.7f} |diff| {abs(t_loss - j_loss):.2e}; gradient max |diff| "
+          f"{np.abs(t_grad - j_grad).max():.2e} of max |g| {np.abs(t_grad).max():.2e}")
+    assert abs(t_loss - j_loss) < 1e-4
+    assert np.abs(t_grad).max() > 0  # the rows get a gradient at all
+    np.testing.assert_allclose(j_grad, t_grad, rtol=0, atol=1e-3 * np.abs(t_grad).max())
+
+
+@pytest.fixture(scope="module")
+def three_steps(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("three")
+    return {"torch": list(TorchBackend().train(make_spec(tiny, root, "torch"))),
+            "jax": list(JaxBackend().train(make_spec(tiny, root, "jax", backend="jax")))}
+
+
+def test_three_steps_match_torch(three_steps, tiny):
+    losses = {k: [e.data["loss"] for e in ev if e.kind == "progress"] for k, ev in three_steps.items()}
+    rows = {k: ev[-1].data["vectors"]["clip_l"] for k, ev in three_steps.items()}
+    text = jtext.load_text_side(Path(tiny["sd1"]))
+    init = jtext.init_rows(text.tokenizer, text.params["embeddings"]["token_embedding"]["embedding"], ["toy"], 1)
+    diff = np.abs(rows["torch"] - rows["jax"]).max()
+    print(f"\nlosses torch {losses['torch']} jax {losses['jax']}; final rows max |diff| {diff:.2e}")
+    np.testing.assert_allclose(losses["jax"], losses["torch"], rtol=0, atol=1e-4)
+    assert diff < 1e-4
+    assert np.abs(rows["jax"] - init).max() > 100 * diff  # the rows moved much further than they disagree
+
+
+def test_a_jax_embedding_loads_in_diffusers_and_samples_in_torch(three_steps, tiny, tmp_path):
+    fin = three_steps["jax"][-1].data
+    pipe, _ = tsampling.load_pipeline(str(tiny["sd1"]))
+    with tsampling._quiet():
+        pipe.load_textual_inversion(fin["embedding_path"])  # the file the JAX run wrote
+    token_id = pipe.tokenizer.convert_tokens_to_ids(TOKEN)
+    row = pipe.text_encoder.get_input_embeddings().weight[token_id].detach().numpy()
+    np.testing.assert_array_equal(row, fin["vectors"]["clip_l"][0])
+    request = SampleRequest(prompt=f"a photo of {TOKEN}", model=str(tiny["sd1"]), out_dir=str(tmp_path / "out"),
+                            embeddings=[EmbeddingRef(token=TOKEN, vectors=fin["vectors"], name="cat-toy")], steps=2)
+    events = list(tsampling.sample(request))
+    assert events[-1].kind == "finished" and Path(events[-1].data["paths"][0]).is_file()
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++"])
+def test_sampler_renders_diffusers_picture(tiny, scheduler):
+    rng = np.random.default_rng(1)
+    vectors = {"clip_l": (rng.standard_normal((2, 32)) * 0.5).astype(np.float32)}
+    ref = EmbeddingRef(token="<x>", vectors=vectors)
+    noise = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)  # NCHW, as diffusers takes latents
+    prompt, negative, steps, guidance = "a photo of <x>", "blurry", 3, 7.5
+
+    pipe, info = tsampling.load_pipeline(str(tiny["sd1"]))
+    tsampling.load_embeddings(pipe, [ref], info)
+    pipe.scheduler = tsampling.make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                    latents=torch.from_numpy(noise), output_type="np").images[0]
+
+    folder = Path(tiny["sd1"])
+    text = jtext.load_text_side(folder)
+    rows, first = jtext.add_embeddings(text, [ref], "sd1", "sd1")
+    image = jsampling.load_image_side(folder)
+    ids = jtext.to_model_ids(jtext.encode(text.tokenizer, [jtext.expand_all(t, [ref]) for t in (negative, prompt)]),
+                             first, text.vocab_rows)
+    context = jsampling.text_states(text.params, ids, rows, config=text.config, dtype=jax.numpy.float32)
+    nets = jax.device_put({"unet": image.unet_params, "vae": image.vae_params})
+    gen = jsampling.denoise(nets, {"unet": image.unet_config, "vae": image.vae_config}, context,
+                            plan=jsampling.make_plan(scheduler, image.scheduler_config, steps), guidance=guidance,
+                            noise=noise.transpose(0, 2, 3, 1), dtype=jax.numpy.float32)
+    done = []
+    try:
+        while True:
+            done.append(next(gen))
+    except StopIteration as stop:
+        got = stop.value
+    assert done == [0, 1, 2] and got.shape == want.shape == (64, 64, 3)
+    diff = np.abs(got - want).max()
+    print(f"\n{scheduler}: max |pixel diff| {diff:.2e} (pixels in [0, 1]; spread {want.std():.3f})")
+    assert diff < 2e-3 and want.std() > 0.01
