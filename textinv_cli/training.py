@@ -43,9 +43,9 @@ def _jsonable(data: dict) -> dict:
 
 
 def process_rank() -> int:
-    """This process's rank among those a launcher started (RANK), 0 when not launched."""
+    """This process's rank among those a launcher started (torch's RANK, JAX's JAX_PROCESS_ID), 0 alone."""
     try:
-        return int(os.environ.get("RANK", "0"))
+        return int(os.environ.get("RANK") or os.environ.get("JAX_PROCESS_ID") or "0")
     except ValueError:
         return 0
 

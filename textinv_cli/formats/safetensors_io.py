@@ -99,7 +99,7 @@ def dump_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | 
         arr = np.asarray(tensors[name])
         if arr.dtype not in _NAMES:
             arr = arr.astype(np.float32)
-        arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<")))
+        arr = np.asarray(arr.astype(arr.dtype.newbyteorder("<")), order="C")  # keeps 0-d arrays 0-d
         raw = arr.tobytes()
         header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [pos, pos + len(raw)]}
         chunks.append(raw)
