@@ -68,13 +68,13 @@ def check_spec(spec: TrainSpec) -> None:
 
 # -- embeddings the run writes: snapshots and the final one ---------------------------------
 
-def embedding_meta(spec, family: str, step: int) -> dict[str, str]:
+def embedding_meta(spec, family: str, step: int, backend: str | None = None) -> dict[str, str]:
     """What the file and the registry keep about where the embedding came from."""
     return {"token": spec.token, "step": str(step), "base_model": str(spec.model), "family": family,
-            "learnable_property": spec.property, "vectors": str(spec.vectors), "trained_with": f"textinv {spec.backend}"}
+            "learnable_property": spec.property, "vectors": str(spec.vectors), "trained_with": f"textinv {backend or spec.backend}"}
 
 
-def write_vectors(path: Path, vectors: dict, spec, family: str, step: int) -> Path:
+def write_vectors(path: Path, vectors: dict, spec, family: str, step: int, backend: str | None = None) -> Path:
     """The diffusers format at `path` (X.safetensors: {token: [n, w]}); SDXL also writes
     X_2.safetensors beside it, the pair diffusers' SDXL script writes. Returns `path`."""
     from .embedding import Embedding
@@ -85,7 +85,7 @@ def write_vectors(path: Path, vectors: dict, spec, family: str, step: int) -> Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Through Embedding: the same checks (NaN, shapes) and metadata as every other writer.
-    emb = Embedding(token=spec.token, vectors=vectors, meta=embedding_meta(spec, family, step))
+    emb = Embedding(token=spec.token, vectors=vectors, meta=embedding_meta(spec, family, step, backend))
     if family == "sdxl":
         files = sdxl_pair_files(emb)  # the bytes diffusers' SDXL script writes, under our names
         atomic_write_bytes(path.with_name(path.stem + "_2" + path.suffix), files[SDXL_SECOND], force=True)

@@ -22,23 +22,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
-from textinv_cli import runs
-from textinv_cli.errors import OutputExistsError, TextinvError
+from textinv_cli import run_files, runs
+from textinv_cli.errors import TextinvError
 from textinv_cli.formats.safetensors_io import dump_safetensors, load_safetensors
 
 TENSORS = "state.safetensors"
 INFO = "state.json"
 VERSION = 1  # textinv_torch.state.VERSION: the same format
-EVENTS = "events.jsonl"
 
 
 def save_checkpoint(run: Path, step: int, rows: dict[str, np.ndarray], mu: dict[str, np.ndarray],
@@ -96,102 +92,25 @@ def restore(info: dict, tensors: dict[str, np.ndarray], shapes: dict[str, tuple]
     return int(info["step"]), rows, mu, nu, count
 
 
-# -- embeddings the run writes: snapshots and the final one ---------------------------------
+# -- embeddings, run folder and event log: the core's, shared with the torch backend --------
 
 def embedding_meta(spec, family: str, step: int) -> dict[str, str]:
-    """What the file and the registry keep about where the embedding came from."""
-    return {"token": spec.token, "step": str(step), "base_model": str(spec.model), "family": family,
-            "learnable_property": spec.property, "vectors": str(spec.vectors), "trained_with": "textinv jax"}
+    return run_files.embedding_meta(spec, family, step, backend="jax")
 
 
 def write_vectors(path: Path, vectors: dict, spec, family: str, step: int) -> Path:
-    """The diffusers format at `path` ({token: [n, w]}, what load_textual_inversion reads)."""
-    from textinv_cli.embedding import Embedding
-    from textinv_cli.formats import write_embedding
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Through Embedding: the same checks (NaN, shapes) and metadata as every other writer.
-    emb = Embedding(token=spec.token, vectors=vectors, meta=embedding_meta(spec, family, step))
-    write_embedding(emb, path, "safetensors", force=True)
-    return path
+    return run_files.write_vectors(path, vectors, spec, family, step, backend="jax")
 
 
-# -- the run folder ----------------------------------------------------------------------
-
-def check_new_run_dir(run: Path) -> None:
-    """A new run needs an absent or empty folder in a writable place; checked before any work."""
-    if run.exists() and (not run.is_dir() or any(run.iterdir())):
-        raise OutputExistsError(f"The run folder {run} already exists and is not empty.",
-                                f"Continue it with `textinv resume {run}`, or pick another folder.")
-    parent = run
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TextinvError(f"Cannot create the run folder {run}: {parent} is not writable.",
-                           "Pick a writable place for the run (--run-dir / --output).")
-
-
-def record_event(run: Path, event) -> object:
-    """Append the event to run/events.jsonl; numpy arrays are left out (shapes stay)."""
-    def plain(v):
-        if isinstance(v, np.ndarray):
-            return list(v.shape)
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
-
-    with open(Path(run) / EVENTS, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"time": round(time.time(), 3), **plain(event.to_json())}) + "\n")
-    return event
+check_new_run_dir, record_event, EVENTS = run_files.check_new_run_dir, run_files.record_event, run_files.EVENTS
 
 
 # -- the run's bookkeeping: options, Ctrl-C, log steps ------------------------------------------
 # The torch trainer's rules (textinv_torch/trainer.py), here because that module imports torch.
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def check_spec(spec) -> None:
-    """Every option in range, before anything is loaded or written; messages name the flag."""
-    from textinv_cli.schedules import validate as validate_schedule
-
-    def need(ok: bool, name: str, what: str, hint: str | None = None):
-        if not ok:
-            raise TextinvError(f"{_flag(name)} {what}, not {getattr(spec, name)!r}.", hint)
-
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_num(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if not isinstance(spec.token, str) or not spec.token.strip() or any(c.isspace() for c in spec.token):
-        raise TextinvError(f"--token must be one word without spaces, not {spec.token!r}.",
-                           'For example --token "<cat-toy>".')
-    if not spec.init or not all(isinstance(w, str) and w.strip() for w in spec.init):
-        raise TextinvError("--init needs at least one non-empty word.", "For example --init toy.")
-    need(is_int(spec.vectors) and 1 <= spec.vectors <= 64, "vectors", "must be between 1 and 64")
-    need(spec.resolution is None or (is_int(spec.resolution) and spec.resolution > 0), "resolution",
-         "must be a positive number of pixels")
-    need(is_num(spec.flip_p) and 0 <= spec.flip_p <= 1, "flip_p", "must be a probability between 0 and 1")
-    for name in ("steps", "batch_size", "grad_accum", "validate_steps", "num_processes"):
-        need(is_int(getattr(spec, name)) and getattr(spec, name) >= 1, name, "must be at least 1")
-    for name in ("warmup_steps", "save_every", "checkpoint_every", "keep_checkpoints", "validate_every", "seed"):
-        need(is_int(getattr(spec, name)) and getattr(spec, name) >= 0, name, "must be 0 or more")
-    need(is_num(spec.lr) and spec.lr > 0, "lr", "must be a positive learning rate", "Typical: 5e-3 (A1111) or 5e-4.")
-    validate_schedule(spec.lr_schedule)
-    for name in ("adam_beta1", "adam_beta2"):
-        need(is_num(getattr(spec, name)) and 0 <= getattr(spec, name) < 1, name, "must be in [0, 1)")
-    need(is_num(spec.adam_eps) and spec.adam_eps > 0, "adam_eps", "must be positive")
-    need(is_num(spec.weight_decay) and spec.weight_decay >= 0, "weight_decay", "must be 0 or more")
-    need(spec.max_grad_norm is None or (is_num(spec.max_grad_norm) and spec.max_grad_norm > 0), "max_grad_norm",
-         "must be positive (or left out)")
-    need(spec.precision in ("fp32", "fp16", "bf16"), "precision", "must be fp32, fp16 or bf16")
-    need(spec.attention in ("sdpa", "xformers"), "attention", "must be sdpa or xformers")
+    """The core's option checks (every backend), then what only the jax backend refuses."""
+    run_files.check_spec(spec)
     if spec.attention == "xformers":
         raise TextinvError("--attention xformers is a PyTorch library; the jax backend uses XLA's attention.",
                            "Leave --attention at sdpa with --backend jax, or use --backend torch.")
