@@ -20,15 +20,13 @@ here with the same rules and messages because textinv_torch.trainer imports torc
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from textinv_cli import run_files, runs
+from textinv_cli.run_files import StopFlag, is_log_step, sigint_flag  # noqa: F401 - shared with torch
 from textinv_cli.errors import TextinvError
 from textinv_cli.formats.safetensors_io import dump_safetensors, load_safetensors
 
@@ -123,10 +121,6 @@ def check_spec(spec) -> None:
         raise TextinvError("--validate prompts must be non-empty text.")
 
 
-def is_log_step(done: int, total: int) -> bool:
-    """About 50 loss readings per run, and the last step: the only places we sync with the device."""
-    return done % max(1, total // 50) == 0 or done == total
-
 
 def position(spec, step: int, n_images: int, processes: int = 1) -> dict:
     """Where the data order stands after `step` steps (informational: it follows from the step)."""
@@ -141,32 +135,3 @@ def describe(devices) -> str:
     return name if len(devices) == 1 else f"{len(devices)} x {name}"
 
 
-class StopFlag:
-    """Ctrl-C asks to stop after the current optimizer step; presses while a checkpoint is
-    being written are ignored. A third press outside checkpointing aborts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.checkpointing = False
-        self.presses = 0
-
-    def __call__(self, signum, frame):
-        self.requested = True
-        if self.checkpointing:
-            return
-        self.presses += 1
-        if self.presses >= 3:
-            raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def sigint_flag():
-    flag = StopFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag  # signals only reach the main thread; the caller stops us another way
-        return
-    old = signal.signal(signal.SIGINT, flag)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, old)

@@ -17,11 +17,7 @@ once per step, and only rank 0 writes anything (run folder, events, checkpoints,
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import signal
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -36,7 +32,7 @@ from textinv_cli.captions import captions_for, find_images
 from textinv_cli.errors import TextinvError
 from textinv_cli.models import resolve_model
 from textinv_cli.schedules import lr_at
-from textinv_cli.run_files import check_spec
+from textinv_cli.run_files import StopFlag, check_spec, is_log_step, sigint_flag  # noqa: F401 - StopFlag for tests
 from textinv_cli.spec import Event, TrainSpec
 
 from . import data as datamod
@@ -46,10 +42,6 @@ from . import rows as rowsmod
 from . import state
 from .models import load_image_side, load_text_side, quiet
 
-
-def is_log_step(done: int, total: int) -> bool:
-    """About 50 loss readings per run, and the last step: the only places we sync with the device."""
-    return done % max(1, total // 50) == 0 or done == total
 
 
 @dataclass
@@ -128,44 +120,6 @@ def forward_loss(comp, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
     else:
         target = batch.noise
     return F.mse_loss(pred.float(), target.float())
-
-
-class StopFlag:
-    """Ctrl-C asks to stop after the current optimizer step; presses while a checkpoint is
-    being written are ignored. A third press outside checkpointing aborts at once.
-
-    `debounce` (seconds) counts signals that arrive together as one press: under torchrun a
-    terminal Ctrl-C reaches each worker twice, from the terminal and forwarded by the agent."""
-
-    def __init__(self, debounce: float = 0.0):
-        self.requested = False
-        self.checkpointing = False
-        self.presses = 0
-        self.debounce = debounce
-        self._last = -math.inf
-
-    def __call__(self, signum, frame):
-        self.requested = True
-        now = time.monotonic()
-        if self.checkpointing or now - self._last < self.debounce:
-            return
-        self._last = now
-        self.presses += 1
-        if self.presses >= 3:
-            raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def sigint_flag(debounce: float = 0.0):
-    flag = StopFlag(debounce)
-    if threading.current_thread() is not threading.main_thread():
-        yield flag  # signals only reach the main thread; the caller stops us another way
-        return
-    old = signal.signal(signal.SIGINT, flag)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, old)
 
 
 @contextlib.contextmanager

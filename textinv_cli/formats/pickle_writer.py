@@ -1,7 +1,7 @@
 """Write `torch.save`-format files without torch.
 
-The output mirrors what torch 2.x writes for a dict of tensors, so `torch.load(...,
-weights_only=True)` (and A1111 / diffusers, which call torch.load) accept it:
+The output mirrors what torch 2.x writes for a dict of tensors, so torch's loader (with
+weights_only=True) and A1111 / diffusers accept it:
 
 - a zip archive laid out like torch's miniz writer: one folder, every member stored
   uncompressed with its data aligned to 64 bytes (an "FB" padding extra field) and
