@@ -117,3 +117,31 @@ def expand_placeholder(text: str, token: str, n: int) -> str:
     if n == 1:
         return text
     return re.sub(re.escape(token) + r"(?!_\d)", " ".join(placeholder_names(token, n)), text)
+
+
+def init_token_ids(tokenizer, words: list[str], n: int, label: str = "tokenizer") -> list[int]:
+    """The n vocabulary ids the new vectors start from: the --init words' tokens, one per
+    vector, cycled when there are fewer (A1111 and kohya repeat the init text too). A word of
+    several tokens is spread over the vectors when there are enough, else an error names it."""
+    words = [w.strip() for w in words]
+    if not words or any(not w for w in words):
+        raise TextinvError("An --init word is empty.", "Pass a word that describes the concept, e.g. --init toy.")
+    unk = tokenizer.unk_token_id
+    per_word = []
+    for w in words:
+        ids = tokenizer.encode(w, add_special_tokens=False)
+        # CLIP's byte-level BPE spells any text; unk only appears for text it cannot spell.
+        if not ids or (unk is not None and unk in ids):
+            raise TextinvError(f"The init word {w!r} is not in the {label}'s vocabulary.",
+                               "Pass a plain word the model knows, e.g. --init toy.")
+        per_word.append(ids)
+    flat = [i for ids in per_word for i in ids]
+    if len(flat) > n:
+        long = next((w for w, ids in zip(words, per_word) if len(ids) > 1), None)
+        if long is not None:
+            k = len(per_word[words.index(long)])
+            raise TextinvError(f"init word {long!r} is {k} tokens; with --vectors {n} pass a single-token word "
+                               f"or --vectors {len(flat)}.", "Each vector starts from one token's embedding.")
+        raise TextinvError(f"--init has {len(words)} words but --vectors is {n}.",
+                           f"Pass at most {n} word(s), or --vectors {len(flat)}.")
+    return [flat[i % len(flat)] for i in range(n)]

@@ -62,3 +62,13 @@ def infotext(request, *, seed: int, width: int, height: int, model_name: str, sa
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
     negative = f"\nNegative prompt: {request.negative}" if request.negative else ""
     return f"{request.prompt}{negative}\n{line}".strip()
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """The folder, or the nearest part of its path that exists, must be a writable folder."""
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise TextinvError(f"Cannot write images into {out_dir}: {probe} is not a writable folder.",
+                           "Pick another folder with -o.")

@@ -19,7 +19,6 @@ A1111 writes them (textinv_cli.infotext), exactly as the torch sampler does.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from textinv_cli.errors import TextinvError
+from textinv_cli.infotext import check_out_dir as _check_out_dir
 from textinv_cli.images import open_rgb, preprocess
 from textinv_cli.spec import Event, SampleRequest
 
@@ -282,15 +282,6 @@ def _check_request(r: SampleRequest) -> None:
     if problems:
         raise TextinvError("Invalid sampling request: " + "; ".join(problems) + ".")
 
-
-def _check_out_dir(out_dir: Path) -> None:
-    """The folder, or the nearest part of its path that exists, must be a writable folder."""
-    probe = out_dir
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise TextinvError(f"Cannot write images into {out_dir}: {probe} is not a writable folder.",
-                           "Pick another folder with -o.")
 
 
 # -- validation images of a training run -------------------------------------------------------------

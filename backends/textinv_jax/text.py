@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from textinv_cli.captions import expand_placeholder, placeholder_names
+from textinv_cli.captions import expand_placeholder, init_token_ids, placeholder_names
 from textinv_cli.errors import NotFoundError, TextinvError
 
 SDXL_REFUSAL = "SDXL is not supported by the jax backend yet; use --backend torch"
@@ -132,29 +132,9 @@ def check_token(token: str, tokenizer, label: str = "clip_l tokenizer") -> None:
 
 
 def init_rows(tokenizer, table: np.ndarray, words: list[str], n: int, label: str = "clip_l tokenizer") -> np.ndarray:
-    """Start vectors [n, width] (fp32) from the embeddings of the --init words' tokens: one
-    token per vector, cycled when there are fewer (as A1111 and kohya repeat the init text)."""
-    words = [w.strip() for w in words]
-    if not words or any(not w for w in words):
-        raise TextinvError("An --init word is empty.", "Pass a word that describes the concept, e.g. --init toy.")
-    unk = tokenizer.unk_token_id
-    per_word = []
-    for w in words:
-        ids = tokenizer.encode(w, add_special_tokens=False)
-        if not ids or (unk is not None and unk in ids):
-            raise TextinvError(f"The init word {w!r} is not in the {label}'s vocabulary.",
-                               "Pass a plain word the model knows, e.g. --init toy.")
-        per_word.append(ids)
-    flat = [i for ids in per_word for i in ids]
-    if len(flat) > n:
-        long = next((w for w, ids in zip(words, per_word) if len(ids) > 1), None)
-        if long is not None:
-            k = len(per_word[words.index(long)])
-            raise TextinvError(f"init word {long!r} is {k} tokens; with --vectors {n} pass a single-token word "
-                               f"or --vectors {len(flat)}.", "Each vector starts from one token's embedding.")
-        raise TextinvError(f"--init has {len(words)} words but --vectors is {n}.",
-                           f"Pass at most {n} word(s), or --vectors {len(flat)}.")
-    return np.asarray(table, np.float32)[[flat[i % len(flat)] for i in range(n)]].copy()
+    """Start vectors [n, width] (fp32) from the embeddings of the --init words' tokens
+    (which tokens: `captions.init_token_ids`, shared with the torch backend)."""
+    return np.asarray(table, np.float32)[init_token_ids(tokenizer, words, n, label)].copy()
 
 
 def add_tokens(tokenizer, token: str, n: int, label: str = "clip_l tokenizer") -> int:

@@ -19,7 +19,7 @@ from torch import nn
 from textinv_cli.errors import TextinvError
 
 
-from textinv_cli.captions import expand_placeholder, placeholder_names  # noqa: F401 - shared with JAX
+from textinv_cli.captions import expand_placeholder, init_token_ids, placeholder_names  # noqa: F401 - shared with JAX
 
 
 def check_token(token: str, tokenizer, label: str = "tokenizer") -> None:
@@ -53,35 +53,9 @@ def add_placeholder(tokenizer, token: str, n: int, label: str = "tokenizer") -> 
 
 
 def init_rows(tokenizer, weight: torch.Tensor, words: list[str], n: int, label: str = "tokenizer") -> torch.Tensor:
-    """Start vectors [n, width] (fp32) from the embeddings of the --init words' tokens.
-
-    One token per vector; fewer tokens than vectors are cycled (A1111 and kohya repeat the
-    init text too). A word of several tokens is spread over the vectors when there are
-    enough of them, else it is an error that says which word and what to pass.
-    """
-    words = [w.strip() for w in words]
-    if not words or any(not w for w in words):
-        raise TextinvError("An --init word is empty.", "Pass a word that describes the concept, e.g. --init toy.")
-    unk = tokenizer.unk_token_id
-    per_word = []
-    for w in words:
-        ids = tokenizer.encode(w, add_special_tokens=False)
-        # CLIP's byte-level BPE spells any text; unk only appears for text it cannot spell.
-        if not ids or (unk is not None and unk in ids):
-            raise TextinvError(f"The init word {w!r} is not in the {label}'s vocabulary.",
-                               "Pass a plain word the model knows, e.g. --init toy.")
-        per_word.append(ids)
-    flat = [i for ids in per_word for i in ids]
-    if len(flat) > n:
-        long = next((w for w, ids in zip(words, per_word) if len(ids) > 1), None)
-        if long is not None:
-            k = len(per_word[words.index(long)])
-            raise TextinvError(f"init word {long!r} is {k} tokens; with --vectors {n} pass a single-token word "
-                               f"or --vectors {len(flat)}.",
-                               "Each vector starts from one token's embedding.")
-        raise TextinvError(f"--init has {len(words)} words but --vectors is {n}.",
-                           f"Pass at most {n} word(s), or --vectors {len(flat)}.")
-    ids = torch.tensor([flat[i % len(flat)] for i in range(n)], dtype=torch.long)
+    """Start vectors [n, width] (fp32) from the embeddings of the --init words' tokens
+    (which tokens: `captions.init_token_ids`, shared with the JAX backend)."""
+    ids = torch.tensor(init_token_ids(tokenizer, words, n, label), dtype=torch.long)
     return weight.detach()[ids].to(torch.float32).clone()
 
 

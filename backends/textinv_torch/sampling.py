@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
 import threading
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from textinv_cli.errors import TextinvError
-from textinv_cli.infotext import infotext, save_png
+from textinv_cli.infotext import check_out_dir as _check_out_dir, infotext, save_png
 from textinv_cli.spec import Event, SampleRequest
 
 # Our scheduler names -> (diffusers class, extra config, A1111's sampler name for the infotext).
@@ -350,11 +349,3 @@ class _StepStream:
 
 # -- writing PNGs the way A1111 does -----------------------------------------------------------
 
-def _check_out_dir(out_dir: Path) -> None:
-    """The folder, or the nearest part of its path that exists, must be a writable folder."""
-    probe = out_dir
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise TextinvError(f"Cannot write images into {out_dir}: {probe} is not a writable folder.",
-                           "Pick another folder with -o.")
