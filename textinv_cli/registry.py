@@ -13,6 +13,10 @@ Why it is safe with several processes and with crashes:
 - Blobs are only ever deleted while holding the write lock and after the row deletion
   has committed; a writer that is about to insert a row re-checks its blob under that
   same lock. So `rm` racing an `add` of the same content cannot leave a row blobless.
+- Orphan blobs and temp files left by a crash are never served (only rows lead to blobs);
+  `textinv list --repair` (registry_repair.py) removes them under the same write lock.
+- A full or read-only disk, at the blob write or at the commit, is a RegistryError, and
+  the add takes back the blob it wrote: nothing is registered, nothing is left behind.
 """
 
 from __future__ import annotations
@@ -25,21 +29,20 @@ import os
 import re
 import signal
 import sqlite3
-import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from . import registry_db
 from .errors import InvalidEmbeddingError, NotFoundError, RegistryError
+from .registry_db import BUSY_TIMEOUT_S, SCHEMA_VERSION  # noqa: F401 - part of this module's API
 
 if TYPE_CHECKING:  # numpy comes with Embedding; keep `import textinv_cli.registry` light
     from .embedding import Embedding
 
-SCHEMA_VERSION = 1
 SOURCES = ("trained", "pulled", "imported")
-BUSY_TIMEOUT_S = 30.0
 DB_NAME = "registry.db"
 BLOB_DIR = "blobs"
 # Test hook: tests/registry_worker.py sets this to SIGKILL the process at a named point of
@@ -47,23 +50,6 @@ BLOB_DIR = "blobs"
 CRASH_ENV = "TEXTINV_REGISTRY_CRASH_AT"
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_SCHEMA = """
-CREATE TABLE embeddings (
-    name      TEXT PRIMARY KEY,
-    token     TEXT NOT NULL,
-    family    TEXT NOT NULL,
-    n_vectors INTEGER NOT NULL,
-    widths    TEXT NOT NULL,              -- JSON {slot: width}
-    sha256    TEXT NOT NULL,              -- of the blob = Embedding.content_sha256()
-    source    TEXT NOT NULL CHECK (source IN ('trained', 'pulled', 'imported')),
-    origin    TEXT NOT NULL,              -- JSON: file path + sha256, hub repo + commit, run + config
-    meta      TEXT NOT NULL,              -- JSON: the embedding's meta dict
-    tags      TEXT NOT NULL,              -- JSON list
-    created   TEXT NOT NULL               -- ISO 8601, UTC
-);
-CREATE INDEX embeddings_sha256 ON embeddings (sha256);
-CREATE INDEX embeddings_token ON embeddings (token);
-"""
 _COLUMNS = ("name", "token", "family", "n_vectors", "widths", "sha256", "source", "origin",
             "meta", "tags", "created")
 _JSON_COLUMNS = ("widths", "origin", "meta", "tags")
@@ -113,6 +99,12 @@ def check_name(name: str) -> str:
     return clean
 
 
+def readd_hint(name: str, origin: dict) -> str:
+    """What to do about an entry whose stored copy is lost: remove it, add it from where it came."""
+    again = origin.get("path") or origin.get("repo") or origin.get("run")
+    return f"Run `textinv rm {name}`, then add it again" + (f" (from {again})." if again else ".")
+
+
 def _crash_point(stage: str) -> None:
     if os.environ.get(CRASH_ENV) == stage:
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
@@ -160,11 +152,23 @@ class Registry:
             raise self._clash_error(name, clash)
 
         self._ensure_dirs()
-        self._write_blob(sha, data)  # outside the lock: fsync is the slow part
+        wrote = self._write_blob(sha, data)  # outside the lock: fsync is the slow part
         _crash_point("after-blob")
         entry = Entry(name=name, token=emb.token, family=emb.family, n_vectors=emb.n_vectors,
                       widths=dict(emb.widths), sha256=sha, source=source, origin=dict(origin or {}),
                       meta=dict(emb.meta), tags=[str(t) for t in tags], created=_now())
+        try:
+            return self._insert(entry, data)
+        except RegistryError:
+            # e.g. the disk filled up at the commit: take back the blob this call added
+            # (a name clash has already done so under the lock).
+            if wrote and self.blob_path(sha).exists():
+                self._drop_blob_if_unused(sha)
+            raise
+
+    def _insert(self, entry: Entry, data: bytes) -> tuple[Entry, bool]:
+        """The locked half of add(): re-check everything, then insert the row."""
+        sha, name = entry.sha256, entry.name
         with self._write() as conn:
             row = conn.execute("SELECT * FROM embeddings WHERE sha256 = ? ORDER BY name LIMIT 1",
                                (sha,)).fetchone()
@@ -217,8 +221,7 @@ class Registry:
 
         entry = name_or_entry if isinstance(name_or_entry, Entry) else self.resolve(name_or_entry)
         path = self.blob_path(entry.sha256)
-        again = entry.origin.get("path") or entry.origin.get("repo") or entry.origin.get("run")
-        fix = f"Run `textinv rm {entry.name}`, then add it again" + (f" (from {again})." if again else ".")
+        fix = readd_hint(entry.name, entry.origin)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -263,6 +266,12 @@ class Registry:
         with self._write() as conn:
             self._unlink_blob_if_unused(conn, entry.sha256)
         return entry
+
+    def repair(self, *, grace_s: float | None = None):
+        """Remove what crashes leave behind and report damage; see registry_repair.py."""
+        from .registry_repair import GRACE_S, repair
+
+        return repair(self, grace_s=GRACE_S if grace_s is None else grace_s)
 
     def blob_path(self, sha256: str) -> Path:
         if not _SHA_RE.match(sha256 or ""):  # a damaged row must never steer a path
@@ -313,108 +322,65 @@ class Registry:
             raise RegistryError(f"Cannot create the registry at {self.root}: {e.strerror or e}.",
                                 "Set TEXTINV_HOME to a writable folder.") from None
 
-    def _write_blob(self, sha: str, data: bytes) -> None:
-        """Content-addressed, so an existing intact blob is already right; a damaged one is replaced."""
+    def _write_blob(self, sha: str, data: bytes) -> bool:
+        """Content-addressed, so an existing intact blob is already right; a damaged one is
+        replaced. True if this call wrote it. A write that fails writes nothing (the temp
+        file goes) and says why: a full or read-only disk is a RegistryError."""
         from .fsutil import atomic_write_bytes
 
         path = self.blob_path(sha)
         with contextlib.suppress(OSError):
             if hashlib.sha256(path.read_bytes()).hexdigest() == sha:
-                return
-        atomic_write_bytes(path, data, force=True)
+                # Mark it fresh: `list --repair` spares recent blobs, and this one (maybe an
+                # orphan until now) is about to get its row.
+                os.utime(path)
+                return False
+        for attempt in (1, 2):
+            try:
+                atomic_write_bytes(path, data, force=True)
+                return True
+            except FileNotFoundError:
+                # Our temp file vanished before the rename: only a repair that judged it
+                # abandoned (a process paused past the grace period) does that. Once more.
+                if attempt == 2 or not self.blob_dir.is_dir():
+                    raise self._unwritable("the blobs/ folder changed under this process") from None
+            except OSError as e:
+                raise self._unwritable(e) from None
+        raise AssertionError("unreachable")
+
+    def _unwritable(self, e) -> RegistryError:
+        import errno
+
+        if isinstance(e, str):
+            return registry_db.unwritable(self.root, e)
+        why = {errno.ENOSPC: "full", errno.EDQUOT: "full", errno.EROFS: "readonly",
+               errno.EACCES: "readonly", errno.EPERM: "readonly"}.get(e.errno, e.strerror or str(e))
+        return registry_db.unwritable(self.root, why)
 
     def _unlink_blob_if_unused(self, conn: sqlite3.Connection, sha: str) -> None:
-        """Only called inside a write transaction, so no row can start using the blob meanwhile."""
+        """Only called inside a write transaction, so no row can start using the blob meanwhile.
+        A blob that cannot be deleted (read-only disk) stays as an orphan, which is harmless:
+        nothing serves it and `textinv list --repair` removes it later."""
         if conn.execute("SELECT 1 FROM embeddings WHERE sha256 = ? LIMIT 1", (sha,)).fetchone() is None:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 self.blob_path(sha).unlink()
 
-    def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
-        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        return conn
+    def _drop_blob_if_unused(self, sha: str) -> None:
+        """Best effort after a failed add: the error being reported matters more than the orphan."""
+        with contextlib.suppress(RegistryError):
+            with self._write() as conn:
+                self._unlink_blob_if_unused(conn, sha)
 
-    @contextlib.contextmanager
-    def _guard(self):
-        """sqlite errors become RegistryErrors that say which file and what to do."""
-        try:
-            yield
-        except sqlite3.OperationalError as e:
-            if "locked" in str(e) or "busy" in str(e):
-                raise RegistryError(f"The registry at {self.root} stayed busy for {BUSY_TIMEOUT_S:.0f} s.",
-                                    "Another textinv process is writing to it; try again.") from None
-            raise RegistryError(f"The registry database {self.db_path} cannot be used: {e}.",
-                                "Check the folder's permissions and free space.") from None
-        except sqlite3.DatabaseError as e:
-            raise RegistryError(
-                f"The registry database {self.db_path} is damaged: {e}.",
-                "Move registry.db aside to start afresh; the blobs/ folder keeps every embedding.") from None
+    def _connect(self, db_path: Path) -> sqlite3.Connection:  # tests wrap it to inject sqlite faults
+        return registry_db.connect(db_path)
 
-    def _check_version(self, conn: sqlite3.Connection) -> int:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise RegistryError(
-                f"The registry at {self.root} was written by a newer textinv (schema {version}).",
-                "Upgrade textinv: pip install -U textinv.")
-        return version
-
-    @contextlib.contextmanager
     def _read(self):
         """A connection for reading, or None when there is no registry yet (= empty)."""
-        if not self.db_path.exists():
-            yield None
-            return
-        with self._guard():
-            conn = self._connect()
-            try:
-                yield conn if self._check_version(conn) > 0 else None
-            finally:
-                conn.close()
+        return registry_db.read(self.root, self.db_path, self._connect)
 
     @contextlib.contextmanager
     def _write(self):
         """One BEGIN IMMEDIATE transaction: committed when the block ends, rolled back if it raises."""
         self._ensure_dirs()
-        with self._guard():
-            conn = self._connect()
-            try:
-                self._enable_wal(conn)
-                conn.execute("PRAGMA synchronous = FULL")
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    if self._check_version(conn) < SCHEMA_VERSION:
-                        self._migrate(conn)
-                    yield conn
-                except BaseException:
-                    if conn.in_transaction:  # sqlite may have rolled back already (disk full)
-                        conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-            finally:
-                conn.close()
-
-    def _enable_wal(self, conn: sqlite3.Connection) -> None:
-        # WAL is a property of the file, set once. While several processes create the
-        # registry at the same moment, switching can report "locked" without waiting
-        # on the busy handler, so retry within the same budget.
-        deadline = time.monotonic() + BUSY_TIMEOUT_S
-        while True:
-            try:
-                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                    conn.execute("PRAGMA journal_mode = WAL")
-                return
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Bring the schema to SCHEMA_VERSION; runs inside the write transaction."""
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        with registry_db.write(self.root, self.db_path, self._connect) as conn:
+            yield conn
