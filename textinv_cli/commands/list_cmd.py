@@ -23,11 +23,25 @@ def list_embeddings(
     family: Family = typer.Option(None, "--family", help="Only this model family."),
     source: Source = typer.Option(None, "--source", help="Only embeddings that were trained, pulled or imported."),
     json_out: bool = typer.Option(False, "--json", help="Print the entries as a JSON list."),
+    repair: bool = typer.Option(False, "--repair", help="Check every stored copy; remove orphan blobs and "
+                                "temp files that crashed imports left (after a 10-minute grace period)."),
 ) -> None:
-    """List the embeddings in the local registry."""
+    """List the embeddings in the local registry.
+
+    With --repair: check the whole registry instead, clean up after crashes, and exit 1
+    if an entry is damaged beyond what repair can fix (it says what to do).
+    """
     from ..console import console, print_json
     from ..registry import Registry, home
 
+    if repair:
+        if family or source:
+            from ..errors import TextinvError
+
+            raise TextinvError("--repair checks the whole registry; it does not take --family or --source.",
+                               "Run `textinv list --repair` on its own.")
+        _repair(Registry(), json_out=json_out)
+        return
     entries = Registry().entries(family=family.value if family else None,
                                  source=source.value if source else None)
     if json_out:
@@ -63,3 +77,50 @@ def list_embeddings(
 def _minutes(created: str) -> str:
     """2024-05-01T12:34:56Z -> 2024-05-01 12:34 (UTC): enough to tell entries apart in a table."""
     return created.replace("T", " ")[:16]
+
+
+def _repair(reg, *, json_out: bool) -> None:
+    """Print what repair did (or the JSON report); damage it could not fix is an error (exit 1)."""
+    from ..console import console, print_json
+    from ..errors import RegistryError
+    from ..registry_db import DAMAGED_DB_HINT
+    from ..registry_repair import GRACE_S
+
+    report = reg.repair()
+    if json_out:
+        print_json(report.to_json())
+    else:
+        say = lambda text: console.print(text, markup=False)  # noqa: E731 - names, paths: no markup
+        if not reg.db_path.exists():
+            say(f"No registry at {reg.root} yet: nothing to repair.")
+            return
+        say(f"Checked {_n(report.entries, 'entry', 'entries')} and {_n(report.files, 'file')} in "
+            f"{reg.blob_dir} (database: {report.database}).")
+        if report.removed_orphans or report.removed_temp_files:
+            say(f"Removed {_n(len(report.removed_orphans), 'orphan blob')} and "
+                f"{_n(len(report.removed_temp_files), 'stale temp file')} ({report.freed_bytes / 1024:.1f} KiB).")
+        if report.kept_recent:
+            say(f"Kept {_n(len(report.kept_recent), 'unused file')} younger than {GRACE_S / 60:.0f} minutes: "
+                "an import may still be writing it. Run --repair again later to remove it.")
+        for item in report.not_removed:
+            say(f"Could not remove {item['file']}: {item['error']}.")
+        for item in report.damaged:
+            say(f"Damaged: {item['name']}: {item['problem']}. {item['fix']}")
+        if report.ok and not (report.removed_orphans or report.removed_temp_files or report.kept_recent):
+            say("Nothing to repair.")
+    if report.ok:
+        return
+    if report.database != "ok":
+        raise RegistryError(f"The registry database {reg.db_path} is damaged: {report.database}.",
+                            DAMAGED_DB_HINT)
+    if report.damaged:
+        names = ", ".join(item["name"] for item in report.damaged)
+        raise RegistryError(f"{_n(len(report.damaged), 'entry', 'entries')} could not be repaired: {names}.",
+                            "For each: `textinv rm NAME`, then add it again from where it came "
+                            "(the report says where).")
+    raise RegistryError(f"{_n(len(report.not_removed), 'unused file')} in {reg.blob_dir} could not be removed.",
+                        "Check the folder's permissions, then run `textinv list --repair` again.")
+
+
+def _n(count: int, one: str, many: str | None = None) -> str:
+    return f"{count} {one if count == 1 else (many or one + 's')}"
