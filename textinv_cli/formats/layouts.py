@@ -155,6 +155,8 @@ def _shell_word(s: str) -> str:
 
 
 def _matrix(arr: np.ndarray, name: str, source: str) -> np.ndarray:
+    if not isinstance(arr, np.ndarray):  # e.g. {"clip_l": 1, "clip_g": [..]} inside string_to_param
+        raise FormatError(f"{source}: {name!r} holds a value of type {type(arr).__name__}, not a tensor.")
     if arr.ndim == 1:
         return arr[None, :]
     if arr.ndim == 2:

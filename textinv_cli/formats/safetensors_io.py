@@ -22,6 +22,7 @@ _DTYPES = {
 }
 _NAMES = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<f8"): "F64"}
 MAX_HEADER = 100 * 1024 * 1024
+MAX_NDIM = 32  # numpy allows 64; no real tensor comes near either
 
 
 def looks_like_safetensors(data: bytes) -> bool:
@@ -41,12 +42,7 @@ def load_safetensors(data: bytes, source: str = "file") -> tuple[dict[str, np.nd
             f"{source}: the safetensors header claims {n} bytes but the file has {len(data) - 8}.",
             "The file is truncated or not a safetensors file.",
         )
-    try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{source}: the safetensors header is not valid JSON ({e}).") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{source}: the safetensors header is not a JSON object.")
+    header = _parse_header(data[8 : 8 + n], source)
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise FormatError(f"{source}: safetensors metadata must map strings to strings.")
@@ -55,13 +51,15 @@ def load_safetensors(data: bytes, source: str = "file") -> tuple[dict[str, np.nd
     for name, info in header.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise FormatError(f"{source}: tensor {name!r} has a malformed header entry.")
-        dtype = _DTYPES.get(info["dtype"])
-        shape, offs = info["shape"], info["data_offsets"]
+        tag, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+        dtype = _DTYPES.get(tag) if isinstance(tag, str) else None  # a list or dict is unhashable
         if dtype is None:
-            raise FormatError(f"{source}: tensor {name!r} has unsupported dtype {info['dtype']!r}.")
-        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+            raise FormatError(f"{source}: tensor {name!r} has unsupported dtype {str(tag)[:40]!r}.")
+        # `type(x) is int`: JSON true/false are bools, which isinstance(x, int) would accept
+        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+                or not all(type(d) is int and d >= 0 for d in shape)
                 or not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) for o in offs)):
+                or not all(type(o) is int for o in offs)):
             raise FormatError(f"{source}: tensor {name!r} has a malformed shape or offsets.")
         begin, end = offs
         size = dtype.itemsize * int(np.prod(shape, dtype=object))
@@ -69,7 +67,7 @@ def load_safetensors(data: bytes, source: str = "file") -> tuple[dict[str, np.nd
             raise FormatError(
                 f"{source}: tensor {name!r} claims bytes {begin}..{end} of a {len(body)}-byte data section "
                 f"but needs {size}.", "The file is truncated or corrupt.")
-        spans.append((begin, end, name, dtype, shape, info["dtype"]))
+        spans.append((begin, end, name, dtype, shape, tag))
     spans.sort()
     pos = 0
     for begin, end, name, *_ in spans:
@@ -87,6 +85,18 @@ def load_safetensors(data: bytes, source: str = "file") -> tuple[dict[str, np.nd
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         tensors[name] = arr.copy()
     return tensors, {str(k): v for k, v in meta.items()}
+
+
+def _parse_header(raw: bytes, source) -> dict:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{source}: the safetensors header is not valid JSON ({e}).") from None
+    except RecursionError:  # "[[[[..." nested deeper than the C stack allows
+        raise FormatError(f"{source}: the safetensors header nests too deeply to be a header.") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{source}: the safetensors header is not a JSON object.")
+    return header
 
 
 def dump_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
@@ -118,10 +128,7 @@ def read_header(path) -> dict:
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER:
             raise FormatError(f"{path}: the safetensors header claims {n} bytes.")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise FormatError(f"{path}: the safetensors header is not valid JSON.") from None
+        header = _parse_header(f.read(n), path)
     header["__header_len__"] = n
     return header
 
