@@ -39,8 +39,14 @@ from ..errors import FormatError, TextinvError, UnsupportedFormatError
 
 TEXT_KEY = "sd-ti-embedding"
 TENSOR_KEY = "TORCHTENSOR"
-MAX_JSON_BYTES = 16 * 1024 * 1024  # a TI embedding's JSON is well under 1 MiB
-MAX_PIXELS = 4096 * 4096  # previews are ~0.3-1.2 Mpx; refuse before decoding anything bigger
+# The largest embedding A1111 makes (75 vectors of SDXL's 768 + 1280) is ~154k numbers, ~4 MiB
+# of JSON. Both caps hold with room to spare and keep a tiny zlib bomb in the side band from
+# becoming hundreds of MiB of Python objects (each number is ~32 bytes once parsed).
+MAX_JSON_BYTES = 8 * 1024 * 1024
+MAX_JSON_ITEMS = 400_000
+# Previews are ~0.3-2 Mpx with their side bands. Pillow holds 4 bytes a pixel and the band
+# search a few copies: 4 Mpx keeps a small PNG claiming the maximum under ~64 MiB.
+MAX_PIXELS = 2048 * 2048
 MAX_FILE_BYTES = 128 * 1024 * 1024
 _MIN_PREVIEW_HEIGHT = 16  # the band is h rows tall; tiny heights make very wide, fragile bands
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -76,7 +82,10 @@ def load_image_embedding(data: bytes, *, source: str) -> dict:
         text = img.text if kind == "png" else {}
         if TEXT_KEY in text:
             return _parse_json(_from_base64(text[TEXT_KEY], source), source, "sd-ti-embedding text chunk")
-        band = _extract_side_band(np.asarray(img.convert("RGB")), source)
+        rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+        del img  # the decoded image is as large as the array: hold one at a time
+        band = _extract_side_band(rgb, source)
+        del rgb
         return _parse_json(_inflate(band, source), source, "pixel side band")
     except TextinvError:
         raise
@@ -114,7 +123,9 @@ def _from_base64(value: str, source: str) -> bytes:
 
 def _crop_black(rgb: np.ndarray) -> np.ndarray:
     """Trim outer rows/columns with no pixel whose channels are all non-zero (A1111's crop)."""
-    lit = (rgb > 0).all(axis=2)
+    # (rgb > 0).all(axis=2), channel by channel: no full-size boolean copy, and numpy
+    # reduces a length-3 inner axis an order of magnitude slower than this
+    lit = np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) > 0
     cols, rows = np.flatnonzero(lit.any(axis=0)), np.flatnonzero(lit.any(axis=1))
     if cols.size == 0:  # nothing lit: A1111 keeps the whole image
         return rgb
@@ -124,14 +135,19 @@ def _crop_black(rgb: np.ndarray) -> np.ndarray:
 def _extract_side_band(rgb: np.ndarray, source: str) -> bytes:
     """The zlib bytes hidden in the side band (not yet inflated)."""
     nib = _crop_black(rgb) & 0x0F
-    separators = np.flatnonzero(~nib.any(axis=(0, 2)))
+    separators = np.flatnonzero(nib.max(axis=0).max(axis=1) == 0)  # all-black columns
     if separators.size < 2:
         raise FormatError(f"{source}: no embedding found in this image.", _NO_EMBEDDING_HINT)
     low, high = nib[:, :separators[0]], nib[:, separators[-1] + 1:]
     if low.size == 0 or low.shape != high.shape:
         raise FormatError(f"{source}: no embedding found in this image.", _NO_EMBEDDING_HINT)
     key = _lcg_key(low.size).reshape(low.shape)
-    return (((high ^ key) << 4) | (low ^ key)).astype(np.uint8).tobytes()
+    # in place on nib (our own copy): a band can be half of a 4 Mpx image, so no temporaries
+    low ^= key
+    high ^= key
+    high <<= 4
+    high |= low
+    return high.tobytes()
 
 
 def _inflate(blob: bytes, source: str) -> bytes:
@@ -158,6 +174,9 @@ def _inflate(blob: bytes, source: str) -> bytes:
 def _parse_json(raw: bytes, source: str, where: str) -> dict:
     if len(raw) > MAX_JSON_BYTES:
         raise FormatError(f"{source}: the {where} holds more than {MAX_JSON_BYTES // 2**20} MiB.")
+    if raw.count(b",") > MAX_JSON_ITEMS:  # counted before parsing: that is where memory goes
+        raise FormatError(f"{source}: the {where} holds more than {MAX_JSON_ITEMS:,} values; "
+                          "an embedding has far fewer.")
     try:
         obj = json.loads(raw)  # plain parsing only: dicts, lists, str, numbers, null
     except (ValueError, RecursionError) as e:
@@ -200,21 +219,35 @@ def _tensor(value, source: str) -> np.ndarray:
         return np.array(level, dtype=np.float64).astype(np.float32).reshape(shape)
 
 
-@lru_cache(maxsize=2)
+_KEY_BLOCK = 1 << 16
+
+
+@lru_cache(maxsize=1)  # the writer's self-check asks again for the same n
 def _lcg_key(n: int) -> np.ndarray:
-    """The first n XOR nibbles of A1111's LCG, vectorised by jumping ahead (read-only)."""
-    states = np.empty(n, dtype=np.uint32)
-    x, k = 0, min(n, 64)
-    for i in range(k):  # seed the table step by step...
+    """The first n XOR nibbles of A1111's LCG, vectorised by jumping ahead (read-only).
+
+    Built block by block, so a band of millions of nibbles costs one byte each, not the
+    four of a full table of LCG states.
+    """
+    k = min(n, _KEY_BLOCK)
+    states = np.empty(k, dtype=np.uint32)
+    x, done = 0, min(k, 64)
+    for i in range(done):  # seed the table step by step...
         x = (_LCG_A * x + _LCG_C) & _MASK32
         states[i] = x
-    while k < n:  # ...then x[i + k] = A_k * x[i] + C_k doubles it each round
-        a_k, c_k = _lcg_jump(k)
-        m = min(k, n - k)
+    while done < k:  # ...then x[i + d] = A_d * x[i] + C_d doubles it each round
+        a_d, c_d = _lcg_jump(done)
+        m = min(done, k - done)
         # uint32 arithmetic wraps mod 2**32: exactly the LCG's modulus
-        states[k:k + m] = states[:m] * np.uint32(a_k) + np.uint32(c_k)
-        k += m
-    key = ((states % np.uint32(255)) & np.uint32(0x0F)).astype(np.uint8)
+        states[done:done + m] = states[:m] * np.uint32(a_d) + np.uint32(c_d)
+        done += m
+    key = np.empty(n, dtype=np.uint8)
+    a_k, c_k = (np.uint32(v) for v in _lcg_jump(k))
+    for start in range(0, n, k):  # each block is the previous one advanced k steps
+        if start:
+            states = states * a_k + c_k
+        m = min(k, n - start)
+        key[start:start + m] = (states[:m] % np.uint32(255)) & np.uint32(0x0F)
     key.flags.writeable = False
     return key
 

@@ -20,8 +20,10 @@ import numpy as np
 from ..errors import FormatError, TextinvError, UnsafeFileError
 from .torch_zip import _CORRUPT_HINT, ZIP_MAGIC, open_archive, read_member
 
-MAX_MEMO = 1_000_000           # one entry per PUT; real files have hundreds
-MAX_STACK = 1_000_000
+# Opcodes per pickle. Each one makes at most one object, so this bounds memory: a tiny
+# file with a deflated data.pkl could otherwise unpack to a million lists (>100 MiB).
+# An embedding's pickle has under a hundred opcodes; a whole SD checkpoint's, ~100k.
+MAX_OPS = 200_000
 MAX_DEPTH = 100                # nesting; also keeps tuple hashing far from the C stack's end
 MAX_NDIM = 32
 
@@ -150,11 +152,15 @@ def _first_unsafe_global(data: bytes) -> str | None:
     also through the memo) names them when they are plain strings, as Python writes them.
     """
     f = io.BytesIO(data)
+    ops = 0
     try:
         for _ in range(8):
             last: list = [None, None]
             memo: dict = {}
             for op, arg, _ in pickletools.genops(f):
+                ops += 1
+                if ops > MAX_OPS:  # the interpreter refuses a pickle this large anyway
+                    return None
                 name, qual = op.name, None
                 if name in ("MEMOIZE", "BINPUT", "LONG_BINPUT"):
                     memo[len(memo) if name == "MEMOIZE" else arg] = last[-1]
@@ -209,9 +215,9 @@ class _Interpreter:
         stack: list = []
         metastack: list[list] = []
         memo: dict[int, object] = {}
-        for op, arg, _ in pickletools.genops(self.pkl):
+        for n, (op, arg, _) in enumerate(pickletools.genops(self.pkl)):
             name = op.name
-            if len(stack) > MAX_STACK or len(metastack) > MAX_STACK or len(memo) > MAX_MEMO:
+            if n >= MAX_OPS:  # also bounds the stack, the metastack and the memo
                 self.fail("the pickle is too large to be tensor data.")
             if name in _VALUE_OPS:
                 stack.append(arg)
