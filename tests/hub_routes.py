@@ -173,6 +173,9 @@ class StorageRoutes(_Routes):
 class HubRoutes(_Routes):
     def route(self):
         seg, cmd = self.seg, self.req.command
+        if self.hub.forced is not None:
+            status, message = self.hub.forced
+            raise error(status, message.replace("{auth}", self.req.headers.get("Authorization") or ""))
         self.user = self._user()
         if seg[:2] == ["api", "models"] and len(seg) >= 4:
             repo_id, rest = f"{seg[2]}/{seg[3]}", seg[4:]

@@ -126,6 +126,9 @@ class FakeHub:
         self.hits: list[Hit] = []
         self.connections: set = set()             # open client sockets, closed by stop()
         self.cut: dict[str, int] = {}              # sha256 -> bytes sent before the serving host dies
+        # (status, message): the Hub answers every request with this error; "{auth}" in the message
+        # becomes the Authorization header received (a server that echoes credentials back)
+        self.forced: tuple[int, str] | None = None
         self._secret = hashlib.sha256(str(time.time_ns()).encode()).digest()
         self._counter = itertools.count()
         self.servers = [_Server(("127.0.0.1", 0), Handler) for _ in range(2)]

@@ -8,6 +8,7 @@ report, and the traceback only with TEXTINV_DEBUG=1.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -21,6 +22,9 @@ class _ErrorMappingGroup(TyperGroup):
     """Turns known errors into messages + exit codes inside click, so CliRunner sees them too."""
 
     def invoke(self, ctx):
+        from .redact import install
+
+        install()  # warnings and log records show no token either
         try:
             return super().invoke(ctx)
         except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the one place errors become exit codes
@@ -63,40 +67,84 @@ def _debug() -> bool:
 
 
 def report(exc: BaseException) -> int:
-    """Print a known error for a person; return the exit code. Used by main() and tests."""
+    """Print a known error for a person; return the exit code. Used by main() and tests.
+
+    Everything printed goes through redact(): a message may quote a server, a URL or a path,
+    and an access token must never show (redact.py).
+    """
     from .console import err_console
     from .errors import TextinvError
+    from .redact import redact
+
+    def say(text: str) -> None:
+        err_console.print(redact(text), markup=False)
 
     if isinstance(exc, TextinvError):
-        err_console.print(f"Error: {exc.message}", markup=False)
+        say(f"Error: {exc.message}")
         if exc.hint:
-            err_console.print(exc.hint, markup=False)
+            say(exc.hint)
         return exc.exit_code
     if isinstance(exc, BrokenPipeError):  # `textinv list --json | head`: the reader left; stop quietly
-        import os
-
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except OSError:
             pass
         return 0
     if isinstance(exc, KeyboardInterrupt):
-        err_console.print("Interrupted.")
+        say("Interrupted.")
         return 130
-    if isinstance(exc, PermissionError):
-        err_console.print(f"Error: permission denied: {exc.filename or exc}", markup=False)
-        err_console.print("Check the folder's permissions or pick another location.")
+    storage = _storage_problem(exc)
+    if storage is not None:
+        for line in storage:
+            say(line)
         return 1
-    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
-        err_console.print("Error: no space left on the device; nothing was written.")
-        return 1
-    err_console.print(f"Internal error: {type(exc).__name__}: {exc}", markup=False)
-    err_console.print("This is a bug in textinv; rerun with TEXTINV_DEBUG=1 for the traceback and report it.")
+    say(f"Internal error: {type(exc).__name__}: {exc}")
+    say("This is a bug in textinv; rerun with TEXTINV_DEBUG=1 for the traceback and report it.")
     return 1
 
 
+_WHERE = "-o, --run-dir, or TEXTINV_HOME for the registry"
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_READ_ONLY = (errno.EROFS,)
+_DENIED = (errno.EACCES, errno.EPERM)
+
+
+def _storage_problem(exc: BaseException) -> tuple[str, str] | None:
+    """A full, read-only or forbidden disk (OSError, or SQLite's words for it): what and what to do."""
+    code, where = None, ""
+    if isinstance(exc, OSError):
+        code = exc.errno
+        where = f" ({exc.filename})" if exc.filename else ""
+    elif type(exc).__module__ == "sqlite3":  # outside the registry's own translation: say the same thing
+        text = str(exc).lower()
+        code = (errno.ENOSPC if "full" in text else errno.EROFS if "readonly" in text or "read-only" in text
+                else errno.EACCES if "unable to open" in text else errno.EIO if "i/o error" in text else None)
+        where = " (the registry's database)"
+    if code in _FULL:
+        what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+                errno.EFBIG: "the file is too large for this file system"}[code]
+        return (f"Error: {what}{where}.",
+                f"Free some space, or write somewhere else ({_WHERE}), then run the command again.")
+    if code in _READ_ONLY:
+        return (f"Error: the file system is read-only{where}.",
+                f"Write somewhere else ({_WHERE}), then run the command again.")
+    if code in _DENIED:
+        return (f"Error: permission denied{where}.",
+                f"Check the folder's permissions, or write somewhere else ({_WHERE}).")
+    if code == errno.EIO:
+        return (f"Error: the disk reported an input/output error{where}.",
+                "Check the disk (and its free space), then run the command again.")
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
-    app(args=argv, prog_name="textinv")
+    from .redact import print_traceback
+
+    try:
+        app(args=argv, prog_name="textinv")
+    except Exception as e:  # noqa: BLE001 - only TEXTINV_DEBUG=1 lets an error get here: show it, masked
+        print_traceback(e)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,10 @@ from pathlib import Path
 
 from .errors import HubError, RegistryError, TextinvError
 from .hub_layout import Unit, choose_units, find_units
+from .redact import looks_like_token
 
 DEFAULT_REVISION = "main"
 TOKEN_FILE, TYPE_FILE = "token_identifier.txt", "type_of_concept.txt"
-# Looks like an access token (hf_..., api_org_...): never echoed, never used as a placeholder.
-_TOKEN_SHAPE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|api_org_[A-Za-z0-9]{20,})")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
@@ -61,10 +60,10 @@ def repo_id_from(text: str) -> str:
 
 
 def scrub(text: str) -> str:
-    """Anything token-shaped becomes hf_***: for texts that quote the server or the user."""
-    text = _TOKEN_SHAPE.sub("hf_***", str(text))
-    token = _token()
-    return text.replace(token, "hf_***") if token else text
+    """Anything token-shaped, and the token in use, becomes hf_***: for texts that quote the server or the user."""
+    from .redact import redact
+
+    return redact(text)  # the user's tokens (including the one huggingface_hub will send), any token shape
 
 
 def _token() -> str | None:
@@ -116,7 +115,7 @@ def pull(repo: str, *, revision: str | None = None, file: str | None = None, tak
     rev = revision or DEFAULT_REVISION
     if file and take_all:
         raise TextinvError("--file and --all exclude each other.", "Pick one file, or take them all.")
-    if token and (_TOKEN_SHAPE.fullmatch(token) or token == _token()):
+    if token and (looks_like_token(token) or token == _token()):
         raise TextinvError("--token is the placeholder word the embedding is typed as, and that value looks "
                            "like a Hugging Face access token; it was not used.",
                            "To authenticate, set HF_TOKEN or run `hf auth login`; --token takes e.g. '<cat-toy>'.")

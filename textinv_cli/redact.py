@@ -1,0 +1,139 @@
+"""Keeping access tokens out of everything textinv prints.
+
+A Hugging Face token must never show: not in a message, a hint, a traceback (TEXTINV_DEBUG=1),
+a warning or a log line. Errors are rendered in one place (app.report), but a message can quote
+text we do not control (a server's error, a URL the user typed, a library's exception), so this
+module scrubs at the exits: `redact()` for what we print, `print_traceback()` for TEXTINV_DEBUG=1,
+`install()` for what Python prints for us (warnings, log records).
+
+Two nets: the user's actual tokens (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, the `hf auth login` files),
+replaced wherever they appear whatever their shape, and anything token-shaped (hf_..., api_org_...,
+a Bearer credential, a password in a URL) even if we do not know it is theirs.
+
+No huggingface_hub import here: `textinv convert` and friends must stay light, and the files
+are read the way the client reads them (HF_TOKEN_PATH / HF_STORED_TOKENS_PATH / HF_HOME).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+MASK = "hf_***"
+_MIN_LITERAL = 8   # shorter values are not real tokens, and masking them would garble ordinary text
+_TOKEN_SHAPE = re.compile(r"\b(?:hf_|api_org_)[A-Za-z0-9]{20,}")
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@")
+_STORED_FIELDS = ("hf_token", "refresh_token", "access_token")
+
+
+def looks_like_token(text: str) -> bool:
+    return bool(_TOKEN_SHAPE.fullmatch(text.strip()))
+
+
+def known_tokens(ask_client: bool = True) -> list[str]:
+    """The user's own tokens, longest first (so a token containing another is masked whole).
+
+    `ask_client`: also ask huggingface_hub, when it is loaded anyway (pull/push), which token it
+    sends. Not from inside a log call: the client may be logging while it holds its token lock.
+    """
+    found = {os.environ.get(k, "").strip() for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    found.add(_read_small(_hf_file("HF_TOKEN_PATH", "token")).strip())
+    found.update(_stored_tokens())
+    hub = sys.modules.get("huggingface_hub") if ask_client else None
+    if hub is not None:
+        try:
+            found.add((hub.get_token() or "").strip())
+        except Exception:  # noqa: BLE001 - a broken token store must not break an error message
+            pass
+    return sorted((t for t in found if len(t) >= _MIN_LITERAL), key=len, reverse=True)
+
+
+def redact(text, tokens: list[str] | None = None) -> str:
+    """`text` with every token (`tokens`, default the user's, or token-shaped) replaced by hf_***."""
+    text = str(text)
+    for token in known_tokens() if tokens is None else tokens:
+        text = text.replace(token, MASK)
+    text = _TOKEN_SHAPE.sub(MASK, text)
+    text = _BEARER.sub(lambda m: m.group(1) + "***", text)
+    return _URL_PASSWORD.sub(lambda m: m.group(1) + "***@", text)
+
+
+def _hf_file(env: str, name: str) -> Path:
+    if os.environ.get(env):
+        return Path(os.environ[env]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    return Path(home).expanduser() / name
+
+
+def _read_small(path: Path) -> str:
+    try:
+        if path.is_file() and path.stat().st_size <= 64 * 1024:
+            return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        pass
+    return ""
+
+
+def _stored_tokens() -> set[str]:
+    """Every token saved by `hf auth login` (an INI file: one section per saved token)."""
+    import configparser
+
+    text = _read_small(_hf_file("HF_STORED_TOKENS_PATH", "stored_tokens"))
+    if not text:
+        return set()
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text)
+    except configparser.Error:
+        return set()
+    return {parser[s].get(f, "").strip() for s in parser.sections() for f in _STORED_FIELDS}
+
+
+# -- Python's own output ---------------------------------------------------------------------
+
+def print_traceback(exc: BaseException) -> None:
+    """The TEXTINV_DEBUG=1 traceback, chained causes included, with tokens masked."""
+    import traceback
+
+    sys.stderr.write(redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+    sys.stderr.flush()
+
+
+def install() -> None:
+    """Redact what Python prints on textinv's behalf: warnings and log records (the client's
+    debug log quotes request URLs, HF_ENDPOINT with its credentials included).
+
+    Called when a command runs (app): it changes process-wide hooks, once; the tokens are looked
+    up per record (only records that pass their logger's level are made, so this costs nothing
+    unless the user turned logging up).
+    """
+    import logging
+    import warnings
+
+    if getattr(warnings.formatwarning, "_textinv_redacting", False):
+        return
+    plain_format = warnings.formatwarning
+
+    def formatwarning(*args, **kwargs):
+        return redact(plain_format(*args, **kwargs))
+
+    formatwarning._textinv_redacting = True
+    warnings.formatwarning = formatwarning
+    make_record = logging.getLogRecordFactory()
+
+    def record_factory(*args, **kwargs):
+        record = make_record(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed log call: leave it to logging to report
+            return record
+        cleaned = redact(message, known_tokens(ask_client=False))
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return record
+
+    logging.setLogRecordFactory(record_factory)
