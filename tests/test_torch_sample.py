@@ -23,6 +23,7 @@ from textinv_cli import plugins  # noqa: E402
 from textinv_cli.embedding import Embedding  # noqa: E402
 from textinv_cli.errors import TextinvError  # noqa: E402
 from textinv_cli.registry import Registry  # noqa: E402
+from textinv_cli.sample_batches import batches, pick_batch_size  # noqa: E402
 from textinv_cli.spec import EmbeddingRef, SampleRequest  # noqa: E402
 from textinv_torch import sampling  # noqa: E402
 from textinv_torch.tiny import TINY_WIDTHS, write_tiny_model  # noqa: E402
@@ -166,28 +167,62 @@ def test_each_scheduler_produces_an_image(cli, backend, models, tmp_path, schedu
 
 def test_json_events(cli, backend, models, tmp_path):
     add("<cat-toy>")
-    r = cli(*sample_args(models["sd1"], tmp_path, "A <cat-toy>", "-n", "2", "--json"))
+    r = cli(*sample_args(models["sd1"], tmp_path, "A <cat-toy>", "-n", "3", "--batch-size", "2", "--json"))
     assert r.exit_code == 0, r.output
     events = [json.loads(line) for line in r.stdout.splitlines()]
     kinds = [e["event"] for e in events]
-    assert kinds == ["started", "progress", "progress", "sample", "progress", "progress", "sample", "finished"]
-    assert events[0]["total"] == 4 and events[0]["device"] == "cpu" and events[0]["sampler"] == "DDIM"
-    assert [e["done"] for e in events if e["event"] == "progress"] == [1, 2, 3, 4]
+    # a batch of 2 (one pipeline call: its steps, then its 2 images), then a batch of 1
+    assert kinds == ["started", "progress", "progress", "sample", "sample", "progress", "progress", "sample",
+                     "finished"]
+    assert events[0]["total"] == 6 and events[0]["device"] == "cpu" and events[0]["sampler"] == "DDIM"
+    assert events[0]["batch_size"] == 2
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [(e["image"], e["batch"], e["done"]) for e in progress] == [(0, 2, 2), (0, 2, 4), (2, 1, 5), (2, 1, 6)]
     samples = [e for e in events if e["event"] == "sample"]
-    assert [(s["index"], s["seed"]) for s in samples] == [(0, 0), (1, 1)]
+    assert [(s["index"], s["seed"]) for s in samples] == [(0, 0), (1, 1), (2, 2)]
     assert events[-1]["paths"] == [s["path"] for s in samples]
 
 
-def test_same_seed_same_pixels_and_each_image_reproducible_alone(cli, backend, models, tmp_path):
+def test_default_batch_holds_all_images_up_to_eight_at_512():
+    assert pick_batch_size(3, None, 64, 64) == 3  # the tiny model: all at once
+    assert pick_batch_size(20, None, 512, 512) == 8
+    assert pick_batch_size(20, None, 768, 768) == 3 and pick_batch_size(20, None, 1024, 1024) == 2
+    assert pick_batch_size(20, None, 4096, 4096) == 1
+    assert pick_batch_size(3, 5, 512, 512) == 3 and pick_batch_size(9, 4, 1024, 1024) == 4  # asked: as asked, <= n
+    assert batches(5, 2) == [(0, 2), (2, 2), (4, 1)] and batches(2, 8) == [(0, 2)]
+
+
+# Batched kernels round differently from single-image ones; on the CPU the 8-bit pixels of
+# the same image alone and in a batch differ by at most 1 (measured), another seed by ~200.
+SAME_IMAGE_ATOL = 3
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler-a"])  # euler-a draws fresh noise every step
+def test_each_image_is_the_same_alone_or_in_a_batch(cli, backend, models, tmp_path, scheduler):
     add("<cat-toy>")
-    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    args = ("A <cat-toy>", "--scheduler", scheduler)
+    r = cli(*sample_args(models["sd1"], tmp_path / "b", *args, "--seed", "5", "-n", "3", "--json"))
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.splitlines()[0])["batch_size"] == 3  # the default: all 3 in one pipeline call
+    batched = sorted((tmp_path / "b").iterdir())
+    assert [p.name for p in batched] == ["00000-5.png", "00001-6.png", "00002-7.png"]
+    for i, path in enumerate(batched):
+        assert f"Seed: {5 + i}, " in parameters(path)  # each PNG's infotext names its own seed
+        alone = tmp_path / f"alone-{i}"
+        assert cli(*sample_args(models["sd1"], alone, *args, "--seed", str(5 + i))).exit_code == 0
+        diff = np.abs(pixels(path).astype(int) - pixels(alone / f"00000-{5 + i}.png").astype(int))
+        assert diff.max() <= SAME_IMAGE_ATOL, (i, diff.max())
+    assert np.abs(pixels(batched[0]).astype(int) - pixels(batched[1]).astype(int)).max() > 10 * SAME_IMAGE_ATOL
+
+
+def test_same_seed_same_pixels(cli, backend, models, tmp_path):
+    add("<cat-toy>")
+    a, b = tmp_path / "a", tmp_path / "b"
     assert cli(*sample_args(models["sd1"], a, "A <cat-toy>", "--seed", "5", "-n", "2")).exit_code == 0
     assert cli(*sample_args(models["sd1"], b, "A <cat-toy>", "--seed", "5", "-n", "2")).exit_code == 0
-    assert cli(*sample_args(models["sd1"], c, "A <cat-toy>", "--seed", "6")).exit_code == 0
-    first, second = pixels(a / "00000-5.png"), pixels(a / "00001-6.png")
-    assert np.array_equal(first, pixels(b / "00000-5.png"))
-    assert np.array_equal(second, pixels(c / "00000-6.png"))  # image 1 of seed 5 == image 0 of seed 6
-    assert not np.array_equal(first, second)
+    for name in ("00000-5.png", "00001-6.png"):
+        assert np.array_equal(pixels(a / name), pixels(b / name))
+    assert not np.array_equal(pixels(a / "00000-5.png"), pixels(a / "00001-6.png"))
 
 
 # -- refusals ---------------------------------------------------------------------------------
@@ -227,6 +262,7 @@ def test_backend_checks_widths_itself(models, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["-n", "0"], "-n must be at least 1"),
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--guidance", "-1"], "--guidance must be 0 or more"),
     (["--size", "65"], "--size must be a positive multiple of 8"),
     (["--size", "64x60"], "--size must be a positive multiple of 8"),

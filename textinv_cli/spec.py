@@ -103,6 +103,7 @@ class SampleRequest:
     width: int | None = None
     height: int | None = None
     precision: str = "fp32"
+    batch_size: int | None = None       # images per pipeline call; None: the backend picks (up to 8)
 
 
 @dataclass

@@ -11,8 +11,10 @@ so sampling never touches the 49k-row token table.
 
 Image i starts from `jax.random.normal(key(seed + i))` (threefry: the same picture on any
 device); the pixels differ from the torch backend's, whose noise comes from torch's RNG.
-One jitted function per denoising step, called from a host loop, so `progress` events
-follow the work; the UNet compiles once per shape. PNGs are named and annotated the way
+Images go through the UNet `batch_size` at a time (their noises stacked, so image i is the
+same picture alone or in a batch, up to float rounding); a short last batch is padded to
+the batch's shape, so the UNet compiles once. One jitted function per denoising step,
+called from a host loop, so `progress` events follow the work. PNGs are named and annotated the way
 A1111 writes them (textinv_cli.infotext), exactly as the torch sampler does.
 """
 
@@ -32,6 +34,7 @@ import numpy as np
 from textinv_cli.errors import TextinvError
 from textinv_cli.infotext import check_out_dir as _check_out_dir
 from textinv_cli.images import open_rgb, preprocess
+from textinv_cli.sample_batches import batches, pick_batch_size
 from textinv_cli.spec import Event, SampleRequest
 
 from . import schedule as sched
@@ -147,11 +150,11 @@ def text_states(params, ids, rows, *, config, dtype):
 
 @partial(jax.jit, static_argnames=("config", "dtype", "guided"))
 def denoise_step(params, plan, i, x, prev_x0, context, guidance, *, config, dtype, guided):
-    """One sampler step from x [1, h, w, C]; context [2, T, D] (uncond, cond) or [1, T, D]."""
+    """One sampler step from x [B, h, w, C]; context [2B, T, D] (B uncond, then B cond) or [B, T, D]."""
     t = plan.timesteps[i]
     if guided:
         out = apply_unet(params, config, jnp.concatenate([x, x]), t, context, dtype=dtype)
-        uncond, cond = out[:1], out[1:]
+        uncond, cond = jnp.split(out, 2)
         out = uncond + guidance * (cond - uncond)
     else:
         out = apply_unet(params, config, x, t, context, dtype=dtype)
@@ -168,11 +171,19 @@ def decode(params, latents, *, config, dtype):
 
 
 def denoise(nets: dict, configs: dict, context, *, plan, guidance: float, noise, dtype) -> Iterator[int]:
-    """Run every step of `plan` from `noise`; yields each finished step index and returns
-    the image as float32 [H, W, 3] in [0, 1] (use `image = yield from denoise(...)`).
+    """Run every step of `plan` from `noise` [1, h, w, C]; yields each finished step index and
+    returns the image as float32 [H, W, 3] in [0, 1] (use `image = yield from denoise(...)`).
 
     nets: {"unet", "vae"} params (already on the device); configs: the same keys."""
+    images = yield from denoise_batch(nets, configs, context, plan=plan, guidance=guidance, noise=noise, dtype=dtype)
+    return images[0]
+
+
+def denoise_batch(nets: dict, configs: dict, context, *, plan, guidance: float, noise, dtype) -> Iterator[int]:
+    """`denoise` for a batch: noise [B, h, w, C], one prompt's context [2, T, D] (negative,
+    prompt) or [1, T, D]; returns float32 images [B, H, W, 3] in [0, 1]."""
     guided = context.shape[0] == 2
+    context = jnp.repeat(context, noise.shape[0], axis=0)  # [u, c] -> [u]*B + [c]*B, as denoise_step takes
     # Everything committed to the params' devices up front: outputs come back committed, and
     # an uncommitted first input would compile the step a second time for step 2.
     where = jax.tree.leaves(nets["unet"])[0].sharding
@@ -183,7 +194,7 @@ def denoise(nets: dict, configs: dict, context, *, plan, guidance: float, noise,
                              guided=guided)
         x.block_until_ready()  # progress events follow the work, not the dispatch
         yield i
-    return np.asarray(decode(nets["vae"], x, config=configs["vae"], dtype=dtype)[0])
+    return np.asarray(decode(nets["vae"], x, config=configs["vae"], dtype=dtype))
 
 
 def initial_noise(seed: int, height: int, width: int, vae_config) -> jax.Array:
@@ -233,32 +244,39 @@ def sample(request: SampleRequest) -> Iterator[Event]:
     context = text_states(clip_params, ids, rows, config=text.config, dtype=dtype)
 
     n, steps = request.n, request.steps
+    # One image per call unless --batch-size asks for more: the torch backend's default
+    # (pick_batch_size's pixel budget) is not yet switched on here (see issue 6's note).
+    batch = pick_batch_size(n, request.batch_size or 1, width, height)
     yield Event("started", {
         "model": name, "family": family, "device": device.platform, "precision": request.precision,
         "scheduler": request.scheduler, "sampler": SCHEDULERS[request.scheduler],
-        "images": n, "steps": steps, "total": n * steps, "out_dir": str(out_dir),
+        "images": n, "batch_size": batch, "steps": steps, "total": n * steps, "out_dir": str(out_dir),
         "embeddings": [{"name": r.name, "token": r.token, "vectors": int(next(iter(r.vectors.values())).shape[0])}
                        for r in request.embeddings],
     })
     paths = []
-    for i in range(n):
-        seed = request.seed + i
-        run = denoise(nets, configs, context, plan=plan, guidance=request.guidance, dtype=dtype,
-                      noise=initial_noise(seed, height, width, image.vae_config))
+    for start, count in batches(n, batch):
+        seeds = [request.seed + start + j for j in range(count)]
+        noise = jnp.concatenate([initial_noise(seed, height, width, image.vae_config) for seed in seeds])
+        if n > batch:  # pad a short last batch: one UNet shape, one compile
+            noise = jnp.concatenate([noise, jnp.zeros((batch - count,) + noise.shape[1:], noise.dtype)])
+        run = denoise_batch(nets, configs, context, plan=plan, guidance=request.guidance, dtype=dtype, noise=noise)
         while True:
             try:
                 step = next(run)
             except StopIteration as done:
-                pixels = done.value
+                pixels = done.value[:count]
                 break
-            yield Event("progress", {"image": i, "images": n, "step": step + 1, "steps": steps,
-                                     "done": i * steps + step + 1, "total": n * steps})
+            yield Event("progress", {"image": start, "batch": count, "images": n, "step": step + 1, "steps": steps,
+                                     "done": start * steps + (step + 1) * count, "total": n * steps})
         out_dir.mkdir(parents=True, exist_ok=True)
-        text_chunk = infotext(request, seed=seed, width=width, height=height, model_name=name,
-                              sampler=SCHEDULERS[request.scheduler])
-        path = save_png(to_pil(pixels), out_dir, seed, text_chunk)
-        paths.append(str(path))
-        yield Event("sample", {"path": str(path), "seed": seed, "index": i, "width": width, "height": height})
+        for j, (seed, picture) in enumerate(zip(seeds, pixels)):
+            text_chunk = infotext(request, seed=seed, width=width, height=height, model_name=name,
+                                  sampler=SCHEDULERS[request.scheduler])
+            path = save_png(to_pil(picture), out_dir, seed, text_chunk)
+            paths.append(str(path))
+            yield Event("sample", {"path": str(path), "seed": seed, "index": start + j, "width": width,
+                                   "height": height})
     yield Event("finished", {"paths": paths, "out_dir": str(out_dir), "seconds": round(time.monotonic() - t0, 3)})
 
 
@@ -270,6 +288,7 @@ def _check_request(r: SampleRequest) -> None:
     problems = [msg for ok, msg in (
         (positive_int(r.n, 1), f"n must be at least 1 (got {r.n!r})"),
         (positive_int(r.steps, 1), f"steps must be at least 1 (got {r.steps!r})"),
+        (r.batch_size is None or positive_int(r.batch_size, 1), f"batch_size must be at least 1 (got {r.batch_size!r})"),
         (r.guidance is not None and r.guidance >= 0, f"guidance must be >= 0 (got {r.guidance!r})"),
         (all(v is None or (positive_int(v, 8) and v % 8 == 0) for v in (r.width, r.height)),
          f"width and height must be positive multiples of 8 (got {r.width!r}x{r.height!r})"),

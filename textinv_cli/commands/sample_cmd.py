@@ -19,6 +19,9 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 def sample(
     prompt: str = typer.Argument(..., help='e.g. "A <cat-toy> backpack"; registered tokens in it are loaded.'),
     n: int = typer.Option(1, "-n", "--num-images", help="How many images (image i uses seed + i)."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Images rendered at once (default: up to 8 at 512x512, fewer for larger "
+                                   "sizes); image i is the same picture whatever the batch."),
     steps: int = typer.Option(30, "--steps", help="Denoising steps per image."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, euler, euler-a, dpm++ or unipc."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (CFG)."),
@@ -36,7 +39,7 @@ def sample(
     from ..prompt_tokens import check_families, embeddings_in_prompt
     from ..registry import Registry
 
-    width, height = _check_options(n, steps, scheduler, guidance, size, precision)
+    width, height = _check_options(n, steps, scheduler, guidance, size, precision, batch_size)
     if not prompt.strip():
         raise TextinvError("The prompt is empty.", 'Pass one, e.g. textinv sample "A <cat-toy> backpack".')
     registry = Registry()
@@ -57,7 +60,7 @@ def sample(
     request = SampleRequest(
         prompt=prompt, model=resolved, out_dir=str(out.expanduser().absolute()), embeddings=refs,
         negative=negative, n=n, steps=steps, scheduler=scheduler, guidance=guidance, seed=seed,
-        width=width, height=height, precision=precision)
+        width=width, height=height, precision=precision, batch_size=batch_size)
     events = chosen.sample(request)
     try:
         if json_out:
@@ -72,7 +75,7 @@ def sample(
             close()
 
 
-def _check_options(n, steps, scheduler, guidance, size, precision) -> tuple[int | None, int | None]:
+def _check_options(n, steps, scheduler, guidance, size, precision, batch_size=None) -> tuple[int | None, int | None]:
     """Every out-of-range option at once, before any work; returns (width, height)."""
     from ..errors import TextinvError
 
@@ -81,6 +84,8 @@ def _check_options(n, steps, scheduler, guidance, size, precision) -> tuple[int 
         problems.append(f"-n must be at least 1, not {n}")
     if steps < 1:
         problems.append(f"--steps must be at least 1, not {steps}")
+    if batch_size is not None and batch_size < 1:
+        problems.append(f"--batch-size must be at least 1, not {batch_size}")
     if not guidance >= 0:  # also catches nan
         problems.append(f"--guidance must be 0 or more, not {guidance}")
     if scheduler not in SCHEDULERS:
@@ -144,7 +149,8 @@ def _render_rich(events, model_name: str) -> None:
             if event.kind == "started":
                 out_dir = data.get("out_dir")
                 used = ", ".join(e["token"] for e in data.get("embeddings", [])) or "no embeddings"
-                console.print(f"Sampling {data['images']} image(s) with {data['model']} on {data['device']} "
+                at_once = f", {data['batch_size']} at a time" if data.get("batch_size", 1) > 1 else ""
+                console.print(f"Sampling {data['images']} image(s){at_once} with {data['model']} on {data['device']} "
                               f"({data['sampler']}, {data['steps']} steps; {used})", markup=False)
                 progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -153,7 +159,7 @@ def _render_rich(events, model_name: str) -> None:
                 task = progress.add_task("image 1", total=data.get("total"), rate="")
             elif event.kind == "progress" and progress is not None:
                 speed = progress.tasks[0].speed
-                progress.update(task, completed=data["done"], description=f"image {data['image'] + 1}/{data['images']}",
+                progress.update(task, completed=data["done"], description=_images_label(data),
                                 rate=f"{speed:.2f} it/s" if speed else "")
             elif event.kind == "sample":
                 written.append(data["path"])
@@ -165,6 +171,14 @@ def _render_rich(events, model_name: str) -> None:
             progress.stop()
     if written:
         console.print(f"{len(written)} image(s) in {out_dir or Path(written[0]).parent}", markup=False)
+
+
+def _images_label(data: dict) -> str:
+    """"image 3/8" for one image at a time, "images 1-8/8" for a batch (its rate counts image-steps)."""
+    first, count = data["image"] + 1, data.get("batch", 1)
+    if count <= 1:
+        return f"image {first}/{data['images']}"
+    return f"images {first}-{first + count - 1}/{data['images']}"
 
 
 def _chain(first, rest):
