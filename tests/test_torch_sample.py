@@ -23,7 +23,7 @@ from textinv_cli import plugins  # noqa: E402
 from textinv_cli.embedding import Embedding  # noqa: E402
 from textinv_cli.errors import TextinvError  # noqa: E402
 from textinv_cli.registry import Registry  # noqa: E402
-from textinv_cli.sample_batches import batches, pick_batch_size  # noqa: E402
+from textinv_cli.batch_sizes import batches, pick_batch_size  # noqa: E402
 from textinv_cli.spec import EmbeddingRef, SampleRequest  # noqa: E402
 from textinv_torch import sampling  # noqa: E402
 from textinv_torch.tiny import TINY_WIDTHS, write_tiny_model  # noqa: E402

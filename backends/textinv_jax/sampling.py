@@ -34,7 +34,7 @@ import numpy as np
 from textinv_cli.errors import TextinvError
 from textinv_cli.infotext import check_out_dir as _check_out_dir
 from textinv_cli.images import open_rgb, preprocess
-from textinv_cli.sample_batches import batches, pick_batch_size
+from textinv_cli.batch_sizes import batches, encode_batch_size, pick_batch_size
 from textinv_cli.spec import Event, SampleRequest
 
 from . import schedule as sched
@@ -109,14 +109,16 @@ _encode_images = jax.jit(apply_vae_encoder, static_argnums=1)
 
 
 def latent_cache(paths, image: ImageSide, resolution: int, center_crop: bool, flip_p: float,
-                 batch: int = 8) -> tuple[np.ndarray, np.ndarray, tuple]:
+                 batch: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple]:
     """Training images -> latent distributions: VAE-encode every (image, flip) once; latent
     mean and std [E, C, h, w] (fp32, NCHW, the layout the BatchPlan's draws have). A step
     samples mean + std * eps, the distribution the VAE would draw from every step.
 
-    Images are read `batch` at a time (a large folder never sits in memory as pixels), and
+    Images are read `batch` at a time (default: encode_batch_size, as the torch backend's, so
+    caching never sets the peak memory; a large folder never sits in memory as pixels), and
     the last batch is padded so the encoder compiles once. Only flips that can be drawn are
     encoded (p=0 never flips, p=1 always does), entries ordered as the torch cache's."""
+    batch = batch or encode_batch_size(resolution)
     flips = (False,) if flip_p <= 0 else (True,) if flip_p >= 1 else (False, True)
     params = jax.device_put(image.vae_params, jax.local_devices()[0])  # this host's own work
     means, stds, pending = [], [], []

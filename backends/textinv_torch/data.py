@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from textinv_cli.batch_sizes import encode_batch_size
 from textinv_cli.errors import TextinvError
 
 from .rows import expand_placeholder
@@ -58,12 +59,15 @@ def flip_variants(flip_p: float) -> tuple[bool, ...]:
 
 @torch.no_grad()
 def build_cache(paths: list[Path], vae, resolution: int, center_crop: bool, flip_p: float,
-                device: torch.device, batch: int = 8) -> LatentCache:
-    """Encode every (image, flip) with the VAE in eval mode, `batch` at a time.
+                device: torch.device, batch: int | None = None) -> LatentCache:
+    """Encode every (image, flip) with the VAE in eval mode, `batch` at a time (default:
+    batch_sizes.encode_batch_size, one 512 px image per call, so caching never sets the run's
+    peak GPU memory).
 
     Images are read and encoded one batch at a time, so a large folder never sits in memory
     as pixels. The same inputs in the same batches give the same latents (resume relies on it).
     """
+    batch = batch or encode_batch_size(resolution)
     flips = flip_variants(flip_p)
     vae_dtype = next(vae.parameters()).dtype
     was_training = vae.training

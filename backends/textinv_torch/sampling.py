@@ -28,7 +28,7 @@ from typing import Iterator
 
 from textinv_cli.errors import TextinvError
 from textinv_cli.infotext import check_out_dir as _check_out_dir, infotext, save_png
-from textinv_cli.sample_batches import batches, pick_batch_size
+from textinv_cli.batch_sizes import batches, pick_batch_size
 from textinv_cli.spec import Event, SampleRequest
 
 # Our scheduler names -> (diffusers class, extra config, A1111's sampler name for the infotext).
