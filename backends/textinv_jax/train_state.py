@@ -37,7 +37,8 @@ VERSION = 1  # textinv_torch.state.VERSION: the same format
 
 def save_checkpoint(run: Path, step: int, rows: dict[str, np.ndarray], mu: dict[str, np.ndarray],
                     nu: dict[str, np.ndarray], count: int, info: dict, keep: int) -> Path:
-    """Write run/checkpoints/step-NNNNNN/ atomically (temp folder, rename, marker); returns it."""
+    """Write run/checkpoints/step-NNNNNN/ through the core's runs.write_checkpoint (temp folder,
+    fsync, rename, marker, retention: a kill at any point loses nothing); returns it."""
     tensors = {}
     for slot, r in rows.items():
         tensors[f"rows.{slot}"] = np.asarray(r, np.float32)
@@ -46,10 +47,9 @@ def save_checkpoint(run: Path, step: int, rows: dict[str, np.ndarray], mu: dict[
         tensors[f"adam.{slot}.step"] = np.asarray(count, np.float32)
     meta = {"version": VERSION, "step": step, "slots": list(rows),
             "shapes": {s: list(np.shape(r)) for s, r in rows.items()}, **info}
-    tmp = runs.begin_checkpoint(run, step)
-    (tmp / TENSORS).write_bytes(dump_safetensors(tensors, {"format": "np"}))
-    (tmp / INFO).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return runs.commit_checkpoint(run, tmp, step, keep)
+    files = {TENSORS: dump_safetensors(tensors, {"format": "np"}),
+             INFO: json.dumps(meta, indent=2, sort_keys=True).encode()}
+    return runs.write_checkpoint(run, step, files, keep)
 
 
 def load_checkpoint(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:

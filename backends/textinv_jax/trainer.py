@@ -305,6 +305,8 @@ def _loop(s: Setup, run: Path, resume: Path | None) -> Iterator[Event]:
     if main:
         run.mkdir(parents=True, exist_ok=True)  # the first write of the run, after every check
         spec.save(run)
+        if resume is not None:  # what a killed process left half-written: never picked, now gone
+            runs.tidy_for_resume(run, spec.keep_checkpoints)
 
     def emit(kind, **data):
         return state.record_event(run, Event(kind, data)) if main else Event(kind, data)

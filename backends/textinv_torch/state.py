@@ -13,8 +13,8 @@ checkpoint is only:
     state.json          step, token, slots, shapes, seed, grad-scaler state, data position
 
 No pickle anywhere (the house rule: never torch.load): a checkpoint is data, never code.
-Folders are written through runs.begin_checkpoint/commit_checkpoint (temp dir, rename,
-`complete` marker, retention), so a half-written one is never picked up.
+Folders are written through runs.write_checkpoint (temp dir, fsync, rename, `complete`
+marker, retention), so a half-written one is never picked up, whenever the process dies.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ VERSION = 1
 def save_checkpoint(run: Path, step: int, rows: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     info: dict, keep: int) -> Path:
     """Write run/checkpoints/step-NNNNNN/ atomically; returns its final path."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {}
     for slot, r in rows.items():
@@ -47,10 +47,9 @@ def save_checkpoint(run: Path, step: int, rows: dict[str, torch.Tensor], optimiz
                 tensors[f"adam.{slot}.{key}"] = v.detach().to("cpu").contiguous()
     meta = {"version": VERSION, "step": step, "slots": list(rows),
             "shapes": {s: list(r.shape) for s, r in rows.items()}, **info}
-    tmp = runs.begin_checkpoint(run, step)
-    save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt"})
-    (tmp / INFO).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return runs.commit_checkpoint(run, tmp, step, keep)
+    files = {TENSORS: save(tensors, metadata={"format": "pt"}),
+             INFO: json.dumps(meta, indent=2, sort_keys=True).encode()}
+    return runs.write_checkpoint(run, step, files, keep)
 
 
 def load_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
