@@ -114,7 +114,10 @@ def check_new_run_dir(run: Path) -> None:
 
 
 def record_event(run: Path, event) -> object:
-    """Append the event to run/events.jsonl; numpy arrays are left out (shapes stay)."""
+    """Append the event to run/events.jsonl; numpy arrays are left out (shapes stay).
+
+    Not fsynced (a log, written every step); a process or machine that died mid-line leaves
+    a torn last line, which the next append cuts off so every line stays one JSON object."""
     def plain(v):
         if isinstance(v, np.ndarray):
             return list(v.shape)
@@ -124,9 +127,31 @@ def record_event(run: Path, event) -> object:
             return [plain(x) for x in v]
         return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
 
-    with open(run / EVENTS, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"time": round(time.time(), 3), **plain(event.to_json())}) + "\n")
+    line = json.dumps({"time": round(time.time(), 3), **plain(event.to_json())}) + "\n"
+    with open(run / EVENTS, "a+b") as f:
+        _cut_torn_line(f)
+        f.write(line.encode("utf-8"))
     return event
+
+
+def _cut_torn_line(f) -> None:
+    """Truncate a file opened for appending after its last newline, if it does not end in one."""
+    end = f.seek(0, os.SEEK_END)
+    if end == 0:
+        return
+    f.seek(end - 1)
+    if f.read(1) == b"\n":
+        return
+    pos = end
+    while pos > 0:  # walk back in blocks to the last newline (or the start of the file)
+        start = max(0, pos - 65536)
+        f.seek(start)
+        nl = f.read(pos - start).rfind(b"\n")
+        if nl >= 0:
+            f.truncate(start + nl + 1)
+            return
+        pos = start
+    f.truncate(0)
 
 
 # -- the loop's bookkeeping: log steps and Ctrl-C --------------------------------------------

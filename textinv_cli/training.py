@@ -148,6 +148,7 @@ def _register(finished: Event | None, spec: TrainSpec, name: str, *, json_out: b
     from .embedding import Embedding
     from .errors import BackendError
     from .registry import Registry
+    from .runs import crash_point
 
     if finished is None:
         raise BackendError("The backend stopped without finishing the run; nothing was registered.",
@@ -156,6 +157,7 @@ def _register(finished: Event | None, spec: TrainSpec, name: str, *, json_out: b
     meta = {"learnable_property": spec.property, "base_model": spec.model, "step": str(d.get("step", spec.steps)),
             "backend": spec.backend, **{k: str(v) for k, v in (d.get("meta") or {}).items()}}
     emb = Embedding(d.get("token", spec.token), d["vectors"], meta)
+    crash_point("before-register")  # test hook (runs.CRASH_ENV): the final file is written, not yet registered
     origin = {"run": str(Path(spec.run_dir).resolve()), "config": spec.to_json(),
               "embedding_path": str(d.get("embedding_path", ""))}
     entry, created = Registry().add(emb, name=name, source="trained", origin=origin)
