@@ -168,11 +168,17 @@ def test_resume_is_bit_identical(tiny, tmp_path, reference, accum):
         (ck / ".step-000005.tmp").mkdir()
         (ck / "step-000004").mkdir()  # renamed but never marked complete
         (ck / "step-000005.json").write_text("{}")
+        (run / ".learned_embeds.safetensors.k2x9_a.tmp").write_bytes(b"half")  # the final write, killed
+        (run / ".notes.tmp").write_text("a user's")
     events = run_all(spec, resume=run)
     started = events[0].data
     assert started["start_step"] == 3 and started["resumed_from"] == str(runs.checkpoint_dir(run, 3))
     assert [e.data["step"] for e in events if e.kind == "progress"] == [4, 5, 6]
     assert_same(final_vectors(events), final_vectors(reference[accum]))
+    if accum == 1:  # what a killed write leaves is swept on resume; what is not ours stays
+        left = sorted(p.name for p in ck.iterdir())
+        assert left == ["checkpoint-foo", "step-000003", "step-000005.json", "step-000006"], left
+        assert not (run / ".learned_embeds.safetensors.k2x9_a.tmp").exists() and (run / ".notes.tmp").exists()
     # the test can fail: training moves the rows, and accumulation changes where they go
     at_3 = load_file(runs.checkpoint_dir(run, 3) / "state.safetensors")["rows.clip_l"]
     assert not np.array_equal(at_3, final_vectors(events)["clip_l"])
