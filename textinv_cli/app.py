@@ -104,13 +104,12 @@ def report(exc: BaseException) -> int:
 
 
 _WHERE = "-o, --run-dir, or TEXTINV_HOME for the registry"
-_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-_READ_ONLY = (errno.EROFS,)
-_DENIED = (errno.EACCES, errno.EPERM)
 
 
 def _storage_problem(exc: BaseException) -> tuple[str, str] | None:
     """A full, read-only or forbidden disk (OSError, or SQLite's words for it): what and what to do."""
+    from .errors import DISK_DENIED, DISK_FULL, DISK_PROBLEMS, DISK_READ_ONLY
+
     code, where = None, ""
     if isinstance(exc, OSError):
         code = exc.errno
@@ -120,21 +119,16 @@ def _storage_problem(exc: BaseException) -> tuple[str, str] | None:
         code = (errno.ENOSPC if "full" in text else errno.EROFS if "readonly" in text or "read-only" in text
                 else errno.EACCES if "unable to open" in text else errno.EIO if "i/o error" in text else None)
         where = " (the registry's database)"
-    if code in _FULL:
-        what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
-                errno.EFBIG: "the file is too large for this file system"}[code]
-        return (f"Error: {what}{where}.",
-                f"Free some space, or write somewhere else ({_WHERE}), then run the command again.")
-    if code in _READ_ONLY:
-        return (f"Error: the file system is read-only{where}.",
-                f"Write somewhere else ({_WHERE}), then run the command again.")
-    if code in _DENIED:
-        return (f"Error: permission denied{where}.",
-                f"Check the folder's permissions, or write somewhere else ({_WHERE}).")
-    if code == errno.EIO:
-        return (f"Error: the disk reported an input/output error{where}.",
-                "Check the disk (and its free space), then run the command again.")
-    return None
+    if code not in DISK_PROBLEMS:
+        return None
+    what = f"Error: {DISK_PROBLEMS[code]}{where}."
+    if code in DISK_FULL:
+        return what, f"Free some space, or write somewhere else ({_WHERE}), then run the command again."
+    if code in DISK_READ_ONLY:
+        return what, f"Write somewhere else ({_WHERE}), then run the command again."
+    if code in DISK_DENIED:
+        return what, f"Check the folder's permissions, or write somewhere else ({_WHERE})."
+    return what, "Check the disk (and its free space), then run the command again."
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,15 @@ anything else is a bug and shows a traceback only with TEXTINV_DEBUG=1.
 
 from __future__ import annotations
 
+import errno
+
+# What a failed write's errno means to a person (app.report and hub.py say it in these words).
+DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+             errno.EFBIG: "the file is too large for this file system"}
+DISK_READ_ONLY = {errno.EROFS: "the file system is read-only"}
+DISK_DENIED = {errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+DISK_PROBLEMS = {**DISK_FULL, **DISK_READ_ONLY, **DISK_DENIED, errno.EIO: "the disk reported an input/output error"}
+
 
 class TextinvError(Exception):
     """Base class: `message` is what went wrong, `hint` what to do about it."""

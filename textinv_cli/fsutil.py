@@ -33,20 +33,36 @@ def check_writable_target(path: Path, force: bool) -> None:
         raise TextinvError(f"The folder {path.parent} does not exist.", "Create it first or pick another -o.")
 
 
+@contextlib.contextmanager
+def errors_name(path: Path):
+    """OSErrors name the destination: the user knows that path, not a temp file or folder
+    beside it named `.NAME.*` (which is gone), and a write that fails midway (ENOSPC at
+    write or fsync) carries no file name at all.
+    """
+    path = Path(path)
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None or os.path.basename(os.fsdecode(e.filename)).startswith(f".{path.name}."):
+            e.filename = str(path)
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes, *, force: bool = False) -> None:
     path = Path(path)
     check_writable_target(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with errors_name(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     _fsync_dir(path.parent)
 
 
@@ -54,25 +70,35 @@ def atomic_write_dir(path: Path, files: dict[str, bytes], *, force: bool = False
     """Write a folder of files: build it beside the target, then rename into place."""
     path = Path(path)
     check_writable_target(path, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        for name, data in files.items():
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if path.exists():  # --force: move the old one aside, then drop it once the new one is in
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with errors_name(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            for name, data in files.items():
+                with open(tmp / name, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            if path.exists():  # --force: move the old one aside, then drop it once the new one is in
+                _swap_in(tmp, path)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     _fsync_dir(path.parent)
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Replace the folder `path` by `new`; if that fails, the old folder is put back."""
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_capped(path: Path, max_bytes: int | None = DEFAULT_MAX_BYTES) -> bytes:

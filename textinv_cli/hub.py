@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import HubError, RegistryError, TextinvError
+from .errors import DISK_FULL, DISK_PROBLEMS, HubError, RegistryError, TextinvError
 from .hub_layout import Unit, choose_units, find_units
 from .redact import looks_like_token
 
@@ -328,6 +328,8 @@ def _translate(e: BaseException, repo_id: str, rev: str | None, action: str) -> 
         server = scrub(getattr(e, "server_message", None) or "").strip()
         return HubError(f"The Hub refused to {action} {repo_id} (HTTP {status})" + (f": {server}" if server else "."),
                         "Check the repo id and your access.")
+    if isinstance(e, OSError) and e.errno in DISK_PROBLEMS and action.startswith("download"):
+        return _cache_unwritable(e, at)
     if isinstance(e, OSError) and "Consistency check failed" in str(e) or _network(e) and _midway(e):
         return HubError(f"The download from {at} was interrupted ({type(e).__name__}); nothing was registered.",
                         "Check your connection and run the command again.")
@@ -338,6 +340,20 @@ def _translate(e: BaseException, repo_id: str, rev: str | None, action: str) -> 
     if isinstance(e, he.HFValidationError):
         return HubError(f"{scrub(e)}", "Use OWNER/NAME as in the repo's URL.")
     return None
+
+
+def _cache_unwritable(e: OSError, at: str) -> HubError:
+    """The download could not be stored: the files go into the user's Hugging Face cache first."""
+    from huggingface_hub import constants
+
+    cache = constants.HF_HUB_CACHE
+    if e.errno in DISK_FULL:
+        return HubError(f"Could not store {at} in the Hugging Face cache ({cache}): {DISK_PROBLEMS[e.errno]}; "
+                        "nothing was registered.",
+                        "Free some space there (or set HF_HOME to a folder on another disk), then pull again.")
+    return HubError(f"Could not store {at} in the Hugging Face cache ({e.filename or cache}): "
+                    f"{DISK_PROBLEMS[e.errno]}; nothing was registered.",
+                    "Set HF_HOME to a writable folder (or fix this one's permissions), then pull again.")
 
 
 def _midway(e: BaseException) -> bool:

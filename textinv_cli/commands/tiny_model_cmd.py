@@ -20,6 +20,7 @@ def tiny_model(
     """Write a tiny Stable Diffusion model (real diffusers layout, random weights)."""
     from ..console import console
     from ..errors import TextinvError
+    from ..fsutil import errors_name
 
     if family not in ("sd1", "sd2", "sdxl"):
         raise TextinvError(f"--family must be sd1, sd2 or sdxl, not {family!r}.")
@@ -27,7 +28,9 @@ def tiny_model(
         from textinv_torch.tiny import write_demo_images, write_tiny_model
     except ImportError as e:
         raise TextinvError("The tiny-model factory needs the torch extra.", 'Install it: pip install "textinv[torch]"') from e
-    path = write_tiny_model(out, family=family, seed=seed)
+    with errors_name(out):  # a failed write names OUT, not the temp folder the model is built in
+        path = write_tiny_model(out, family=family, seed=seed)
     console.print(f"Tiny {family} model: {path}", markup=False)
     if images is not None:
-        console.print(f"Training images: {write_demo_images(images, seed=seed)}", markup=False)
+        with errors_name(images):
+            console.print(f"Training images: {write_demo_images(images, seed=seed)}", markup=False)

@@ -1,0 +1,249 @@
+"""A read-only or full disk (issue 7): every command that writes says so in one or two lines
+(exit 1, no traceback, no "Internal error"), leaves nothing half-written where it writes and
+registers nothing. The faults come from tests/disk_faults.py (real chmod where it stops this
+process, injected errors otherwise).
+"""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+
+import pytest
+
+from tests.disk_faults import Disk
+from tests.helpers import random_embedding
+from tests.hub_server import concept_repo, hub  # noqa: F401 - fixtures
+from textinv_cli.formats import WRITERS
+from textinv_cli.registry import Registry
+
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
+
+FULL, READ_ONLY = "full", "read-only"
+SAYS = {FULL: "no space left on the device", READ_ONLY: "permission denied"}
+
+
+@pytest.fixture
+def disk(monkeypatch):
+    """disk(folder, FULL | READ_ONLY) -> the Disk fault, undone after the test."""
+    made = []
+
+    def make(folder, fault: str, budget: int = 0) -> Disk:
+        d = Disk(monkeypatch, folder)
+        made.append(d)
+        return d.full(budget) if fault == FULL else d.read_only()
+
+    yield make
+    for d in made:
+        d.undo()
+
+
+def refused(r, fault: str, *needles: str) -> str:
+    """Exit 1 with one or two lines naming the problem and what to do."""
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output and "Internal error" not in r.output, r.output
+    assert "Error: " in r.stderr, r.output
+    text = r.stderr[r.stderr.index("Error: "):]  # after any progress shown before the fault
+    assert 1 <= len(text.strip().splitlines()) <= 2, text
+    assert SAYS[fault] in text, text
+    assert "write somewhere else" in text.lower(), text
+    for n in needles:
+        assert n in text, text
+    return text
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*"))
+
+
+def files(folder) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.is_file())
+
+
+def embedding_file(tmp_path, family="sd1"):
+    from textinv_cli.formats import write_embedding
+
+    src = tmp_path / "src" / f"cat-{family}.safetensors"
+    src.parent.mkdir(exist_ok=True)
+    write_embedding(random_embedding("<cat-toy>", family=family), src, "kohya")
+    return src
+
+
+FORMATS = [(fmt, "sdxl" if "sd1" not in info.families else "sd1") for fmt, info in WRITERS.items()]
+
+
+@pytest.mark.parametrize("fault", [FULL, READ_ONLY])
+@pytest.mark.parametrize("fmt, family", FORMATS, ids=[f for f, _ in FORMATS])
+def test_convert_to_every_format(cli, disk, tmp_path, fmt, family, fault):
+    src = embedding_file(tmp_path, family)
+    out = tmp_path / "out"
+    out.mkdir()
+    d = disk(out, fault, budget=100)  # full: the first 100 bytes fit, then ENOSPC mid-file
+    refused(cli("convert", src, "--to", fmt, "-o", out / "cat"), fault, str(out / "cat"))
+    assert fault != FULL or d.hits
+    d.undo()
+    assert leftovers(out) == []  # no half file, no temp file, no temp folder
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "sd-concepts"])
+def test_convert_force_over_an_existing_output_keeps_the_old_one(cli, disk, tmp_path, fmt):
+    src = embedding_file(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert cli("convert", src, "--to", fmt, "-o", out / "cat").exit_code == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    disk(out, FULL, budget=100)
+    refused(cli("convert", src, "--to", fmt, "-o", out / "cat", "--token", "<other>", "--force"), FULL)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("fault", [FULL, READ_ONLY])
+def test_import_into_a_faulty_registry_registers_nothing(cli, disk, tmp_path, textinv_home, fault):
+    src = embedding_file(tmp_path)
+    assert cli("list").exit_code == 0  # a registry that exists (its database and folders)
+    before = files(textinv_home)
+    d = disk(textinv_home, fault)
+    r = cli("import", src)
+    assert r.exit_code == 1 and "Traceback" not in r.output and "Internal error" not in r.output, r.output
+    assert 1 <= len(r.output.strip().splitlines()) <= 2, r.output
+    d.undo()
+    assert Registry().entries() == []
+    assert [n for n in files(textinv_home) if n not in before and not n.startswith("registry.db")] == []
+
+
+@pytest.mark.parametrize("where, fault, says", [
+    ("cache", FULL, "Could not store me/cat@main in the Hugging Face cache"),
+    ("cache", READ_ONLY, "Could not store me/cat@main in the Hugging Face cache"),
+    ("registry", FULL, "the disk is full"),
+])
+def test_pull_onto_a_faulty_disk_registers_nothing(cli, disk, hub, textinv_home, where, fault, says):
+    hub.seed("me/cat", concept_repo()[1])
+    folder = hub.hf_home if where == "cache" else textinv_home
+    folder.mkdir(parents=True, exist_ok=True)
+    d = disk(folder, fault)
+    r = cli("pull", "me/cat")
+    assert r.exit_code == 1 and "Traceback" not in r.output and "Internal error" not in r.output, r.output
+    assert 1 <= len(r.output.strip().splitlines()) <= 2 and says in r.output, r.output
+    assert "nothing was registered" in r.output
+    d.undo()
+    assert Registry().entries() == []
+    assert not [p for p in textinv_home.rglob("*") if p.suffix == ".tmp"]
+    if where == "cache":  # nothing in it that a later pull (or offline use) would take for the file
+        assert not [p for p in hub.hf_home.glob("hub/*/snapshots/**/*") if p.is_file()]
+        assert not [p for p in hub.hf_home.glob("hub/*/blobs/*") if not p.name.endswith(".incomplete")]
+    assert cli("pull", "me/cat").exit_code == 0  # with the disk fixed it just works
+
+
+def test_push_writes_nothing_locally(cli, disk, hub, textinv_home, tmp_path, monkeypatch):
+    """push builds the commit in memory: a full home, cache and working folder do not matter."""
+    Registry().add(random_embedding("<cat-toy>"), source="imported", origin={})
+    hub.hf_home.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    faults = [disk(folder, FULL) for folder in (textinv_home, hub.hf_home, tmp_path / "work")]
+    r = cli("push", "cat-toy", "--repo", "me/cat-toy")
+    assert r.exit_code == 0, r.output
+    assert sum(d.hits for d in faults) == 0 and "README.md" in hub.head("me/cat-toy").files
+
+
+@pytest.mark.parametrize("fault", [FULL, READ_ONLY])
+def test_tiny_model_leaves_no_half_model(cli, disk, tmp_path, fault):
+    pytest.importorskip("torch")
+    parent = tmp_path / "models"
+    parent.mkdir()
+    disk(parent, fault)
+    r = cli("tiny-model", parent / "tiny")
+    refused(r, fault, f"({parent / 'tiny'})")
+    assert leftovers(parent) == []
+
+
+@pytest.fixture
+def trained(tiny_model, demo_images):
+    return tiny_model("sd1"), demo_images
+
+
+@pytest.mark.parametrize("fault", [FULL, READ_ONLY])
+def test_train_cannot_write_its_run_folder(cli, disk, tmp_path, trained, fault):
+    model, images = trained
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    disk(runs, fault)
+    r = cli("train", images, "--token", "<cat-toy>", "--init", "toy", "--model", model, "--steps", "2",
+            "--run-dir", runs / "run")
+    refused(r, fault)
+    assert Registry().entries() == []
+
+
+def test_train_disk_full_at_a_checkpoint(cli, disk, tmp_path, trained):
+    """The run folder was written; the disk fills when the first checkpoint is: no complete
+    checkpoint may claim to be one, nothing is registered."""
+    from textinv_cli.runs import complete_checkpoints
+
+    model, images = trained
+    run = tmp_path / "run"
+    d = disk(run / "checkpoints", FULL)  # the folder appears when training writes it
+    r = cli("train", images, "--token", "<cat-toy>", "--init", "toy", "--model", model, "--steps", "2",
+            "--checkpoint-every", "1", "--run-dir", run)
+    refused(r, FULL)
+    assert d.hits
+    assert complete_checkpoints(run) == [] and Registry().entries() == []
+    left = [p.name for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    if left:  # runs.py/state.py do not remove a checkpoint's temp folder when writing it fails (reported)
+        pytest.xfail(f"half-written checkpoint folder left: {left}")
+
+
+@pytest.mark.parametrize("fault", [FULL, READ_ONLY])
+def test_sample_cannot_write_its_images(cli, disk, tmp_path, trained, fault):
+    model, _ = trained
+    out = tmp_path / "samples"
+    out.mkdir()
+    disk(out, fault, budget=100)
+    r = cli("sample", "a toy", "--model", model, "--steps", "1", "-o", out)
+    refused(r, fault, str(out))
+    assert leftovers(out) == []
+
+
+# -- the messages themselves -------------------------------------------------------------------
+
+@pytest.mark.parametrize("exc, says", [
+    (OSError(errno.ENOSPC, "No space left on device", "/data/x.pt"), "no space left on the device (/data/x.pt)"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "the disk quota is used up"),
+    (OSError(errno.EFBIG, "File too large"), "too large for this file system"),
+    (OSError(errno.EROFS, "Read-only file system", "/ro/x"), "the file system is read-only (/ro/x)"),
+    (PermissionError(errno.EACCES, "Permission denied", "/home/x"), "permission denied (/home/x)"),
+    (OSError(errno.EPERM, "Operation not permitted"), "permission denied"),
+    (OSError(errno.EIO, "Input/output error"), "input/output error"),
+    (sqlite3.OperationalError("database or disk is full"), "no space left on the device (the registry's database)"),
+    (sqlite3.OperationalError("attempt to write a readonly database"), "read-only (the registry's database)"),
+])
+def test_report_names_the_disk_problem_and_the_way_out(capsys, exc, says):
+    from textinv_cli.app import report
+
+    assert report(exc) == 1
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 2 and "Internal error" not in err
+    assert "TEXTINV_HOME" in err.splitlines()[1] or "disk" in err.splitlines()[1]
+
+
+def test_a_folder_swap_that_fails_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """--force over a folder: the old one is moved aside, the new one moved in; if that second
+    rename fails (EXDEV, EIO...), the old folder must be back under its name."""
+    import os
+
+    from textinv_cli import fsutil
+
+    target = tmp_path / "concept"
+    fsutil.atomic_write_dir(target, {"a.txt": b"old"})
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new folder into place
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", replace)
+    with pytest.raises(OSError) as info:
+        fsutil.atomic_write_dir(target, {"a.txt": b"new"}, force=True)
+    assert info.value.filename == str(target)
+    assert (target / "a.txt").read_bytes() == b"old" and files(tmp_path) == ["a.txt"]
