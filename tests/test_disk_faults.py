@@ -205,24 +205,32 @@ def test_sample_cannot_write_its_images(cli, disk, tmp_path, trained, fault):
 
 # -- the messages themselves -------------------------------------------------------------------
 
-@pytest.mark.parametrize("exc, says", [
-    (OSError(errno.ENOSPC, "No space left on device", "/data/x.pt"), "no space left on the device (/data/x.pt)"),
-    (OSError(errno.EDQUOT, "Disk quota exceeded"), "the disk quota is used up"),
-    (OSError(errno.EFBIG, "File too large"), "too large for this file system"),
-    (OSError(errno.EROFS, "Read-only file system", "/ro/x"), "the file system is read-only (/ro/x)"),
-    (PermissionError(errno.EACCES, "Permission denied", "/home/x"), "permission denied (/home/x)"),
-    (OSError(errno.EPERM, "Operation not permitted"), "permission denied"),
-    (OSError(errno.EIO, "Input/output error"), "input/output error"),
-    (sqlite3.OperationalError("database or disk is full"), "no space left on the device (the registry's database)"),
-    (sqlite3.OperationalError("attempt to write a readonly database"), "read-only (the registry's database)"),
+@pytest.mark.parametrize("exc, says, hint", [
+    (OSError(errno.ENOSPC, "No space left on device", "/data/x.pt"), "no space left on the device (/data/x.pt)",
+     "Free some space, or write somewhere else (another output folder)"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "the disk quota is used up", "TEXTINV_HOME for the registry"),
+    (OSError(errno.EFBIG, "File too large"), "too large for this file system", "Free some space"),
+    (OSError(errno.EROFS, "Read-only file system", "/ro/x"), "the file system is read-only (/ro/x)",
+     "Write somewhere else (another output folder)"),
+    (PermissionError(errno.EACCES, "Permission denied", "/home/x"), "permission denied (/home/x)",
+     "Check the folder's permissions"),
+    (OSError(errno.EPERM, "Operation not permitted"), "permission denied", "Check the folder's permissions"),
+    (OSError(errno.EIO, "Input/output error"), "input/output error", "Check the disk"),
+    (sqlite3.OperationalError("database or disk is full"), "no space left on the device (the registry's database)",
+     "set TEXTINV_HOME to a folder on another disk"),
+    (sqlite3.OperationalError("attempt to write a readonly database"), "read-only (the registry's database)",
+     "Set TEXTINV_HOME to a folder on another disk"),
+    ("blob", "no space left on the device", "set TEXTINV_HOME to a folder on another disk"),
 ])
-def test_report_names_the_disk_problem_and_the_way_out(capsys, exc, says):
+def test_report_names_the_disk_problem_and_the_way_out(capsys, textinv_home, exc, says, hint):
     from textinv_cli.app import report
 
+    if exc == "blob":  # a file inside the registry: the way out is another TEXTINV_HOME, not -o
+        exc = OSError(errno.ENOSPC, "No space left on device", str(textinv_home / "blobs" / "x.safetensors"))
     assert report(exc) == 1
     err = capsys.readouterr().err
-    assert says in err and len(err.strip().splitlines()) == 2 and "Internal error" not in err
-    assert "TEXTINV_HOME" in err.splitlines()[1] or "disk" in err.splitlines()[1]
+    assert says in err and len(err.strip().splitlines()) == 2 and "Internal error" not in err, err
+    assert hint in err.splitlines()[1], err
 
 
 def test_a_folder_swap_that_fails_puts_the_old_folder_back(tmp_path, monkeypatch):
@@ -247,3 +255,63 @@ def test_a_folder_swap_that_fails_puts_the_old_folder_back(tmp_path, monkeypatch
         fsutil.atomic_write_dir(target, {"a.txt": b"new"}, force=True)
     assert info.value.filename == str(target)
     assert (target / "a.txt").read_bytes() == b"old" and files(tmp_path) == ["a.txt"]
+
+
+# -- the real thing, where this machine lets a test mount a file system ------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 512 KiB tmpfs: root with the right to mount (a container may lack it: then skipped)."""
+    import os
+    import shutil
+    import subprocess
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k,mode=0755", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(folder) -> None:
+    """Write until the file system says ENOSPC."""
+    with open(folder / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+def test_a_really_full_then_read_only_file_system(cli, tmp_path, small_fs, monkeypatch):
+    import subprocess
+
+    src = embedding_file(tmp_path)
+    home = small_fs / "home"
+    monkeypatch.setenv("TEXTINV_HOME", str(home))
+    assert cli("list").exit_code == 0  # the registry exists before the disk fills up
+    _fill(small_fs)
+    before = files(small_fs)
+    for fmt in ("kohya", "sd-concepts"):
+        refused(cli("convert", src, "--to", fmt, "-o", small_fs / "cat"), FULL, str(small_fs / "cat"))
+    r = cli("import", src)
+    assert r.exit_code == 1 and "Traceback" not in r.output and "Internal error" not in r.output, r.output
+    assert 1 <= len(r.output.strip().splitlines()) <= 2 and "full" in r.output, r.output
+    assert files(small_fs) == before
+    (small_fs / "filler").unlink()
+    assert subprocess.run(["mount", "-o", "remount,ro", str(small_fs)]).returncode == 0
+    r = cli("convert", src, "--to", "kohya", "-o", small_fs / "cat")
+    assert r.exit_code == 1 and "the file system is read-only" in r.output and "Traceback" not in r.output, r.output
+    monkeypatch.setenv("TEXTINV_HOME", str(small_fs / "home"))
+    r = cli("import", src)
+    assert r.exit_code == 1 and "Traceback" not in r.output and "Internal error" not in r.output, r.output
+    assert files(small_fs) == [n for n in before if n != "filler"]
+    assert Registry().entries() == []

@@ -103,32 +103,47 @@ def report(exc: BaseException) -> int:
     return 1
 
 
-_WHERE = "-o, --run-dir, or TEXTINV_HOME for the registry"
-
-
 def _storage_problem(exc: BaseException) -> tuple[str, str] | None:
     """A full, read-only or forbidden disk (OSError, or SQLite's words for it): what and what to do."""
     from .errors import DISK_DENIED, DISK_FULL, DISK_PROBLEMS, DISK_READ_ONLY
 
-    code, where = None, ""
+    code, path = None, None
     if isinstance(exc, OSError):
-        code = exc.errno
-        where = f" ({exc.filename})" if exc.filename else ""
+        code, path = exc.errno, exc.filename
     elif type(exc).__module__ == "sqlite3":  # outside the registry's own translation: say the same thing
         text = str(exc).lower()
         code = (errno.ENOSPC if "full" in text else errno.EROFS if "readonly" in text or "read-only" in text
                 else errno.EACCES if "unable to open" in text else errno.EIO if "i/o error" in text else None)
-        where = " (the registry's database)"
+        path = "the registry's database"
     if code not in DISK_PROBLEMS:
         return None
-    what = f"Error: {DISK_PROBLEMS[code]}{where}."
+    what = f"Error: {DISK_PROBLEMS[code]}" + (f" ({os.fsdecode(path)})." if path else ".")
+    elsewhere = _elsewhere(path)
     if code in DISK_FULL:
-        return what, f"Free some space, or write somewhere else ({_WHERE}), then run the command again."
+        return what, f"Free some space, or {elsewhere}; then run the command again."
     if code in DISK_READ_ONLY:
-        return what, f"Write somewhere else ({_WHERE}), then run the command again."
+        return what, f"{elsewhere[0].upper()}{elsewhere[1:]}; then run the command again."
     if code in DISK_DENIED:
-        return what, f"Check the folder's permissions, or write somewhere else ({_WHERE})."
+        return what, f"Check the folder's permissions, or {elsewhere}."
     return what, "Check the disk (and its free space), then run the command again."
+
+
+def _elsewhere(path) -> str:
+    """Where else to write: the registry moves with TEXTINV_HOME, anything else with the output option."""
+    registry = "set TEXTINV_HOME to a folder on another disk"
+    if path == "the registry's database":
+        return registry
+    if path:
+        from .registry import home
+
+        try:
+            inside = os.path.realpath(os.fsdecode(path)).startswith(os.path.realpath(home()) + os.sep)
+        except (OSError, ValueError):
+            inside = False
+        if inside:
+            return registry
+        return "write somewhere else (another output folder)"
+    return "write somewhere else (another output folder; TEXTINV_HOME for the registry)"
 
 
 def main(argv: list[str] | None = None) -> None:
