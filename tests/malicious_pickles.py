@@ -2,164 +2,62 @@
 
 Every payload that would run code creates a marker file when unpickled for real, so the
 tests can (1) prove the payload is live by running it with the real pickle module in a
-throw-away subprocess, and (2) assert our reader never creates the marker. Pickles are
-assembled opcode by opcode so each case is exactly what its name says.
+throw-away subprocess, and (2) assert our reader never creates the marker. Pickle-level
+payloads are here; container-level ones (zip members, legacy formats) in malicious_archives.
 """
 
 from __future__ import annotations
 
-import io
+import marshal
 import os
 import pickle
-import shlex
 import struct
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
-PROTO2 = b"\x80\x02"
-STOP = b"."
-
-
-# -- pickle building blocks ----------------------------------------------------------------
-
-def s(text: str) -> bytes:
-    """BINUNICODE."""
-    raw = text.encode()
-    return b"X" + struct.pack("<I", len(raw)) + raw
-
-
-def i(n: int) -> bytes:
-    """BININT (signed 32-bit)."""
-    return b"J" + struct.pack("<i", n)
-
-
-def glob(module: str, name: str) -> bytes:
-    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-
-
-def tup(*parts: bytes) -> bytes:
-    return b"(" + b"".join(parts) + b"t"
-
-
-def call(module: str, name: str, *args: bytes) -> bytes:
-    """REDUCE: module.name(*args)."""
-    return glob(module, name) + tup(*args) + b"R"
-
-
-def lst(*parts: bytes) -> bytes:
-    return b"](" + b"".join(parts) + b"e"
-
-
-def dct(*pairs: bytes) -> bytes:
-    return b"}(" + b"".join(pairs) + b"u"
-
-
-def tensor(key: str = "0", numel: int = 4, size=(2, 2), stride=(2, 1), offset: int = 0,
-           storage: str = "FloatStorage", hooks: bytes | None = None) -> bytes:
-    """_rebuild_tensor_v2 over a typed-storage persistent id, as torch.save writes it."""
-    pid = tup(s("storage"), glob("torch", storage), s(key), s("cpu"), i(numel)) + b"Q"
-    return call("torch._utils", "_rebuild_tensor_v2", pid, i(offset), tup(*map(i, size)),
-                tup(*map(i, stride)), b"\x89",
-                hooks if hooks is not None else call("collections", "OrderedDict"))
-
-
-def torch_zip(pkl: bytes, storages: dict[str, bytes] | None = None, *, prefix: str = "archive",
-              extra: list[tuple[str, bytes]] = (), byteorder: bytes | None = b"little",
-              compress: set[str] = frozenset()) -> bytes:
-    """A zip laid out like torch.save's: <prefix>/data.pkl, byteorder, data/<k>, version."""
-    buf = io.BytesIO()
-    members = [("data.pkl", pkl)]
-    if byteorder is not None:
-        members.append(("byteorder", byteorder))
-    members += [(f"data/{k}", v) for k, v in (storages or {}).items()]
-    members.append(("version", b"3\n"))
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in [(f"{prefix}/{n}", d) for n, d in members] + list(extra):
-            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED if name in compress else zipfile.ZIP_STORED
-            zf.writestr(info, data)
-    return buf.getvalue()
-
-
-F32_4 = struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)
-
-
-def valid_file() -> bytes:
-    """A small legitimate embedding file: {"emb_params": [[1, 2], [3, 4]]}."""
-    return torch_zip(PROTO2 + dct(s("emb_params"), tensor()) + STOP, {"0": F32_4})
-
-
-# -- the corpus --------------------------------------------------------------------------
-
-@dataclass
-class Case:
-    data: bytes                       # the file's bytes, as a user would hand them over
-    error: str                        # "unsafe" (UnsafeFileError) or "format" (any FormatError)
-    mentions: tuple[str, ...]         # substrings the error message must contain
-    payload: bytes | None = None      # a pickle that really does create the marker when unpickled
-
-
-class _Reduce:
-    """pickle.dumps of this calls fn(*args) at load time: the classic attack, built by Python."""
-
-    def __init__(self, fn, *args):
-        self.fn, self.args = fn, args
-
-    def __reduce__(self):
-        return self.fn, self.args
+from . import malicious_archives as archives
+from .pickle_blocks import (F32_4, PROTO2, STOP, Case, Reduce, call, dct, glob, i, lst, py_cmd, s,  # noqa: F401
+                            shell_cmd, tensor, torch_zip, tup, valid_file, valid_file_pickle, zipped)
 
 
 def build(name: str, marker: Path) -> Case:
+    """The case `name`; its payload, run for real, would create `marker`."""
     return BUILDERS[name](marker)
 
 
-def _shell(marker: Path) -> str:
-    return f"touch {shlex.quote(str(marker))}"
-
-
-def _py(marker: Path) -> str:
-    return f"open({str(marker)!r}, 'w').close()"
-
-
-def _zipped(payload: bytes, error: str, *mentions: str) -> Case:
-    return Case(torch_zip(payload), error, mentions, payload)
-
-
 def _os_system(m):
-    return _zipped(PROTO2 + call("os", "system", s(_shell(m))) + STOP, "unsafe", "os.system")
+    return zipped(PROTO2 + call("os", "system", s(shell_cmd(m))) + STOP, "unsafe", "os.system")
 
 
 def _posix_system(m):
-    payload = pickle.dumps(_Reduce(os.system, _shell(m)), protocol=2)  # "posix system" on Linux
-    return _zipped(payload, "unsafe", f"{os.system.__module__}.system")
+    payload = pickle.dumps(Reduce(os.system, shell_cmd(m)), protocol=2)  # "posix system" on Linux
+    return zipped(payload, "unsafe", f"{os.system.__module__}.system")
 
 
 def _eval(m):
-    return _zipped(PROTO2 + call("__builtin__", "eval", s(_py(m))) + STOP, "unsafe", "__builtin__.eval")
+    return zipped(PROTO2 + call("__builtin__", "eval", s(py_cmd(m))) + STOP, "unsafe", "__builtin__.eval")
 
 
 def _exec_stack_global(m):  # protocol 4 spelling: STACK_GLOBAL takes the names from the stack
-    p = b"\x80\x04" + s("builtins") + s("exec") + b"\x93" + tup(s(_py(m))) + b"R" + STOP
-    return _zipped(p, "unsafe", "builtins.exec")
+    p = b"\x80\x04" + s("builtins") + s("exec") + b"\x93" + tup(s(py_cmd(m))) + b"R" + STOP
+    return zipped(p, "unsafe", "builtins.exec")
 
 
 def _import_module(m):  # getattr(importlib.import_module("os"), "system")("touch marker")
     p = (PROTO2 + glob("importlib", "import_module") + b"q\x00" + b"0"
          + glob("builtins", "getattr") + tup(b"h\x00" + tup(s("os")) + b"R", s("system")) + b"R"
-         + tup(s(_shell(m))) + b"R" + STOP)
-    return _zipped(p, "unsafe", "importlib.import_module")
+         + tup(s(shell_cmd(m))) + b"R" + STOP)
+    return zipped(p, "unsafe", "importlib.import_module")
 
 
 def _popen(m):
-    return _zipped(PROTO2 + call("subprocess", "Popen", lst(s("touch"), s(str(m)))) + STOP,
+    return zipped(PROTO2 + call("subprocess", "Popen", lst(s("touch"), s(str(m)))) + STOP,
                    "unsafe", "subprocess.Popen")
 
 
 def _stack_global_hidden(m):  # names built on the stack where a parse-only scan cannot follow them
     p = (b"\x80\x04" + s("os") + b"20" + s("system") + b"\x93"  # 'os', DUP, POP, 'system', STACK_GLOBAL
-         + tup(s(_shell(m))) + b"R" + STOP)
-    return _zipped(p, "unsafe", "os.system")
+         + tup(s(shell_cmd(m))) + b"R" + STOP)
+    return zipped(p, "unsafe", "os.system")
 
 
 def _build_on_dict(m):  # BUILD would call __setstate__ / update __dict__ on a real object
@@ -173,11 +71,11 @@ def _getattr(m):  # reach os through an allowed object's attributes
 
 
 def _inst(m):  # protocol 0's INST: MARK args INST module name
-    return _zipped(b"(" + s(_shell(m)) + b"ios\nsystem\n" + STOP, "unsafe", "os.system")
+    return zipped(b"(" + s(shell_cmd(m)) + b"ios\nsystem\n" + STOP, "unsafe", "os.system")
 
 
 def _obj(m):  # protocol 1's OBJ: MARK class args OBJ
-    return _zipped(b"(" + glob("os", "system") + s(_shell(m)) + b"o" + STOP, "unsafe", "os.system")
+    return zipped(b"(" + glob("os", "system") + s(shell_cmd(m)) + b"o" + STOP, "unsafe", "os.system")
 
 
 def _obj_allowed(m):  # OBJ on an allowlisted name is still refused: it builds arbitrary objects
@@ -186,7 +84,7 @@ def _obj_allowed(m):  # OBJ on an allowlisted name is still refused: it builds a
 
 
 def _newobj(m):
-    return _zipped(PROTO2 + glob("subprocess", "Popen") + tup(lst(s("touch"), s(str(m)))) + b"\x81" + STOP,
+    return zipped(PROTO2 + glob("subprocess", "Popen") + tup(lst(s("touch"), s(str(m)))) + b"\x81" + STOP,
                    "unsafe", "subprocess.Popen")
 
 
@@ -205,46 +103,8 @@ def _torch_internal(module, name, *args):
 
 
 def _hooks_payload(m):  # a real tensor whose backward_hooks slot runs a command
-    p = PROTO2 + dct(s("emb_params"), tensor(hooks=call("os", "system", s(_shell(m))))) + STOP
+    p = PROTO2 + dct(s("emb_params"), tensor(hooks=call("os", "system", s(shell_cmd(m))))) + STOP
     return Case(torch_zip(p, {"0": F32_4}), "unsafe", ("os.system",), p)
-
-
-def _raw_malicious(m):
-    payload = PROTO2 + call("os", "system", s(_shell(m))) + STOP
-    return Case(payload, "unsafe", ("os.system", "raw"), payload)
-
-
-def _raw_protocol4(m):  # Python's own protocol-4 output: STACK_GLOBAL over memoized names
-    payload = pickle.dumps(_Reduce(exec, _py(m)), protocol=4)
-    return Case(payload, "unsafe", ("builtins.exec",), payload)
-
-
-def _raw_protocol0(m):
-    payload = f"cos\nsystem\n(S'{_shell(m)}'\ntR.".encode()
-    return Case(payload, "unsafe", ("os.system",), payload)
-
-
-def _raw_benign(m):  # what `pickle.dump(embedding_dict)` would give: still not read
-    return Case(PROTO2 + dct(s("<tok>"), lst(i(1), i(2))) + STOP, "format", ("legacy", "non-zip"))
-
-
-def _with_member(*names):
-    return lambda m: Case(torch_zip(PROTO2 + b"}" + STOP, extra=[(n, b"x") for n in names]),
-                          "format", (names[-1],))
-
-
-def _duplicate(m):
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zipfile warns about the duplicate we want
-        data = torch_zip(PROTO2 + b"}" + STOP, extra=[("archive/data.pkl", PROTO2 + b"}" + STOP)])
-    return Case(data, "format", ("archive/data.pkl", "twice"))
-
-
-def _truncated(m):
-    data = valid_file()
-    return Case(data[: len(data) // 2], "format", ("truncated or corrupt",))
 
 
 def _missing_storage(m):
@@ -261,12 +121,6 @@ def _view_out_of_bounds(m):
     return Case(torch_zip(p, {"0": F32_4}), "format", ("data/0",))
 
 
-def _zip_bomb(m):
-    data = torch_zip(PROTO2 + tensor(numel=5_000_000, size=(5_000_000,), stride=(1,)) + STOP,
-                     {"0": bytes(20_000_000)}, compress={"archive/data/0"})
-    return Case(data, "format", ("zip bomb", "archive/data/0"))
-
-
 def _huge_expand(m):  # a 1-element storage broadcast to 10^12 elements by stride 0
     p = PROTO2 + tensor(numel=1, size=(10**6, 10**6), stride=(0, 0)) + STOP
     return Case(torch_zip(p, {"0": F32_4[:4]}), "format", ("larger than the file",))
@@ -280,20 +134,6 @@ def _deep_tuples(m):  # hashing a 100k-deep tuple would overflow the C stack
 def _billion_laughs(m):  # 2^40 references via the memo: fine as long as nothing copies them
     p = PROTO2 + b"]q\x000" + b"".join(b"(h\x00h\x00lq\x000" for _ in range(40)) + b"h\x00" + STOP
     return Case(torch_zip(p), "ok", ())
-
-
-def _byteorder(m):
-    return Case(torch_zip(valid_file_pickle(), {"0": F32_4}, byteorder=b"middle"), "format",
-                ("byte order",))
-
-
-def valid_file_pickle() -> bytes:
-    return PROTO2 + dct(s("emb_params"), tensor()) + STOP
-
-
-def _lfs(m):
-    data = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 3100\n"
-    return Case(data, "format", ("LFS",))
 
 
 def _bad_persid(m):
@@ -312,6 +152,65 @@ def _missing_memo(m):
 def _append_to_global(m):  # a real unpickler would call OrderedDict.append(...); we refuse
     return Case(torch_zip(PROTO2 + glob("collections", "OrderedDict") + i(1) + b"a" + STOP), "format",
                 ("collections.OrderedDict",))
+
+
+def _pkgutil_resolve_name(m):  # pkgutil.resolve_name("os:system") is os.system, by a string
+    p = PROTO2 + call("pkgutil", "resolve_name", s("os:system")) + tup(s(shell_cmd(m))) + b"R" + STOP
+    return zipped(p, "unsafe", "pkgutil.resolve_name")
+
+
+def _marshal_function(m):  # FunctionType(marshal.loads(<code object bytes>), {})() runs any code
+    code = marshal.dumps(compile(py_cmd(m), "<payload>", "exec"))
+    p = (b"\x80\x04" + glob("types", "FunctionType")
+         + tup(glob("marshal", "loads") + tup(b"C" + bytes([len(code)]) + code if len(code) < 256
+                                              else b"B" + struct.pack("<I", len(code)) + code) + b"R", b"}")
+         + b"R" + b")R" + STOP)
+    return zipped(p, "unsafe", "types.FunctionType")
+
+
+def _subprocess_run(m):  # waits for the child, so the positive control can see the marker
+    return zipped(PROTO2 + call("subprocess", "run", lst(s("touch"), s(str(m)))) + STOP,
+                   "unsafe", "subprocess.run")
+
+
+def _subprocess_stack_global(m):  # protocol 4: names pushed as strings, then STACK_GLOBAL
+    p = b"\x80\x04" + s("subprocess") + s("getoutput") + b"\x93" + tup(s(shell_cmd(m))) + b"R" + STOP
+    return zipped(p, "unsafe", "subprocess.getoutput")
+
+
+def _dotted_name(m):  # protocol 4 resolves "path.os.system" attribute by attribute: os.system
+    p = b"\x80\x04" + s("os") + s("path.os.system") + b"\x93" + tup(s(shell_cmd(m))) + b"R" + STOP
+    return zipped(p, "unsafe", "os.path.os.system")
+
+
+def _getattr_import(m):  # getattr(__import__("os"), "system")("touch marker"), builtins only
+    p = (PROTO2 + call("builtins", "getattr", call("builtins", "__import__", s("os")), s("system"))
+         + tup(s(shell_cmd(m))) + b"R" + STOP)
+    return zipped(p, "unsafe", "builtins.getattr")
+
+
+def _timeit(m):  # timeit compiles and runs the code it is given (here: its setup)
+    return zipped(PROTO2 + call("timeit", "timeit", s("pass"), s(py_cmd(m)), b"N", i(1)) + STOP, "unsafe",
+                  "timeit.timeit")
+
+
+def _pydoc_pipepager(m):  # an obscure standard-library way to run a shell command
+    return zipped(PROTO2 + call("pydoc", "pipepager", s(""), s(shell_cmd(m))) + STOP, "unsafe", "pydoc.pipepager")
+
+
+def _os_spawnlp(m):  # os.spawnlp(os.P_WAIT, "touch", "touch", marker)
+    return zipped(PROTO2 + call("os", "spawnlp", i(os.P_WAIT), s("touch"), s("touch"), s(str(m))) + STOP,
+                  "unsafe", "os.spawnlp")
+
+
+def _copyreg_reconstructor(m):  # the classic weights-only bypass attempt: build any class
+    p = PROTO2 + call("copyreg", "_reconstructor", glob("os", "system"), glob("builtins", "object"), b"N") + STOP
+    return Case(torch_zip(p), "unsafe", ("copyreg._reconstructor",))
+
+
+def _newobj_ex(m):  # protocol 4's NEWOBJ_EX: cls.__new__(cls, *args, **kwargs)
+    p = b"\x80\x04" + glob("collections", "OrderedDict") + b")}" + b"\x92" + STOP
+    return Case(torch_zip(p), "unsafe", ("NEWOBJ_EX",))
 
 
 BUILDERS = {
@@ -336,35 +235,36 @@ BUILDERS = {
     "torch_load": _torch_internal("torch", "load", s("/tmp/x.pt")),
     "torch_rebuild_from_type": _torch_internal("torch._tensor", "_rebuild_from_type_v2", i(0)),
     "payload_in_backward_hooks": _hooks_payload,
-    "raw_pickle_os_system": _raw_malicious,
-    "raw_pickle_protocol0": _raw_protocol0,
-    "raw_pickle_protocol4": _raw_protocol4,
-    "raw_pickle_benign": _raw_benign,
-    "zip_extra_member": _with_member("archive/evil.py"),
-    "zip_parent_dir_member": _with_member("../evil"),
-    "zip_inner_dotdot_member": _with_member("archive/../evil"),
-    "zip_absolute_member": _with_member("/etc/evil"),
-    "zip_second_folder": lambda m: Case(torch_zip(PROTO2 + b"}" + STOP, extra=[("other/version", b"3")]),
-                                        "format", ("one top-level folder", "'other'")),
-    "zip_duplicate_member": _duplicate,
-    "truncated_at_half": _truncated,
     "missing_storage": _missing_storage,
     "short_storage": _short_storage,
     "view_out_of_bounds": _view_out_of_bounds,
-    "zip_bomb": _zip_bomb,
     "huge_expanded_tensor": _huge_expand,
     "deep_tuples": _deep_tuples,
     "billion_laughs": _billion_laughs,
-    "unknown_byteorder": _byteorder,
-    "git_lfs_pointer": _lfs,
     "bad_persistent_id": _bad_persid,
     "call_storage_type": _call_storage_type,
     "missing_memo": _missing_memo,
     "append_to_global": _append_to_global,
+    "pkgutil_resolve_name": _pkgutil_resolve_name,
+    "marshal_code_function_type": _marshal_function,
+    "subprocess_run": _subprocess_run,
+    "subprocess_stack_global": _subprocess_stack_global,
+    "dotted_name_stack_global": _dotted_name,
+    "copyreg_reconstructor": _copyreg_reconstructor,
+    "newobj_ex_opcode": _newobj_ex,
+    "builtins_getattr_import": _getattr_import,
+    "timeit_timeit": _timeit,
+    "pydoc_pipepager": _pydoc_pipepager,
+    "os_spawnlp": _os_spawnlp,
+    "torch_hub_load": _torch_internal("torch.hub", "load", s("evil/repo"), s("model")),
+    "torch_jit_load": _torch_internal("torch.jit", "load", s("/tmp/x.pt")),
+    "torch_rebuild_from_numpy": _torch_internal("torch._utils", "_rebuild_device_tensor_from_numpy", i(0)),
+    **archives.BUILDERS,
 }
 
 # Cases whose payload really runs code when unpickled (the positive controls). The Popen
 # ones are left out only because the child may not have finished when the check runs.
 LIVE = ["os_system", "posix_system", "builtins_eval", "builtins_exec", "importlib_import_module",
-        "inst_opcode", "obj_opcode", "raw_pickle_os_system",
-        "raw_pickle_protocol0", "raw_pickle_protocol4", "stack_global_hidden_from_scan"]
+        "inst_opcode", "obj_opcode", "stack_global_hidden_from_scan", "pkgutil_resolve_name",
+        "marshal_code_function_type", "subprocess_run", "subprocess_stack_global", "dotted_name_stack_global",
+        "builtins_getattr_import", "timeit_timeit", "pydoc_pipepager", "os_spawnlp", *archives.LIVE]

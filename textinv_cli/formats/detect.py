@@ -36,7 +36,9 @@ class Decoded:
 
 
 def sniff(data: bytes) -> str:
-    """safetensors | pickle | png | webp | lfs | raw-pickle | unknown (by content only)."""
+    """safetensors | pickle | png | webp | lfs | raw-pickle | unknown (by content only).
+
+    raw-pickle: a pickle outside a zip, or torch's older tar of pickles (both legacy)."""
     from .a1111_image import image_kind
 
     if data.startswith(LFS_POINTER):
@@ -55,9 +57,9 @@ def sniff(data: bytes) -> str:
         return "safetensors"
     if data.startswith(_PICKLE_PROTO):
         return "raw-pickle"
-    from .pickle_reader import looks_like_raw_pickle
+    from .pickle_reader import looks_like_legacy_tar, looks_like_raw_pickle
 
-    return "raw-pickle" if looks_like_raw_pickle(data) else "unknown"
+    return "raw-pickle" if looks_like_raw_pickle(data) or looks_like_legacy_tar(data) else "unknown"
 
 
 def decode(data: bytes, *, source: str) -> Decoded:

@@ -12,43 +12,23 @@ of their parameters, torch.Size as tuples.
 
 from __future__ import annotations
 
-import io
 import pickletools
 
 import numpy as np
 
 from ..errors import FormatError, TextinvError, UnsafeFileError
-from .torch_zip import _CORRUPT_HINT, ZIP_MAGIC, open_archive, read_member
+from .pickle_allowlist import (MAX_OPS, UNSAFE_HINT, AllowedGlobal, looks_like_legacy_tar,
+                               looks_like_raw_pickle, looks_like_torch_zip, refuse_unsafe, resolve_name,
+                               tar_members)
+from .torch_zip import _CORRUPT_HINT, open_archive, read_member
 
-# Opcodes per pickle. Each one makes at most one object, so this bounds memory: a tiny
-# file with a deflated data.pkl could otherwise unpack to a million lists (>100 MiB).
-# An embedding's pickle has under a hundred opcodes; a whole SD checkpoint's, ~100k.
-MAX_OPS = 200_000
+__all__ = ["load_torch_pickle", "looks_like_torch_zip", "looks_like_raw_pickle", "looks_like_legacy_tar"]
+
 MAX_DEPTH = 100                # nesting; also keeps tuple hashing far from the C stack's end
 MAX_NDIM = 32
 
-_UNSAFE_HINT = ("The file may be malicious; nothing in it was executed. Get the embedding as "
-                ".safetensors, or convert it on a machine you trust.")
 _LEGACY_HINT = ("Re-save it with a recent torch (torch.save writes zip archives since 1.6), or "
                 "convert it to .safetensors on a machine you trust.")
-
-# Element codes: a little-endian numpy type, or bf16 / b1, which need a conversion step.
-_STORAGES = {"FloatStorage": "f4", "HalfStorage": "f2", "DoubleStorage": "f8", "BFloat16Storage": "bf16",
-             "LongStorage": "i8", "IntStorage": "i4", "ShortStorage": "i2", "CharStorage": "i1",
-             "ByteStorage": "u1", "BoolStorage": "b1", "ComplexFloatStorage": "c8",
-             "ComplexDoubleStorage": "c16"}
-_DTYPES = {"float32": "f4", "float16": "f2", "float64": "f8", "bfloat16": "bf16", "int64": "i8",
-           "int32": "i4", "int16": "i2", "int8": "i1", "uint8": "u1", "bool": "b1", "complex64": "c8",
-           "complex128": "c16", "uint16": "u2", "uint32": "u4", "uint64": "u8"}
-_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocol 2's spelling
-
-
-class _Global:
-    """What a GLOBAL resolves to: our stand-in, never the named object."""
-    __slots__ = ("qualname", "kind", "arg")
-
-    def __init__(self, qualname: str, kind: str, arg=None):
-        self.qualname, self.kind, self.arg = qualname, kind, arg
 
 
 class _Storage:
@@ -57,50 +37,6 @@ class _Storage:
 
     def __init__(self, key: str, code: str | None, raw, big: bool):
         self.key, self.code, self.raw, self.big = key, code, raw, big
-
-
-def _allowlist() -> dict[str, _Global]:
-    calls = {"collections.OrderedDict": "dict", "builtins.set": "set", "builtins.frozenset": "frozenset",
-             "builtins.bytes": "bytes", "_codecs.encode": "encode", "torch.Size": "size",
-             "torch._utils._rebuild_tensor": "tensor_v1", "torch._utils._rebuild_tensor_v2": "tensor_v2",
-             "torch._utils._rebuild_tensor_v3": "tensor_v3", "torch._utils._rebuild_parameter": "parameter",
-             "torch._utils._rebuild_parameter_with_state": "parameter",
-             "torch.nn.parameter.Parameter": "parameter"}
-    g = {q: _Global(q, "call", fn) for q, fn in calls.items()}
-    g.update({f"torch.{n}": _Global(f"torch.{n}", "storage", c) for n, c in _STORAGES.items()})
-    g.update({f"torch.{n}": _Global(f"torch.{n}", "dtype", c) for n, c in _DTYPES.items()})
-    for q in ("torch.storage.UntypedStorage", "torch.UntypedStorage"):
-        g[q] = _Global(q, "storage", None)
-    q = "torch.nn.modules.container.ParameterDict"  # old A1111 files' string_to_param
-    g[q] = _Global(q, "module")
-    return g
-
-
-_ALLOWED = _allowlist()
-
-
-def _resolve_name(qual: str) -> _Global | None:
-    module, _, name = qual.rpartition(".")
-    return _ALLOWED.get(f"{_PY2_MODULES.get(module, module)}.{name}")
-
-
-def looks_like_torch_zip(data: bytes) -> bool:
-    return data[:4] == ZIP_MAGIC
-
-
-def looks_like_raw_pickle(data: bytes) -> bool:
-    """A pickle outside a zip: legacy torch (< 1.6) files or plain pickle.dump output."""
-    if len(data) >= 2 and data[0] == 0x80 and data[1] <= 5:
-        return True
-    if not data or data[:1] not in b"(}])cNIJKLMSVXFGU\x88\x89":
-        return False
-    try:  # protocol 0/1 start with printable opcodes, as text may: require a parse to STOP
-        for n, (op, _, _) in enumerate(pickletools.genops(data[:65536])):
-            if op.name == "STOP" or n > 10_000:
-                return op.name == "STOP"
-    except Exception:
-        pass
-    return False
 
 
 def load_torch_pickle(data: bytes, *, source: str) -> object:
@@ -114,8 +50,13 @@ def load_torch_pickle(data: bytes, *, source: str) -> object:
         if data.startswith(b"version https://git-lfs"):
             raise FormatError(f"{source} is a Git LFS pointer, not the file itself.",
                               "Run `git lfs pull`, or download the real file.")
+        if looks_like_legacy_tar(data):
+            for member, blob in tar_members(data):
+                refuse_unsafe(blob, source, f"the {member!r} pickle of this legacy tar file")
+            raise FormatError(f"{source} is a legacy (torch < 0.4, tar) file; textinv does not read those.",
+                              _LEGACY_HINT)
         if looks_like_raw_pickle(data):
-            _refuse_unsafe(data, source, "this raw (non-zip) pickle")
+            refuse_unsafe(data, source, "this raw (non-zip) pickle")
             raise FormatError(f"{source} is a legacy (non-zip) pickle; textinv does not read those.",
                               _LEGACY_HINT)
         raise FormatError(f"{source} is not a torch file (no zip archive inside).", _CORRUPT_HINT)
@@ -125,7 +66,7 @@ def load_torch_pickle(data: bytes, *, source: str) -> object:
         if order not in (b"little", b"big"):
             raise FormatError(f"{source}: unknown byte order {order[:20]!r} in {prefix}/byteorder.")
         pkl = read_member(zf, members["data.pkl"], source)
-        _refuse_unsafe(pkl, source)
+        refuse_unsafe(pkl, source)
 
         def storage_bytes(key: str) -> bytes:
             if f"data/{key}" not in members:
@@ -141,51 +82,6 @@ def load_torch_pickle(data: bytes, *, source: str) -> object:
         raise FormatError(f"{source}: the pickle nests too deeply to be tensor data.") from None
     except Exception as e:  # any slip on hostile bytes is still "corrupt", never a crash
         raise FormatError(f"{source} is truncated or corrupt ({_brief(e)}).", _CORRUPT_HINT) from None
-
-
-def _first_unsafe_global(data: bytes) -> str | None:
-    """The first global outside the allowlist, found by parsing alone.
-
-    Checked before interpreting, so a refusal names the global even when some other odd
-    opcode comes first. Legacy torch files are several pickles back to back: scan them all.
-    STACK_GLOBAL takes its names from the stack; following the last two pushes (strings
-    also through the memo) names them when they are plain strings, as Python writes them.
-    """
-    f = io.BytesIO(data)
-    ops = 0
-    try:
-        for _ in range(8):
-            last: list = [None, None]
-            memo: dict = {}
-            for op, arg, _ in pickletools.genops(f):
-                ops += 1
-                if ops > MAX_OPS:  # the interpreter refuses a pickle this large anyway
-                    return None
-                name, qual = op.name, None
-                if name in ("MEMOIZE", "BINPUT", "LONG_BINPUT"):
-                    memo[len(memo) if name == "MEMOIZE" else arg] = last[-1]
-                    continue
-                if name in ("GLOBAL", "INST"):
-                    qual = ".".join(str(arg).split(" ", 1))
-                elif name == "STACK_GLOBAL" and all(isinstance(x, str) for x in last[-2:]):
-                    qual = f"{last[-2]}.{last[-1]}"
-                if qual is not None and _resolve_name(qual) is None:
-                    return qual[:200]
-                if name in ("BINGET", "LONG_BINGET"):
-                    last.append(memo.get(arg))
-                elif name != "FRAME":
-                    last.append(arg if "UNICODE" in name else None)
-                del last[:-2]
-    except Exception:  # malformed bytes: the interpreter says precisely what is wrong
-        pass
-    return None
-
-
-def _refuse_unsafe(data: bytes, source: str, what: str = "the pickle") -> None:
-    qual = _first_unsafe_global(data)
-    if qual is not None:
-        raise UnsafeFileError(f"textinv refuses to load {source}: {what} asks for {qual}, which is "
-                              "not tensor data.", _UNSAFE_HINT)
 
 
 # -- the interpreter ---------------------------------------------------------------------
@@ -266,7 +162,7 @@ class _Interpreter:
                 stack.append(self.call(stack.pop(), args))
             elif name == "NEWOBJ":  # only a ParameterDict: a dict that BUILD fills with its parameters
                 args, cls = stack.pop(), stack.pop()
-                if not (isinstance(cls, _Global) and cls.kind == "module" and type(args) is tuple):
+                if not (isinstance(cls, AllowedGlobal) and cls.kind == "module" and type(args) is tuple):
                     self.fail(f"NEWOBJ on {_describe(cls)} is not tensor data.")
                 stack.append({})
                 self.modules[id(stack[-1])] = stack[-1]
@@ -287,7 +183,7 @@ class _Interpreter:
                 what = (f"asks for {'.'.join(str(arg).split(' ', 1))[:200]} (INST)" if name == "INST"
                         else f"uses the {name} opcode, which builds arbitrary objects and")
                 raise UnsafeFileError(f"textinv refuses to load {self.source}: the pickle {what} is not "
-                                      "tensor data.", _UNSAFE_HINT)
+                                      "tensor data.", UNSAFE_HINT)
             else:
                 self.fail(f"the pickle uses the {name} opcode, which torch.save never writes.")
         self.fail("the pickle ends before its STOP opcode.")  # pragma: no cover (genops raises)
@@ -328,15 +224,15 @@ class _Interpreter:
         self.keep.append(t)
         return t
 
-    def resolve(self, qual: str) -> _Global:
-        g = _resolve_name(qual)
+    def resolve(self, qual: str) -> AllowedGlobal:
+        g = resolve_name(qual)
         if g is None:
             raise UnsafeFileError(f"textinv refuses to load {self.source}: the pickle asks for "
-                                  f"{qual[:200]}, which is not tensor data.", _UNSAFE_HINT)
+                                  f"{qual[:200]}, which is not tensor data.", UNSAFE_HINT)
         return g
 
     def call(self, fn, args):
-        if not (isinstance(fn, _Global) and fn.kind == "call") or type(args) is not tuple:
+        if not (isinstance(fn, AllowedGlobal) and fn.kind == "call") or type(args) is not tuple:
             self.fail(f"the pickle calls {_describe(fn)}, which is not tensor data.")
         try:
             return getattr(self, f"h_{fn.arg}")(*args)
@@ -360,7 +256,7 @@ class _Interpreter:
             self.fail("the pickle holds a persistent id that is not a tensor storage.")
         _, stype, key, _location, numel = pid
         key = key.decode("ascii") if isinstance(key, bytes) else key
-        if not (isinstance(stype, _Global) and stype.kind == "storage" and isinstance(key, str)
+        if not (isinstance(stype, AllowedGlobal) and stype.kind == "storage" and isinstance(key, str)
                 and key.isascii() and key.isdigit() and type(numel) is int and numel >= 0):
             self.fail("the pickle holds a malformed storage reference.")
         if key not in self.raw:
@@ -398,7 +294,7 @@ class _Interpreter:
         return self.tensor(storage, offset, size, stride, None)
 
     def h_tensor_v3(self, storage, offset, size, stride, requires_grad, hooks, dtype, meta=None):
-        if not (isinstance(dtype, _Global) and dtype.kind == "dtype"):
+        if not (isinstance(dtype, AllowedGlobal) and dtype.kind == "dtype"):
             self.fail("a tensor's dtype is not a torch dtype.")
         return self.tensor(storage, offset, size, stride, dtype.arg)
 
@@ -454,14 +350,14 @@ def _itemsize(code: str | None) -> int:
 
 
 def _describe(obj) -> str:
-    if isinstance(obj, _Global):
+    if isinstance(obj, AllowedGlobal):
         return obj.qualname
     return "a storage" if isinstance(obj, _Storage) else f"a {type(obj).__name__}"
 
 
 def _brief(e: Exception) -> str:
     try:  # str() of an exception can itself fail on hostile contents
-        return f"{type(e).__name__}: {str(e)[:120]}"
+        return f"{type(e).__name__}: {' '.join(str(e)[:120].split())}"  # one line, whatever it held
     except Exception:
         return type(e).__name__
 
@@ -490,6 +386,6 @@ def _plain(obj, memo: dict, depth: int, source: str):
     if isinstance(obj, _Storage):  # a bare storage, e.g. torch.save(t.untyped_storage())
         code = obj.code or "u1"
         return _decode(obj.raw, code, obj.big, 0, (len(obj.raw) // _itemsize(code),), (1,))
-    if isinstance(obj, _Global) and obj.kind == "dtype":
+    if isinstance(obj, AllowedGlobal) and obj.kind == "dtype":
         return obj.qualname
     raise FormatError(f"{source}: the pickle holds a bare reference to {_describe(obj)}, not data.")
