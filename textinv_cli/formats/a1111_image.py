@@ -90,7 +90,8 @@ def load_image_embedding(data: bytes, *, source: str) -> dict:
     except TextinvError:
         raise
     except Exception as e:  # PIL/zlib/numpy raise many types on corrupt input; all are "unreadable"
-        raise FormatError(f"{source}: unreadable {kind.upper()} image ({type(e).__name__}: {e}).",
+        detail = " ".join(str(e)[:160].split())  # one line, whatever the decoder said
+        raise FormatError(f"{source}: unreadable {kind.upper()} image ({type(e).__name__}: {detail}).",
                           "The file is truncated or corrupt.") from None
 
 
@@ -409,6 +410,9 @@ def _embed_side_band(preview: np.ndarray, payload: bytes, data: dict) -> Image.I
     low = low ^ _dots(low.shape, shades) ^ key
     high = high ^ _dots(high.shape, shades[::-1]) ^ key
     band = low.shape[1]
+    if h * (2 * band + w + 2) > MAX_PIXELS:  # readers (ours too) would refuse to decode it
+        raise UnsupportedFormatError("The image with this embedding's side band would exceed "
+                                     f"{MAX_PIXELS:,} pixels.", "Use a smaller preview, or none.")
     canvas = np.zeros((h, 2 * band + w + 2, 3), np.uint8)
     canvas[:, :band] = low
     canvas[:, band + 1:band + 1 + w] = preview

@@ -151,7 +151,13 @@ def _describe(arrays: dict, limit: int = 8) -> str:
 
 
 def _shell_word(s: str) -> str:
-    return s if re.fullmatch(r"[\w.@%+=:,/-]+", s) else "'" + s.replace("'", "'\\''") + "'"
+    """`s` as one shell word; a key with a newline or other control character (seen in fuzzed
+    files) becomes bash's $'...' form, so the hint stays one line and still types that key."""
+    if re.fullmatch(r"[\w.@%+=:,/-]+", s):
+        return s
+    if not s.isprintable():
+        return "$'" + s.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
+    return "'" + s.replace("'", "'\\''") + "'"
 
 
 def _matrix(arr: np.ndarray, name: str, source: str) -> np.ndarray:
