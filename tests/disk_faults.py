@@ -7,7 +7,8 @@ writes under the folder fail with ENOSPC once a byte budget is spent, after real
 bytes that fit, so a half-written file exists on disk until the code under test cleans it up.
 
 What is patched: the Python-level doors to the file system (open/io.open, os.open, os.fdopen,
-os.write, os.mkdir, os.rename/replace, os.link/symlink), only for paths under the folder.
+os.write, os.mkdir, os.rename/replace, os.link/symlink, and os.access, which a read-only folder
+answers "no"), only for paths under the folder.
 Writes done in C (SQLite, safetensors' Rust writer, torch.save to a path) go through none of
 them: a test that needs those covered must use a real read-only or full file system.
 """
@@ -91,6 +92,7 @@ class Disk:
 
     def _install(self) -> Disk:
         real_open, real_os_open, real_fdopen, real_write = builtins.open, os.open, os.fdopen, os.write
+        real_access = os.access
         disk = self
 
         def guarded_open(file, mode="r", *args, **kwargs):
@@ -118,6 +120,12 @@ class Disk:
                     raise disk._error(errno.ENOSPC)
             return real_write(fd, data)
 
+        def guarded_access(path, mode, *args, **kwargs):
+            # what a read-only or chmod'ed folder answers, so "is it writable?" checks see it too
+            if disk.refuse is not None and mode & os.W_OK and _under(path, disk.root):
+                return False
+            return real_access(path, mode, *args, **kwargs)
+
         def refusing(name):
             real = getattr(os, name)
 
@@ -135,6 +143,7 @@ class Disk:
         self.mp.setattr(os, "open", guarded_os_open)
         self.mp.setattr(os, "fdopen", guarded_fdopen)
         self.mp.setattr(os, "write", guarded_write)
+        self.mp.setattr(os, "access", guarded_access)
         for name in ("mkdir", "rename", "replace", "link", "symlink"):
             self.mp.setattr(os, name, refusing(name))
         return self
