@@ -15,14 +15,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import signal
 import struct
 import threading
 import zlib
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from textinv_cli import formats
@@ -40,6 +43,18 @@ PEAK_BYTES = 64 * 2**20  # what reading one small hostile file may allocate at m
 FOLDER_FORMATS = ("sd-concepts", "diffusers-sdxl")
 IMAGE_WRITERS = {"a1111-png": a1111_image.dump_png_embedding, "a1111-webp": a1111_image.dump_webp_embedding}
 TINY_WIDTHS = {"sd1": {"clip_l": 32}, "sd2": {"clip_h": 48}, "sdxl": {"clip_l": 32, "clip_g": 64}}
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+HUNT = int(os.environ.get("TEXTINV_FUZZ_EXAMPLES", "0"))
+
+
+def fuzz(examples: int):
+    """CI: `examples` cases, derandomized (the same ones on every run, nothing saved between
+    runs). With TEXTINV_FUZZ_EXAMPLES=N: N fresh random cases per test, to hunt for bugs."""
+    return settings(max_examples=HUNT or examples, derandomize=not HUNT, database=None,
+                    deadline=timedelta(seconds=2), suppress_health_check=list(HealthCheck))
 
 
 # -- the two outcomes ------------------------------------------------------------------------

@@ -11,10 +11,11 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
+from tests.fuzz_cases import fuzz, time_bound
 from textinv_cli.errors import FormatError, TextinvError, UnsupportedFormatError
 from textinv_cli.formats import a1111_image as ai
 from textinv_cli.formats.a1111_image import (
@@ -320,7 +321,7 @@ def test_truncated_at_half(make):
     expect_format_error(blob[:len(blob) // 2])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz(150)
 @given(edits=st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 255)), min_size=1, max_size=6),
        cut=st.one_of(st.none(), st.integers(0, 10**9)))
 def test_fuzzed_png_gives_a_dict_or_a_textinv_error(edits, cut):
@@ -329,8 +330,17 @@ def test_fuzzed_png_gives_a_dict_or_a_textinv_error(edits, cut):
         blob[pos % len(blob)] = byte
     if cut is not None:
         blob = blob[:cut % len(blob)]
-    try:
-        result = load_image_embedding(bytes(blob), source="fuzz.png")
-    except TextinvError:
-        return
+    with time_bound():
+        try:
+            result = load_image_embedding(bytes(blob), source="fuzz.png")
+        except TextinvError:
+            return
     assert isinstance(result, dict)
+
+
+def test_writer_refuses_an_image_readers_would_refuse(monkeypatch):
+    """The band widens the canvas past the preview: an image over the pixel cap is never written."""
+    data = a1111_data(shape=(2, 768))  # random values: ~10 KB compressed, a band ~300 columns wide
+    monkeypatch.setattr(ai, "MAX_PIXELS", 1024)  # the 16x16 preview fits, preview + band does not
+    with pytest.raises(UnsupportedFormatError, match="exceed 1,024 pixels"):
+        dump_png_embedding(data, caption="x", preview=np.full((16, 16, 3), 90, np.uint8))

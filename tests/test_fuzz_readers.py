@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import sys
 import time
 import tracemalloc
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from textinv_cli.embedding import Embedding
@@ -36,17 +34,10 @@ from textinv_cli.formats import a1111_image
 from textinv_cli.formats.pickle_writer import dump_torch_pickle
 from textinv_cli.formats.safetensors_io import dump_safetensors
 
-from .fuzz_cases import (CORPUS, FOLDER_FORMATS, GIANTS, PEAK_BYTES, check_outcome, chunk, corpus_cases,
+from .fuzz_cases import (CORPUS, FOLDER_FORMATS, GIANTS, PEAK_BYTES, check_outcome, chunk, corpus_cases, fuzz,
                          mutated, png, put, seed_files, time_bound)
 
-HUNT = int(os.environ.get("TEXTINV_FUZZ_EXAMPLES", "0"))
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def fuzz(examples: int):
-    """CI: `examples`, derandomized (the same cases on every run). Hunting: many, random."""
-    return settings(max_examples=HUNT or examples, derandomize=not HUNT, database=None,
-                    deadline=timedelta(seconds=2), suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ import zipfile
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import malicious_pickles as mp
+from tests.fuzz_cases import fuzz, time_bound
 from textinv_cli.errors import FormatError, TextinvError, UnsafeFileError
 from textinv_cli.formats.pickle_reader import (looks_like_raw_pickle, looks_like_torch_zip,
                                                load_torch_pickle)
@@ -229,13 +230,14 @@ def test_sniffers():
 # -- fuzzing: any input gives an object or a TextinvError, nothing else ------------------
 
 def _load_or_textinv_error(data: bytes):
-    try:
-        load_torch_pickle(data, source="fuzz.pt")
-    except TextinvError:
-        pass
+    with time_bound():
+        try:
+            load_torch_pickle(data, source="fuzz.pt")
+        except TextinvError:
+            pass
 
 
-_FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+_FUZZ = fuzz(150)
 
 
 @functools.cache
