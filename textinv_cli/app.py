@@ -1,9 +1,11 @@
 """The textinv command line: wiring only. Each command lives in textinv_cli/commands/.
 
-main() is the one place that maps known errors to messages and exit codes:
-TextinvError -> its message and hint on stderr, exit 1 (130 for Ctrl-C);
+report() is the one place that maps known errors to messages and exit codes:
+TextinvError -> its message and hint on stderr, exit 1 (130 for Ctrl-C); a full,
+read-only or forbidden disk -> what and where, and the way out, exit 1;
 usage errors -> exit 2 (click's own handling); anything else is a bug: a one-line
-report, and the traceback only with TEXTINV_DEBUG=1.
+report, and the traceback only with TEXTINV_DEBUG=1. Whatever is printed, tracebacks
+included, has access tokens masked (redact.py).
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, prog_name="textinv")
     except Exception as e:  # noqa: BLE001 - only TEXTINV_DEBUG=1 lets an error get here: show it, masked
         print_traceback(e)
-        sys.exit(1)
+        sys.exit(getattr(e, "exit_code", 1))
 
 
 if __name__ == "__main__":
