@@ -4,16 +4,22 @@
     python tests/registry_worker.py [--barrier DIR --id ID] churn TOKEN SEED COUNT [--remove]
     python tests/registry_worker.py [--barrier DIR --id ID] remove NAME
     python tests/registry_worker.py [--barrier DIR --id ID] cli ARGS...
+    python tests/registry_worker.py [--barrier DIR --id ID] cli-loop SCRIPT.json
 
 The registry is the one $TEXTINV_HOME names. With --barrier, the worker announces itself
 (DIR/ready-ID) and then waits for DIR/go, so the test can release all workers at the same
 moment after their (slow) imports are done. Results are JSON lines on stdout. The crash
 tests set TEXTINV_REGISTRY_CRASH_AT to have the registry SIGKILL this process mid-write.
+
+cli-loop runs each command line of SCRIPT.json (a list of argv lists, e.g. ["import", F,
+"--json"]) through the real `textinv` CLI in this one process (a fresh process per command
+would cost more than the command), printing {"rc", "out"} per command; stderr is the CLI's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -21,9 +27,10 @@ from pathlib import Path
 
 
 
-def run_together(jobs: list[list[str]], barrier: Path, *, env: dict | None = None,
-                 timeout: float = 60) -> list[tuple[int, str, str]]:
-    """Start one worker per job, release them at once, return (returncode, stdout, stderr) each."""
+def start_together(jobs: list[list[str]], barrier: Path, *, env: dict | None = None,
+                   timeout: float = 60) -> list:
+    """Start one worker per job and release them at once; the running Popen objects.
+    The caller must see that they end (communicate, or kill and wait)."""
     import os
     import subprocess
 
@@ -40,17 +47,33 @@ def run_together(jobs: list[list[str]], barrier: Path, *, env: dict | None = Non
                 raise RuntimeError("a worker never reached the barrier: "
                                    + " | ".join(p.communicate()[1] for p in dead))
             time.sleep(0.005)
-        (barrier / "go").write_text("")
+    except BaseException:
+        _kill_all(procs)
+        raise
+    (barrier / "go").write_text("")
+    return procs
+
+
+def run_together(jobs: list[list[str]], barrier: Path, *, env: dict | None = None,
+                 timeout: float = 60) -> list[tuple[int, str, str]]:
+    """Start one worker per job, release them at once, return (returncode, stdout, stderr) each."""
+    deadline = time.monotonic() + timeout
+    procs = start_together(jobs, barrier, env=env, timeout=timeout)
+    try:
         results = []
         for p in procs:
             out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
             results.append((p.returncode, out, err))
         return results
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill_all(procs)
+
+
+def _kill_all(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()  # reap it and close its pipes
 
 
 def rows_without_blob(reg) -> list[str]:
@@ -69,6 +92,30 @@ def rows_without_blob(reg) -> list[str]:
         conn.close()
 
 
+def assert_consistent(root: Path) -> list[tuple]:
+    """What must hold after anything, crashes included: a sound database, every row's blob
+    present and hashing to the row's sha256. Returns the (name, sha256) rows."""
+    import hashlib
+    import sqlite3
+
+    from textinv_cli.registry import Registry
+
+    if not (root / "registry.db").exists():  # killed before the first row: still no registry
+        return []
+    with contextlib.closing(sqlite3.connect(root / "registry.db")) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        if conn.execute("PRAGMA user_version").fetchone()[0] == 0:  # killed while creating it
+            return []  # (the registry reads this as empty too)
+        rows = conn.execute("SELECT name, sha256 FROM embeddings ORDER BY name").fetchall()
+    reg = Registry(root)
+    for name, sha in rows:
+        blob = reg.blob_path(sha)
+        assert blob.is_file(), f"row {name} has no blob"
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == sha, f"row {name}: blob does not match"
+        reg.load(name)
+    return rows
+
+
 def _wait_for_go(barrier: Path, ident: str) -> None:
     (barrier / f"ready-{ident}").write_text("")
     deadline = time.monotonic() + 60
@@ -82,7 +129,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--barrier", type=Path)
     p.add_argument("--id", default="0")
-    p.add_argument("mode", choices=["add", "churn", "remove", "cli"])
+    p.add_argument("mode", choices=["add", "churn", "remove", "cli", "cli-loop"])
     p.add_argument("args", nargs=argparse.REMAINDER)
     ns = p.parse_args(argv)
 
@@ -94,6 +141,9 @@ def main(argv: list[str]) -> int:
 
     if ns.mode == "cli":
         from textinv_cli.app import main as cli_main
+    if ns.mode == "cli-loop":
+        script = json.loads(Path(ns.args[0]).read_text())
+        command = cli_command()
     if ns.barrier:
         _wait_for_go(ns.barrier, ns.id)
 
@@ -124,12 +174,40 @@ def main(argv: list[str]) -> int:
     elif ns.mode == "remove":
         entry = reg.remove(ns.args[0])
         print(json.dumps({"removed": entry.name}), flush=True)
+    elif ns.mode == "cli-loop":
+        for argv in script:
+            rc, out = run_cli(command, argv)
+            print(json.dumps({"rc": rc, "out": out}), flush=True)
     else:
         try:
             cli_main(ns.args)
         except SystemExit as e:
             return e.code if isinstance(e.code, int) else 1
     return 0
+
+
+def cli_command():
+    """The `textinv` click command, built once (building it is most of a short command's cost)."""
+    import typer.main
+
+    from textinv_cli.app import app
+
+    return typer.main.get_command(app)
+
+
+def run_cli(command, argv: list[str]) -> tuple[int, str]:
+    """One `textinv ARGV` as main() runs it (error mapping included); (exit code, stdout)."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            command.main(argv, prog_name="textinv")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import random_embedding
-from tests.registry_worker import run_together
+from tests.registry_worker import assert_consistent, run_together
 from textinv_cli.errors import InvalidEmbeddingError, NotFoundError, RegistryError
 from textinv_cli.registry import CRASH_ENV, Entry, Registry, home
 
@@ -35,20 +34,6 @@ def _rows(root: Path) -> list[tuple]:
 
 def _blobs(root: Path) -> set[str]:
     return {p.name for p in (root / "blobs").glob("*.safetensors")}
-
-
-def assert_consistent(root: Path) -> list[tuple]:
-    """What must hold after anything, crashes included: a sound database, every row's blob intact."""
-    with sqlite3.connect(root / "registry.db") as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        rows = conn.execute("SELECT name, sha256 FROM embeddings").fetchall()
-    reg = Registry(root)
-    for name, sha in rows:
-        blob = reg.blob_path(sha)
-        assert blob.is_file(), f"row {name} has no blob"
-        assert hashlib.sha256(blob.read_bytes()).hexdigest() == sha
-        reg.load(name)
-    return rows
 
 
 # -- location -------------------------------------------------------------------------

@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING
 
 from . import registry_db
 from .errors import InvalidEmbeddingError, NotFoundError, RegistryError
-from .registry_db import BUSY_TIMEOUT_S, SCHEMA_VERSION  # noqa: F401 - part of this module's API
 
 if TYPE_CHECKING:  # numpy comes with Embedding; keep `import textinv_cli.registry` light
     from .embedding import Embedding
@@ -152,6 +151,7 @@ class Registry:
             raise self._clash_error(name, clash)
 
         self._ensure_dirs()
+        self._check_writable()
         wrote = self._write_blob(sha, data)  # outside the lock: fsync is the slow part
         _crash_point("after-blob")
         entry = Entry(name=name, token=emb.token, family=emb.family, n_vectors=emb.n_vectors,
@@ -321,6 +321,14 @@ class Registry:
         except OSError as e:
             raise RegistryError(f"Cannot create the registry at {self.root}: {e.strerror or e}.",
                                 "Set TEXTINV_HOME to a writable folder.") from None
+
+    def _check_writable(self) -> None:
+        """Refuse a read-only registry before writing a blob: if sqlite refused the row
+        afterwards, the blob could not be taken back (that needs the write lock) and would
+        stay as an orphan until `textinv list --repair`."""
+        for path in (self.blob_dir, self.db_path):
+            if path.exists() and not os.access(path, os.W_OK):
+                raise self._unwritable("readonly")
 
     def _write_blob(self, sha: str, data: bytes) -> bool:
         """Content-addressed, so an existing intact blob is already right; a damaged one is
