@@ -1,17 +1,21 @@
-"""Each measurement the benchmark makes, as a function returning plain numbers.
+"""Each measurement the benchmark makes in this process, as a function returning plain numbers.
 
 Timings are taken at points where the host has synced with the device (the trainer's log
 steps call .item(); sampling ends with a host copy), after warm-up steps are excluded.
+The same functions run on the GPU (SD 1.5 shapes) and on the CPU (the tiny model, smoke).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+GIB = 2**30
 
 
 def matmul_peak(device: str = "cuda", n: int = 8192, iters: int = 10) -> float:
@@ -22,46 +26,70 @@ def matmul_peak(device: str = "cuda", n: int = 8192, iters: int = 10) -> float:
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
+    _sync(device)
     t = time.perf_counter()
     for _ in range(iters):
         a @ b
-    torch.cuda.synchronize()
+    _sync(device)
     return 2 * n**3 * iters / (time.perf_counter() - t) / 1e12
 
 
+def _sync(device: str) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def train_throughput(model: str, images: Path, *, batch: int, precision: str, steps: int, warmup: int,
-                     device: str = "cuda", grad_accum: int = 1, extra: dict | None = None) -> dict:
-    """samples/s of textinv's torch backend between two synced log steps after `warmup`."""
+                     device: str = "cuda", grad_accum: int = 1, extra: dict | None = None,
+                     around=contextlib.nullcontext) -> dict:
+    """samples/s of textinv's torch backend between two synced log steps after `warmup`.
+
+    peak_mem_gib is the whole run's peak (model load and latent caching included);
+    peak_step_gib the peak of the training steps alone (reset after the first step).
+    `around()` is entered for the whole run: a lever (bench.levers) or nothing.
+    """
     import torch
     from textinv_torch.backend import TorchBackend
 
     from textinv_cli.spec import TrainSpec
 
+    cuda = device.startswith("cuda")
     run = Path(tempfile.mkdtemp(prefix="bench-run-")) / "run"
     spec = TrainSpec(data_dir=str(images), token="<bench-tok>", init=["toy"], model=model, run_dir=str(run),
                      steps=steps, batch_size=batch, grad_accum=grad_accum, precision=precision,
                      checkpoint_every=0, extra={"device": device, **(extra or {})})
-    if device.startswith("cuda"):
+    if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    setup_peak = float("nan")
     t0 = time.perf_counter()
     marks: list[tuple[int, float]] = []
     losses = []
-    for ev in TorchBackend().train(spec):
-        if ev.kind == "progress" and "loss" in ev.data:
-            marks.append((ev.data["step"], time.perf_counter()))
-            losses.append(ev.data["loss"])
+    with around():
+        for ev in TorchBackend().train(spec):
+            if ev.kind == "progress" and ev.data["step"] == 1 and cuda:
+                torch.cuda.synchronize()
+                setup_peak = torch.cuda.max_memory_allocated() / GIB
+                torch.cuda.reset_peak_memory_stats()
+            if ev.kind == "progress" and "loss" in ev.data:
+                marks.append((ev.data["step"], time.perf_counter()))
+                losses.append(ev.data["loss"])
     wall = time.perf_counter() - t0
     after = [(s, t) for s, t in marks if s >= warmup]
     (s0, t0m), (s1, t1m) = after[0], after[-1]
     samples = (s1 - s0) * batch * grad_accum
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    step_peak = torch.cuda.max_memory_allocated() / GIB if cuda else float("nan")
     return {"batch": batch, "precision": precision, "grad_accum": grad_accum, "steps": steps,
             "samples_per_s": samples / (t1m - t0m), "step_ms": (t1m - t0m) / max(1, s1 - s0) * 1000,
-            "peak_mem_gib": peak, "wall_s": wall, "loss_first": losses[0], "loss_last": losses[-1]}
+            "peak_mem_gib": max(setup_peak, step_peak) if cuda else float("nan"),
+            "peak_setup_gib": setup_peak, "peak_step_gib": step_peak,
+            "wall_s": wall, "loss_first": losses[0], "loss_last": losses[-1], "losses": losses}
 
 
-def flops_per_sample(model: str, device: str = "cuda", batch: int = 1, resolution: int = 512) -> float:
+def flops_per_sample(model: str, device: str = "cuda", batch: int = 1, resolution: int = 512,
+                     dtype_name: str = "bf16") -> float:
     """FLOPs of one textual-inversion training step per sample, counted by torch's FlopCounterMode.
 
     The same math as the trainer: text encoder and UNet forward, backward to the input
@@ -72,13 +100,14 @@ def flops_per_sample(model: str, device: str = "cuda", batch: int = 1, resolutio
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPTextModel
 
-    dt = torch.bfloat16
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dt).to(device).requires_grad_(False)
     text = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dt).to(device).requires_grad_(False)
     ids = torch.randint(0, text.config.vocab_size, (batch, 77), device=device)
     # the trained rows enter at the token embeddings: gradients flow from there, as in training
     text.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.detach().requires_grad_(True))
-    lat = torch.randn(batch, 4, resolution // 8, resolution // 8, device=device, dtype=dt)
+    latent = resolution // 2 ** (len(unet.config.block_out_channels) - 1)
+    lat = torch.randn(batch, unet.config.in_channels, latent, latent, device=device, dtype=dt)
     t = torch.randint(0, 1000, (batch,), device=device)
     with FlopCounterMode(display=False) as counter:
         hidden = text(ids).last_hidden_state
@@ -87,40 +116,52 @@ def flops_per_sample(model: str, device: str = "cuda", batch: int = 1, resolutio
     return counter.get_total_flops() / batch
 
 
-def sampling_ours(model: str, *, n: int, steps: int, size: int, precision: str, out: Path) -> dict:
+def sampling_ours(model: str, *, n: int, steps: int, size: int, precision: str, out: Path,
+                  warmup: bool = True) -> dict:
+    """textinv's sampler (batched: `batch_size` images per pipeline call), timed from the end
+    of the model load ("started") to the last PNG written, after a warm-up run of the same shape."""
     from textinv_torch.sampling import sample
 
     from textinv_cli.spec import SampleRequest
 
-    def run(k: int):
-        req = SampleRequest(prompt="a photo of a toy", model=model, out_dir=str(out), n=k, steps=steps,
+    def run():
+        req = SampleRequest(prompt="a photo of a toy", model=model, out_dir=str(out), n=n, steps=steps,
                             scheduler="ddim", width=size, height=size, precision=precision)
-        t = time.perf_counter()
-        for _ in sample(req):
-            pass
-        return time.perf_counter() - t
+        t, batch = None, None
+        for ev in sample(req):
+            if ev.kind == "started":
+                t, batch = time.perf_counter(), ev.data["batch_size"]
+        return time.perf_counter() - t, batch
 
-    run(1)  # warm-up: loading, cuDNN autotuning
-    secs = run(n)
-    return {"images": n, "steps": steps, "size": size, "precision": precision, "seconds": secs, "images_per_s": n / secs}
+    if warmup:
+        run()  # cuDNN autotuning for this batch shape
+    secs, batch = run()
+    return {"images": n, "batch_size": batch, "steps": steps, "size": size, "precision": precision,
+            "seconds": secs, "images_per_s": n / secs}
 
 
-def sampling_diffusers(model: str, *, n: int, steps: int, size: int, precision: str) -> dict:
+def sampling_diffusers(model: str, *, n: int, steps: int, size: int, precision: str, device: str = "cuda",
+                       warmup: bool = True) -> dict:
     """diffusers' own StableDiffusionPipeline, batch n in one call, on the same weights."""
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dt, safety_checker=None).to("cuda")
+    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dt, safety_checker=None).to(device)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    pipe("a photo of a toy", num_inference_steps=steps, height=size, width=size, num_images_per_prompt=1)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    pipe("a photo of a toy", num_inference_steps=steps, height=size, width=size, num_images_per_prompt=n,
-         output_type="np")
-    secs = time.perf_counter() - t
-    return {"images": n, "steps": steps, "size": size, "precision": precision, "seconds": secs, "images_per_s": n / secs}
+
+    def run():
+        t = time.perf_counter()
+        pipe("a photo of a toy", num_inference_steps=steps, height=size, width=size, num_images_per_prompt=n,
+             output_type="pil")  # PIL, as ours: both end with 8-bit images on the host
+        return time.perf_counter() - t
+
+    if warmup:
+        run()  # the same shape, as ours
+    secs = run()
+    return {"images": n, "batch_size": n, "steps": steps, "size": size, "precision": precision, "seconds": secs,
+            "images_per_s": n / secs}
 
 
 _RATE = re.compile(r"(\d+(?:\.\d+)?)(it/s|s/it)")

@@ -1,0 +1,52 @@
+"""Speed levers the benchmark measures one at a time on the unchanged trainer, each as a
+context manager entered around a whole training run (bench.measure.train_throughput's
+`around`). Every lever row carries its losses, so a lever that changes the math shows.
+
+- sdpa-<backend>: only that scaled-dot-product-attention kernel (flash, efficient, cudnn,
+  math); diffusers' attention calls F.scaled_dot_product_attention, which obeys it.
+- channels-last: the UNet's weights in NHWC, so cuDNN runs its convolutions in NHWC (the
+  trainer is not edited for this: the model loader is wrapped for the run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+# Levers that run on the CPU too (the smoke test covers these); the GPU adds the CUDA kernels.
+CPU_LEVERS = ("sdpa-math", "channels-last")  # the smoke's baseline is its batch-1 train row
+GPU_LEVERS = ("baseline", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "channels-last")
+
+_SDPA = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+         "math": "MATH"}
+
+
+def lever(name: str):
+    """A fresh context manager for the lever `name` (one of GPU_LEVERS)."""
+    if name == "baseline":
+        return contextlib.nullcontext()
+    if name.startswith("sdpa-"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([getattr(SDPBackend, _SDPA[name.removeprefix("sdpa-")])])
+    if name == "channels-last":
+        return _channels_last()
+    raise ValueError(f"unknown lever {name!r}; known: {', '.join(GPU_LEVERS)}")
+
+
+@contextlib.contextmanager
+def _channels_last():
+    import torch
+    from textinv_torch import trainer
+
+    original = trainer.load_image_side
+
+    def load(comp):
+        comp = original(comp)
+        comp.unet.to(memory_format=torch.channels_last)  # .to(device, dtype) later keeps the layout
+        return comp
+
+    trainer.load_image_side = load
+    try:
+        yield
+    finally:
+        trainer.load_image_side = original
