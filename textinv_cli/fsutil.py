@@ -25,6 +25,19 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(fd_or_path, mode: int) -> None:
+    """mkstemp/mkdtemp make private (0600/0700) entries; the finished file should get the
+    permissions a plain open() would give it (0666/0777 minus the umask), like cp does."""
+    with contextlib.suppress(OSError):
+        os.chmod(fd_or_path, mode & ~_umask())
+
+
 def check_writable_target(path: Path, force: bool) -> None:
     """Refuse before any work is done: existing target without --force, missing folder."""
     if path.exists() and not force:
@@ -54,6 +67,7 @@ def atomic_write_bytes(path: Path, data: bytes, *, force: bool = False) -> None:
     with errors_name(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
+            _as_if_created(fd, 0o666)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -73,6 +87,7 @@ def atomic_write_dir(path: Path, files: dict[str, bytes], *, force: bool = False
     with errors_name(path):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
+            _as_if_created(tmp, 0o777)
             for name, data in files.items():
                 with open(tmp / name, "wb") as f:
                     f.write(data)
