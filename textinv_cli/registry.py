@@ -328,7 +328,7 @@ class Registry:
         stay as an orphan until `textinv list --repair`."""
         for path in (self.blob_dir, self.db_path):
             if path.exists() and not os.access(path, os.W_OK):
-                raise self._unwritable("readonly")
+                raise registry_db.unwritable(self.root, "readonly")
 
     def _write_blob(self, sha: str, data: bytes) -> bool:
         """Content-addressed, so an existing intact blob is already right; a damaged one is
@@ -343,27 +343,16 @@ class Registry:
                 # orphan until now) is about to get its row.
                 os.utime(path)
                 return False
-        for attempt in (1, 2):
+        try:
             try:
                 atomic_write_bytes(path, data, force=True)
-                return True
             except FileNotFoundError:
                 # Our temp file vanished before the rename: only a repair that judged it
-                # abandoned (a process paused past the grace period) does that. Once more.
-                if attempt == 2 or not self.blob_dir.is_dir():
-                    raise self._unwritable("the blobs/ folder changed under this process") from None
-            except OSError as e:
-                raise self._unwritable(e) from None
-        raise AssertionError("unreachable")
-
-    def _unwritable(self, e) -> RegistryError:
-        import errno
-
-        if isinstance(e, str):
-            return registry_db.unwritable(self.root, e)
-        why = {errno.ENOSPC: "full", errno.EDQUOT: "full", errno.EROFS: "readonly",
-               errno.EACCES: "readonly", errno.EPERM: "readonly"}.get(e.errno, e.strerror or str(e))
-        return registry_db.unwritable(self.root, why)
+                # abandoned (this process paused past the grace period) does that. Once more.
+                atomic_write_bytes(path, data, force=True)
+        except OSError as e:
+            raise registry_db.unwritable(self.root, e) from None
+        return True
 
     def _unlink_blob_if_unused(self, conn: sqlite3.Connection, sha: str) -> None:
         """Only called inside a write transaction, so no row can start using the blob meanwhile.

@@ -9,6 +9,7 @@ upgrade (see the invariants at the top of registry.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import sqlite3
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ CREATE INDEX embeddings_token ON embeddings (token);
 """
 
 NOTHING_CHANGED = "nothing was registered or changed"
+_ERRNO_WHY = {errno.ENOSPC: "full", errno.EDQUOT: "full",
+              errno.EROFS: "readonly", errno.EACCES: "readonly", errno.EPERM: "readonly"}
 # Each blob is a whole embedding (safetensors), so a new index can be refilled from them;
 # but once rows are gone, `list --repair` sees those blobs as orphans.
 DAMAGED_DB_HINT = ("Move registry.db aside to start afresh, then `textinv import` the files in blobs/ "
@@ -51,9 +54,11 @@ def connect(db_path: Path) -> sqlite3.Connection:
     return conn
 
 
-def unwritable(root: Path, why: str) -> RegistryError:
-    """The one wording for "the registry cannot be written to", whether sqlite or a blob write
-    found out. `why` is "full", "readonly" or the system's own words."""
+def unwritable(root: Path, why: str | OSError) -> RegistryError:
+    """The one wording for "the registry cannot be written to", whether sqlite or a blob
+    write found out. `why`: "full", "readonly", or the OSError of the write."""
+    if isinstance(why, OSError):
+        why = _ERRNO_WHY.get(why.errno, why.strerror or str(why))
     reason = {"full": "the disk is full", "readonly": "it is read-only"}.get(why, why)
     hint = {"full": "Free some disk space, or set TEXTINV_HOME to a folder on another disk.",
             "readonly": f"Make {root} writable, or set TEXTINV_HOME to a writable folder."}.get(
