@@ -153,6 +153,34 @@ def test_repair_without_a_registry_creates_and_deletes_nothing(cli, textinv_home
     assert not (textinv_home / "registry.db").exists()
 
 
+def test_repair_on_a_damaged_database_deletes_nothing(cli, reg, monkeypatch):
+    # A damaged index may have lost rows, whose blobs would then look like orphans.
+    orphan = _orphan(reg, "<ghost>", 7, old=True)
+    real = Registry._connect
+
+    class Damaged:
+        def __init__(self, conn):
+            self._conn = conn
+
+        def execute(self, sql, *args):
+            if sql.startswith("PRAGMA integrity_check"):
+                return self._conn.execute("SELECT 'row 3 missing from index embeddings_sha256'")
+            return self._conn.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self._conn, name)
+
+    monkeypatch.setattr(Registry, "_connect", lambda self, path: Damaged(real(self, path)))
+    r = cli("list", "--repair", "--json")
+    assert r.exit_code == 1 and orphan.exists()
+    doc = json.loads(r.stdout)
+    assert doc["database"] == "row 3 missing from index embeddings_sha256" and doc["ok"] is False
+    assert doc["removed_orphans"] == [] and doc["damaged"] == []
+    assert r.stderr.splitlines()[0] == (f"Error: The registry database {reg.db_path} is damaged: "
+                                        "row 3 missing from index embeddings_sha256.")
+    assert "textinv import" in r.stderr.splitlines()[1]
+
+
 def test_repair_takes_no_filters(cli, reg):
     r = cli("list", "--repair", "--family", "sd1")
     assert r.exit_code == 1 and r.stderr.splitlines() == [
