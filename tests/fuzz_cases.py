@@ -84,6 +84,28 @@ def time_bound(seconds: float = CASE_SECONDS):
         signal.signal(signal.SIGALRM, old)
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+@contextlib.contextmanager
+def peak_rss_bound(limit: int = PEAK_BYTES):
+    """Fail when the process's peak resident size rises more than `limit` above its size at
+    the start: one check over thousands of cases catches any one that blows up. Linux only
+    (writing 5 to /proc/self/clear_refs resets the peak); elsewhere it checks nothing."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        start = _status_kib("VmRSS")
+    except OSError:
+        yield
+        return
+    yield
+    grew = (_status_kib("VmHWM") - start) * 1024
+    assert grew < limit, f"peak memory rose {grew / 2**20:.0f} MiB while reading these inputs"
+
+
 def check_outcome(path: Path) -> Embedding | TextinvError:
     """read_embedding(path): a valid Embedding, or a TextinvError of one or two clear lines.
 
