@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests import malicious_pickles as mp
-from textinv_cli.errors import FormatError, UnsafeFileError
+from textinv_cli.errors import FormatError, TextinvError, UnsafeFileError
+from textinv_cli.formats import read_embedding
 from textinv_cli.formats.pickle_reader import load_torch_pickle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +43,30 @@ def test_malicious_corpus_is_refused_and_never_runs(name, tmp_path, monkeypatch)
     assert time.monotonic() - start < 5
     time.sleep(0.05 if "popen" in name else 0)
     assert not marker.exists(), "the payload ran"
+
+
+def test_whole_corpus_through_read_embedding(tmp_path, monkeypatch):
+    """The public entry point (content detection first: zip, tar, raw pickle) refuses the same
+    way, whatever the file is called; nothing runs and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "MARKER"
+    for name in sorted(mp.BUILDERS):
+        case = mp.build(name, marker)
+        for file_name in ("learned_embeds.bin", "emb.pt", "emb.safetensors"):
+            path = tmp_path / file_name
+            path.write_bytes(case.data)
+            try:
+                outcome = read_embedding(path)
+            except TextinvError as e:
+                outcome = e
+            if case.error == "unsafe":
+                assert isinstance(outcome, UnsafeFileError), (name, outcome)
+                assert all(needle in outcome.message for needle in case.mentions), (name, outcome.message)
+            elif case.error == "format":
+                assert isinstance(outcome, FormatError), (name, outcome)
+            path.unlink()
+    time.sleep(0.05)  # the Popen cases would have started by now
+    assert not marker.exists() and list(tmp_path.iterdir()) == []
 
 
 # Unpickles pickle after pickle, as torch's legacy loader does with its magic-number files.
