@@ -6,6 +6,8 @@ from enum import Enum
 
 import typer
 
+from ..registry_repair import GRACE_S  # stdlib only: keeps `textinv` light
+
 
 class Family(str, Enum):
     sd1 = "sd1"
@@ -24,7 +26,8 @@ def list_embeddings(
     source: Source = typer.Option(None, "--source", help="Only embeddings that were trained, pulled or imported."),
     json_out: bool = typer.Option(False, "--json", help="Print the entries as a JSON list."),
     repair: bool = typer.Option(False, "--repair", help="Check every stored copy; remove orphan blobs and "
-                                "temp files that crashed imports left (after a 10-minute grace period)."),
+                                "temp files that crashed imports left (once they are "
+                                f"{GRACE_S / 60:.0f} minutes old)."),
 ) -> None:
     """List the embeddings in the local registry.
 
@@ -84,7 +87,6 @@ def _repair(reg, *, json_out: bool) -> None:
     from ..console import console, print_json
     from ..errors import RegistryError
     from ..registry_db import DAMAGED_DB_HINT
-    from ..registry_repair import GRACE_S
 
     report = reg.repair()
     if json_out:
