@@ -93,7 +93,8 @@ def test_add_on_a_full_or_read_only_registry(reg, monkeypatch, fault):
         with pytest.raises(RegistryError) as err:
             reg.add(emb, source="imported", origin={})
     said = {"full": "the disk is full", "readonly": "it is read-only"}[why]
-    assert err.value.message == f"Cannot write to the registry at {reg.root}: {said}; nothing was registered or changed."
+    assert err.value.message == (f"Cannot write to the registry at {reg.root}: {said}; "
+                                 "nothing was registered or changed.")
     assert "TEXTINV_HOME" in err.value.hint and "\n" not in err.value.hint
     if fault == "SQLITE_READONLY at the write":
         # sqlite alone refuses (the files look writable): the blob written before cannot be

@@ -3,6 +3,7 @@ reported with what to do, and an import running at the same moment is never hurt
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -119,10 +120,11 @@ def test_repair_reports_damaged_entries_and_exits_1(cli, reg):
     r = cli("list", "--repair")
     assert r.exit_code == 1
     damage = [line for line in r.stdout.splitlines() if line.startswith("Damaged: ")]
+    rot = hashlib.sha256(b"bit rot").hexdigest()[:12]
     assert damage == [
         "Damaged: cat-toy: its stored copy is missing. Run `textinv rm cat-toy`, then add it again (from /data/cat.pt).",
-        f"Damaged: dog: its stored copy is corrupt (sha256 {__import__('hashlib').sha256(b'bit rot').hexdigest()[:12]},"
-        f" expected {dog.sha256[:12]}). Run `textinv rm dog`, then add it again (from me/dog).",
+        f"Damaged: dog: its stored copy is corrupt (sha256 {rot}, expected {dog.sha256[:12]}). "
+        "Run `textinv rm dog`, then add it again (from me/dog).",
         "Damaged: fine: its tags column is not JSON. Run `textinv rm fine`, then add it again."]
     assert r.stderr.splitlines() == [
         "Error: 3 entries could not be repaired: cat-toy, dog, fine.",
