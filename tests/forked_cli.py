@@ -24,9 +24,16 @@ import traceback
 
 def _warm_up() -> None:
     """Everything a training child would import; nothing that runs a kernel or starts a thread."""
+    import sqlite3  # noqa: F401
+
     import diffusers  # noqa: F401
+    import PIL.PngImagePlugin  # noqa: F401
+    import pydantic  # noqa: F401
+    import rich.console  # noqa: F401
+    import rich.progress  # noqa: F401
     import torch  # noqa: F401
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401
+    from diffusers import (AutoencoderKL, DDPMScheduler, DEISMultistepScheduler,  # noqa: F401
+                           DPMSolverSinglestepScheduler, UniPCMultistepScheduler, UNet2DConditionModel)
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
     import textinv_cli.app  # noqa: F401
