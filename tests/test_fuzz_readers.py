@@ -84,14 +84,14 @@ _MAGICS = [b"", b"PK\x03\x04", b"\x89PNG\r\n\x1a\n", b"RIFF\x00\x01\x00\x00WEBPV
            b"\x10\x00\x00\x00\x00\x00\x00\x00{", b"version https://git-lfs.github.com/spec/v1\n"]
 
 
-@fuzz(400)
+@fuzz(800)
 @given(prefix=st.sampled_from(_MAGICS), body=st.binary(max_size=1024),
        suffix=st.sampled_from([".safetensors", ".bin", ".pt", ".png", ".webp", ""]))
 def test_random_bytes(bounded_memory, work, prefix, body, suffix):
     check_outcome(put(work / f"random{suffix}", prefix + body))
 
 
-@fuzz(2000)
+@fuzz(3000)
 @given(st.data())
 def test_mutated_files(bounded_memory, seeds, work, data):
     name = data.draw(st.sampled_from(_single(seeds)), label="seed")
@@ -99,7 +99,7 @@ def test_mutated_files(bounded_memory, seeds, work, data):
     check_outcome(put(work / f"mutated{suffix}", data.draw(mutated(blob), label="bytes")))
 
 
-@fuzz(500)
+@fuzz(800)
 @given(st.data())
 def test_mutated_folders(bounded_memory, seeds, work, data):
     """sd-concepts and diffusers-sdxl folders: one member mutated, dropped, swapped or retyped."""
@@ -179,7 +179,7 @@ def _png_with_json(doc: dict) -> bytes:
     return png(4, 4, chunk(b"tEXt", a1111_image.TEXT_KEY.encode() + b"\0" + text))
 
 
-@fuzz(600)
+@fuzz(800)
 @given(top=st.dictionaries(_KEYS, _TREES, max_size=4), container=st.sampled_from(["pickle", "png", "safetensors"]),
        meta=st.dictionaries(st.sampled_from(["textinv.token", "modelspec.architecture", "step"]),
                             st.text(max_size=8), max_size=2))
@@ -201,7 +201,7 @@ _JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st
 _DIMS = st.integers(0, 6) | st.sampled_from([32, 768, 2**31, 2**63, -1, True, 1.0, None])
 
 
-@fuzz(600)
+@fuzz(800)
 @given(st.data())
 def test_safetensors_headers(bounded_memory, work, data):
     """Headers that are mostly consistent, with one field at a time made odd."""
