@@ -265,6 +265,15 @@ def test_single_width_into_the_sdxl_pair(tmp_path, family):
     assert "safetensors" in msg
 
 
+def test_token_named_like_the_safetensors_metadata_key(tmp_path):
+    """{"__metadata__": tensor} would be written as the header's metadata slot and never read back."""
+    emb = random_embedding("__metadata__")
+    assert "__metadata__" in refused(tmp_path, UnsupportedFormatError, formats.write_embedding, emb,
+                                     tmp_path / "o.safetensors", "safetensors")
+    formats.write_embedding(emb, tmp_path / "o.safetensors", "kohya")  # emb_params: the token is metadata
+    assert formats.read_embedding(tmp_path / "o.safetensors").token == "__metadata__"
+
+
 def test_unknown_format_and_missing_paths(tmp_path):
     emb = random_embedding()
     assert "kohya" in refused(tmp_path, UnsupportedFormatError, formats.write_embedding, emb, tmp_path / "o", "ckpt")

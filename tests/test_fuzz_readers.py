@@ -148,7 +148,7 @@ def test_truncated_and_extended_everywhere(bounded_memory, seeds, work):
             if isinstance(outcome, Embedding):
                 assert outcome.vectors.keys() == original.vectors.keys() and all(
                     np.array_equal(outcome.vectors[k], v) for k, v in original.vectors.items()), (name, i)
-                assert len(data) > len(blob) - 32 or suffix == ".png", (name, len(data))
+                assert len(data) > len(blob) or suffix == ".png", (name, len(data))  # only PNG cuts read
             count += 1
     assert count > 5000  # the sweep is as big as it claims
 

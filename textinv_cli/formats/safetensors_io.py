@@ -12,7 +12,7 @@ import struct
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import FormatError, UnsupportedFormatError
 
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -101,6 +101,9 @@ def _parse_header(raw: bytes, source) -> dict:
 
 def dump_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
     """Serialise deterministically (sorted names, float32 unless already f16/f64)."""
+    if "__metadata__" in tensors:  # the format's reserved key: the file would not read back
+        raise UnsupportedFormatError("safetensors cannot hold a tensor named __metadata__.",
+                                     "Pass --token with another name.")
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
