@@ -32,7 +32,7 @@ def test_import_and_help_do_not_import_ml_frameworks(code):
     assert not {m for m in loaded if m.split(".")[0] in HEAVY}
 
 
-@pytest.mark.parametrize("args", [["convert", "x", "--to", "kohya"], ["inspect", "x"], ["list"],
+@pytest.mark.parametrize("args", [["convert", "x", "--to", "kohya"], ["inspect", "x"], ["list"], ["list", "--repair"],
                                   ["pull", "a/b"], ["push", "a", "--repo", "a/b"], ["rm", "x"]])
 def test_light_commands_never_import_torch_or_jax(args, tmp_path):
     code = textwrap.dedent(f"""
