@@ -35,7 +35,7 @@ from textinv_cli.formats.pickle_writer import dump_torch_pickle
 from textinv_cli.formats.safetensors_io import dump_safetensors
 
 from .fuzz_cases import (CORPUS, FOLDER_FORMATS, GIANTS, PEAK_BYTES, check_outcome, chunk, corpus_cases, fuzz,
-                         mutated, peak_rss_bound, png, put, seed_files, time_bound)
+                         mutated, peak_rss_bound, png, put, seed_files)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,8 +235,7 @@ def test_giant_claims_are_refused_before_allocating(work, name):
     tracemalloc.start()  # Python and numpy allocations; the subprocess test below sees the rest
     try:
         start = time.monotonic()
-        with time_bound(5):
-            outcome = check_outcome(path)
+        outcome = check_outcome(path)  # itself bounded in time
         elapsed = time.monotonic() - start
         peak = tracemalloc.get_traced_memory()[1]
     finally:
