@@ -109,14 +109,14 @@ def peak_rss_bound(limit: int = PEAK_BYTES):
     assert grew < limit, f"peak memory rose {grew / 2**20:.0f} MiB while reading these inputs"
 
 
-def check_outcome(path: Path) -> Embedding | TextinvError:
-    """read_embedding(path): a valid Embedding, or a TextinvError of one or two clear lines.
+def check_outcome(path: Path, **options) -> Embedding | TextinvError:
+    """read_embedding(path, **options): a valid Embedding, or a TextinvError of one or two clear lines.
 
     Any other exception propagates (so hypothesis reports and shrinks it); a hang fails.
     """
     with time_bound():
         try:
-            emb = formats.read_embedding(path)
+            emb = formats.read_embedding(path, **options)
         except TextinvError as e:
             assert isinstance(e.message, str) and e.message.strip(), repr(e)
             assert "\n" not in e.message and "\n" not in (e.hint or ""), repr(str(e))

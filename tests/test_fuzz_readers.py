@@ -182,16 +182,18 @@ def _png_with_json(doc: dict) -> bytes:
 @fuzz(800)
 @given(top=st.dictionaries(_KEYS, _TREES, max_size=4), container=st.sampled_from(["pickle", "png", "safetensors"]),
        meta=st.dictionaries(st.sampled_from(["textinv.token", "modelspec.architecture", "step"]),
-                            st.text(max_size=8), max_size=2))
-def test_random_layouts(bounded_memory, work, top, container, meta):
-    """Trees of dicts, lists, scalars and arrays of any shape, dtype and value, in every container."""
+                            st.text(max_size=8), max_size=2),
+       options=st.fixed_dictionaries({}, optional={"key": _KEYS, "token": st.text(max_size=6)}))
+def test_random_layouts(bounded_memory, work, top, container, meta, options):
+    """Trees of dicts, lists, scalars and arrays of any shape, dtype and value, in every container,
+    read with and without --key / --token."""
     if container == "pickle":
         blob = dump_torch_pickle(top)
     elif container == "png":
         blob = _png_with_json(top)
     else:
         blob = dump_safetensors({k: v for k, v in top.items() if isinstance(v, np.ndarray)}, meta)
-    check_outcome(put(work / f"layout.{container}", blob))
+    check_outcome(put(work / f"layout.{container}", blob), **options)
 
 
 _JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
