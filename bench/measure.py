@@ -46,8 +46,8 @@ def train_throughput(model: str, images: Path, *, batch: int, precision: str, st
                      around=contextlib.nullcontext) -> dict:
     """samples/s of textinv's torch backend between two synced log steps after `warmup`.
 
-    peak_mem_gib is the whole run's peak (model load and latent caching included);
-    peak_step_gib the peak of the training steps alone (reset after the first step).
+    peak_mem_gib is the whole run's peak; peak_setup_gib that of model load, latent caching and
+    the first step; peak_step_gib that of the steps after it (the steady state).
     `around()` is entered for the whole run: a lever (bench.levers) or nothing.
     """
     import torch
@@ -127,17 +127,24 @@ def sampling_ours(model: str, *, n: int, steps: int, size: int, precision: str, 
     def run():
         req = SampleRequest(prompt="a photo of a toy", model=model, out_dir=str(out), n=n, steps=steps,
                             scheduler="ddim", width=size, height=size, precision=precision)
-        t, batch = None, None
+        t = {}
         for ev in sample(req):
+            t[ev.kind] = time.perf_counter()
+            t.setdefault("first_" + ev.kind, t[ev.kind])
             if ev.kind == "started":
-                t, batch = time.perf_counter(), ev.data["batch_size"]
-        return time.perf_counter() - t, batch
+                t["batch"] = ev.data["batch_size"]
+        return t
 
     if warmup:
         run()  # cuDNN autotuning for this batch shape
-    secs, batch = run()
-    return {"images": n, "batch_size": batch, "steps": steps, "size": size, "precision": precision,
-            "seconds": secs, "images_per_s": n / secs}
+    t = run()
+    secs = t["sample"] - t["started"]
+    # The PNG files (encode, fsync, rename), which diffusers' row does not write: one `sample`
+    # event follows each, so their spacing is the cost of one (one batch: all written at the end).
+    png_s = (t["sample"] - t["first_sample"]) * n / max(1, n - 1)
+    return {"images": n, "batch_size": t["batch"], "steps": steps, "size": size, "precision": precision,
+            "seconds": secs, "images_per_s": n / secs, "png_files_s": png_s,
+            "images_per_s_before_png": n / max(1e-9, secs - png_s)}
 
 
 def sampling_diffusers(model: str, *, n: int, steps: int, size: int, precision: str, device: str = "cuda",

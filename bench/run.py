@@ -128,11 +128,13 @@ def run_parts(res: Results, cfg: dict, parts: set[str], budget: Budget, model: s
         _guarded(res, "sample", lambda: measure.sampling_diffusers(model, device=device, **s),
                  backend="diffusers-pipeline")
     if "recipe" in parts and overlapped is None and budget.allows(res, "recipe", cost["recipe"]):
+        _free_torch_cache()
         _guarded(res, "recipe", lambda: new_recipe().start().result(), backend="textinv-torch")
     if "jax" in parts and budget.allows(res, "jax", cost["jax"]):
         _free_torch_cache()
         j = cfg["jax"]
-        for row in jax_rows.rows(model, images, cpu=device == "cpu", timeout_s=max(30.0, budget.left() - 5), **j):
+        limit = max(30.0, min(cfg["jax_timeout_s"], budget.left() - 5))  # compiles can run long: cap them
+        for row in jax_rows.rows(model, images, cpu=device == "cpu", timeout_s=limit, **j):
             res.add("train", backend="textinv-jax", model=cfg["model_name"], **row)
     if "levers" in parts and budget.allows(res, "levers", cost["levers"]):
         lv = cfg["levers"]
@@ -152,7 +154,7 @@ def _free_torch_cache() -> None:
         import torch
 
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the JAX process gets the memory torch's allocator still caches
+            torch.cuda.empty_cache()  # a child process gets the memory torch's allocator still caches
     except ImportError:
         pass
 
@@ -166,7 +168,7 @@ def cpu_config(quick: bool) -> dict:
             "train_steps": lambda b: (4 * n, n), "cost": {k: 0 for k in COST_S},
             "sample": {"n": 2, "steps": 2, "size": 64, "precision": "fp32", "warmup": not quick},
             "recipe": {"steps": 2 * n, "batch": 1, "grad_accum": 2, "precision": "fp32", "deadline_s": 120},
-            "jax": {"batches": [1], "precision": "fp32", "steps": 3 * n, "warmup": 1},
+            "jax": {"batches": [1], "precision": "fp32", "steps": 3 * n, "warmup": 1}, "jax_timeout_s": 300,
             "levers": {"names": CPU_LEVERS, "batch": 1, "steps": 2 + n, "warmup": 1}}
 
 
@@ -178,7 +180,7 @@ def gpu_config(args) -> dict:
             "sample": {"n": 8, "steps": 30, "size": 512, "precision": "fp16", "warmup": True},
             "recipe": {"steps": 3000, "batch": 1, "grad_accum": 4, "precision": "bf16",
                        "deadline_s": args.recipe_deadline},
-            "jax": {"batches": [1, 8], "precision": "bf16", "steps": 60, "warmup": 20},
+            "jax": {"batches": [1, 8], "precision": "bf16", "steps": 60, "warmup": 20}, "jax_timeout_s": 200,
             "levers": {"names": args.levers.split(","), "batch": 8, "steps": 30, "warmup": 10}}
 
 
@@ -189,8 +191,9 @@ def main() -> None:
     mode.add_argument("--gpu", action="store_true", help="SD 1.5 shapes on a CUDA GPU")
     ap.add_argument("--quick", action="store_true", help="fewest steps (CI smoke)")
     ap.add_argument("--work", default=os.environ.get("TEXTINV_BENCH_WORK", "/tmp/textinv-bench"))
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"), help="folder for results.json/.md")
-    ap.add_argument("--budget-s", type=float, default=480, help="stop starting parts after this (GPU)")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for results.json/.md ($OUT, else WORK/out)")
+    ap.add_argument("--budget-s", type=float, default=450,
+                    help="GPU: seconds (model build included) after which no part starts; see bench/README.md")
     ap.add_argument("--tokenizer", default=".bench-carry/clip-tokenizer", help="CLIP vocab.json + merges.txt")
     ap.add_argument("--diffusers-script", default=".bench-carry/textual_inversion.py",
                     help="diffusers' examples/textual_inversion/textual_inversion.py (not shipped with textinv)")
@@ -198,7 +201,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32", help="batch sizes of the bf16 train rows")
     ap.add_argument("--fp32-batches", default="1,8", help="batch sizes of the fp32 train rows ('' for none)")
     ap.add_argument("--levers", default=",".join(GPU_LEVERS), help="levers measured one by one (bench/levers.py)")
-    ap.add_argument("--recipe-deadline", type=float, default=90, help="seconds before the recipe is projected")
+    ap.add_argument("--recipe-deadline", type=float, default=60,
+                    help="seconds after which the seed recipe's process is stopped and its wall time projected")
     ap.add_argument("--diffusers-configs", default="1:no:8:60,8:bf16:8:40,32:bf16:12:20",
                     help="batch:precision:workers:steps of each diffusers-script row (precision no = fp32)")
     args = ap.parse_args()
@@ -207,7 +211,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.run " + ("--cpu" + (" --quick" if args.quick else "") if args.cpu else "--gpu")
-    res = Results(Path(args.out), {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    res = Results(Path(args.out or work / "out"), {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                    "command": command, "versions": _versions()})
     parts = set((args.parts or GPU_PARTS).split(","))
     if args.cpu:

@@ -59,7 +59,7 @@ def _train(backend, batch, rate, peak=None, precision="bf16"):
 def test_targets_are_checked_against_the_runs_own_rows():
     rows = [_train("textinv-torch", 1, 13.5, peak=3.5), _train("textinv-torch", 32, 200.0, peak=25.0),
             _train("textinv-jax", 1, 10.0), _train("diffusers-script", 32, 50.0),
-            {"kind": "sample", "backend": "textinv-torch", "images_per_s": 3.9},
+            {"kind": "sample", "backend": "textinv-torch", "images_per_s": 3.9, "images_per_s_before_png": 4.56},
             {"kind": "sample", "backend": "diffusers-pipeline", "images_per_s": 3.8},
             {"kind": "recipe", "steps": 3000, "measured": False, "wall_s": 90.0, "projected_wall_s": 120.0}]
     lines = report.targets(rows)
@@ -67,7 +67,7 @@ def test_targets_are_checked_against_the_runs_own_rows():
         "| best batch >= 4x diffusers' best (200 samples/s) | 200.0 at batch 32 bf16 | met |",
         "| batch 1 >= 13 samples/s with peak <= 4 GB (3.73 GiB) | 13.5 samples/s, 3.50 GiB | met |",
         "| seed recipe <= 90 s wall, model load included | 120 s projected | NOT met |",
-        "| sampling >= 1.0x diffusers' pipeline | 1.03x | met |",
+        "| sampling >= 1.0x diffusers' pipeline | 1.03x (1.20x before writing the PNG files) | met |",
         "| JAX >= 0.8x torch at batch 1 bf16 | 0.74x | NOT met |",
     ]
     rows[1]["peak_mem_gib"], rows[0]["peak_mem_gib"] = 25.0, 4.0  # 4 GiB is more than 4 GB
