@@ -21,7 +21,7 @@ def sample(
     n: int = typer.Option(1, "-n", "--num-images", help="How many images (image i uses seed + i)."),
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", help="Images rendered at once (default: up to 8 at 512x512, fewer for larger "
-                                   "sizes); image i is the same picture whatever the batch."),
+                                   "sizes); image i is the same picture (up to float rounding) in any batch."),
     steps: int = typer.Option(30, "--steps", help="Denoising steps per image."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, euler, euler-a, dpm++ or unipc."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (CFG)."),
