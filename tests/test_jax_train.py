@@ -255,11 +255,11 @@ def test_sample_ddim_and_dpm_with_a_multi_vector_embedding(tiny, tmp_path):
                                 embeddings=[ref], negative="blurry", n=2, steps=3, scheduler=scheduler, seed=7)
         events = list(JaxBackend().sample(request))
         kinds = [e.kind for e in events]
-        assert kinds == ["started"] + ["progress"] * 3 + ["sample"] + ["progress"] * 3 + ["sample", "finished"]
+        assert kinds == ["started"] + ["progress"] * 3 + ["sample"] * 2 + ["finished"]  # one batch of 2
         started = events[0].data
         assert started["sampler"] == sampler and started["total"] == 6 and started["device"] == "cpu"
         assert started["embeddings"] == [{"name": "x", "token": "<x>", "vectors": 2}]
-        assert [e.data["done"] for e in events if e.kind == "progress"] == [1, 2, 3, 4, 5, 6]
+        assert [e.data["done"] for e in events if e.kind == "progress"] == [2, 4, 6]  # image-steps
         samples = [e.data for e in events if e.kind == "sample"]
         assert [s["seed"] for s in samples] == [7, 8] and all(s["width"] == s["height"] == 64 for s in samples)
         text = parameters(samples[0]["path"])
@@ -269,11 +269,12 @@ def test_sample_ddim_and_dpm_with_a_multi_vector_embedding(tiny, tmp_path):
         assert pics[0].shape == (64, 64, 3) and not np.array_equal(pics[0], pics[1])  # seed + i
         images[scheduler] = pics[0]
     assert not np.array_equal(images["ddim"], images["dpm++"])
-    # the same request again renders the same picture (image 0: seed 7)
+    # image 0 (seed 7) rendered alone matches it rendered in a batch of 2, up to float noise
     again = SampleRequest(prompt="a photo of <x>", model=str(tiny["sd1"]), out_dir=str(tmp_path / "again"),
                           embeddings=[ref], negative="blurry", n=1, steps=3, scheduler="ddim", seed=7)
     path = [e.data["path"] for e in JaxBackend().sample(again) if e.kind == "sample"][0]
-    assert np.array_equal(np.asarray(Image.open(path)), images["ddim"])
+    diff = np.abs(np.asarray(Image.open(path)).astype(int) - images["ddim"].astype(int))
+    assert diff.max() <= 3
 
 
 def test_sample_refusals(tiny, tmp_path):

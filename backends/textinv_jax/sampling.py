@@ -246,9 +246,7 @@ def sample(request: SampleRequest) -> Iterator[Event]:
     context = text_states(clip_params, ids, rows, config=text.config, dtype=dtype)
 
     n, steps = request.n, request.steps
-    # One image per call unless --batch-size asks for more: the torch backend's default
-    # (pick_batch_size's pixel budget) is not yet switched on here (see issue 6's note).
-    batch = pick_batch_size(n, request.batch_size or 1, width, height)
+    batch = pick_batch_size(n, request.batch_size, width, height)
     yield Event("started", {
         "model": name, "family": family, "device": device.platform, "precision": request.precision,
         "scheduler": request.scheduler, "sampler": SCHEDULERS[request.scheduler],
