@@ -91,10 +91,14 @@ def write_checkpoint(run: Path, step: int, files: dict[str, bytes], keep: int) -
     """run/checkpoints/step-NNNNNN/ holding `files` (name -> bytes), written so that a kill
     at any moment leaves either the complete folder or nothing that counts; then retention."""
     tmp = begin_checkpoint(run, step)
-    for i, (name, data) in enumerate(files.items()):
-        if i:
-            crash_point("temp-partial", step)
-        (tmp / name).write_bytes(data)  # commit_checkpoint fsyncs each before the rename
+    try:
+        for i, (name, data) in enumerate(files.items()):
+            if i:
+                crash_point("temp-partial", step)
+            (tmp / name).write_bytes(data)  # commit_checkpoint fsyncs each before the rename
+    except BaseException:  # e.g. the disk is full: leave nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return commit_checkpoint(run, tmp, step, keep)
 
 
@@ -114,22 +118,26 @@ def commit_checkpoint(run: Path, tmp: Path, step: int, keep: int) -> Path:
 
     The order is what makes a kill harmless: the files and their folder are on disk before
     the rename, the rename before the marker, the marker before any older checkpoint goes."""
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
-    crash_point("before-rename", step)
-    final = checkpoint_dir(run, step)
-    if final.exists():  # an earlier attempt at this step that a kill cut short before its marker
-        _discard(final)
-    os.replace(tmp, final)
-    _fsync(final.parent)
-    crash_point("after-rename", step)
-    marker = final / COMPLETE
-    with open(marker, "w") as f:
-        f.write(json.dumps({"step": step, "time": time.time()}))
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync(final)
+    final, renamed = checkpoint_dir(run, step), False
+    try:
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        crash_point("before-rename", step)
+        if final.exists():  # an earlier attempt at this step that a kill cut short before its marker
+            _discard(final)
+        os.replace(tmp, final)
+        renamed = True
+        _fsync(final.parent)
+        crash_point("after-rename", step)
+        with open(final / COMPLETE, "w") as f:
+            f.write(json.dumps({"step": step, "time": time.time()}))
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(final)
+    except BaseException:  # an error, not a kill: take back what counts, or might (a torn marker)
+        shutil.rmtree(final if renamed else tmp, ignore_errors=True)
+        raise
     crash_point("after-complete", step)
     if keep > 0:
         for _, old in complete_checkpoints(run)[:-keep]:
