@@ -148,8 +148,9 @@ def kill_plan(rng: random.Random) -> list[tuple[str, str]]:
 def test_kill_9_at_ten_moments_then_resume_gives_the_uninterrupted_embedding(tiny_model, demo_images, tmp_path):
     rng = random.Random(SEED)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    train = ["train", demo_images, "--token", TOKEN, "--init", "toy", "--model", tiny_model("sd1"), "--steps", STEPS,
-             "--checkpoint-every", EVERY, "--keep-checkpoints", 1, "--deterministic", "--seed", 3, "--lr", 0.05, "--json"]
+    train = ["train", demo_images, "--token", TOKEN, "--init", "toy", "--model", tiny_model("sd1"),
+             "--steps", STEPS, "--checkpoint-every", EVERY, "--keep-checkpoints", 1,
+             "--deterministic", "--seed", 3, "--lr", 0.05, "--json"]
     run, ref_run = tmp_path / "run", tmp_path / "ref"
     cli = ForkedCli(env)
     try:
