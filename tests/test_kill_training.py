@@ -229,3 +229,19 @@ def test_a_torn_last_event_line_is_cut_before_the_next_append(tmp_path):
     (tmp_path / EVENTS).write_bytes(b'{"event": "sta')  # nothing whole at all
     record_event(tmp_path, Event("warning", {"message": "m"}))
     assert [d["event"] for d in event_lines(tmp_path)] == ["warning"]
+
+
+def test_a_run_folder_left_by_a_kill_during_its_first_write_counts_as_empty(tmp_path):
+    from textinv_cli.errors import OutputExistsError
+    from textinv_cli.run_files import check_new_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".spec.json.k2x9_a.tmp").write_bytes(b'{"tok')  # all a kill inside spec.json's write leaves
+    check_new_run_dir(run)
+    assert list(run.iterdir()) == []
+    (run / ".spec.json.k2x9_a.tmp").write_bytes(b"{")
+    (run / "notes.txt").write_text("mine")  # anything else is the user's: the folder stays refused
+    with pytest.raises(OutputExistsError, match="already exists"):
+        check_new_run_dir(run)
+    assert sorted(p.name for p in run.iterdir()) == [".spec.json.k2x9_a.tmp", "notes.txt"]

@@ -102,6 +102,8 @@ def write_vectors(path: Path, vectors: dict, spec, family: str, step: int, backe
 
 def check_new_run_dir(run: Path) -> None:
     """A new run needs an absent or empty folder in a writable place; checked before any work."""
+    if run.is_dir():
+        _drop_unstarted_leftovers(run)
     if run.exists() and (not run.is_dir() or any(run.iterdir())):
         raise OutputExistsError(f"The run folder {run} already exists and is not empty.",
                                 f"Continue it with `textinv resume {run}`, or pick another folder.")
@@ -111,6 +113,17 @@ def check_new_run_dir(run: Path) -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise TextinvError(f"Cannot create the run folder {run}: {parent} is not writable.",
                            "Pick a writable place for the run (--run-dir / --output).")
+
+
+def _drop_unstarted_leftovers(run: Path) -> None:
+    """A run killed while writing its first file (spec.json) left only that temp file: the
+    folder never held a run, so it counts as empty rather than blocking `train --run-dir`."""
+    from .runs import _LEFTOVER_FILE
+
+    entries = list(run.iterdir())
+    if entries and all(p.is_file() and _LEFTOVER_FILE.match(p.name) for p in entries):
+        for p in entries:
+            p.unlink(missing_ok=True)
 
 
 def record_event(run: Path, event) -> object:

@@ -68,6 +68,7 @@ def train(
     from ..errors import TextinvError
     from ..plugins import require_backend
     from ..registry import Registry
+    from ..run_files import check_new_run_dir
     from ..schedules import validate as validate_schedule
     from ..spec import TrainSpec
 
@@ -117,8 +118,7 @@ def train(
     if processes > 1 and backend_name != "torch":
         raise TextinvError(f"The {backend_name} backend trains in one process; --num-processes needs --backend torch.")
     run = run_dir or _planned_run_dir(reg_name)
-    if run.exists() and any(run.iterdir()):
-        raise TextinvError(f"{run} already exists and is not empty.", "Pick another --run-dir, or resume it: textinv resume " + str(run))
+    check_new_run_dir(run)
     if processes > 1 and world == 1:  # start the processes; each runs this command again
         from ..training import launch_processes
 
