@@ -26,12 +26,13 @@ class Recipe:
     the two are called back to back; the CPU smoke starts it early to overlap its other parts."""
 
     def __init__(self, model: str, images: Path, run_dir: Path, *, steps: int = 3000, batch: int = 1,
-                 grad_accum: int = 4, precision: str = "bf16", deadline_s: float = 120.0):
+                 grad_accum: int = 4, precision: str = "bf16", deadline_s: float = 120.0, fuse_accum: bool = False):
         self.steps, self.batch, self.grad_accum, self.precision = steps, batch, grad_accum, precision
+        self.fuse_accum = fuse_accum
         self.deadline_s, self.run_dir = deadline_s, Path(run_dir)
         self.cmd = [sys.executable, "-m", "bench.textinv_main", "train", str(images), "--token", "<bench-tok>",
                     "--init", "toy", "--name", f"bench-{time.time_ns()}", "--model", model, "--steps", str(steps), "--batch-size", str(batch),
-                    "--grad-accum", str(grad_accum), "--precision", precision, "--run-dir", str(run_dir), "--json"]
+                    "--grad-accum", str(grad_accum), "--precision", precision, "--run-dir", str(run_dir), "--json"] + (["--fuse-accum"] if fuse_accum else [])
 
     def start(self) -> "Recipe":
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -79,6 +80,7 @@ class Recipe:
         err = self.errors.read()[-1500:]
         self.errors.close()
         row = {"steps": self.steps, "batch": self.batch, "grad_accum": self.grad_accum, "precision": self.precision,
+               "fuse_accum": self.fuse_accum,
                "samples": self.steps * self.batch * self.grad_accum, "load_s": started_s,
                "steps_done": marks[-1][0] if marks else 0}
         if finished and self.proc.returncode == 0:

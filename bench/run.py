@@ -99,13 +99,14 @@ def run_parts(res: Results, cfg: dict, parts: set[str], budget: Budget, model: s
 
     device, cost = cfg["device"], cfg["cost"]
 
-    def new_recipe() -> recipe.Recipe:
+    def new_recipe(fuse_accum: bool = False) -> recipe.Recipe:
         r = cfg["recipe"]
-        return recipe.Recipe(model, images, work / "recipe" / f"run-{time.time_ns()}",
+        return recipe.Recipe(model, images, work / "recipe" / f"run-{time.time_ns()}", fuse_accum=fuse_accum,
                              **{**r, "deadline_s": min(r["deadline_s"], budget.left())})
 
-    # The CPU smoke overlaps the recipe's process with the in-process parts; the GPU never does.
-    overlapped = new_recipe().start() if device == "cpu" and "recipe" in parts else None
+    # The CPU smoke overlaps the recipe's process with the in-process parts (fused, so the
+    # option's plumbing is smoke-tested); the GPU never overlaps and runs both ways.
+    overlapped = new_recipe(fuse_accum=True).start() if device == "cpu" and "recipe" in parts else None
     if "peak" in parts and budget.allows(res, "peak", cost["peak"]):
         _guarded(res, "peak", lambda: {"tflops_bf16": measure.matmul_peak(device, n=cfg["matmul_n"])})
     if "flops" in parts and budget.allows(res, "flops", cost["flops"]):
@@ -130,6 +131,9 @@ def run_parts(res: Results, cfg: dict, parts: set[str], budget: Budget, model: s
     if "recipe" in parts and overlapped is None and budget.allows(res, "recipe", cost["recipe"]):
         _free_torch_cache()
         _guarded(res, "recipe", lambda: new_recipe().start().result(), backend="textinv-torch")
+        if budget.allows(res, "recipe", cost["recipe"]):  # the lever: micro-steps as one batch
+            _free_torch_cache()
+            _guarded(res, "recipe", lambda: new_recipe(fuse_accum=True).start().result(), backend="textinv-torch")
     if "jax" in parts and budget.allows(res, "jax", cost["jax"]):
         _free_torch_cache()
         j = cfg["jax"]

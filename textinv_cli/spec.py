@@ -35,6 +35,7 @@ class TrainSpec:
     steps: int = 3000
     batch_size: int = 1
     grad_accum: int = 1
+    fuse_accum: bool = False            # run the grad_accum micro-steps as one batch (same loss, more memory)
     lr: float = 5e-3
     scale_lr: bool = False              # lr *= batch * accumulation * processes, as diffusers does
     lr_schedule: str = "constant"       # constant | warmup | cosine | linear | "0.005:100, 1e-3:1000"

@@ -231,6 +231,8 @@ def micro_batch(s: Setup, plan: BatchPlan, step: int, micro: int) -> dict:
 
 def step_batch(s: Setup, plan: BatchPlan, step: int) -> dict:
     micro = [micro_batch(s, plan, step, m) for m in range(s.spec.grad_accum)]
+    if s.spec.fuse_accum:  # one micro-step of grad_accum x B samples: the same mean loss, one pass
+        return {k: np.concatenate([m[k] for m in micro])[None] for k in micro[0]}
     return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
 
 

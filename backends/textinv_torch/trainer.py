@@ -87,6 +87,14 @@ class Sampler:
         return Batch(ids=[t[caption] for t in self.caption_ids], latents=latents, noise=noise,
                      timesteps=timesteps, time_ids=self.cache.time_ids[entry])
 
+    def fused(self, step: int) -> Batch:
+        """All of a step's micro-steps as one batch: the mean of its loss is the mean of the
+        micro-steps' means (they are the same size), so loss and gradient are the same up to
+        rounding, in one UNet call per step instead of grad_accum."""
+        parts = [self.batch(step, m) for m in range(self.spec.grad_accum)]
+        return Batch(ids=[torch.cat(t) for t in zip(*(b.ids for b in parts))],
+                     **{f: torch.cat([getattr(b, f) for b in parts]) for f in ("latents", "noise", "timesteps", "time_ids")})
+
     def _put(self, t: torch.Tensor) -> torch.Tensor:
         # A plain host->GPU copy waits for the GPU to drain; from pinned memory it is queued
         # like a kernel, so the CPU can prepare the next micro-step while the GPU works.
@@ -188,6 +196,7 @@ def train(spec: TrainSpec, resume: Path | None = None) -> Iterator[Event]:
 def _loop(spec, comp, rows, cache, tables, choices, truncated, run, resume, device, dtype, resolution,
           images, ignored, dist: distributed.Dist, batch: int) -> Iterator[Event]:
     accum, total = spec.grad_accum, spec.steps
+    passes = 1 if spec.fuse_accum else accum  # forward/backward passes per optimizer step
     base_lr = spec.lr * (spec.batch_size * accum * spec.num_processes if spec.scale_lr else 1)
     params = list(rows.values())
     opt = torch.optim.AdamW(params, lr=base_lr, betas=(spec.adam_beta1, spec.adam_beta2), eps=spec.adam_eps,
@@ -247,8 +256,9 @@ def _loop(spec, comp, rows, cache, tables, choices, truncated, run, resume, devi
             for group in opt.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                loss = forward_loss(comp, sampler.batch(step, micro), dtype) / accum
+            for micro in range(passes):
+                data = sampler.fused(step) if passes == 1 < accum else sampler.batch(step, micro)
+                loss = forward_loss(comp, data, dtype) / passes
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 loss_sum += loss.detach()
             if dist.world > 1:  # average the gradients (still scaled: all ranks agree on inf/nan)
