@@ -80,7 +80,10 @@ def load_safetensors(data: bytes, source: str = "file") -> tuple[dict[str, np.nd
                           "The file is corrupt or was appended to.")
     tensors = {}
     for begin, end, name, dtype, shape, tag in spans:
-        arr = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
+        try:  # only an empty tensor gets here with dims numpy refuses, e.g. [0, 2**63]
+            arr = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
+        except ValueError:
+            raise FormatError(f"{source}: tensor {name!r} has shape {shape}, which no array can have.") from None
         if tag == "BF16":
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         tensors[name] = arr.copy()
