@@ -38,6 +38,8 @@ from .fuzz_cases import (CORPUS, FOLDER_FORMATS, GIANTS, PEAK_BYTES, check_outco
                          mutated, png, put, seed_files)
 
 ROOT = Path(__file__).resolve().parents[1]
+# Mutated protocol-0 strings make pickletools warn about invalid escapes: noise, not a finding.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")

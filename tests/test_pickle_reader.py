@@ -23,6 +23,8 @@ try:  # the hostile-file tests need no torch; the interop tests compare against 
 except ImportError:  # pragma: no cover
     torch = None
 needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed")
+# Mutated protocol-0 strings make pickletools warn about invalid escapes: noise, not a finding.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning")
 
 
 def saved(obj, **kw) -> bytes:
