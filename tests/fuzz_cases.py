@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from textinv_cli import formats
-from textinv_cli.formats import a1111_image, layouts
+from textinv_cli.formats import a1111_image, a1111_image_writer, layouts
 from textinv_cli.embedding import Embedding
 from textinv_cli.errors import TextinvError
 
@@ -41,7 +41,8 @@ MANIFEST = CORPUS / "cases.json"
 CASE_SECONDS = 10  # hard wall-clock bound per input; a typical one takes about a millisecond
 PEAK_BYTES = 64 * 2**20  # what reading one small hostile file may allocate at most
 FOLDER_FORMATS = ("sd-concepts", "diffusers-sdxl")
-IMAGE_WRITERS = {"a1111-png": a1111_image.dump_png_embedding, "a1111-webp": a1111_image.dump_webp_embedding}
+IMAGE_WRITERS = {"a1111-png": a1111_image_writer.dump_png_embedding,
+                 "a1111-webp": a1111_image_writer.dump_webp_embedding}
 TINY_WIDTHS = {"sd1": {"clip_l": 32}, "sd2": {"clip_h": 48}, "sdxl": {"clip_l": 32, "clip_g": 64}}
 
 
@@ -236,7 +237,7 @@ def band_png(payload: bytes, h: int = 64) -> bytes:
     size += 3 * h - size % (3 * h)
     low = np.resize(packed & 0x0F, size).reshape(h, -1, 3)
     high = np.resize(packed >> 4, size).reshape(h, -1, 3)
-    key = a1111_image._lcg_key(low.size).reshape(low.shape)
+    key = a1111_image.lcg_key(low.size).reshape(low.shape)
     w = low.shape[1]
     canvas = np.zeros((h, 2 * w + 18, 3), np.uint8)
     canvas[:, :w], canvas[:, w + 1:w + 17], canvas[:, w + 18:] = low ^ key, 100, high ^ key

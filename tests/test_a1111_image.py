@@ -18,9 +18,9 @@ from PIL import Image, PngImagePlugin
 from tests.fuzz_cases import fuzz, time_bound
 from textinv_cli.errors import FormatError, TextinvError, UnsupportedFormatError
 from textinv_cli.formats import a1111_image as ai
-from textinv_cli.formats.a1111_image import (
-    dump_png_embedding, dump_webp_embedding, image_kind, load_image_embedding,
-)
+from textinv_cli.formats import a1111_image_writer as writer
+from textinv_cli.formats.a1111_image import image_kind, load_image_embedding
+from textinv_cli.formats.a1111_image_writer import dump_png_embedding, dump_webp_embedding
 
 
 def a1111_data(shape=(3, 768), seed=0, name="cat-toy"):
@@ -44,7 +44,7 @@ def chunk(kind: bytes, body: bytes) -> bytes:
 
 
 def build_png(chunks) -> bytes:
-    return ai._PNG_MAGIC + b"".join(chunk(k, b) for k, b in chunks)
+    return ai.PNG_MAGIC + b"".join(chunk(k, b) for k, b in chunks)
 
 
 def strip_text(png: bytes) -> bytes:
@@ -129,8 +129,8 @@ def test_image_kind():
 def test_lcg_matches_a1111_reference_values():
     # The reference numbers A1111's image_embedding.py asserts for its generator (x % 255).
     reference = [253, 242, 127, 44, 157, 27, 239, 133, 38, 79, 167, 4, 177, 95, 130, 79, 78, 14]
-    assert ai._lcg_key(len(reference)).tolist() == [r & 0x0F for r in reference]
-    assert ai._lcg_key(100_100).tolist() == slow_lcg_nibbles(100_100)
+    assert ai.lcg_key(len(reference)).tolist() == [r & 0x0F for r in reference]
+    assert ai.lcg_key(100_100).tolist() == slow_lcg_nibbles(100_100)
     x, total = 0, 0
     for i in range(100_100):  # A1111 also checks the sum of the 100,000 values after the first 100
         x = (1664525 * x + 1013904223) % 2**32
@@ -158,7 +158,7 @@ def test_side_band_layout_matches_hand_computation():
     preview = np.random.default_rng(3).integers(1, 256, (64, 80, 3)).astype(np.uint8)
     img = Image.open(io.BytesIO(dump_png_embedding(data, caption="x", preview=preview)))
     pixels = np.asarray(img.convert("RGB"))
-    compressed = zlib.compress(ai._to_json(data).encode(), 9)
+    compressed = zlib.compress(writer._to_json(data).encode(), 9)
     n = len(compressed) + (64 - len(compressed) % 64)
     n += 192 - n % 192
     band = n // 192  # columns per nibble block
@@ -276,7 +276,7 @@ def test_damaged_and_incomplete_side_band():
     cut = compressed[:len(compressed) // 2] + bytes(len(compressed))
     expect_format_error(encode(hand_band_image(cut, NOISE)))
     with pytest.raises(FormatError, match="incomplete"):  # a stream that simply stops
-        ai._inflate(compressed[:len(compressed) // 2], "x.png")
+        ai.inflate_band(compressed[:len(compressed) // 2], "x.png")
 
 
 @pytest.mark.parametrize("w,h", [(100_000, 100_000), (5000, 5000)])

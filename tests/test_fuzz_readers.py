@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from textinv_cli.embedding import Embedding
 from textinv_cli.errors import TextinvError
-from textinv_cli.formats import a1111_image
+from textinv_cli.formats import a1111_image, a1111_image_writer
 from textinv_cli.formats.pickle_writer import dump_torch_pickle
 from textinv_cli.formats.safetensors_io import dump_safetensors
 
@@ -170,7 +170,7 @@ _TREES = st.recursive(_LEAVES, lambda c: st.dictionaries(_KEYS, c, max_size=3) |
 
 
 def _png_with_json(doc: dict) -> bytes:
-    text = base64.b64encode(a1111_image._to_json(doc).encode())
+    text = base64.b64encode(a1111_image_writer._to_json(doc).encode())
     return png(4, 4, chunk(b"tEXt", a1111_image.TEXT_KEY.encode() + b"\0" + text))
 
 

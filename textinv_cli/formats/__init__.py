@@ -156,9 +156,9 @@ def _encode(emb: Embedding, fmt: str) -> bytes | dict[str, bytes]:
     if fmt == "kohya":
         return dump_safetensors(layouts.kohya_dict(emb), layouts.kohya_metadata(emb))
     if fmt in ("a1111-png", "a1111-webp"):
-        from . import a1111_image
+        from . import a1111_image_writer as writer
 
-        dump = a1111_image.dump_png_embedding if fmt == "a1111-png" else a1111_image.dump_webp_embedding
+        dump = writer.dump_png_embedding if fmt == "a1111-png" else writer.dump_webp_embedding
         return dump(layouts.a1111_dict(emb), caption=emb.token)
     if fmt in ("diffusers-sdxl", "sd-concepts"):
         from .folders import concept_files, sdxl_pair_files

@@ -1,4 +1,5 @@
-"""AUTOMATIC1111's image-embedded embeddings (PNG and WebP), read and written without torch.
+"""AUTOMATIC1111's image-embedded embeddings (PNG and WebP), read without torch (written by
+a1111_image_writer).
 
 stable-diffusion-webui keeps an embedding inside an image in two ways; its loader tries the
 first and falls back to the second (we do the same):
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import io
 import json
 import warnings
@@ -33,9 +33,9 @@ import zlib
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin, features
+from PIL import Image
 
-from ..errors import FormatError, TextinvError, UnsupportedFormatError
+from ..errors import FormatError, TextinvError
 
 TEXT_KEY = "sd-ti-embedding"
 TENSOR_KEY = "TORCHTENSOR"
@@ -48,8 +48,7 @@ MAX_JSON_ITEMS = 400_000
 # search a few copies: 4 Mpx keeps a small PNG claiming the maximum under ~64 MiB.
 MAX_PIXELS = 2048 * 2048
 MAX_FILE_BYTES = 128 * 1024 * 1024
-_MIN_PREVIEW_HEIGHT = 16  # the band is h rows tall; tiny heights make very wide, fragile bands
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _LCG_A, _LCG_C, _MASK32 = 1664525, 1013904223, 0xFFFFFFFF
 
 _NO_EMBEDDING_HINT = ("It has no sd-ti-embedding text chunk and no readable pixel side band: "
@@ -58,7 +57,7 @@ _NO_EMBEDDING_HINT = ("It has no sd-ti-embedding text chunk and no readable pixe
 
 def image_kind(data: bytes) -> str | None:
     """"png" or "webp" by magic bytes, else None."""
-    if data[:8] == _PNG_MAGIC:
+    if data[:8] == PNG_MAGIC:
         return "png"
     if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
@@ -84,9 +83,9 @@ def load_image_embedding(data: bytes, *, source: str) -> dict:
             return _parse_json(_from_base64(text[TEXT_KEY], source), source, "sd-ti-embedding text chunk")
         rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
         del img  # the decoded image is as large as the array: hold one at a time
-        band = _extract_side_band(rgb, source)
+        band = extract_side_band(rgb, source)
         del rgb
-        return _parse_json(_inflate(band, source), source, "pixel side band")
+        return _parse_json(inflate_band(band, source), source, "pixel side band")
     except TextinvError:
         raise
     except Exception as e:  # PIL/zlib/numpy raise many types on corrupt input; all are "unreadable"
@@ -133,7 +132,7 @@ def _crop_black(rgb: np.ndarray) -> np.ndarray:
     return rgb[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
-def _extract_side_band(rgb: np.ndarray, source: str) -> bytes:
+def extract_side_band(rgb: np.ndarray, source: str) -> bytes:
     """The zlib bytes hidden in the side band (not yet inflated)."""
     nib = _crop_black(rgb) & 0x0F
     separators = np.flatnonzero(nib.max(axis=0).max(axis=1) == 0)  # all-black columns
@@ -142,7 +141,7 @@ def _extract_side_band(rgb: np.ndarray, source: str) -> bytes:
     low, high = nib[:, :separators[0]], nib[:, separators[-1] + 1:]
     if low.size == 0 or low.shape != high.shape:
         raise FormatError(f"{source}: no embedding found in this image.", _NO_EMBEDDING_HINT)
-    key = _lcg_key(low.size).reshape(low.shape)
+    key = lcg_key(low.size).reshape(low.shape)
     # in place on nib (our own copy): a band can be half of a 4 Mpx image, so no temporaries
     low ^= key
     high ^= key
@@ -151,7 +150,7 @@ def _extract_side_band(rgb: np.ndarray, source: str) -> bytes:
     return high.tobytes()
 
 
-def _inflate(blob: bytes, source: str) -> bytes:
+def inflate_band(blob: bytes, source: str) -> bytes:
     """zlib-decompress with a hard output cap; trailing padding (the band's repeat) is ignored."""
     # A zlib stream starts with CMF/FLG: deflate method and a header checksum. Without it the
     # "band" is just dark columns of an ordinary image.
@@ -223,8 +222,8 @@ def _tensor(value, source: str) -> np.ndarray:
 _KEY_BLOCK = 1 << 16
 
 
-@lru_cache(maxsize=1)  # the writer's self-check asks again for the same n
-def _lcg_key(n: int) -> np.ndarray:
+@lru_cache(maxsize=1)  # the writer's self-check (a1111_image_writer) asks again for the same n
+def lcg_key(n: int) -> np.ndarray:
     """The first n XOR nibbles of A1111's LCG, vectorised by jumping ahead (read-only).
 
     Built block by block, so a band of millions of nibbles costs one byte each, not the
@@ -262,166 +261,3 @@ def _lcg_jump(k: int) -> tuple[int, int]:
         a, c = (a * a) & _MASK32, (c * a + c) & _MASK32
         k >>= 1
     return a_k, c_k
-
-
-# -- writing -------------------------------------------------------------------------
-
-
-def dump_png_embedding(data: dict, *, caption: str, preview=None) -> bytes:
-    """A PNG carrying the embedding twice, like A1111's image embeddings: text chunk + side band."""
-    payload = _to_json(data).encode("ascii")
-    img = _embed_side_band(_preview_array(preview, caption), payload, data)
-    info = PngImagePlugin.PngInfo()
-    info.add_text(TEXT_KEY, base64.b64encode(payload).decode("ascii"))
-    buf = io.BytesIO()
-    img.save(buf, "PNG", pnginfo=info)
-    return buf.getvalue()
-
-
-def dump_webp_embedding(data: dict, *, caption: str, preview=None) -> bytes:
-    """A lossless WebP carrying the embedding in its side band (WebP has no text chunks)."""
-    if not features.check("webp"):
-        raise UnsupportedFormatError("This Pillow build cannot write WebP.", "Write a PNG instead.")
-    payload = _to_json(data).encode("ascii")
-    img = _embed_side_band(_preview_array(preview, caption), payload, data)
-    buf = io.BytesIO()
-    img.save(buf, "WEBP", lossless=True, quality=100, method=4, exact=True)
-    out = buf.getvalue()
-    with Image.open(io.BytesIO(out)) as back:  # lossless must mean bit-exact, or the band is lost
-        if not np.array_equal(np.asarray(back.convert("RGB")), np.asarray(img)):
-            raise UnsupportedFormatError("This Pillow's WebP encoder altered the pixels.",
-                                         "Write a PNG instead.")
-    return out
-
-
-def _to_json(data: dict) -> str:
-    """json.dumps exactly as A1111 writes it: default separators, tensors as TORCHTENSOR lists.
-
-    float32 values become Python floats whose repr round-trips, so reading is bit-exact.
-    """
-    def default(obj):
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):
-            arr = np.asarray(obj)
-            if arr.dtype.kind == "f":
-                arr = arr.astype(np.float32)  # A1111's vectors are float32 tensors
-            elif arr.dtype.kind not in "iub":
-                raise TypeError(f"array of {arr.dtype}")
-            return {TENSOR_KEY: arr.tolist()}
-        raise TypeError(type(obj).__name__)
-
-    if not isinstance(data, dict):
-        raise UnsupportedFormatError("An image embedding holds a dict of embedding data.")
-    try:
-        return json.dumps(data, default=default)
-    except (TypeError, ValueError) as e:
-        raise UnsupportedFormatError(f"The embedding data cannot be stored as JSON ({e}).") from None
-
-
-def _preview_array(preview, caption: str) -> np.ndarray:
-    if preview is None:
-        return _default_preview(caption)
-    if isinstance(preview, Image.Image):
-        arr = np.asarray(preview.convert("RGB"))
-    else:
-        arr = np.asarray(preview)
-        if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-            raise UnsupportedFormatError(
-                f"A preview must be an HxWx3 uint8 image, not {arr.dtype} {list(arr.shape)}.")
-    h, w = arr.shape[:2]
-    if h < _MIN_PREVIEW_HEIGHT or w < 1 or h * w > MAX_PIXELS // 2:
-        raise UnsupportedFormatError(f"A {w}x{h} preview cannot carry an embedding.",
-                                     f"Use a preview {_MIN_PREVIEW_HEIGHT}+ pixels tall and of "
-                                     "ordinary size, or none for the default.")
-    return np.ascontiguousarray(arr)
-
-
-def _default_preview(caption: str, size: int = 512) -> np.ndarray:
-    """A dark gradient tinted by the caption, with the caption (token) written across it."""
-    tint = np.frombuffer(hashlib.sha256(caption.encode("utf-8")).digest()[:3], np.uint8) / 255.0
-    ramp = np.linspace(0.25, 0.8, size)[:, None, None]
-    base = 40 + 120 * ramp * (0.4 + 0.6 * tint)  # never black: keeps the band's crop simple
-    img = Image.fromarray(np.broadcast_to(base, (size, size, 3)).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(img)
-    text = caption if caption.strip() else "embedding"
-    font = _font(56)
-    width = draw.textbbox((0, 0), text, font=font)[2] or 1
-    if width > size * 0.9:
-        font = _font(max(10, int(56 * size * 0.9 / width)))
-    try:
-        draw.text((size / 2, size / 2), text, font=font, fill=(255, 255, 255), anchor="mm")
-    except (UnicodeError, ValueError):  # the bitmap fallback font is Latin-1 only
-        draw.text((size / 2, size / 2), text.encode("ascii", "replace").decode(), font=font,
-                  fill=(255, 255, 255), anchor="mm")
-    return np.asarray(img)
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1, FreeType
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
-
-
-def _edge_style(data: dict) -> list[int]:
-    """Dot shades A1111 derives from the first vector: |v[:1024]| scaled to 0..255."""
-    first = None
-    params = data.get("string_to_param")
-    if isinstance(params, dict) and params:
-        first = next(iter(params.values()))
-    else:  # SDXL-style dicts: the first array-like value
-        first = next((v for v in data.values() if hasattr(v, "__array__")), None)
-    try:
-        vec = np.abs(np.atleast_2d(np.asarray(first, dtype=np.float32)).astype(np.float64)[0][:1024])
-    except (TypeError, ValueError, IndexError):
-        return [0]
-    peak = vec.max() if vec.size else 0.0
-    if not np.isfinite(peak) or peak <= 0 or not np.isfinite(vec).all():
-        return [0]
-    return (vec / peak * 255).astype(np.uint8).tolist()
-
-
-def _dots(shape: tuple, shades: list[int]) -> np.ndarray:
-    """A1111's decoration: a staggered grid of 6 px dots in the given shades, high nibble only."""
-    h, w = shape[0], shape[1]
-    im = Image.new("RGB", (w, h))
-    draw = ImageDraw.Draw(im)
-    i = 0
-    for x in range(-6, w, 8):
-        for row, y in enumerate(range(-6, h, 8)):
-            offset = 4 if row % 2 == 0 else 0
-            shade = shades[i % len(shades)]
-            i += 1
-            draw.ellipse((x + offset, y, x + 6 + offset, y + 6), fill=(shade, shade, shade))
-    return np.asarray(im) & 0xF0
-
-
-def _embed_side_band(preview: np.ndarray, payload: bytes, data: dict) -> Image.Image:
-    """The preview with the zlib'd JSON in nibble columns on both sides (A1111's layout)."""
-    packed = np.frombuffer(zlib.compress(payload, 9), np.uint8)
-    h, w = preview.shape[:2]
-    size = packed.size + (h - packed.size % h)  # always grows, even when already a multiple
-    size += h * 3 - size % (h * 3)
-    low = np.resize(packed & 0x0F, size).reshape(h, -1, 3)  # resize repeats the bytes cyclically
-    high = np.resize(packed >> 4, size).reshape(h, -1, 3)
-    key = _lcg_key(low.size).reshape(low.shape)
-    shades = _edge_style(data)
-    low = low ^ _dots(low.shape, shades) ^ key
-    high = high ^ _dots(high.shape, shades[::-1]) ^ key
-    band = low.shape[1]
-    if h * (2 * band + w + 2) > MAX_PIXELS:  # readers (ours too) would refuse to decode it
-        raise UnsupportedFormatError("The image with this embedding's side band would exceed "
-                                     f"{MAX_PIXELS:,} pixels.", "Use a smaller preview, or none.")
-    canvas = np.zeros((h, 2 * band + w + 2, 3), np.uint8)
-    canvas[:, :band] = low
-    canvas[:, band + 1:band + 1 + w] = preview
-    canvas[:, band + 2 + w:] = high
-    try:  # a preview that defeats the crop/separator rules would silently lose the band
-        ok = _inflate(_extract_side_band(canvas, "preview"), "preview") == payload
-    except FormatError:
-        ok = False
-    if not ok:
-        raise UnsupportedFormatError("This preview image cannot carry the embedding's side band.",
-                                     "Use a larger preview, or none for the default.")
-    return Image.fromarray(canvas, "RGB")
