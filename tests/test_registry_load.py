@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -142,6 +143,15 @@ def test_identical_imports_and_removals_at_once(work):
     assert _blob_names(home) == {f"{sha}.safetensors" for sha in expected.values()}
 
 
+def _kill_after(proc, commands: int, delay_s: float) -> None:
+    """SIGKILL `proc` `delay_s` after it reports its `commands`-th command (one stdout line
+    each), then drain its stdout so it never blocks on a full pipe."""
+    for done, _ in enumerate(proc.stdout, start=1):
+        if done == commands:
+            time.sleep(delay_s)
+            proc.send_signal(signal.SIGKILL)
+
+
 def test_kill_9_at_random_moments(scratch, textinv_home):
     """12 importers killed wherever they are (seeded moments, 4 at a time). After each round:
     a sound database, every row's blob intact, and any debris (orphan blobs, temp files)
@@ -155,19 +165,25 @@ def test_kill_9_at_random_moments(scratch, textinv_home):
     names = list(pool)
     for round_ in range(3):
         # overlapping slices: the same content is imported by two workers at once
-        jobs = [_script(work / "scripts", _imports({n: pool[n] for n in names[15 * w:15 * w + 45]}))
-                for w in range(4)]
+        # then reads, so that a fast machine that finishes its imports early is still alive
+        # (and reading the registry) when its kill comes
+        jobs = [_script(work / "scripts", _imports({n: pool[n] for n in names[15 * w:15 * w + 45]})
+                        + [["list", "--json"]] * 1000) for w in range(4)]
         procs = start_together(jobs, work / f"barrier-{round_}")
+        # each dies a seeded moment after its k-th command (k < 45: while it imports), timed by
+        # its own progress rather than the clock, so a fast or slow machine kills as often mid-import
+        killers = [threading.Thread(target=_kill_after, args=(proc, rng.randint(1, 44), rng.uniform(0, 0.01)))
+                   for proc in procs]
         try:
-            started = time.monotonic()
-            for proc, at in sorted(zip(procs, (rng.uniform(0.05, 0.6) for _ in procs)), key=lambda x: x[1]):
-                time.sleep(max(0.0, started + at - time.monotonic()))
-                proc.send_signal(signal.SIGKILL)
+            for t in killers:
+                t.start()
+            for t in killers:
+                t.join(timeout=120)
         finally:
             for proc in procs:
                 proc.kill()
-            ends = [(err, proc.returncode) for proc in procs for _, err in [proc.communicate()]]
-        assert ends == [("", -signal.SIGKILL)] * 4  # each was still importing when it died, without errors
+            ends = [(proc.stderr.read(), proc.wait()) for proc in procs]
+        assert ends == [("", -signal.SIGKILL)] * 4  # each was still at work when it died, without errors
 
         rows = dict(assert_consistent(home))
         assert all(pool[name][1] == sha for name, sha in rows.items())
