@@ -20,15 +20,38 @@ def next_number(out_dir: Path) -> int:
     return max((int(h) for h in heads if h.isascii() and h.isdigit()), default=-1) + 1
 
 
-def save_png(image, out_dir: Path, seed: int, text: str) -> Path:
-    """`NNNNN-<seed>.png` with a `parameters` text chunk, written atomically, never over a file."""
+def encode_png(image, text: str) -> bytes:
+    """The PNG bytes of a PIL image with A1111's `parameters` text chunk."""
     from PIL.PngImagePlugin import PngInfo
 
     meta = PngInfo()
     meta.add_text("parameters", text)
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=meta)
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+def save_png(image, out_dir: Path, seed: int, text: str) -> Path:
+    """`NNNNN-<seed>.png` with a `parameters` text chunk, written atomically, never over a file."""
+    return _write_numbered(encode_png(image, text), out_dir, seed)
+
+
+def save_pngs(images, out_dir: Path, seeds: list[int], texts: list[str]) -> list[Path]:
+    """A batch's images, numbered in seed order. The PNG encoding (zlib, which releases the
+    GIL) runs in threads: a batch of 8 at 512 px costs ~0.5 s on one core, a quarter of what
+    rendering them takes on a fast GPU."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = list(images)
+    if len(images) <= 1:
+        blobs = [encode_png(im, t) for im, t in zip(images, texts)]
+    else:
+        with ThreadPoolExecutor(max_workers=min(len(images), os.cpu_count() or 1)) as pool:
+            blobs = list(pool.map(encode_png, images, texts))
+    return [_write_numbered(data, out_dir, seed) for data, seed in zip(blobs, seeds)]
+
+
+def _write_numbered(data: bytes, out_dir: Path, seed: int) -> Path:
     number = next_number(out_dir)
     for _ in range(1000):  # another sampler writing into the same folder took the number: take the next
         path = out_dir / f"{number:05d}-{seed}.png"

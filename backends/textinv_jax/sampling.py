@@ -215,7 +215,7 @@ def to_pil(image: np.ndarray):
 
 def sample(request: SampleRequest) -> Iterator[Event]:
     """Render request.n images; yield started, progress (per denoising step), sample, finished."""
-    from textinv_cli.infotext import infotext, save_png
+    from textinv_cli.infotext import infotext, save_pngs
 
     from .text import add_embeddings, encode, expand_all, load_text_side, model_family, model_folder, to_model_ids
 
@@ -270,10 +270,10 @@ def sample(request: SampleRequest) -> Iterator[Event]:
             yield Event("progress", {"image": start, "batch": count, "images": n, "step": step + 1, "steps": steps,
                                      "done": start * steps + (step + 1) * count, "total": n * steps})
         out_dir.mkdir(parents=True, exist_ok=True)
-        for j, (seed, picture) in enumerate(zip(seeds, pixels)):
-            text_chunk = infotext(request, seed=seed, width=width, height=height, model_name=name,
-                                  sampler=SCHEDULERS[request.scheduler])
-            path = save_png(to_pil(picture), out_dir, seed, text_chunk)
+        texts = [infotext(request, seed=seed, width=width, height=height, model_name=name,
+                          sampler=SCHEDULERS[request.scheduler]) for seed in seeds]
+        saved = save_pngs([to_pil(p) for p in pixels], out_dir, seeds, texts)
+        for j, (seed, path) in enumerate(zip(seeds, saved)):
             paths.append(str(path))
             yield Event("sample", {"path": str(path), "seed": seed, "index": start + j, "width": width,
                                    "height": height})

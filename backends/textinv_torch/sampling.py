@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from textinv_cli.errors import TextinvError
-from textinv_cli.infotext import check_out_dir as _check_out_dir, infotext, save_png
+from textinv_cli.infotext import check_out_dir as _check_out_dir, infotext, save_pngs
 from textinv_cli.batch_sizes import batches, pick_batch_size
 from textinv_cli.spec import Event, SampleRequest
 
@@ -88,11 +88,11 @@ def sample(request: SampleRequest) -> Iterator[Event]:
         except torch.cuda.OutOfMemoryError:
             raise TextinvError(f"Out of GPU memory rendering {count} image(s) at once.",
                                f"Pass a smaller --batch-size (e.g. {max(1, count // 2)}).") from None
-        for j, (seed, image) in enumerate(zip(seeds, runner.images)):
-            out_dir.mkdir(parents=True, exist_ok=True)
-            text = infotext(request, seed=seed, width=image.width, height=image.height, model_name=info["name"],
-                            sampler=SCHEDULERS[request.scheduler][2])
-            path = save_png(image, out_dir, seed, text)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        images = runner.images
+        texts = [infotext(request, seed=seed, width=image.width, height=image.height, model_name=info["name"],
+                          sampler=SCHEDULERS[request.scheduler][2]) for seed, image in zip(seeds, images)]
+        for j, (seed, image, path) in enumerate(zip(seeds, images, save_pngs(images, out_dir, seeds, texts))):
             paths.append(str(path))
             yield Event("sample", {"path": str(path), "seed": seed, "index": start + j,
                                    "width": image.width, "height": image.height})
