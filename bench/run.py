@@ -27,6 +27,7 @@ from bench.levers import GPU_LEVERS
 # Rough seconds each part takes on an H200 (model loads included): a part starts only if
 # this much of the budget is left.
 COST_S = {"peak": 5, "flops": 15, "train": 60, "sample": 45, "recipe": 100, "jax": 150, "levers": 80,
+          "lever-compile-blocks": 90,  # regional compile's warm-up (a guess: measured on the tiny model only)
           "fp32": 60, "diffusers": 120}
 GPU_PARTS = "peak,flops,train,sample,recipe,jax,levers,fp32,diffusers"
 TRAIN_STEPS = {1: (150, 30), 8: (50, 10), 32: (25, 8)}  # batch -> (steps, warm-up steps excluded)
@@ -143,6 +144,8 @@ def run_parts(res: Results, cfg: dict, parts: set[str], budget: Budget, model: s
     if "levers" in parts and budget.allows(res, "levers", cost["levers"]):
         lv = cfg["levers"]
         for name in lv["names"]:
+            if not budget.allows(res, f"lever {name}", cost.get(f"lever-{name}", 0)):
+                continue
             _guarded(res, "lever", lambda: measure.train_throughput(
                 model, images, batch=lv["batch"], precision=cfg["precision"], steps=lv["steps"],
                 warmup=lv["warmup"], device=device, extra=cfg["extra"], around=lambda: levers.lever(name)),
