@@ -41,15 +41,16 @@ def lever(name: str):
 
 
 @contextlib.contextmanager
-def _channels_last():
-    import torch
+def _unet_changed(change):
+    """The trainer as it is, with `change(unet)` applied right after the model loads (the
+    trainer is not edited: its loader is wrapped for the run)."""
     from textinv_torch import trainer
 
     original = trainer.load_image_side
 
     def load(comp):
         comp = original(comp)
-        comp.unet.to(memory_format=torch.channels_last)  # .to(device, dtype) later keeps the layout
+        change(comp.unet)
         return comp
 
     trainer.load_image_side = load
@@ -59,23 +60,20 @@ def _channels_last():
         trainer.load_image_side = original
 
 
-@contextlib.contextmanager
+def _channels_last():
+    import torch
+
+    # .to(device, dtype) later keeps the layout
+    return _unet_changed(lambda unet: unet.to(memory_format=torch.channels_last))
+
+
 def _compiled_blocks():
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
-    from textinv_torch import trainer
 
-    original = trainer.load_image_side
-
-    def load(comp):
-        comp = original(comp)
-        for module in comp.unet.modules():
+    def compile_blocks(unet):
+        for module in unet.modules():
             if isinstance(module, (BasicTransformerBlock, ResnetBlock2D)):
                 module.compile()  # in place: the module's forward runs through torch.compile
-        return comp
 
-    trainer.load_image_side = load
-    try:
-        yield
-    finally:
-        trainer.load_image_side = original
+    return _unet_changed(compile_blocks)
