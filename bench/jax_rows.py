@@ -45,6 +45,8 @@ def _train_row(model: str, images: str, batch: int, precision: str, steps: int, 
     import jax
     from textinv_jax.backend import JaxBackend
 
+    from bench.measure import steady_rate  # torch-free at import: the JAX process never loads torch
+
     from textinv_cli.spec import TrainSpec
 
     run = Path(tempfile.mkdtemp(prefix="bench-jax-")) / "run"
@@ -57,12 +59,10 @@ def _train_row(model: str, images: str, batch: int, precision: str, steps: int, 
             marks.append((ev.data["step"], time.perf_counter()))
             losses.append(ev.data["loss"])
     wall = time.perf_counter() - t0
-    after = [(s, t) for s, t in marks if s >= warmup]
-    (s0, t0m), (s1, t1m) = after[0], after[-1]
     stats = jax.local_devices()[0].memory_stats() or {}  # None on the CPU
     peak = stats.get("peak_bytes_in_use")
     return {"batch": batch, "precision": precision, "steps": steps, "device": jax.local_devices()[0].platform,
-            "samples_per_s": (s1 - s0) * batch / (t1m - t0m), "step_ms": (t1m - t0m) / max(1, s1 - s0) * 1000,
+            **steady_rate(marks, warmup, batch),
             "peak_mem_gib": peak / 2**30 if peak else float("nan"), "wall_s": wall,
             "loss_first": losses[0], "loss_last": losses[-1], "losses": losses}
 

@@ -18,6 +18,14 @@ from pathlib import Path
 GIB = 2**30
 
 
+def steady_rate(marks: list[tuple[int, float]], warmup: int, samples_per_step: int) -> dict:
+    """samples/s and ms/step between the first and last (step, time) log mark at or after
+    `warmup` steps: the steps before hold compiles, autotuning and the allocator growing."""
+    after = [(s, t) for s, t in marks if s >= warmup]
+    (s0, t0), (s1, t1) = after[0], after[-1]
+    return {"samples_per_s": (s1 - s0) * samples_per_step / (t1 - t0), "step_ms": (t1 - t0) / max(1, s1 - s0) * 1000}
+
+
 def matmul_peak(device: str = "cuda", n: int = 8192, iters: int = 10) -> float:
     """bf16 TFLOP/s of one large matrix product on random data: the roofline we compare to."""
     import torch
@@ -77,12 +85,9 @@ def train_throughput(model: str, images: Path, *, batch: int, precision: str, st
                 marks.append((ev.data["step"], time.perf_counter()))
                 losses.append(ev.data["loss"])
     wall = time.perf_counter() - t0
-    after = [(s, t) for s, t in marks if s >= warmup]
-    (s0, t0m), (s1, t1m) = after[0], after[-1]
-    samples = (s1 - s0) * batch * grad_accum
     step_peak = torch.cuda.max_memory_allocated() / GIB if cuda else float("nan")
     return {"batch": batch, "precision": precision, "grad_accum": grad_accum, "steps": steps,
-            "samples_per_s": samples / (t1m - t0m), "step_ms": (t1m - t0m) / max(1, s1 - s0) * 1000,
+            **steady_rate(marks, warmup, batch * grad_accum),
             "peak_mem_gib": max(setup_peak, step_peak) if cuda else float("nan"),
             "peak_setup_gib": setup_peak, "peak_step_gib": step_peak,
             "wall_s": wall, "loss_first": losses[0], "loss_last": losses[-1], "losses": losses}

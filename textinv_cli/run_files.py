@@ -118,10 +118,10 @@ def check_new_run_dir(run: Path) -> None:
 def _drop_unstarted_leftovers(run: Path) -> None:
     """A run killed while writing its first file (spec.json) left only that temp file: the
     folder never held a run, so it counts as empty rather than blocking `train --run-dir`."""
-    from .runs import _LEFTOVER_FILE
+    from .runs import is_leftover_file
 
     entries = list(run.iterdir())
-    if entries and all(p.is_file() and _LEFTOVER_FILE.match(p.name) for p in entries):
+    if entries and all(p.is_file() and is_leftover_file(p.name) for p in entries):
         for p in entries:
             p.unlink(missing_ok=True)
 

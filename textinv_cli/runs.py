@@ -42,6 +42,12 @@ _LEFTOVER_FILE = re.compile(r"\.(learned_embeds(_2)?\.safetensors|spec\.json|ste
 CRASH_ENV = "TEXTINV_CHECKPOINT_CRASH_AT"
 
 
+def is_leftover_file(name: str) -> bool:
+    """Whether `name` is the temp file of a run file (spec, final embedding, snapshot) whose
+    write a kill cut short."""
+    return bool(_LEFTOVER_FILE.match(name))
+
+
 def crash_point(stage: str, step: int | None = None) -> None:
     want = os.environ.get(CRASH_ENV)
     if not want:
@@ -164,7 +170,7 @@ def tidy_for_resume(run: Path, keep: int) -> list[str]:
             gone.append(p.name)
     for folder in (run, run / "snapshots"):
         for p in sorted(folder.iterdir()) if folder.is_dir() else []:
-            if _LEFTOVER_FILE.match(p.name) and p.is_file():
+            if is_leftover_file(p.name) and p.is_file():
                 p.unlink(missing_ok=True)
                 gone.append(p.name)
     return gone
