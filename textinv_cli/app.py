@@ -77,9 +77,10 @@ def report(exc: BaseException) -> int:
     from .console import err_console
     from .errors import TextinvError
     from .redact import redact
+    from .untrusted import escape
 
-    def say(text: str) -> None:
-        err_console.print(redact(text), markup=False)
+    def say(text: str) -> None:  # a message may quote a file's bytes: nothing reaches the terminal raw
+        err_console.print(escape(redact(text)), markup=False)
 
     if isinstance(exc, TextinvError):
         say(f"Error: {exc.message}")
