@@ -27,8 +27,15 @@ FAMILY_SLOTS = {
 }
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 
-# A token may be used as a file or registry name: no path separators, no "..".
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_\-.<>()\[\]{}+@~ ]+$")
+# safe_name: the one rule for a name taken from a file (a token, a registry name) that becomes
+# a file, folder or registry name. Never a path on any OS (POSIX "/", Windows "\\", drive and
+# stream ":" and the characters Windows refuses), never ".", ".." or a hidden name (a leading
+# dot: "." is the folder itself, so `convert --force` would replace it), nothing that acts on a
+# terminal or cannot be encoded (untrusted.unsafe_chars: controls, bidi, lone surrogates), and
+# short enough for a file name with its suffix and our temp-file prefix (255 bytes).
+_NOT_IN_NAMES = frozenset('/\\:*?"<>|')
+NAME_MAX_BYTES = 200
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def slot_for_width(width: int) -> str | None:
@@ -54,15 +61,43 @@ def family_of(slots) -> str:
     )
 
 
-def safe_name(name: str) -> str:
-    """The token without brackets, usable as a file or registry name; refuses traversal."""
-    stripped = name.strip().strip("<>").strip()
-    if not stripped or ".." in stripped or "/" in stripped or "\\" in stripped or "\x00" in stripped:
+def safe_name(name: str, hint: str | None = None) -> str:
+    """The token without brackets (and outer spaces), usable as a file, folder or registry name.
+
+    Refused (InvalidEmbeddingError, `hint` or a default one): see _NOT_IN_NAMES above. The
+    result is always one plain path component: Path(folder) / name stays in folder.
+    """
+    from .untrusted import quoted, unsafe_chars
+
+    text = name if isinstance(name, str) else ""
+    stripped = text.strip().strip("<>").strip()
+    why = None
+    if not stripped:
+        why = "it is empty"
+    elif bad := unsafe_chars(stripped):
+        why = "it holds control, invisible or invalid characters (" + " ".join(bad) + ")"
+    elif bad := sorted(set(stripped) & _NOT_IN_NAMES):
+        why = "it holds " + " ".join(bad) + ", which a file name cannot"
+    elif stripped.startswith(".") or stripped.endswith(".") or ".." in stripped:
+        why = 'a name cannot start or end with "." nor hold ".."'
+    elif len(stripped.encode("utf-8")) > NAME_MAX_BYTES:
+        why = f"it is longer than {NAME_MAX_BYTES} bytes"
+    if why:
         raise InvalidEmbeddingError(
-            f"{name!r} cannot be used as a file or registry name.",
-            "Pass --name (or -o) with a plain name such as cat-toy.",
-        )
+            f"{quoted(text)} cannot be used as a file or registry name: {why}.",
+            hint or "Pass --name (or -o) with a plain name such as cat-toy.")
     return stripped
+
+
+def holds_credential(text: str, known: list[str] | None = None) -> bool:
+    """True when `text` holds an access token: token-shaped (hf_..., a Bearer credential, a
+    password in a URL) or one of the user's own (`known`, default redact.known_tokens()).
+    Such a value is never taken from a file as a token or metadata (it would be printed,
+    registered, pushed)."""
+    from .redact import known_tokens, redact
+
+    text = str(text)
+    return redact(text, known_tokens(ask_client=False) if known is None else known) != text
 
 
 @dataclass
@@ -73,7 +108,9 @@ class Embedding:
 
     def __post_init__(self) -> None:
         self.vectors = {k: _as_matrix(k, v) for k, v in self.vectors.items()}
-        self.meta = {str(k): str(v) for k, v in self.meta.items()}
+        # A lone surrogate (a JSON "\ud800", a pickle string) is no text any file or database can
+        # hold (safetensors refuses it in a header): metadata keeps U+FFFD in its place.
+        self.meta = {_SURROGATE.sub("\ufffd", str(k)): _SURROGATE.sub("\ufffd", str(v)) for k, v in self.meta.items()}
         self.validate()
 
     # -- derived facts ------------------------------------------------------
@@ -107,6 +144,9 @@ class Embedding:
     def validate(self) -> None:
         if not isinstance(self.token, str) or not self.token.strip():
             raise InvalidEmbeddingError("The embedding has no token.", "Pass --token to name it.")
+        if _SURROGATE.search(self.token):  # "\ud800" from a JSON escape: no file, prompt or database can hold it
+            raise InvalidEmbeddingError("The token is not valid Unicode text (it holds a lone surrogate).",
+                                        "Pass --token to name it.")
         if not self.vectors:
             raise InvalidEmbeddingError("The embedding holds no vectors.")
         family_of(self.vectors)  # raises on an impossible slot set

@@ -19,13 +19,16 @@ class Source:
 
 def load_source(src: str, *, token: str | None = None, key: str | None = None,
                 max_mib: float | None = None) -> Source:
-    """A path that exists wins; otherwise the registry is asked by name or token."""
-    from . import formats
-    from .fsutil import DEFAULT_MAX_BYTES
+    """A path that exists wins; otherwise the registry is asked by name or token.
 
-    max_bytes = DEFAULT_MAX_BYTES if max_mib is None else int(max_mib * 2**20)
+    `max_mib` is --max-size, checked by fsutil.max_bytes_from_mib (nan, inf, 1e308 refused).
+    """
+    from . import formats
+    from .fsutil import max_bytes_from_mib
+
+    max_bytes = max_bytes_from_mib(max_mib)
     path = Path(src).expanduser()
-    if path.exists():
+    if _exists(path):
         emb = formats.read_embedding(path, token=token, key=key, max_bytes=max_bytes)
         return Source(emb, "folder" if path.is_dir() else "file", path)
     from .registry import Registry
@@ -42,3 +45,11 @@ def load_source(src: str, *, token: str | None = None, key: str | None = None,
     if token:
         emb = Embedding(token, emb.vectors, emb.meta)
     return Source(emb, "registry", reg.blob_path(entry.sha256), entry)
+
+
+def _exists(path: Path) -> bool:
+    """A name the OS cannot look up (too long, a NUL) is no file: it may still be a registry name."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False

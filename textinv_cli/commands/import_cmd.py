@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from ..fsutil import max_size_option
+
 
 def import_embedding(
     path: Path = typer.Argument(..., metavar="FILE", help="Embedding file or folder (any format textinv reads)."),
@@ -13,7 +15,8 @@ def import_embedding(
     token: str = typer.Option(None, "--token", metavar="TOKEN", help="Use this token instead of the one in the file."),
     key: str = typer.Option(None, "--key", metavar="KEY", help="Which tensor to take when the file holds several."),
     tag: list[str] = typer.Option(None, "--tag", metavar="TAG", help="A tag to store with the entry (repeatable)."),
-    max_size: float = typer.Option(None, "--max-size", metavar="MIB", help="Accept input files up to this many MiB (default 64)."),
+    max_size: float = typer.Option(None, "--max-size", metavar="MIB", callback=max_size_option,
+                                   help="Accept input files up to this many MiB (default 64)."),
     json_out: bool = typer.Option(False, "--json", help="Print the registry entry as JSON."),
 ) -> None:
     """Add an embedding file or folder to the local registry.
@@ -24,15 +27,13 @@ def import_embedding(
     from ..console import console, print_json
     from ..errors import NotFoundError
     from ..formats import read_embedding
+    from ..fsutil import max_bytes_from_mib
     from ..registry import Registry
 
     path = path.expanduser()
     if not path.exists():
         raise NotFoundError(f"{path} does not exist.", "Check the path; `textinv import` takes a file or folder.")
-    kwargs = {"token": token, "key": key}
-    if max_size is not None:  # otherwise the reader's own default cap applies
-        kwargs["max_bytes"] = int(max_size * 2**20)
-    emb = read_embedding(path, **kwargs)
+    emb = read_embedding(path, token=token, key=key, max_bytes=max_bytes_from_mib(max_size))
     # the reader records the file's (or folder's embedding files') sha256 in meta
     origin = {"path": str(path.resolve()), "file_sha256": emb.meta.get("file_sha256")}
     entry, created = Registry().add(emb, name=name, source="imported", origin=origin, tags=tag or ())

@@ -11,15 +11,15 @@ own writer, so convert/inspect work on a machine without an ML framework.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..embedding import FAMILY_NAMES, Embedding, safe_name
+from ..embedding import FAMILY_NAMES, Embedding, holds_credential, safe_name
 from ..errors import FormatError, InvalidEmbeddingError, NotFoundError, OutputExistsError, UnsupportedFormatError
-from ..fsutil import DEFAULT_MAX_BYTES, atomic_write_bytes, atomic_write_dir, check_writable_target
+from ..fsutil import DEFAULT_MAX_BYTES, atomic_write_bytes, atomic_write_dir, check_writable_target, hash_file
+from ..untrusted import quoted
 from . import layouts
-from .folders import embedding_files, pair_parts, read_folder, read_part, sdxl_partner, sha256_of_files
+from .folders import FOLDER_MEMBERS, embedding_files, pair_parts, read_folder, read_part, sdxl_partner, sha256_of_files
 
 
 @dataclass(frozen=True)
@@ -53,21 +53,25 @@ __all__ = ["FormatInfo", "WRITERS", "read_embedding", "write_embedding", "defaul
 
 def read_embedding(path: Path, *, token: str | None = None, key: str | None = None,
                    max_bytes: int | None = DEFAULT_MAX_BYTES) -> Embedding:
-    """Read any supported file or folder. `token` renames; `key` picks among several tensors."""
+    """Read any supported file or folder. `token` renames; `key` picks among several tensors.
+
+    Every file is read through fsutil.open_regular/read_capped (regular files, bounded, a
+    folder's members inside it); an access token is never taken as the token or metadata.
+    """
     path = Path(path)
-    if not path.exists():
+    if not _exists(path):
         raise NotFoundError(f"{path} does not exist.")
     extra: dict[str, str] = {}
     named: str | None = None
     if path.is_dir():
-        parts, fmt, extra, named = read_folder(path, key=key, token=token, max_bytes=max_bytes)
+        parts, fmt, extra, named, sha = read_folder(path, key=key, token=token, max_bytes=max_bytes)
         container = "folder"
     else:
         part = read_part(path, key=key, token=token, max_bytes=max_bytes)
-        parts, fmt, container = [part], part.decoded.image_format or part.parsed.fmt, part.decoded.container
+        parts, fmt, container, sha = [part], part.decoded.image_format or part.parsed.fmt, part.decoded.container, part.sha256
         partner = sdxl_partner(path) if part.parsed.fmt == "diffusers" else None
         if partner is not None:
-            pair = pair_parts(part, read_part(partner, key=key, token=token, max_bytes=max_bytes))
+            pair = pair_parts(part, read_part(partner, key=key, token=token, max_bytes=max_bytes, within=path.parent))
             if pair is not None:
                 parts, fmt = list(pair), "diffusers-sdxl"
                 extra["paired_with"] = partner.name
@@ -83,12 +87,33 @@ def read_embedding(path: Path, *, token: str | None = None, key: str | None = No
     tok = token or named or parts[0].parsed.token or _token_from_name(path)
     if not (token or named or parts[0].parsed.token):
         meta["token_source"] = "file name"
-    meta.update(format=fmt, container=container, dtype=_stored_dtype(parts),
-                file_sha256=file_sha256(path))
+    _refuse_credentials(path, tok, meta)
+    meta.update(format=fmt, container=container, dtype=_stored_dtype(parts), file_sha256=sha)
     try:
         return Embedding(token=tok, vectors=vectors, meta=meta)
     except InvalidEmbeddingError as e:  # say which file, keep the advice
         raise InvalidEmbeddingError(f"{path}: {e.message}", e.hint) from None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long to look up, a NUL in it
+        return False
+
+
+def _refuse_credentials(path: Path, tok: str, meta: dict) -> None:
+    """An access token in a file (a token_identifier.txt linked to ~/.cache/huggingface/token,
+    a metadata value) would be printed, registered and pushed: a token that holds one is
+    refused without quoting it; metadata entries that hold one are dropped."""
+    from ..redact import known_tokens
+
+    known = known_tokens(ask_client=False)
+    if holds_credential(tok, known):
+        raise FormatError(f"{path}: the embedding's token looks like an access token (not shown); "
+                          "textinv does not use it.", "Pass --token with the word to use in prompts.")
+    for k in [k for k, v in meta.items() if holds_credential(k, known) or holds_credential(v, known)]:
+        del meta[k]
 
 
 def _token_from_name(path: Path) -> str:
@@ -101,7 +126,7 @@ def _token_from_name(path: Path) -> str:
             return stem
         except InvalidEmbeddingError:
             pass
-    raise FormatError(f"{path} does not say which token it is for, and its name {stem!r} is not one.",
+    raise FormatError(f"{path} does not say which token it is for, and its name {quoted(stem)} is not one.",
                       "Pass --token, e.g. --token '<my-concept>'.")
 
 
@@ -135,14 +160,13 @@ def write_embedding(emb: Embedding, out: Path, fmt: str, *, force: bool = False)
             f"The {fmt} format cannot hold a {FAMILY_NAMES[emb.family]} embedding ({', '.join(emb.widths)}).",
             "Formats that can: " + ", ".join(able) + ".")
     out = Path(out)
-    check_writable_target(out, force)
-    if out.is_dir() and info.suffix:
-        raise OutputExistsError(f"{out} is a folder; {fmt} writes a single file.", "Pass -o with a file name.")
-    if out.exists() and not out.is_dir() and not info.suffix:
-        raise OutputExistsError(f"{out} is a file; {fmt} writes a folder.", "Pass -o with a folder name.")
+    members = FOLDER_MEMBERS.get(fmt) if not info.suffix else None
+    # fsutil's rule: an existing target needs --force and is replaced only when it is what is
+    # written here (a file for a file; for a folder, one holding only this format's members)
+    check_writable_target(out, force, members=members)
     payload = _encode(emb, fmt)  # everything is built before the first byte is written
     if isinstance(payload, dict):
-        atomic_write_dir(out, payload, force=force)
+        atomic_write_dir(out, payload, force=force)  # refuses, right before its swap, a folder holding more
     else:
         atomic_write_bytes(out, payload, force=force)
     return [out]
@@ -171,11 +195,12 @@ def _encode(emb: Embedding, fmt: str) -> bytes | dict[str, bytes]:
 
 
 def default_output_name(emb: Embedding, fmt: str) -> str:
-    """A file name from the token ("cat-toy.pt"); folders end in "/". Refuses unsafe tokens."""
+    """A file name from the token ("cat-toy.pt"); folders end in "/". Refuses unsafe tokens
+    (embedding.safe_name): the name is one plain path component, never ".", ".." or a path."""
     info = WRITERS.get(fmt)
     if info is None:
         raise UnsupportedFormatError(f"Unknown format {fmt!r}.", "Choose one of: " + ", ".join(WRITERS) + ".")
-    name = safe_name(emb.token)
+    name = safe_name(emb.token, "Pass -o with a file name, or --token with a plain word such as cat-toy.")
     if fmt == "diffusers-sdxl":
         return f"{name}-sdxl/"
     if not info.suffix:
@@ -184,17 +209,14 @@ def default_output_name(emb: Embedding, fmt: str) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file; of a folder: of its embedding files' bytes in sorted order."""
+    """sha256 of a file; of a folder: of its embedding files' bytes in sorted order.
+    Read as the readers read (fsutil.open_regular: regular files, members inside the folder)."""
     path = Path(path)
     if path.is_dir():
         files = embedding_files(path)
         if not files:
             raise FormatError(f"{path} holds no embedding files.")
         return sha256_of_files(files)
-    if not path.exists():
+    if not _exists(path):
         raise NotFoundError(f"{path} does not exist.")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return hash_file(path).hexdigest()
