@@ -92,13 +92,13 @@ def _renamed_data_pkl(m):  # the payload under another name, no data.pkl: never 
     return Case(data, "format", ("archive/data.pyc", "unexpected archive member"))
 
 
-def _payload_in_version_record(m):  # torch's version record is not a pickle: ignored
+def _payload_in_version_record(m):  # torch's version record is a number, never a pickle: refused as torch does
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("archive/data.pkl", valid_file_pickle())
         zf.writestr("archive/data/0", F32_4)
         zf.writestr("archive/version", _os_system(m).payload)
-    return Case(buf.getvalue(), "ok", ())
+    return Case(buf.getvalue(), "format", ("format version",))
 
 
 def _local_name_differs(m):  # the central directory says data.pkl, the local header another name

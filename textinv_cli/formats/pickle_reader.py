@@ -8,6 +8,10 @@ stack machine interprets the opcodes torch writes. A GLOBAL resolves through an 
 to one of our own handlers, never to the module it names; anything else is refused by
 name. Tensors come back as numpy arrays, OrderedDicts as dicts, ParameterDicts as dicts
 of their parameters, torch.Size as tuples.
+
+Every step spends from one Budget sized from the file (pickle_budget), so memory and time
+are O(file size) whatever the opcodes do; and each storage is read once, typed by its
+first reference, exactly as torch.load does, so both read the same numbers or we refuse.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import pickletools
 import numpy as np
 
 from ..errors import FormatError, TextinvError, UnsafeFileError
+from .pickle_budget import MAX_TENSOR_INT, OP_COST, Budget, check_int, check_key
+from .pickle_values import (MAX_DEPTH, Storage, decode, decoded_cost, describe, itemsize, plain,
+                            storage_name)
 from .pickle_allowlist import (MAX_OPS, UNSAFE_HINT, AllowedGlobal, looks_like_legacy_tar,
                                looks_like_raw_pickle, looks_like_torch_zip, refuse_unsafe, resolve_name,
                                tar_members)
@@ -24,19 +31,10 @@ from .torch_zip import _CORRUPT_HINT, open_archive, read_member
 
 __all__ = ["load_torch_pickle", "looks_like_torch_zip", "looks_like_raw_pickle", "looks_like_legacy_tar"]
 
-MAX_DEPTH = 100                # nesting; also keeps tuple hashing far from the C stack's end
 MAX_NDIM = 32
 
 _LEGACY_HINT = ("Re-save it with a recent torch (torch.save writes zip archives since 1.6), or "
                 "convert it to .safetensors on a machine you trust.")
-
-
-class _Storage:
-    """A storage's bytes from data/<key>; `code` is the element code (None: untyped bytes)."""
-    __slots__ = ("key", "code", "raw", "big")
-
-    def __init__(self, key: str, code: str | None, raw, big: bool):
-        self.key, self.code, self.raw, self.big = key, code, raw, big
 
 
 def load_torch_pickle(data: bytes, *, source: str) -> object:
@@ -74,8 +72,9 @@ def load_torch_pickle(data: bytes, *, source: str) -> object:
                                   "archive does not contain.", _CORRUPT_HINT)
             return read_member(zf, members[f"data/{key}"], source)
 
-        obj = _Interpreter(pkl, source, storage_bytes, big=order == b"big", cap=4 * len(data) + 2**20).run()
-        return _plain(obj, {}, 0, source)
+        budget = Budget(len(data), source)  # one budget for the whole read, _plain included
+        obj = _Interpreter(pkl, source, storage_bytes, big=order == b"big", budget=budget).run()
+        return plain(obj, {}, 0, source, budget)
     except TextinvError:
         raise
     except RecursionError:
@@ -96,10 +95,10 @@ _CODE_OPS = {"INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "NEWOBJ_EX"}  # bu
 
 
 class _Interpreter:
-    def __init__(self, pkl: bytes, source: str, storage_bytes, *, big: bool, cap: int):
+    def __init__(self, pkl: bytes, source: str, storage_bytes, *, big: bool, budget: Budget):
         self.pkl, self.source, self.storage_bytes = pkl, source, storage_bytes
-        self.big, self.cap, self.out_bytes = big, cap, 0
-        self.raw: dict[str, bytes] = {}       # storage key -> its member's bytes, read once
+        self.big, self.budget = big, budget
+        self.storages: dict[str, Storage] = {}  # storage key -> its one reading, as torch caches it
         self.modules: dict[int, dict] = {}    # id -> the dict standing in for a ParameterDict
         self.tdepth: dict[int, int] = {}      # id -> nesting depth of a tuple / frozenset
         self.keep: list = []                  # keeps those ids from being reused
@@ -115,7 +114,12 @@ class _Interpreter:
             name = op.name
             if n >= MAX_OPS:  # also bounds the stack, the metastack and the memo
                 self.fail("the pickle is too large to be tensor data.")
+            self.budget.spend(OP_COST, "pickle objects")  # copies and decoding are charged where done
             if name in _VALUE_OPS:
+                if type(arg) is int:
+                    check_int(arg, self.source)
+                elif isinstance(arg, (str, bytes)):
+                    self.budget.spend(len(arg), "strings")
                 stack.append(arg)
             elif name in _CONST:
                 stack.append(_CONST[name])
@@ -145,7 +149,7 @@ class _Interpreter:
                 self.target(stack, list).append(v)
             elif name == "SETITEM":
                 v, k = stack.pop(), stack.pop()
-                self.target(stack, dict)[k] = v
+                self.target(stack, dict)[check_key(k, self.source)] = v
             elif name == "POP":
                 stack.pop()
             elif name == "DUP":
@@ -163,7 +167,7 @@ class _Interpreter:
             elif name == "NEWOBJ":  # only a ParameterDict: a dict that BUILD fills with its parameters
                 args, cls = stack.pop(), stack.pop()
                 if not (isinstance(cls, AllowedGlobal) and cls.kind == "module" and type(args) is tuple):
-                    self.fail(f"NEWOBJ on {_describe(cls)} is not tensor data.")
+                    self.fail(f"NEWOBJ on {describe(cls)} is not tensor data.")
                 stack.append({})
                 self.modules[id(stack[-1])] = stack[-1]
             elif name == "BUILD":
@@ -192,7 +196,7 @@ class _Interpreter:
     def target(self, stack: list, kind: type):
         """The container items are added to: a real unpickler would call any object's method."""
         if not stack or type(stack[-1]) is not kind:
-            self.fail(f"the pickle adds items to {_describe(stack[-1] if stack else None)}, "
+            self.fail(f"the pickle adds items to {describe(stack[-1] if stack else None)}, "
                       f"not a {kind.__name__}.")
         return stack[-1]
 
@@ -204,17 +208,19 @@ class _Interpreter:
         elif name == "APPENDS":
             self.target(stack, list).extend(items)
         elif name == "ADDITEMS":
-            self.target(stack, set).update(items)
+            self.target(stack, set).update(check_key(k, self.source) for k in items)
         elif name in ("DICT", "SETITEMS"):
             if len(items) % 2:
                 self.fail(f"{name} has an odd number of items.")
             d = {} if name == "DICT" else self.target(stack, dict)
-            d.update(zip(items[::2], items[1::2]))
+            d.update(zip((check_key(k, self.source) for k in items[::2]), items[1::2]))
             if name == "DICT":
                 stack.append(d)
 
     def make_tuple(self, items, kind=tuple):
-        """A tuple/frozenset, refusing hashable nests deep enough to exhaust the C stack."""
+        """A tuple/frozenset, refusing nests deep enough to exhaust the C stack."""
+        if kind is frozenset:
+            items = [check_key(k, self.source) for k in items]
         depth = 1 + max((self.tdepth.get(id(x), 1) for x in items if type(x) in (tuple, frozenset)),
                         default=0)
         if depth > MAX_DEPTH:
@@ -233,7 +239,7 @@ class _Interpreter:
 
     def call(self, fn, args):
         if not (isinstance(fn, AllowedGlobal) and fn.kind == "call") or type(args) is not tuple:
-            self.fail(f"the pickle calls {_describe(fn)}, which is not tensor data.")
+            self.fail(f"the pickle calls {describe(fn)}, which is not tensor data.")
         try:
             return getattr(self, f"h_{fn.arg}")(*args)
         except TypeError:
@@ -243,11 +249,12 @@ class _Interpreter:
         if self.modules.get(id(obj)) is not obj:
             if state is None or (type(state) is dict and not state):
                 return
-            self.fail(f"the pickle sets the state of {_describe(obj)}, which is not tensor data.")
+            self.fail(f"the pickle sets the state of {describe(obj)}, which is not tensor data.")
         if type(state) is tuple and state and type(state[0]) is dict:
             state = state[0]  # (dict state, slot state)
         params = state.get("_parameters") if type(state) is dict else None
         if type(params) is dict:  # keep a module's parameters, drop hooks and flags
+            self.budget.copy(len(params), "module parameters copied")
             obj.update((k, v) for k, v in params.items() if isinstance(v, np.ndarray))
 
     def persistent(self, pid):
@@ -259,22 +266,40 @@ class _Interpreter:
         if not (isinstance(stype, AllowedGlobal) and stype.kind == "storage" and isinstance(key, str)
                 and key.isascii() and key.isdigit() and type(numel) is int and numel >= 0):
             self.fail("the pickle holds a malformed storage reference.")
-        if key not in self.raw:
-            self.raw[key] = self.storage_bytes(key)
-        raw, need = self.raw[key], numel * _itemsize(stype.arg)
-        if len(raw) < need:
-            self.fail(f"storage data/{key} holds {len(raw)} bytes but the pickle needs {need}.")
-        return _Storage(key, stype.arg, memoryview(raw)[:need], self.big)
+        known = self.storages.get(key)
+        if known is not None:
+            # torch reads a storage once, typed by its first reference, and reuses it for every
+            # later one whatever type or size that one gives: a file that differs is tampered
+            # with, and reading each reference its own way would give numbers torch never sees.
+            if (known.code, known.numel) != (stype.arg, numel):
+                self.fail(f"storage data/{key} is referenced as {storage_name(known.code)} of {known.numel} "
+                          f"elements and as {storage_name(stype.arg)} of {numel}; torch never writes that.")
+            return known  # the same object: decoded once however often it is named
+        raw, need = self.storage_bytes(key), numel * itemsize(stype.arg)
+        self.budget.spend(len(raw), "storage bytes")
+        if len(raw) != need:  # torch refuses a record of any other size, longer ones included
+            self.fail(f"storage data/{key} holds {len(raw)} bytes but the pickle needs exactly {need}.")
+        self.storages[key] = Storage(key, stype.arg, raw, self.big, numel)
+        return self.storages[key]
 
     # -- the allowlisted callables: our own code, nothing named in the file is imported --
     def h_dict(self, items=()):  # OrderedDict(): a plain dict keeps the order just as well
-        return dict(self.items_of(items, (list, tuple, dict)))
+        items = self.items_of(items, (list, tuple, dict))
+        self.budget.copy(len(items), "OrderedDict copies")
+        pairs = items.items() if type(items) is dict else items
+        if not all(type(p) in (tuple, list) and len(p) == 2 for p in pairs):
+            self.fail("OrderedDict gets something other than (key, value) pairs.")
+        return {check_key(k, self.source): v for k, v in pairs}
 
     def h_set(self, items=()):
-        return set(self.items_of(items))
+        items = self.items_of(items)
+        self.budget.copy(len(items), "set copies")
+        return {check_key(k, self.source) for k in items}
 
     def h_frozenset(self, items=()):
-        return self.make_tuple(self.items_of(items), frozenset)
+        items = self.items_of(items)
+        self.budget.copy(len(items), "frozenset copies")
+        return self.make_tuple(items, frozenset)
 
     def h_bytes(self):  # protocol 2 writes b"" as bytes() ...
         return b""
@@ -282,10 +307,15 @@ class _Interpreter:
     def h_encode(self, text, encoding="latin1"):  # ... and other bytes as encode(str, "latin1")
         if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
             self.fail("_codecs.encode is only used for latin-1 bytes.")
+        self.budget.spend(len(text), "bytes encoded")  # a new object each time, even from the memo
         return text.encode("latin-1")
 
     def h_size(self, dims=()):
-        return self.make_tuple(self.items_of(dims, (tuple,)))
+        dims = self.items_of(dims, (tuple, list))
+        self.budget.copy(len(dims), "torch.Size copies")
+        if not all(type(d) is int for d in dims):  # torch.Size refuses anything else
+            self.fail("torch.Size gets something other than integers.")
+        return self.make_tuple(dims)
 
     def h_tensor_v1(self, storage, offset, size, stride):
         return self.tensor(storage, offset, size, stride, None)
@@ -305,54 +335,31 @@ class _Interpreter:
 
     def items_of(self, items, kinds=(list, tuple)):
         if type(items) not in kinds:
-            self.fail(f"an allowlisted constructor gets {_describe(items)}.")
+            self.fail(f"an allowlisted constructor gets {describe(items)}.")
         return items
 
     def tensor(self, storage, offset, size, stride, code):
-        if not isinstance(storage, _Storage):
-            self.fail(f"a tensor's storage is {_describe(storage)}, not tensor data.")
-        ints = lambda t: type(t) is tuple and all(type(x) is int and x >= 0 for x in t)  # noqa: E731
-        if not (type(offset) is int and offset >= 0 and ints(size) and ints(stride)
+        if not isinstance(storage, Storage):
+            self.fail(f"a tensor's storage is {describe(storage)}, not tensor data.")
+        ints = lambda t: type(t) is tuple and all(type(x) is int and 0 <= x <= MAX_TENSOR_INT for x in t)  # noqa: E731
+        if not (type(offset) is int and 0 <= offset <= MAX_TENSOR_INT and ints(size) and ints(stride)
                 and len(size) == len(stride) <= MAX_NDIM):
             self.fail("a tensor has a malformed offset, shape or stride.")
+        if self.big and code is not None and code != storage.code:
+            # torch byteswaps a big-endian storage by its own element size, then views it
+            self.fail(f"a tensor views big-endian storage data/{storage.key} as another type; torch would "
+                      "read its bytes in a different order.")
         code = code or storage.code or "u1"
-        item = _itemsize(code)
+        item = itemsize(code)
         numel = len(storage.raw) // item
         count = int(np.prod(size, dtype=object)) if size else 1
         last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if count else offset - 1
         if last >= numel or offset > numel:
             self.fail(f"a tensor needs {last + 1} elements of storage data/{storage.key}, which holds "
                       f"{numel}.")
-        self.out_bytes += count * item  # stride 0 can "expand" one element into terabytes
-        if self.out_bytes > self.cap:
-            self.fail("the tensors it describes are far larger than the file.")
-        return _decode(storage.raw, code, self.big, offset, size, stride)
-
-
-def _decode(raw, code: str, big: bool, offset: int, size: tuple, stride: tuple) -> np.ndarray:
-    """Copy a bounds-checked strided view of storage bytes into a native, C-ordered array."""
-    base = {"bf16": "u2", "b1": "u1"}.get(code, code)
-    item = np.dtype(base).itemsize
-    flat = np.frombuffer(raw, dtype=np.dtype(base).newbyteorder(">" if big else "<"), count=len(raw) // item)
-    if all(size):
-        view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size,
-                                               strides=[s * item for s in stride], writeable=False)
-        arr = np.array(view, dtype=np.dtype(base).newbyteorder("="), order="C")
-    else:
-        arr = np.zeros(size, dtype=np.dtype(base))
-    if code == "bf16":  # bfloat16 is the top half of a float32
-        return (arr.astype(np.uint32) << 16).view(np.float32)
-    return arr != 0 if code == "b1" else arr
-
-
-def _itemsize(code: str | None) -> int:
-    return {"bf16": 2, "b1": 1, None: 1}.get(code) or np.dtype(code).itemsize
-
-
-def _describe(obj) -> str:
-    if isinstance(obj, AllowedGlobal):
-        return obj.qualname
-    return "a storage" if isinstance(obj, _Storage) else f"a {type(obj).__name__}"
+        # charged before decoding: stride 0 can "expand" one element into terabytes
+        self.budget.spend(decoded_cost(count, code), "tensors decoded")
+        return decode(storage.raw, code, self.big, offset, size, stride)
 
 
 def _brief(e: Exception) -> str:
@@ -360,32 +367,3 @@ def _brief(e: Exception) -> str:
         return f"{type(e).__name__}: {' '.join(str(e)[:120].split())}"  # one line, whatever it held
     except Exception:
         return type(e).__name__
-
-
-def _plain(obj, memo: dict, depth: int, source: str):
-    """The result as plain Python: stand-ins become arrays or names; shared parts stay shared
-    (the memo also keeps a billion-laughs pickle from being expanded)."""
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes, np.ndarray)):
-        return obj
-    if id(obj) in memo:
-        return memo[id(obj)]
-    if depth > MAX_DEPTH:
-        raise FormatError(f"{source}: the pickle nests too deeply to be tensor data.")
-    kind = type(obj)
-    if kind in (dict, list):
-        out = memo[id(obj)] = kind()  # registered first, so cycles end here
-        if kind is dict:
-            out.update((_plain(k, memo, depth + 1, source), _plain(v, memo, depth + 1, source))
-                       for k, v in obj.items())
-        else:
-            out.extend(_plain(v, memo, depth + 1, source) for v in obj)
-        return out
-    if kind in (tuple, set, frozenset):
-        out = memo[id(obj)] = kind(_plain(v, memo, depth + 1, source) for v in obj)
-        return out
-    if isinstance(obj, _Storage):  # a bare storage, e.g. torch.save(t.untyped_storage())
-        code = obj.code or "u1"
-        return _decode(obj.raw, code, obj.big, 0, (len(obj.raw) // _itemsize(code),), (1,))
-    if isinstance(obj, AllowedGlobal) and obj.kind == "dtype":
-        return obj.qualname
-    raise FormatError(f"{source}: the pickle holds a bare reference to {_describe(obj)}, not data.")

@@ -4,6 +4,12 @@ torch.save (1.6 and later) writes one top-level folder holding data.pkl, data/<n
 storages and a few version records, all stored uncompressed. Anything else (extra members,
 `..` names, duplicates, encryption, declared sizes far beyond the file) is refused before a
 byte is decompressed.
+
+Python's zipfile and torch's reader (miniz) must see the same archive, or we would read
+other numbers than torch does. They differ on bytes before the archive: zipfile shifts
+every offset by them, miniz does not, so two archives back to back read as the second
+here and (mostly) the first in torch. Such files, and archives without the version record
+torch requires, are refused.
 """
 
 from __future__ import annotations
@@ -22,15 +28,21 @@ _CORRUPT_HINT = "The file is truncated or corrupt; download or copy it again."
 _MEMBER = re.compile(r"(data\.pkl|data/\d+|version|\.data/version|\.data/serialization_id"
                      r"|byteorder|\.format_version|\.storage_alignment)\Z")
 _DIRS = ("", "data/", ".data/")  # folder entries, which repacking tools add
+_VERSIONS = range(1, 11)  # the file format versions torch 2.13 reads (inline_container.cc)
 
 
 def open_archive(data: bytes, source: str):
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
+        shift = zf.start_dir - zipfile._EndRecData(zf.fp)[zipfile._ECD_OFFSET]
     except Exception:
         raise FormatError(f"{source} is truncated or corrupt: its zip directory cannot be read.",
                           _CORRUPT_HINT) from None
+    if shift:
+        raise FormatError(f"{source}: its zip directory describes an archive that starts {shift} bytes "
+                          "into the file (archives joined together?); torch would read other data from it.",
+                          "It was not written by torch.save, or has been tampered with.")
     prefixes: set[str] = set()
     members: dict[str, zipfile.ZipInfo] = {}
     seen: set[str] = set()
@@ -67,6 +79,12 @@ def open_archive(data: bytes, source: str):
     if "data.pkl" not in members or members["data.pkl"].file_size > MAX_PICKLE_BYTES:
         raise FormatError(f"{source}: the archive has no data.pkl of a plausible size; it is not a "
                           "torch.save file.")
+    versions = [read_member(zf, members[n], source) for n in ("version", ".data/version") if n in members]
+    if not versions or not all(len(v) < 20 and v.strip().isdigit() and int(v.strip()) in _VERSIONS
+                               for v in versions):
+        raise FormatError(f"{source}: the archive has no torch file format version torch reads "
+                          f"(got {', '.join(repr(v[:20]) for v in versions) or 'none'}).",
+                          "It was not written by torch.save, or has been tampered with.")
     return zf, members, prefixes.pop()
 
 
