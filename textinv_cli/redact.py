@@ -23,9 +23,21 @@ from pathlib import Path
 
 MASK = "hf_***"
 _MIN_LITERAL = 8   # shorter values are not real tokens, and masking them would garble ordinary text
+# Every pattern here runs on text an attacker chose (a 100 KB safetensors key quoted in a message),
+# so each is linear: a match may only start where a failed attempt cannot be retried a character
+# later over the same run. _TOKEN_SHAPE and _BEARER are already so (a start needs \b plus a
+# literal that ends the run a previous attempt scanned). The URL pattern is split in two, see
+# _mask_url_password.
 _TOKEN_SHAPE = re.compile(r"\b(?:hf_|api_org_)[A-Za-z0-9]{20,}")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@")
+# A password in a URL: scheme://user:PASSWORD@. Written as one pattern, \b[a-z][a-z0-9+.-]*://
+# restarts at every letter of a long scheme-like run ("a.a.a...") and rescans it: quadratic (100 KB:
+# 30 s). Here a candidate starts only where a maximal run of scheme characters starts (the
+# lookbehind), so each run is scanned once; the userinfo cannot hold "/", so a failed candidate's
+# scan ends before the next "://". Whether the run holds a valid scheme start (\b then a letter,
+# as the single pattern required) is checked inside the run, once per candidate.
+_URL_CANDIDATE = re.compile(r"(?i)(?<![a-z0-9+.-])([a-z0-9+.-]+)(://[^/\s:@]*:)[^/\s@]+@")
+_SCHEME_START = re.compile(r"(?i)\b[a-z]")
 _STORED_FIELDS = ("hf_token", "refresh_token", "access_token")
 
 
@@ -58,7 +70,15 @@ def redact(text, tokens: list[str] | None = None) -> str:
         text = text.replace(token, MASK)
     text = _TOKEN_SHAPE.sub(MASK, text)
     text = _BEARER.sub(lambda m: m.group(1) + "***", text)
-    return _URL_PASSWORD.sub(lambda m: m.group(1) + "***@", text)
+    return _URL_CANDIDATE.sub(_mask_url_password, text)
+
+
+def _mask_url_password(m: re.Match) -> str:
+    """scheme://user:*** @ when the run before "://" holds a scheme (a letter after a word boundary:
+    `x_y://` has none, `x.y://` has y); what precedes that letter stays as it was either way."""
+    if _SCHEME_START.search(m.string, m.start(1), m.end(1)) is None:
+        return m.group(0)
+    return m.group(1) + m.group(2) + "***@"
 
 
 def _hf_file(env: str, name: str) -> Path:
@@ -96,16 +116,20 @@ def _stored_tokens() -> set[str]:
 # -- Python's own output ---------------------------------------------------------------------
 
 def print_traceback(exc: BaseException) -> None:
-    """The TEXTINV_DEBUG=1 traceback, chained causes included, with tokens masked."""
+    """The TEXTINV_DEBUG=1 traceback, chained causes included, with tokens masked and every
+    control/bidi character escaped (an exception may quote a file's key): its lines stay lines."""
     import traceback
 
-    sys.stderr.write(redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+    from .console import escape_lines
+
+    sys.stderr.write(escape_lines(redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))))
     sys.stderr.flush()
 
 
 def install() -> None:
-    """Redact what Python prints on textinv's behalf: warnings and log records (the client's
-    debug log quotes request URLs, HF_ENDPOINT with its credentials included).
+    """Redact and escape what Python prints on textinv's behalf: warnings and log records (the
+    client's debug log quotes request URLs, HF_ENDPOINT with its credentials included, and Hub
+    file names: a record is escaped whole, newlines too, so it cannot forge another line).
 
     Called when a command runs (app): it changes process-wide hooks, once; the tokens are looked
     up per record (only records that pass their logger's level are made, so this costs nothing
@@ -119,7 +143,9 @@ def install() -> None:
     plain_format = warnings.formatwarning
 
     def formatwarning(*args, **kwargs):
-        return redact(plain_format(*args, **kwargs))
+        from .console import escape_lines
+
+        return escape_lines(redact(plain_format(*args, **kwargs)))
 
     formatwarning._textinv_redacting = True
     warnings.formatwarning = formatwarning
@@ -131,7 +157,9 @@ def install() -> None:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a malformed log call: leave it to logging to report
             return record
-        cleaned = redact(message, known_tokens(ask_client=False))
+        from .untrusted import escape
+
+        cleaned = escape(redact(message, known_tokens(ask_client=False)))
         if cleaned != message:
             record.msg, record.args = cleaned, None
         return record
