@@ -96,8 +96,9 @@ def _render(events, spec: TrainSpec, name: str) -> dict:
             return Text(f"{task.speed:.2f} it/s" if task.speed else "- it/s")
 
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+        # markup=False: the description is the token, which `resume` reads back from a run folder
+        TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}", markup=False), TextColumn("lr {task.fields[lr]}", markup=False),
         Rate(), TimeElapsedColumn(), TimeRemainingColumn(),
         console=err_console, transient=False,
     )
@@ -238,8 +239,8 @@ def launch_processes(args: list[str], n: int, *, program: list[str] | None = Non
         log.seek(0)
         tail = log.read()[-4000:].decode("utf-8", "replace").rstrip()
         err_console.print(f"Process {first_failed} of {n} failed (exit code {codes[first_failed]}):", markup=False)
-        if tail:
-            err_console.print(tail, markup=False, highlight=False)
+        for line in tail.splitlines():  # one print per line: the console escapes a newline inside one
+            err_console.print(line, markup=False, highlight=False)
     for log in logs[1:]:
         log.close()
     if 0 in killed and first_failed not in (None, 0):

@@ -61,7 +61,6 @@ def list_embeddings(
         return
 
     from rich.table import Table
-    from rich.text import Text
 
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col, justify in (("name", "left"), ("token", "left"), ("family", "left"), ("vectors", "right"),
@@ -70,9 +69,10 @@ def list_embeddings(
         table.add_column(col, justify=justify, no_wrap=col in ("name", "token", "sha256", "created"),
                          overflow="fold" if col in ("name", "token") else "ellipsis")
     for e in entries:
-        # Text(...) so a name like "[style]" is shown as typed, not parsed as rich markup
-        table.add_row(*(Text(str(v)) for v in (e.name, e.token, e.family, e.n_vectors, e.source,
-                                                 e.short_sha, _minutes(e.created))))
+        # plain str cells: the console shows them as typed (no markup) and escaped before the
+        # table measures them (console.py), so a hostile name neither styles nor breaks the table
+        table.add_row(*(str(v) for v in (e.name, e.token, e.family, e.n_vectors, e.source,
+                                         e.short_sha, _minutes(e.created))))
     console.print(table)
     console.print(f"{len(entries)} embedding{'s' if len(entries) != 1 else ''}", style="dim")
 

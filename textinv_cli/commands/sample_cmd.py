@@ -133,6 +133,7 @@ def _render_json(events) -> None:
 
 def _render_rich(events, model_name: str) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
 
     from ..console import console
 
@@ -142,7 +143,8 @@ def _render_rich(events, model_name: str) -> None:
     out_dir = None
     try:
         stream = iter(events)
-        with console.status(f"Loading {model_name}…"):  # the first event comes once the model is loaded
+        # the first event comes once the model is loaded; Text: a str status is parsed as markup
+        with console.status(Text(f"Loading {model_name}…")):
             first = next(stream, None)
         for event in _chain(first, stream):
             data = event.data
@@ -152,8 +154,9 @@ def _render_rich(events, model_name: str) -> None:
                 at_once = f", {data['batch_size']} at a time" if data.get("batch_size", 1) > 1 else ""
                 console.print(f"Sampling {data['images']} image(s){at_once} with {data['model']} on {data['device']} "
                               f"({data['sampler']}, {data['steps']} steps; {used})", markup=False)
-                progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(),
+                                    TimeRemainingColumn(),
                                     console=console, transient=False)
                 progress.start()
                 task = progress.add_task("image 1", total=data.get("total"), rate="")
