@@ -78,11 +78,14 @@ def test_import_token_that_is_a_path_writes_nothing(cli, tmp_path, textinv_home)
     src = tmp_path / "evil.safetensors"
     src.write_bytes(dump_safetensors({"../../evil": random_embedding().vectors["clip_l"]}))
     r = cli("import", src)
-    assert r.exit_code == 1 and "--name" in r.stderr
+    assert r.exit_code == 1 and "--token" in r.stderr
     _no_traceback(r)
     assert list(textinv_home.iterdir()) == []
-    r = cli("import", src, "--name", "fine")  # the way out the hint names
-    assert r.exit_code == 0 and Registry().get("fine").token == "../../evil"
+    # A token is the default name and becomes a file name (convert, push): --name alone is not enough
+    assert cli("import", src, "--name", "fine").exit_code == 1
+    assert list(textinv_home.iterdir()) == []
+    r = cli("import", src, "--token", "<fine>")  # the way out the hint names
+    assert r.exit_code == 0 and Registry().get("fine").token == "<fine>"
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b"])

@@ -26,7 +26,6 @@ import difflib
 import hashlib
 import json
 import os
-import re
 import signal
 import sqlite3
 from dataclasses import asdict, dataclass
@@ -36,22 +35,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import registry_db
-from .errors import InvalidEmbeddingError, NotFoundError, RegistryError
+from .errors import NotFoundError, RegistryError
+from .registry_db import COLUMNS as _COLUMNS, JSON_COLUMNS as _JSON_COLUMNS, SOURCES
+from .registry_names import check_name, check_token, clean_meta, display_name, readd_hint, rm_command
+from .untrusted import quoted, shown
 
 if TYPE_CHECKING:  # numpy comes with Embedding; keep `import textinv_cli.registry` light
     from .embedding import Embedding
 
-SOURCES = ("trained", "pulled", "imported")
+__all__ = ["Entry", "Registry", "check_name", "home", "readd_hint", "rm_command", "display_name", "SOURCES"]
 DB_NAME = "registry.db"
 BLOB_DIR = "blobs"
 # Test hook: tests/registry_worker.py sets this to SIGKILL the process at a named point of
 # a write, to prove a crash there leaves a consistent registry. Unset in normal use.
 CRASH_ENV = "TEXTINV_REGISTRY_CRASH_AT"
-
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_COLUMNS = ("name", "token", "family", "n_vectors", "widths", "sha256", "source", "origin",
-            "meta", "tags", "created")
-_JSON_COLUMNS = ("widths", "origin", "meta", "tags")
+_SHA_RE = registry_db._SHA_RE
 
 
 def home() -> Path:
@@ -77,31 +75,24 @@ class Entry:
     meta: dict             # the embedding's meta dict
     tags: list
     created: str           # ISO 8601 UTC, e.g. 2024-05-01T12:34:56Z
+    # What is wrong with the row it was read from (registry_db.decode_row), or None. A damaged
+    # entry is listed and can be removed, but never loaded.
+    damaged: str | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["damaged"] is None:
+            del out["damaged"]
+        return out
+
+    @property
+    def damage_note(self) -> str:
+        """One line for `list`: which entry is damaged, why, and the command that removes it."""
+        return f"{display_name(self.name)} is damaged ({self.damaged}): remove it with `{rm_command(self.name)}`."
 
     @property
     def short_sha(self) -> str:
         return self.sha256[:12]
-
-
-def check_name(name: str) -> str:
-    """A registry name: safe_name's rules (no '/', '\\', '..'), plus no control characters."""
-    from .embedding import safe_name
-
-    clean = safe_name(name)
-    if len(clean) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in clean):
-        raise InvalidEmbeddingError(
-            f"{name!r} cannot be used as a registry name.",
-            "Pass --name with a plain name such as cat-toy.")
-    return clean
-
-
-def readd_hint(name: str, origin: dict) -> str:
-    """What to do about an entry whose stored copy is lost: remove it, add it from where it came."""
-    again = origin.get("path") or origin.get("repo") or origin.get("run")
-    return f"Run `textinv rm {name}`, then add it again" + (f" (from {again})." if again else ".")
 
 
 def _crash_point(stage: str) -> None:
@@ -114,15 +105,9 @@ def _now() -> str:
 
 
 def _entry(row: sqlite3.Row) -> Entry:
-    values = {c: row[c] for c in _COLUMNS}
-    try:
-        for c in _JSON_COLUMNS:
-            values[c] = json.loads(values[c])
-    except (TypeError, json.JSONDecodeError):
-        raise RegistryError(
-            f"The registry row for {row['name']!r} is damaged (column {c} is not JSON).",
-            f"Remove it with `textinv rm {row['name']}` and import the embedding again.") from None
-    return Entry(**values)
+    """Never raises: a damaged row becomes an Entry with `damaged` set (see registry_db.decode_row)."""
+    values, damaged = registry_db.decode_row(row)
+    return Entry(**values, damaged=damaged)
 
 
 class Registry:
@@ -137,8 +122,14 @@ class Registry:
         """Register `emb`; (entry, True) if new, (existing entry, False) if the content is known."""
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
-        # Validate before anything touches the disk: a bad name must write nothing.
-        name = check_name(name if name is not None else emb.token)
+        # Validate before anything touches the disk: a bad token or name must write nothing.
+        # The token first: it is also the default name, and --token fixes both.
+        from .redact import known_tokens
+
+        secrets = known_tokens()
+        check_token(emb.token, secrets)
+        name = check_name(name if name is not None else emb.token, known=secrets)
+        meta = clean_meta(emb.meta, secrets)
         data = emb.canonical_bytes()
         sha = hashlib.sha256(data).hexdigest()
 
@@ -156,7 +147,7 @@ class Registry:
         _crash_point("after-blob")
         entry = Entry(name=name, token=emb.token, family=emb.family, n_vectors=emb.n_vectors,
                       widths=dict(emb.widths), sha256=sha, source=source, origin=dict(origin or {}),
-                      meta=dict(emb.meta), tags=[str(t) for t in tags], created=_now())
+                      meta=meta, tags=[str(t) for t in tags], created=_now())
         try:
             return self._insert(entry, data)
         except RegistryError:
@@ -188,10 +179,11 @@ class Registry:
         return entry, True
 
     def get(self, name: str) -> Entry | None:
+        """By name, or by the name as `list` shows it (a damaged row's name may not be typeable)."""
         with self._read() as conn:
             if conn is None:
                 return None
-            row = conn.execute("SELECT * FROM embeddings WHERE name = ?", (name,)).fetchone()
+            row = registry_db.find_row(conn, name)
             return _entry(row) if row is not None else None
 
     def resolve(self, name_or_token: str) -> Entry:
@@ -208,8 +200,8 @@ class Registry:
                 return hits[0]
             if len(hits) > 1:
                 raise RegistryError(
-                    f"Several registered embeddings use the token {name_or_token!r}: "
-                    + ", ".join(e.name for e in hits) + ".",
+                    f"Several registered embeddings use the token {quoted(name_or_token)}: "
+                    + ", ".join(display_name(e.name) for e in hits[:10]) + ".",
                     "Refer to one by its name (see `textinv list`).")
         raise self._not_found(name_or_token, everything)
 
@@ -220,25 +212,28 @@ class Registry:
         from .formats.safetensors_io import load_safetensors
 
         entry = name_or_entry if isinstance(name_or_entry, Entry) else self.resolve(name_or_entry)
-        path = self.blob_path(entry.sha256)
         fix = readd_hint(entry.name, entry.origin)
+        if entry.damaged:
+            raise RegistryError(f"The registry entry {display_name(entry.name)!r} is damaged: {entry.damaged}.", fix)
+        path = self.blob_path(entry.sha256)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise RegistryError(f"The stored copy of {entry.name!r} is missing ({path}).", fix) from None
+            raise RegistryError(f"The stored copy of {display_name(entry.name)!r} is missing ({path}).", fix) from None
         except OSError as e:
-            raise RegistryError(f"Cannot read the stored copy of {entry.name!r}: {e}.", fix) from None
+            raise RegistryError(f"Cannot read the stored copy of {display_name(entry.name)!r}: {e}.", fix) from None
         actual = hashlib.sha256(data).hexdigest()
         if actual != entry.sha256:
             raise RegistryError(
-                f"The stored copy of {entry.name!r} is corrupt: its sha256 is {actual[:12]}, "
+                f"The stored copy of {display_name(entry.name)!r} is corrupt: its sha256 is {actual[:12]}, "
                 f"expected {entry.sha256[:12]} ({path}).", fix)
         try:
             tensors, meta = load_safetensors(data, source=str(path))
             return Embedding(token=meta.get("textinv.token", entry.token), vectors=tensors,
                              meta=dict(entry.meta))
         except TextinvError as e:  # hash matched, so only a bug could get here; say where
-            raise RegistryError(f"The stored copy of {entry.name!r} cannot be read: {e.message}", fix) from None
+            raise RegistryError(f"The stored copy of {display_name(entry.name)!r} cannot be read: {e.message}",
+                                fix) from None
 
     def entries(self, *, family: str | None = None, source: str | None = None) -> list[Entry]:
         filters = {k: v for k, v in (("family", family), ("source", source)) if v is not None}
@@ -254,11 +249,14 @@ class Registry:
         if not self.db_path.exists():
             raise self._not_found(name, [])
         with self._write() as conn:
-            row = conn.execute("SELECT * FROM embeddings WHERE name = ?", (name,)).fetchone()
+            row = registry_db.find_row(conn, name)
             entry = _entry(row) if row is not None else None
-            conn.execute("DELETE FROM embeddings WHERE name = ?", (name,))
+            if row is not None:  # by rowid: a damaged row's name may not even be bindable text
+                conn.execute("DELETE FROM embeddings WHERE rowid = ?", (row["rowid"],))
         if entry is None:
             raise self._not_found(name, self.entries())
+        if not _SHA_RE.fullmatch(entry.sha256):
+            return entry  # a damaged row that names no blob: nothing more to delete
         # The deletion is committed; only now may the blob go (a crash before this point
         # must leave the row AND its blob). A second locked step, because an `add` of the
         # same content may have slipped in between and now needs the blob.
@@ -275,8 +273,8 @@ class Registry:
 
     def blob_path(self, sha256: str) -> Path:
         if not _SHA_RE.match(sha256 or ""):  # a damaged row must never steer a path
-            raise RegistryError(f"Invalid sha256 in the registry: {sha256!r}.",
-                                "Remove the damaged entry with `textinv rm NAME`.")
+            raise RegistryError(f"Invalid sha256 in the registry: {quoted(sha256)}.",
+                                "Find the damaged entry with `textinv list --repair`, and remove it as it says.")
         return self.blob_dir / f"{sha256}.safetensors"
 
     # -- internals --------------------------------------------------------------
@@ -297,14 +295,15 @@ class Registry:
 
     def _clash_error(self, name: str, existing: Entry) -> RegistryError:
         return RegistryError(
-            f"The name {name!r} is already taken by a different embedding "
-            f"({existing.token}, sha256 {existing.short_sha}, {existing.source} {existing.created}).",
-            f"Pass --name to register this one under another name, or `textinv rm {name}` first.")
+            f"The name {quoted(name)} is already taken by a different embedding "
+            f"({shown(existing.token)}, sha256 {shown(existing.short_sha)}, {shown(existing.source)} "
+            f"{shown(existing.created)}).",
+            f"Pass --name to register this one under another name, or `{rm_command(name)}` first.")
 
     def _not_found(self, name: str, entries: list[Entry]) -> NotFoundError:
         if not entries:
             return NotFoundError(
-                f"No embedding named {name!r}: the registry is empty.",
+                f"No embedding named {quoted(name)}: the registry is empty.",
                 "Add one with `textinv import FILE`, `textinv pull REPO` or `textinv train`.")
         by_key = {e.name: e.name for e in entries}
         by_key.update({e.token: e.name for e in entries if e.token not in by_key})
@@ -312,8 +311,9 @@ class Registry:
         for key in difflib.get_close_matches(name, list(by_key), n=5, cutoff=0.6):
             if by_key[key] not in close:
                 close.append(by_key[key])
-        hint = (f"Did you mean: {', '.join(close)}? " if close else "") + "See `textinv list` for all names."
-        return NotFoundError(f"No embedding named {name!r} in the registry.", hint)
+        hint = (f"Did you mean: {', '.join(map(display_name, close))}? " if close else "") \
+            + "See `textinv list` for all names."
+        return NotFoundError(f"No embedding named {quoted(name)} in the registry.", hint)
 
     def _ensure_dirs(self) -> None:
         try:

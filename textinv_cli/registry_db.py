@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -50,8 +52,145 @@ def connect(db_path: Path) -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
     conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     conn.row_factory = sqlite3.Row
+    # A tampered database can hold bytes that are not UTF-8 in a TEXT column; sqlite3's default
+    # would fail the whole query. Decoded this way they come back as lone surrogates, which
+    # decode_row reports as damage (and `textinv rm` can still match: registry_names).
+    conn.text_factory = _text
     conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     return conn
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+# -- reading rows back: a row is data from a file the user (or anyone) may have edited -----------
+
+COLUMNS = ("name", "token", "family", "n_vectors", "widths", "sha256", "source", "origin",
+           "meta", "tags", "created")
+JSON_COLUMNS = ("widths", "origin", "meta", "tags")
+SOURCES = ("trained", "pulled", "imported")
+FAMILIES = ("sd1", "sd2", "sdxl")  # embedding.FAMILY_SLOTS' keys, without importing numpy here
+# textinv writes a few KB per column (registry_names caps metadata at 512K characters). The
+# caps bound what a tampered row can cost: json.loads is ~25x its input in memory for `[[],[],..`
+# and recursive, so it runs only on text under MAX_JSON_CHARS and RecursionError is damage too.
+MAX_JSON_CHARS = 1 << 20
+MAX_DEPTH = 32
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_EMPTY = {"widths": dict, "origin": dict, "meta": dict, "tags": list}
+
+
+def decode_row(row) -> tuple[dict, str | None]:
+    """The row as Entry's field values, and what is wrong with it (None: nothing). Never raises:
+    a damaged row must still list, and `textinv rm` must still remove it (issue 11).
+
+    A damaged column gets a harmless stand-in (text as text, {} / [] / 0 for the rest), so
+    callers can show the entry; Registry.load refuses a damaged entry."""
+    values: dict = {}
+    problems: list[str] = []
+    for c in COLUMNS:
+        raw = row[c]
+        if c in JSON_COLUMNS:
+            value, problem = _json_column(raw, c)
+        elif c == "n_vectors":
+            ok = type(raw) is int and 0 < raw < 1 << 31
+            value, problem = (raw if ok else 0), (None if ok else "n_vectors is not a count")
+        else:
+            value, problem = _text_column(raw, c)
+        values[c] = value
+        if problem:
+            problems.append(problem)
+    if not problems:
+        if not _SHA_RE.fullmatch(values["sha256"]):
+            problems.append("its sha256 is not a sha256")
+        if values["source"] not in SOURCES or values["family"] not in FAMILIES:
+            problems.append("its source or family is unknown")
+        if not values["token"].strip():
+            problems.append("its token is empty")
+    return values, "; ".join(problems) or None
+
+
+def as_text(raw) -> str:
+    """A column's value as text, whatever a tampered row stored there (BLOB, number, NULL)."""
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8", "surrogateescape")
+    return raw if isinstance(raw, str) else "" if raw is None else str(raw)
+
+
+def _text_column(raw, column: str) -> tuple[str, str | None]:
+    if not isinstance(raw, str):  # a BLOB, a number or NULL, stored around the TEXT affinity
+        return as_text(raw), f"its {column} is not text"
+    from .untrusted import unsafe_chars
+
+    if column in ("name", "token") and unsafe_chars(raw):
+        return raw, f"its {column} holds invisible, control or non-UTF-8 characters"
+    return raw, None
+
+
+def _json_column(raw, column: str):
+    empty = _EMPTY[column]()
+    if not isinstance(raw, str):
+        return empty, f"its {column} column is not JSON text"
+    if len(raw) > MAX_JSON_CHARS:
+        return empty, f"its {column} column is {len(raw) / 2**20:.1f} MiB (at most {MAX_JSON_CHARS >> 20} MiB)"
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        return empty, f"its {column} column is nested too deeply"
+    except ValueError:  # JSONDecodeError, and ints past Python's digit limit
+        return empty, f"its {column} column is not JSON"
+    if not _shape_ok(value, column):
+        return empty, f"its {column} column does not hold the expected {empty.__class__.__name__}"
+    return value, None
+
+
+def _shape_ok(value, column: str) -> bool:
+    """widths {str: int}, meta {str: str}, tags [str], origin {str: any JSON at most MAX_DEPTH deep}."""
+    if column == "widths":
+        return isinstance(value, dict) and all(type(v) is int and v > 0 for v in value.values())
+    if column == "meta":
+        return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    if column == "tags":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not isinstance(value, dict):
+        return False
+    stack = [(value, 1)]  # iterative: the value may be ~1000 deep (json.loads' own limit)
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return False
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return True
+
+
+def sql_text(text: str) -> str | None:
+    """`text` if sqlite can bind it; None for a str with lone surrogates (a non-UTF-8 argv)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return None
+
+
+def find_row(conn: sqlite3.Connection, name: str):
+    """The row named `name`, else the one row whose name is shown as `name` (escaped, maybe cut:
+    registry_names.display_name), so a row with an untypeable name can still be named. None if
+    there is no such row; RegistryError if several rows show the same."""
+    from .registry_names import matches_shown
+    from .untrusted import quoted
+
+    text = sql_text(name)
+    if text is not None:
+        row = conn.execute("SELECT rowid, * FROM embeddings WHERE name = ?", (text,)).fetchone()
+        if row is not None:
+            return row
+    hits = [r["rowid"] for r in conn.execute("SELECT rowid, name FROM embeddings")
+            if r["name"] != name and matches_shown(as_text(r["name"]), name)]
+    if len(hits) > 1:
+        raise RegistryError(f"{len(hits)} registry entries are shown as {quoted(name)}.",
+                            DAMAGED_DB_HINT)
+    return conn.execute("SELECT rowid, * FROM embeddings WHERE rowid = ?", hits).fetchone() if hits else None
 
 
 def unwritable(root: Path, why: str | OSError) -> RegistryError:

@@ -21,13 +21,12 @@ a database that fails `PRAGMA integrity_check`) is reported with what to do abou
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
 
-from .errors import RegistryError
+from .registry_names import readd_hint
 
 GRACE_S = 600.0  # an import writes its few-KB blob in milliseconds; ten minutes is "abandoned"
 
@@ -75,37 +74,27 @@ def repair(reg, *, grace_s: float = GRACE_S) -> RepairReport:
 
 
 def _check_rows(reg, rows, report: RepairReport) -> set[str]:
-    """Every row's blob must exist and hash to the row's sha256. Returns the shas rows use."""
-    from .registry import _JSON_COLUMNS, readd_hint
+    """Every row must decode (registry_db.decode_row: never raises, however the row was tampered
+    with) and its blob must exist and hash to the row's sha256. Returns the shas rows use: a
+    damaged row's blob is no orphan either (`textinv rm` removes the row, then the blob)."""
+    from .registry import _entry
+    from .registry_db import _SHA_RE
+    from .untrusted import quoted
 
     verdicts: dict[str, str | None] = {}
     for row in rows:
-        name, sha = row["name"], row["sha256"]
-        bad_json = [c for c in _JSON_COLUMNS if not _is_json(row[c])]
-        origin = {} if "origin" in bad_json else json.loads(row["origin"])
-        origin = origin if isinstance(origin, dict) else {}
-        try:
-            path = reg.blob_path(sha)
-        except RegistryError:
-            problem = f"its sha256 {sha!r} is not a sha256"
-        else:
+        entry = _entry(row)
+        sha = row["sha256"]
+        if isinstance(sha, str) and _SHA_RE.fullmatch(sha):
             if sha not in verdicts:
-                verdicts[sha] = _blob_problem(path, sha)
-            problem = verdicts[sha]
-        if problem is None and bad_json:
-            problem = f"its {', '.join(bad_json)} column is not JSON"
+                verdicts[sha] = _blob_problem(reg.blob_path(sha), sha)
+            problem = verdicts[sha] or entry.damaged
+        else:
+            problem = f"its sha256 {quoted(entry.sha256)} is not a sha256"
         if problem:
-            report.damaged.append({"name": name, "sha256": sha, "problem": problem,
-                                   "fix": readd_hint(name, origin)})
+            report.damaged.append({"name": entry.name, "sha256": entry.sha256, "problem": problem,
+                                   "fix": readd_hint(entry.name, entry.origin)})
     return set(verdicts)
-
-
-def _is_json(text) -> bool:
-    try:
-        json.loads(text)
-        return True
-    except (TypeError, json.JSONDecodeError):
-        return False
 
 
 def _blob_problem(path, sha: str) -> str | None:

@@ -11,13 +11,18 @@ def rm(
 ) -> None:
     """Remove an embedding from the local registry.
 
-    Its stored copy goes too; the file it was imported from is not touched.
+    Its stored copy goes too; the file it was imported from is not touched. NAME may also be
+    the name as `textinv list` shows it (escaped), for an entry whose name cannot be typed.
     """
     from ..console import console, print_json
-    from ..registry import Registry
+    from ..registry import Registry, display_name
+    from ..untrusted import shown
 
     entry = Registry().remove(name)
     if json_out:
         print_json({"removed": entry.to_json()})
         return
-    console.print(f"Removed {entry.name} ({entry.token}, {entry.family}, sha256 {entry.short_sha})", markup=False)
+    # NAME may be the escaped form `list` shows (a damaged row's name can hold anything): print
+    # the row's values escaped too, never raw.
+    console.print(f"Removed {display_name(entry.name)} ({shown(entry.token)}, {shown(entry.family)}, "
+                  f"sha256 {shown(entry.short_sha)})", markup=False)
