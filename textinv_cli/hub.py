@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DISK_FULL, DISK_PROBLEMS, HubError, RegistryError, TextinvError
-from .hub_layout import Unit, choose_units, find_units
+from .hub_layout import Unit, choose_units, clean_listing, find_units
 from .redact import looks_like_token
 
 DEFAULT_REVISION = "main"
@@ -43,6 +43,8 @@ class PullResult:
     cache_reason: str | None    # "offline" / "unreachable": listed and read from the local HF cache
     pulled: list[Pulled] = field(default_factory=list)
     others: list[str] = field(default_factory=list)   # further embeddings in the repo, not taken
+    # Listed paths never used (`..`, absolute, control characters...): "escaped path: why", one each
+    skipped: list[str] = field(default_factory=list)
 
 
 # -- small shared helpers --------------------------------------------------------------
@@ -121,6 +123,7 @@ def pull(repo: str, *, revision: str | None = None, file: str | None = None, tak
                            "To authenticate, set HF_TOKEN or run `hf auth login`; --token takes e.g. '<cat-toy>'.")
     with hub_errors(repo_id, rev, "download from"):
         listing, cache_reason = _listing(repo_id, rev)
+    listing, skipped = clean_listing(listing)  # before anything joins a listed path to a folder
     units, too_big = find_units(listing)
     chosen, others = choose_units(units, listing, too_big, repo=f"{repo_id}@{rev}", file=file, take_all=take_all)
     if len(chosen) > 1 and (name or token):
@@ -135,7 +138,7 @@ def pull(repo: str, *, revision: str | None = None, file: str | None = None, tak
     # file name is the token), e.g. what `textinv push --format a1111` adds; not worth a mention.
     words = {emb.token.strip().strip("<>") for _, emb in embeddings}
     others = [u.primary for u in others if posixpath.splitext(posixpath.basename(u.primary))[0] not in words]
-    result = PullResult(repo_id, rev, folder.name, cache_reason, others=others)
+    result = PullResult(repo_id, rev, folder.name, cache_reason, others=others, skipped=skipped)
     for unit, emb in embeddings:
         origin = {"repo": repo_id, "revision": rev, "commit": folder.name, "file": unit.primary,
                   "file_sha256": _sha256(folder / unit.primary)}
@@ -202,18 +205,23 @@ def _read_unit(folder: Path, unit: Unit, token: str | None, repo_id: str):
     return emb
 
 
-def _text(path: Path) -> str | None:
-    if path.stat().st_size > 4096:  # a word, not a book (the same cap as the folder reader)
-        raise HubError(f"{path.name} is {path.stat().st_size} bytes; it should hold a single word.")
+def _text(path: Path, cap: int = 4096) -> str | None:
+    """A side file's word, read up to cap+1 bytes (never trusting st_size). Whether the word may
+    be a token is Registry.add's rule (registry_names.check_token): no access token, no control
+    characters; refused there, before anything is registered."""
+    with open(path, "rb") as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:  # a word, not a book (the same cap as the folder reader)
+        raise HubError(f"{path.name} holds more than {cap} bytes; it should hold a single word.")
     try:
-        return path.read_text(encoding="utf-8-sig").strip() or None
+        return data.decode("utf-8-sig").strip() or None
     except UnicodeDecodeError:
         raise HubError(f"{path.name} is not UTF-8 text.") from None
 
 
 def _check_names(registry, embeddings, name: str | None) -> None:
     """Refuse a name clash before registering anything, so --all registers all or none."""
-    from .registry import check_name
+    from .registry_names import check_name, check_token, rm_command
 
     seen: dict[str, str] = {}
     known = {e.sha256 for e in registry.entries()}
@@ -221,13 +229,14 @@ def _check_names(registry, embeddings, name: str | None) -> None:
         sha = emb.content_sha256()
         if sha in known:
             continue  # registry.add will say "already registered"
+        check_token(emb.token)  # the order Registry.add checks in: --token fixes both
         n = check_name(name if name is not None else emb.token)
         existing = registry.get(n)
         if (existing is not None and existing.sha256 != sha) or seen.get(n, sha) != sha:
             how = ("Pull them one at a time with --file and --name" if len(embeddings) > 1 else
                    "Pass --name to register it under another name")
             raise RegistryError(f"The name {n!r} is already taken by a different embedding.",
-                                f"{how}, or `textinv rm {n}` first.")
+                                f"{how}, or `{rm_command(n)}` first.")
         seen[n] = sha
 
 

@@ -8,6 +8,10 @@ bigger than an embedding can be) are never fetched. The rules:
   token_identifier.txt / type_of_concept.txt beside it.
 - Other .safetensors / .pt / .bin files are one embedding per name: EasyNegative.safetensors
   and EasyNegative.pt are the same one in two formats (safetensors preferred: no pickle).
+- A listed path that could leave the cache folder or cannot be a file name (`..`, `.`, an
+  absolute path, a backslash, control/bidi characters, a component past 255 bytes) is
+  dropped from the listing before anything else looks at it (clean_listing), so it is never
+  downloaded, read, or printed raw.
 - By default the repo's embedding is the only one, or, when there are several, the one at
   the root under diffusers' names: what `load_textual_inversion(repo)` loads. Otherwise the
   user picks with --file, or takes all with --all.
@@ -21,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import HubError
+from .untrusted import shown, unsafe_chars
 from .formats.folders import CONCEPT_BIN, CONCEPT_SAFE, SDXL_FIRST, SDXL_SECOND
 from .fsutil import DEFAULT_MAX_BYTES
 
@@ -35,6 +40,8 @@ WEIGHT_DIRS = frozenset({"unet", "text_encoder", "text_encoder_2", "text_encoder
 WEIGHT_FILE = re.compile(r"^(diffusion_pytorch_model|pytorch_model|model|optimizer|scheduler|training_args|"
                          r"random_states|scaler|tf_model|flax_model|pytorch_lora_weights|adapter_model)"
                          r"([-_.][^/]*)?\.[a-z0-9]+$")
+MAX_PATH_CHARS = 1024       # longer listed paths are skipped: no embedding lives that deep
+MAX_COMPONENT_BYTES = 255   # NAME_MAX on every common file system
 
 
 @dataclass
@@ -74,6 +81,40 @@ def is_weight(path: str) -> bool:
     if any(p in WEIGHT_DIRS or p.startswith("checkpoint-") for p in parts[:-1]):
         return True
     return path.lower().endswith(".ckpt") or bool(WEIGHT_FILE.match(parts[-1]))
+
+
+def path_problem(path) -> str | None:
+    """Why a path from a repo listing must not be used, or None. The listing comes from the
+    network (or a cache it wrote): the path is joined to the cache folder, so it must stay a
+    plain relative POSIX path there."""
+    if not isinstance(path, str) or not path:
+        return "not a file name"
+    if len(path) > MAX_PATH_CHARS:
+        return f"longer than {MAX_PATH_CHARS} characters"
+    if unsafe_chars(path):
+        return "holds control, invisible or invalid characters"
+    if "\\" in path or path.startswith("/") or re.match(r"^[A-Za-z]:", path):
+        return "an absolute path or a backslash"
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return 'an empty, "." or ".." path component'
+    if any(len(p.encode("utf-8")) > MAX_COMPONENT_BYTES for p in parts):
+        return f"a name longer than {MAX_COMPONENT_BYTES} bytes"
+    return None
+
+
+def clean_listing(listing: dict) -> tuple[dict[str, int | None], list[str]]:
+    """(the usable part of a repo listing {path: size}, one escaped line per path skipped).
+    A size that is not a non-negative int is unknown (None): the download cap still applies."""
+    clean: dict[str, int | None] = {}
+    skipped = []
+    for path, size in listing.items():
+        problem = path_problem(path)
+        if problem:
+            skipped.append(f"{shown(path)}: {problem}")
+            continue
+        clean[path] = size if type(size) is int and size >= 0 else None
+    return clean, skipped
 
 
 def find_units(listing: dict[str, int | None], cap: int = DEFAULT_MAX_BYTES) -> tuple[list[Unit], list[str]]:
@@ -117,16 +158,18 @@ def choose_units(units: list[Unit], listing: dict[str, int | None], too_big: lis
         return [_pick(units, listing, repo, file, cap)], []
     if not units:
         present = sorted(listing)
-        shown = ", ".join(present[:12]) + (f" and {len(present) - 12} more" if len(present) > 12 else "")
-        big = f" ({', '.join(too_big)} {'is' if len(too_big) == 1 else 'are'} too big to be an embedding)" if too_big else ""
-        raise HubError(f"{repo} holds no embedding file{big}. It has: {shown or 'no files'}.",
+        names = ", ".join(map(shown, present[:12])) + (f" and {len(present) - 12} more" if len(present) > 12 else "")
+        big = (f" ({', '.join(map(shown, too_big[:12]))} {'is' if len(too_big) == 1 else 'are'} too big to be "
+               "an embedding)" if too_big else "")
+        raise HubError(f"{repo} holds no embedding file{big}. It has: {names or 'no files'}.",
                        "An embedding is a .safetensors, .pt or .bin file (or an sd-concepts-library folder); "
                        "if one is there under another name, pass --file PATH.")
     if take_all:
         return units, []
     if len(units) == 1 or units[0].is_diffusers_root:
         return units[:1], units[1:]
-    raise HubError(f"{repo} holds {len(units)} embeddings: " + ", ".join(u.primary for u in units) + ".",
+    raise HubError(f"{repo} holds {len(units)} embeddings: " + ", ".join(shown(u.primary) for u in units[:20])
+                   + (f" and {len(units) - 20} more" if len(units) > 20 else "") + ".",
                    "Pick one with --file PATH, or take them all with --all.")
 
 
@@ -141,21 +184,22 @@ def _pick(units: list[Unit], listing: dict[str, int | None], repo: str, file: st
     if len(in_folder) == 1:
         return in_folder[0]
     if len(in_folder) > 1:
-        raise HubError(f"{repo}: the folder {want} holds {len(in_folder)} embeddings: "
-                       + ", ".join(u.primary for u in in_folder) + ".", "Pass one of those files with --file.")
+        raise HubError(f"{repo}: the folder {shown(want)} holds {len(in_folder)} embeddings: "
+                       + ", ".join(shown(u.primary) for u in in_folder[:20]) + ".",
+                       "Pass one of those files with --file.")
     if want in listing:
         size = listing[want]
         if not want.lower().endswith(EXPLICIT):
-            raise HubError(f"{repo}: {want} is not an embedding file.",
+            raise HubError(f"{repo}: {shown(want)} is not an embedding file.",
                            "An embedding is a .safetensors, .pt, .bin, .png or .webp file.")
         if size is not None and size > cap:
-            raise HubError(f"{repo}: {want} is {size / 2**20:.0f} MiB: model weights, not an embedding "
+            raise HubError(f"{repo}: {shown(want)} is {size / 2**20:.0f} MiB: model weights, not an embedding "
                            f"(they are KBs); textinv does not download it.")
         folder = posixpath.dirname(want)
         texts = [p for p in (_join(folder, n) for n in TEXT_FILES) if p in listing]
         diffusers_name = posixpath.basename(want) in (CONCEPT_SAFE, CONCEPT_BIN)
         return Unit([want], texts if diffusers_name else [])
-    names = [p for u in units for p in u.files + u.alternates]
-    raise HubError(f"{repo} has no file {want!r}.",
+    names = [shown(p) for u in units for p in u.files + u.alternates][:20]
+    raise HubError(f"{repo} has no file {shown(want)!r}.",
                    ("Embedding files there: " + ", ".join(names) + ".") if names else
                    "Check the path (as listed in the repo's 'Files and versions' tab).")

@@ -8,6 +8,12 @@ What goes into the repo (all built in memory, uploaded with one create_commit):
   NAME.pt (--format a1111), NAME.safetensors (--format kohya)     for A1111 / ComfyUI / kohya
   samples/*.png                                                    a trained run's validation images
   README.md                                                        the model card (model_card.py)
+
+Nothing that holds an access token is ever pushed (issue 11: a token_identifier.txt linked to
+~/.cache/huggingface/token was imported, then pushed in three places). Registration refuses such
+tokens and drops such metadata, but the user's tokens may have changed since, or registry.db been
+edited: no_secrets() checks everything about to leave, token, metadata, every file and the commit
+message, against embedding.holds_credential, before the repo is even created.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ def push(name: str, repo: str, *, private: bool = False, branch: str | None = No
     files.update(validation_images(entry))
     files["README.md"] = render_card(entry, emb, repo_id=repo_id, files=files,
                                      license=license or "creativeml-openrail-m").encode()
+    message = message or f"Upload {emb.token} textual inversion embedding (textinv)"
+    no_secrets(entry, emb, files, message)
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi()
@@ -74,10 +82,41 @@ def push(name: str, repo: str, *, private: bool = False, branch: str | None = No
         before = api.model_info(repo_id, revision=branch).sha if branch != DEFAULT_REVISION else info.sha
         ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=data) for p, data in files.items()]
         commit = api.create_commit(repo_id, ops, revision=branch,
-                                   commit_message=message or f"Upload {emb.token} textual inversion embedding (textinv)")
+                                   commit_message=message)
     page = str(url) if branch == DEFAULT_REVISION else f"{url}/tree/{branch}"
     return PushResult(repo_id, page, branch, commit.oid, commit.commit_url, sorted(files), bool(info.private),
                       commit.oid != before)
+
+
+def no_secrets(entry, emb, files: dict[str, bytes], message: str) -> None:
+    """HubError, quoting nothing it found, when anything about to be pushed holds an access token:
+    shaped like one, or one of the user's own (including the one this push authenticates with)."""
+    from .embedding import holds_credential
+    from .redact import known_tokens
+    from .registry_names import rm_command
+
+    known = known_tokens()  # huggingface_hub is loaded by now: this includes the token it sends
+    fix = f"Remove it (`{rm_command(entry.name)}`) and import it again with --token '<a-word>'; " \
+          "new imports drop metadata that holds a token."
+    found = None
+    if holds_credential(emb.token, known):
+        found = "Its token"
+    elif any(holds_credential(k, known) or holds_credential(v, known) for k, v in emb.meta.items()):
+        found = "Its metadata"
+    elif holds_credential(message, known):
+        found, fix = "The commit message", "Pass --message without it."
+    else:
+        for path, data in sorted(files.items()):
+            # latin-1 maps bytes to characters one to one: a token's ASCII shows through whatever
+            # surrounds it. Validation images are only searched for the user's own tokens (their
+            # pixels would match token shapes by chance, and textinv wrote them).
+            text = data.decode("latin-1")
+            if any(t in text for t in known) or (not path.startswith("samples/") and holds_credential(text, known)):
+                found = f"The file {path}"
+                break
+    if found:
+        raise HubError(f"{found} holds what looks like an access token (or is one of yours); nothing was pushed.",
+                       fix)
 
 
 def repo_files(emb, formats) -> dict[str, bytes]:
