@@ -215,8 +215,12 @@ def _tensor(value, source: str) -> np.ndarray:
     if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in level):
         raise FormatError(f"{source}: a TORCHTENSOR holds values that are not numbers.",
                           "The embedding data is damaged.")
-    with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN are judged by Embedding
-        return np.array(level, dtype=np.float64).astype(np.float32).reshape(shape)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN are judged by Embedding
+            return np.array(level, dtype=np.float64).astype(np.float32).reshape(shape)
+    except OverflowError:  # an integer literal past float64's range (JSON allows 4300 digits)
+        raise FormatError(f"{source}: a TORCHTENSOR holds an integer too large for any float.",
+                          "The embedding data is damaged.") from None
 
 
 _KEY_BLOCK = 1 << 16

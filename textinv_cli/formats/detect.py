@@ -8,7 +8,6 @@ magic bytes; the layout inside it is recognised by `layouts.parse_layout`.
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 
 from ..errors import FormatError
 from ..fsutil import DEFAULT_MAX_BYTES, read_capped
-from .safetensors_io import MAX_HEADER, load_safetensors
+from .safetensors_io import MAX_HEADER, load_tagged
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -66,18 +65,18 @@ def decode(data: bytes, *, source: str) -> Decoded:
     """Decode a container or raise FormatError/UnsafeFileError saying what to do."""
     kind = sniff(data)
     if kind == "safetensors":
-        tensors, meta = load_safetensors(data, source)
-        return Decoded(tensors, "safetensors", meta, _safetensors_dtypes(data, tensors))
+        tensors, meta, tags = load_tagged(data, source)
+        return Decoded(tensors, "safetensors", meta, {k: _TAG_NAMES.get(t, t.lower()) for k, t in tags.items()})
     if kind == "pickle":
         from .pickle_reader import load_torch_pickle
 
         obj = load_torch_pickle(data, source=source)
-        return Decoded(obj, "pickle", {}, _array_dtypes(obj))
+        return Decoded(obj, "pickle", {}, _array_dtypes(obj, _path_budget(data)))
     if kind in ("png", "webp"):
         from .a1111_image import load_image_embedding
 
         obj = load_image_embedding(data, source=source)
-        return Decoded(obj, kind, {}, _array_dtypes(obj), image_format=f"a1111-{kind}")
+        return Decoded(obj, kind, {}, _array_dtypes(obj, _path_budget(data)), image_format=f"a1111-{kind}")
     if kind == "lfs":
         raise FormatError(
             f"{source} is a Git LFS pointer, not the embedding itself.",
@@ -106,22 +105,55 @@ def read_decoded(path: Path, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> De
     return decode(read_capped(path, max_bytes), source=str(path))
 
 
-def _safetensors_dtypes(data: bytes, tensors: dict) -> dict[str, str]:
-    """The stored dtype per tensor. load_safetensors widens BF16, so read the header's tags."""
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n].decode("utf-8"))  # already validated by the strict reader
-    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-    return {k: names.get(header[k]["dtype"], header[k]["dtype"].lower()) for k in tensors}
+# safetensors headers keep the stored tag (load_tagged reports it before BF16 is widened)
+_TAG_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+# The layouts look at most this deep (string_to_param._parameters.<name>.<slot> in a pickled
+# ParameterDict); no path deeper than that is ever looked up.
+_PATH_DEPTH = 4
 
 
-def _array_dtypes(obj, prefix: str = "") -> dict[str, str]:
-    """Dtypes of the arrays in a decoded pickle/image dict, keyed by their dotted path."""
+def _path_budget(data: bytes) -> int:
+    """Characters of dotted paths (plus nodes visited) _array_dtypes may produce for a file.
+
+    A tree reaches each array once, so its paths total at most _PATH_DEPTH times its keys'
+    characters, all in the file. A pickle can reference one dict (or one 1 KB key string)
+    from many places, so a 1.5 KB DAG names 2^30 arrays with ever-longer paths (3 GB); the
+    budget keeps the walk proportional to the file."""
+    return _PATH_DEPTH * len(data) + 65536
+
+
+def _array_dtypes(obj, budget: int) -> dict[str, str]:
+    """Dtypes of the arrays in a decoded pickle/image dict, keyed by their dotted path.
+
+    bfloat16 in a .pt arrives widened to float32 by the pickle reader, so a pickle's bf16
+    reports as float32; safetensors headers keep the real tag (above). The walk stops when
+    `budget` is spent: a path it did not reach just has no entry, and callers fall back to
+    the one dtype the file uses (formats._stored_dtype), so a hostile file costs
+    O(size) and a real one loses nothing."""
     out: dict[str, str] = {}
-    if isinstance(obj, np.ndarray):
-        # bfloat16 in a .pt arrives widened to float32 by the pickle reader, so a pickle's
-        # bf16 reports as float32; safetensors headers keep the real tag (above).
-        out[prefix or "tensor"] = obj.dtype.name
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_array_dtypes(v, f"{prefix}.{k}" if prefix else str(k)))
+    stack = [(obj, "", 0)]
+    while stack and budget > 0:
+        node, path, depth = stack.pop()
+        budget -= 1
+        if isinstance(node, np.ndarray):
+            out[path or "tensor"] = node.dtype.name
+        elif isinstance(node, dict) and depth < _PATH_DEPTH:
+            children = []
+            for k, v in node.items():  # in order; pushed reversed so they pop in order
+                child = f"{path}.{_key_text(k)}" if path else _key_text(k)
+                budget -= 1 + len(child)
+                if budget <= 0:
+                    break
+                children.append((v, child, depth + 1))
+            stack.extend(reversed(children))
     return out
+
+
+def _key_text(key) -> str:
+    """str(key), except that str() of an int over 4300 digits raises ValueError in CPython."""
+    if isinstance(key, str):
+        return key
+    try:
+        return str(key)
+    except ValueError:
+        return f"<{type(key).__name__}>"

@@ -1,18 +1,33 @@
-"""A strict safetensors reader and a deterministic writer, in numpy only.
+"""A strict safetensors reader and a deterministic writer.
 
-The reader checks everything the format promises before trusting it: the header length
-fits the file, offsets are in order, do not overlap, match each tensor's size and cover
-the data exactly (no trailing bytes). Sizes are checked before any allocation.
+Who decides what a valid file is: the reference `safetensors` package (its Rust parser, no
+torch needed). Every file we accept, it accepts too, and the names, dtypes, shapes and bytes
+we return are the ones it returns; so no file can read differently here than in diffusers,
+A1111 or ComfyUI, and our reader can never be looser than the reference.
+
+What we keep ourselves is what it does not do:
+- memory bounds checked BEFORE any parser sees the header (ours or the reference's, which
+  buffers the whole JSON tree): the header length cap and an item cap, so a 60 MiB header
+  of `[]` is refused in milliseconds instead of costing gigabytes;
+- stricter rules where the reference is lenient: a key given twice, an integer wider than
+  u64 (a 5000-digit literal would crash Python's int parsing), more than MAX_NDIM dims,
+  dtypes numpy cannot hold;
+- our own checks run first only to say precisely what is wrong (overlap, gap, trailing
+  bytes...): one-line FormatErrors that quote the file's strings via untrusted.shown;
+- BF16 widened to float32 (numpy has no bfloat16).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 
 import numpy as np
 
 from ..errors import FormatError, UnsupportedFormatError
+from ..untrusted import quoted, shown
 
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -21,8 +36,17 @@ _DTYPES = {
     "BF16": np.dtype("<u2"),  # widened to float32 below
 }
 _NAMES = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<f8"): "F64"}
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100 * 1024 * 1024  # the reference's own limit (safetensors N_MAX is 100 MB)
 MAX_NDIM = 32  # numpy allows 64; no real tensor comes near either
+# Item cap: each `[`, `{` or `,` in the header can make one object in a parser (a Python list
+# is 56 bytes, a serde Content node 32; both parsers hold the whole tree). A real header has
+# one item per 9-20 bytes (an embedding's 72-byte header has 8; model files have long names);
+# a hostile one has one per 1.5 (`[],`). Allowing ITEM_FLOOR + 1 per ITEM_BYTES bytes, and
+# never more than MAX_ITEMS, keeps the parsers' memory a small multiple of the header's size
+# (tests/test_reader_bounds.py measures it) and far above what any real file needs.
+ITEM_FLOOR, ITEM_BYTES, MAX_ITEMS = 4096, 8, 1 << 18
+_U64_DIGITS = 20  # the format's integers are u64; a longer literal is refused before int()
+_CORRUPT = "The file is truncated, corrupt or not a safetensors file."
 
 
 def looks_like_safetensors(data: bytes) -> bool:
@@ -34,72 +58,156 @@ def looks_like_safetensors(data: bytes) -> bool:
 
 def load_safetensors(data: bytes, source: str = "file") -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Parse safetensors bytes into ({name: array}, metadata). Raises FormatError."""
+    tensors, meta, _ = load_tagged(data, source)
+    return tensors, meta
+
+
+def load_tagged(data: bytes, source: str = "file") -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+    """load_safetensors, plus each tensor's stored dtype tag ("BF16" before widening)."""
     if len(data) < 8:
         raise FormatError(f"{source} is too short to be a safetensors file ({len(data)} bytes).")
     (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER or 8 + n > len(data):
+    _check_header_length(n, len(data) - 8, source)
+    header, meta = parse_header(data, 8, 8 + n, source)
+    spans = _check_spans(header, len(data) - 8 - n, source)
+    del header  # the reference's tree is next: never hold both (memory stays a small multiple)
+    reference = _reference_tensors(data, source)
+    _same_as_reference(spans, [(name, info["dtype"], info["shape"]) for name, info in reference], source)
+    tensors = {}
+    for name, info in reference:  # the reference's bytes: the values are its values
+        dtype, raw = _DTYPES[info["dtype"]], info.pop("data")
+        tensors[name] = _array(raw, dtype, info["shape"], info["dtype"], name, source)
+    return tensors, meta, {name: info["dtype"] for name, info in reference}
+
+
+def _check_header_length(n: int, available: int, source) -> None:
+    if n > MAX_HEADER or n > available:
         raise FormatError(
-            f"{source}: the safetensors header claims {n} bytes but the file has {len(data) - 8}.",
-            "The file is truncated or not a safetensors file.",
-        )
-    header = _parse_header(data[8 : 8 + n], source)
-    meta = header.pop("__metadata__", None) or {}
+            f"{source}: the safetensors header claims {n} bytes but the file has {available}.",
+            "The file is truncated or not a safetensors file.")
+
+
+def parse_header(buf: bytes, start: int, end: int, source) -> tuple[dict, dict[str, str]]:
+    """The header buf[start:end]'s tensor entries and metadata, after the item cap; FormatError."""
+    items = sum(buf.count(c, start, end) for c in (b"[", b"{", b","))  # C loops, no copy
+    if items > min(MAX_ITEMS, ITEM_FLOOR + (end - start) // ITEM_BYTES):
+        raise FormatError(f"{source}: the safetensors header has {items} lists, objects or values in {end - start} "
+                          "bytes, far more (or nested far more deeply) than any real header; refusing to parse it.",
+                          _CORRUPT)
+    try:
+        header = json.loads(str(memoryview(buf)[start:end], "utf-8"), object_pairs_hook=_unique_keys,
+                            parse_int=_u64, parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{source}: the safetensors header is not valid JSON ({shown(e)}).", _CORRUPT) from None
+    except RecursionError:  # "[[[[..." nested deeper than the C stack allows
+        raise FormatError(f"{source}: the safetensors header nests too deeply to be a header.", _CORRUPT) from None
+    except _Refused as e:
+        raise FormatError(f"{source}: the safetensors header {e.args[0]}.", _CORRUPT) from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{source}: the safetensors header is not a JSON object.", _CORRUPT)
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta  # null is allowed (by the reference too); [], 0, "" are not
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise FormatError(f"{source}: safetensors metadata must map strings to strings.")
-    body = memoryview(data)[8 + n :]
+        raise FormatError(f"{source}: safetensors metadata must map strings to strings.", _CORRUPT)
+    return header, meta
+
+
+class _Refused(Exception):
+    """Raised from inside json.loads' hooks; parse_header turns it into a FormatError."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):  # json.loads keeps the last silently; a reader could keep the first
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _Refused(f"gives the key {quoted(dup)} twice")
+    return out
+
+
+def _u64(literal: str) -> int:
+    # int() of a literal over 4300 digits raises ValueError (CPython's limit); over 20 it is
+    # already no u64, which is all the format has.
+    if len(literal.lstrip("-")) > _U64_DIGITS:
+        raise _Refused(f"has a {len(literal)}-digit number; the format's integers are u64")
+    return int(literal)
+
+
+def _no_constant(name: str):
+    raise _Refused(f"has {name}, which is not JSON")
+
+
+def _check_spans(header: dict, data_len: int, source) -> list[tuple]:
+    """(begin, end, name, dtype, shape, tag) per tensor, in file order; checks everything the
+    format promises: known dtype, sane shape, offsets in order, no overlap, gap or tail."""
     spans = []
     for name, info in header.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise FormatError(f"{source}: tensor {name!r} has a malformed header entry.")
+            raise FormatError(f"{source}: tensor {quoted(name)} has a malformed header entry.", _CORRUPT)
         tag, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
         dtype = _DTYPES.get(tag) if isinstance(tag, str) else None  # a list or dict is unhashable
         if dtype is None:
-            raise FormatError(f"{source}: tensor {name!r} has unsupported dtype {str(tag)[:40]!r}.")
+            raise FormatError(f"{source}: tensor {quoted(name)} has unsupported dtype {quoted(tag, 40)}.",
+                              "textinv reads F64/F32/F16/BF16 and integer tensors.")
         # `type(x) is int`: JSON true/false are bools, which isinstance(x, int) would accept
         if (not isinstance(shape, list) or len(shape) > MAX_NDIM
                 or not all(type(d) is int and d >= 0 for d in shape)
                 or not isinstance(offs, list) or len(offs) != 2
                 or not all(type(o) is int for o in offs)):
-            raise FormatError(f"{source}: tensor {name!r} has a malformed shape or offsets.")
+            raise FormatError(f"{source}: tensor {quoted(name)} has a malformed shape or offsets.", _CORRUPT)
         begin, end = offs
         size = dtype.itemsize * int(np.prod(shape, dtype=object))
-        if not 0 <= begin <= end <= len(body) or end - begin != size:
+        if not 0 <= begin <= end <= data_len or end - begin != size:
             raise FormatError(
-                f"{source}: tensor {name!r} claims bytes {begin}..{end} of a {len(body)}-byte data section "
-                f"but needs {size}.", "The file is truncated or corrupt.")
+                f"{source}: tensor {quoted(name)} claims bytes {begin}..{end} of a {data_len}-byte data section "
+                f"but needs {shown(size, 40)}.", _CORRUPT)
         spans.append((begin, end, name, dtype, shape, tag))
-    spans.sort()
+    spans.sort(key=lambda s: (s[0], s[1]))
     pos = 0
     for begin, end, name, *_ in spans:
         if begin != pos:
             what = "overlaps the previous tensor" if begin < pos else "leaves a gap before it"
-            raise FormatError(f"{source}: tensor {name!r} {what}.", "The file is corrupt.")
+            raise FormatError(f"{source}: tensor {quoted(name)} {what}.", "The file is corrupt.")
         pos = end
-    if pos != len(body):
-        raise FormatError(f"{source}: {len(body) - pos} unexpected trailing bytes after the tensors.",
+    if pos != data_len:
+        raise FormatError(f"{source}: {data_len - pos} unexpected trailing bytes after the tensors.",
                           "The file is corrupt or was appended to.")
-    tensors = {}
-    for begin, end, name, dtype, shape, tag in spans:
-        try:  # only an empty tensor gets here with dims numpy refuses, e.g. [0, 2**63]
-            arr = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
-        except ValueError:
-            raise FormatError(f"{source}: tensor {name!r} has shape {shape}, which no array can have.") from None
-        if tag == "BF16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        tensors[name] = arr.copy()
-    return tensors, {str(k): v for k, v in meta.items()}
+    return spans
 
 
-def _parse_header(raw: bytes, source) -> dict:
+def _reference_tensors(data: bytes, source) -> list:
+    """The reference parser's reading: [(name, {"dtype", "shape", "data"})], or FormatError."""
+    import safetensors
+
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{source}: the safetensors header is not valid JSON ({e}).") from None
-    except RecursionError:  # "[[[[..." nested deeper than the C stack allows
-        raise FormatError(f"{source}: the safetensors header nests too deeply to be a header.") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{source}: the safetensors header is not a JSON object.")
-    return header
+        return safetensors.deserialize(data)
+    except Exception as e:  # SafetensorError; also whatever else its binding raises
+        raise FormatError(f"{source}: the safetensors library refuses this file ({shown(e, 120)}).",
+                          _CORRUPT) from None
+    except BaseException as e:  # a Rust panic surfaces as pyo3's PanicException(BaseException)
+        if type(e).__name__ != "PanicException":
+            raise
+        raise FormatError(f"{source}: the safetensors library fails on this file ({shown(e, 120)}).",
+                          _CORRUPT) from None
+
+
+def _same_as_reference(spans: list[tuple], reference: list[tuple], source) -> None:
+    """Both readings agree on every name, dtype and shape (they parse the same JSON; a
+    disagreement would mean two tools read different tensors from one file)."""
+    ours = sorted((name, tag, list(shape)) for _, _, name, _, shape, tag in spans)
+    if ours != sorted((name, tag, list(shape)) for name, tag, shape in reference):
+        raise FormatError(f"{source}: the safetensors library reads this header differently.", _CORRUPT)
+
+
+def _array(raw, dtype: np.dtype, shape: list, tag: str, name: str, source) -> np.ndarray:
+    try:  # only an empty tensor gets here with dims numpy refuses, e.g. [0, 2**63]
+        arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    except ValueError:
+        raise FormatError(f"{source}: tensor {quoted(name)} has shape {shown(shape, 60)}, "
+                          "which no array can have.", _CORRUPT) from None
+    if tag == "BF16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.copy()  # writable, and independent of the reference's buffer
 
 
 def dump_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
@@ -125,18 +233,42 @@ def dump_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | 
     return struct.pack("<Q", len(head)) + head + b"".join(chunks)
 
 
+# -- large files (a text encoder's weights): the header, then one tensor by seeking ------------
+
 def read_header(path) -> dict:
-    """The JSON header of a (possibly multi-GB) safetensors file, without reading the data."""
+    """The validated header of a (possibly multi-GB) safetensors file, without reading the data.
+
+    {name: {"dtype", "shape", "data_offsets"}, "__header_len__": n}. Same checks as
+    load_safetensors, with the reference opening the file itself (it maps it, never reads it
+    all) and agreeing on every name, dtype and shape."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno())
+        if not stat.S_ISREG(size.st_mode):
+            raise FormatError(f"{shown(path)} is not a regular file.")
         raw = f.read(8)
         if len(raw) < 8:
-            raise FormatError(f"{path} is not a safetensors file.")
+            raise FormatError(f"{shown(path)} is not a safetensors file.", _CORRUPT)
         (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER:
-            raise FormatError(f"{path}: the safetensors header claims {n} bytes.")
-        header = _parse_header(f.read(n), path)
+        _check_header_length(n, size.st_size - 8, path)
+        head = f.read(n)
+    if len(head) != n:
+        raise FormatError(f"{shown(path)} is truncated.", _CORRUPT)
+    header, _ = parse_header(head, 0, n, path)
+    spans = _check_spans(header, size.st_size - 8 - n, path)
+    _same_as_reference(spans, _reference_header(path), path)
     header["__header_len__"] = n
     return header
+
+
+def _reference_header(path) -> list[tuple]:
+    import safetensors
+
+    try:
+        with safetensors.safe_open(str(path), framework="numpy") as f:
+            return [(k, f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()]
+    except Exception as e:
+        raise FormatError(f"{shown(path)}: the safetensors library refuses this file ({shown(e, 120)}).",
+                          _CORRUPT) from None
 
 
 def read_tensor(path, name: str) -> np.ndarray:
@@ -144,20 +276,11 @@ def read_tensor(path, name: str) -> np.ndarray:
     header = read_header(path)
     info = header.get(name)
     if not isinstance(info, dict):
-        raise FormatError(f"{path} has no tensor {name!r}.")
-    dtype = _DTYPES.get(info.get("dtype"))
-    if dtype is None:
-        raise FormatError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}.")
-    begin, end = info["data_offsets"]
-    shape = info["shape"]
-    if end - begin != dtype.itemsize * int(np.prod(shape, dtype=object)):
-        raise FormatError(f"{path}: tensor {name!r} has inconsistent offsets.")
+        raise FormatError(f"{shown(path)} has no tensor {quoted(name)}.")
+    begin, end = info["data_offsets"]  # validated by read_header: in the file, sized to the shape
     with open(path, "rb") as f:
         f.seek(8 + header["__header_len__"] + begin)
         raw = f.read(end - begin)
     if len(raw) != end - begin:
-        raise FormatError(f"{path} is truncated.")
-    arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
-    if info["dtype"] == "BF16":
-        arr = (arr.astype(np.uint32) << 16).view(np.float32)
-    return arr
+        raise FormatError(f"{shown(path)} is truncated.", _CORRUPT)
+    return _array(raw, _DTYPES[info["dtype"]], info["shape"], info["dtype"], name, path)
