@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import FormatError
 from ..fsutil import DEFAULT_MAX_BYTES, read_capped
+from .layouts import key_text
 from .safetensors_io import MAX_HEADER, load_tagged
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
@@ -140,20 +141,10 @@ def _array_dtypes(obj, budget: int) -> dict[str, str]:
         elif isinstance(node, dict) and depth < _PATH_DEPTH:
             children = []
             for k, v in node.items():  # in order; pushed reversed so they pop in order
-                child = f"{path}.{_key_text(k)}" if path else _key_text(k)
+                child = f"{path}.{key_text(k)}" if path else key_text(k)
                 budget -= 1 + len(child)
                 if budget <= 0:
                     break
                 children.append((v, child, depth + 1))
             stack.extend(reversed(children))
     return out
-
-
-def _key_text(key) -> str:
-    """str(key), except that str() of an int over 4300 digits raises ValueError in CPython."""
-    if isinstance(key, str):
-        return key
-    try:
-        return str(key)
-    except ValueError:
-        return f"<{type(key).__name__}>"

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..embedding import SLOT_WIDTHS, Embedding, slot_for_width
 from ..errors import AmbiguousEmbeddingError, FormatError
+from ..untrusted import QUOTE_LIMIT, quoted
 
 # Keys of the registry's canonical blob (Embedding.canonical_bytes) and of SDXL files.
 SLOT_KEYS = frozenset(SLOT_WIDTHS)
@@ -62,7 +63,7 @@ def parse_layout(obj, *, source: str, key: str | None = None, token: str | None 
         raise FormatError(f"{source} holds a {type(obj).__name__}, not a dict of tensors; it is not an embedding.")
     if "string_to_param" in obj:
         return _parse_a1111(obj, source=source, key=key, kept=kept)
-    arrays = {str(k): v for k, v in obj.items() if isinstance(v, np.ndarray)}
+    arrays = {key_text(k): v for k, v in obj.items() if isinstance(v, np.ndarray)}
     if "emb_params" in arrays:
         vectors = _single(arrays["emb_params"], "emb_params", source)
         return Parsed("kohya", vectors, {s: "emb_params" for s in vectors}, meta_token, kept)
@@ -90,7 +91,7 @@ def _parse_a1111(obj: dict, *, source: str, key: str | None, kept: dict) -> Pars
         vectors, keys = parsed.vectors, {s: f"string_to_param.{name}.{s}" for s in parsed.vectors}
     else:
         if not isinstance(value, np.ndarray):
-            raise FormatError(f"{source}: string_to_param[{name!r}] is not a tensor.")
+            raise FormatError(f"{source}: string_to_param[{quoted(name)}] is not a tensor.")
         vectors = _single(value, f"string_to_param.{name}", source)
         keys = {s: f"string_to_param.{name}" for s in vectors}
     meta = dict(kept)
@@ -109,8 +110,8 @@ def _plain_dict(value) -> dict | None:
         return None
     for inner in ("_parameters", "_buffers"):
         if isinstance(value.get(inner), dict) and value[inner]:
-            return {str(k): v for k, v in value[inner].items()}
-    return {str(k): v for k, v in value.items()}
+            return {key_text(k): v for k, v in value[inner].items()}
+    return {key_text(k): v for k, v in value.items()}
 
 
 def _parse_slot_keyed(arrays: dict, *, source: str, meta_token: str | None, kept: dict) -> Parsed:
@@ -132,22 +133,35 @@ def _pick(arrays: dict, *, source: str, key: str | None, token: str | None, what
                           "It is not a textual-inversion embedding (a LoRA or a full checkpoint?).")
     if key is not None:
         if key not in arrays:
-            raise FormatError(f"{source} has no {what} {key!r}.", "It has: " + _describe(arrays) + ".")
+            raise FormatError(f"{source} has no {what} {quoted(key)}.", "It has: " + _describe(arrays) + ".")
         return key
     if len(arrays) == 1:
         return next(iter(arrays))
     if token is not None and token in arrays:
         return token
+    example = _shell_word(min(arrays, key=lambda k: (len(k), k)))  # the shortest: likeliest to fit
     raise AmbiguousEmbeddingError(
         f"{source} holds {len(arrays)} candidate tensors: {_describe(arrays)}.",
-        "Pass --key NAME to pick one (e.g. --key " + _shell_word(sorted(arrays)[0]) + ").")
+        "Pass --key NAME to pick one" + (f" (e.g. --key {example})." if len(example) <= QUOTE_LIMIT else "."))
 
 
 def _describe(arrays: dict, limit: int = 8) -> str:
-    """Keys with shapes; a LoRA or checkpoint has hundreds, so name the first few only."""
-    items = [f"{k!r} {list(np.shape(v))}" for k, v in sorted(arrays.items())]
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
+    """Keys with shapes; a LoRA or checkpoint has hundreds, so name the first few only, each
+    quoted short and escaped (a key is the file's text: control characters, 100 KB...)."""
+    names = sorted(arrays)[:limit]
+    more = f" and {len(arrays) - limit} more" if len(arrays) > limit else ""
+    return ", ".join(f"{quoted(k)} {list(np.shape(arrays[k]))}" for k in names) + more
+
+
+def key_text(key) -> str:
+    """A dict key as text: str(key), except that str() of an int over 4300 digits raises
+    ValueError in CPython (a pickle can hold one); such a key gets a placeholder."""
+    if isinstance(key, str):
+        return key
+    try:
+        return str(key)
+    except ValueError:
+        return f"<{type(key).__name__} of {key.bit_length() if isinstance(key, int) else '?'} bits>"
 
 
 def _shell_word(s: str) -> str:
@@ -162,12 +176,12 @@ def _shell_word(s: str) -> str:
 
 def _matrix(arr: np.ndarray, name: str, source: str) -> np.ndarray:
     if not isinstance(arr, np.ndarray):  # e.g. {"clip_l": 1, "clip_g": [..]} inside string_to_param
-        raise FormatError(f"{source}: {name!r} holds a value of type {type(arr).__name__}, not a tensor.")
+        raise FormatError(f"{source}: {quoted(name)} holds a value of type {type(arr).__name__}, not a tensor.")
     if arr.ndim == 1:
         return arr[None, :]
     if arr.ndim == 2:
         return arr
-    raise FormatError(f"{source}: tensor {name!r} has shape {list(arr.shape)}; an embedding is "
+    raise FormatError(f"{source}: tensor {quoted(name)} has shape {list(arr.shape)}; an embedding is "
                       "[vectors, width] or [width].")
 
 
