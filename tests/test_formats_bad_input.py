@@ -12,15 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from textinv_cli import formats
 from textinv_cli.errors import (AmbiguousEmbeddingError, FormatError, InvalidEmbeddingError, OutputExistsError,
                                 NotFoundError, TextinvError, UnsafeFileError, UnsupportedFormatError)
 from textinv_cli.formats.pickle_writer import dump_torch_pickle
-from textinv_cli.formats.safetensors_io import dump_safetensors
+from textinv_cli.formats.safetensors_io import dump_safetensors, read_header, read_tensor
 
+from .fuzz_cases import check_outcome, fuzz
 from .helpers import random_embedding
+from .test_reader_bounds import pickle_shared_dag
 
 LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
                b"oid sha256:4ae5e3b1c9b0cbb8a2ff71c3a4c1e0e5d4a9e5e0f1b7e6a1c2d3e4f5a6b7c8d9\nsize 3819\n")
@@ -66,6 +70,90 @@ def test_safetensors_trailing_bytes(tmp_path):
     path = tmp_path / "x.safetensors"
     path.write_bytes(dump_safetensors({"<t>": np.ones((1, 768), np.float32)}) + b"\0" * 7)
     assert "trailing" in refused(tmp_path, FormatError, formats.read_embedding, path)
+
+
+def test_safetensors_metadata_the_reference_refuses(tmp_path):
+    """__metadata__ as a list, number or string, or given twice: the safetensors library refuses
+    each, so do we (the reader validates with it: tests/test_safetensors_reference.py)."""
+    entry = b'"<t>":{"dtype":"F32","shape":[1,768],"data_offsets":[0,3072]}'
+    for meta in (b"[]", b"0", b"7", b'""', b'"x"', b'{"a":"b"},"__metadata__":{"c":"d"}'):
+        path = tmp_path / "x.safetensors"
+        head = b'{"__metadata__":' + meta + b"," + entry + b"}"
+        path.write_bytes(struct.pack("<Q", len(head)) + head + bytes(3072))
+        msg = refused(tmp_path, FormatError, formats.read_embedding, path)
+        assert "\n" not in msg.split("\n", 1)[0] and ("metadata" in msg or "library refuses" in msg), msg
+
+
+@fuzz(60)
+@given(digits=st.integers(21, 6000), where=st.sampled_from(["dim", "begin", "end", "extra", "meta"]),
+       sign=st.sampled_from(["", "-"]))
+def test_huge_integers_in_a_safetensors_header(tmp_path_factory, digits, where, sign):
+    """A u64 has 20 digits; Python's int() refuses over 4300 (ValueError, once an "Internal error")."""
+    big = (sign + "9" * digits).encode()
+    dim, begin, end = (big, b"0", b"3072") if where == "dim" else (b"768", b"0", b"3072")
+    begin, end = (big, end) if where == "begin" else (begin, big) if where == "end" else (begin, end)
+    extra = b',"x":' + big if where == "extra" else b""
+    meta = b'"__metadata__":{"a":' + big + b"}," if where == "meta" else b""
+    head = (b"{" + meta + b'"<t>":{"dtype":"F32","shape":[1,' + dim + b'],"data_offsets":[' + begin + b"," + end
+            + b"]" + extra + b"}}")
+    path = tmp_path_factory.mktemp("bigint") / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(head)) + head + bytes(3072))
+    with pytest.raises(FormatError) as info:
+        formats.read_embedding(path)
+    assert len(info.value.message) < 400 and "\n" not in str(info.value).split("\n", 1)[0]
+
+
+def test_read_header_and_read_tensor_validate_like_the_reader(tmp_path):
+    """The large-file path (a text encoder's weights, for `inspect --nearest`) applies the same
+    checks, the item cap first, and reads the reference's values (BF16 widened)."""
+    path = tmp_path / "model.safetensors"
+    bf16 = np.array([[0x3F80, 0x4000, 0xC040]], np.uint16)  # 1, 2, -3 as bfloat16
+    head = json.dumps({"emb.weight": {"dtype": "BF16", "shape": [1, 3], "data_offsets": [0, 6]},
+                       "other": {"dtype": "F32", "shape": [2], "data_offsets": [6, 14]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + bf16.tobytes() + np.float32([5, 6]).tobytes())
+    assert set(read_header(path)) == {"emb.weight", "other", "__header_len__"}
+    assert read_tensor(path, "emb.weight").tolist() == [[1.0, 2.0, -3.0]]
+    assert read_tensor(path, "other").tolist() == [5.0, 6.0]
+    bad = {
+        "metadata-list": (b'{"__metadata__":[],"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', 4, "metadata"),
+        "gap": (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', 8, "gap"),
+        "tail": (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', 9, "trailing"),
+        "huge-int": (b'{"a":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,4]}}', 4, "digit"),
+        "lists": (b'{"a":[' + b"[]," * 300_000 + b"[]]}", 0, "lists, objects or values"),
+        "twice": (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+                  b'"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', 4, "twice"),
+    }
+    for name, (head, body, words) in bad.items():
+        path.write_bytes(struct.pack("<Q", len(head)) + head + bytes(body))
+        with pytest.raises(FormatError) as info:
+            read_header(path)
+        assert words in info.value.message, (name, info.value.message)
+
+
+@fuzz(20)
+@given(key_len=st.integers(16, 3000), fanout=st.integers(2, 4))
+def test_pickle_dicts_sharing_one_long_key_read_in_linear_time(tmp_path_factory, key_len, fanout):
+    """Dicts 24 levels deep whose keys all reference the next level's one dict: fanout**24
+    dotted paths in detect's dtype report, 3 GB from 1.5 KB before its walk had a budget."""
+    path = tmp_path_factory.mktemp("dag") / "dag.bin"
+    path.write_bytes(pickle_shared_dag(fanout, key_len * fanout))
+    outcome = check_outcome(path)  # bounded: 10 s and 64 MiB of peak memory
+    assert isinstance(outcome, FormatError) and "no tensors" in outcome.message, outcome
+
+
+@fuzz(40)
+@given(keys=st.lists(st.text(min_size=1, max_size=3) | st.text(min_size=200, max_size=400)
+                     | st.sampled_from(["\x1b]52;c;aGk=\x07", "a\nb", "\u202e<t>", "x" * 5000]),
+                     min_size=2, max_size=12, unique=True))
+def test_ambiguous_keys_are_quoted_short_and_escaped(tmp_path_factory, keys):
+    path = tmp_path_factory.mktemp("keys") / "several.safetensors"
+    path.write_bytes(dump_safetensors({k: np.ones((1, 768), np.float32) for k in keys if k != "__metadata__"}))
+    try:
+        formats.read_embedding(path)
+    except TextinvError as e:
+        text = str(e)
+        assert len(e.message) < 1500 and len(e.hint or "") < 300, text
+        assert not any(c in text for c in "\x1b\x07\u202e") and "\n" not in e.message and "\n" not in (e.hint or "")
 
 
 # -- truncation, every format ---------------------------------------------------------------
