@@ -76,6 +76,7 @@ FAMILIES = ("sd1", "sd2", "sdxl")  # embedding.FAMILY_SLOTS' keys, without impor
 # and recursive, so it runs only on text under MAX_JSON_CHARS and RecursionError is damage too.
 MAX_JSON_CHARS = 1 << 20
 MAX_DEPTH = 32
+MAX_NAME_CHARS = 1000  # registration allows 200 bytes (embedding.safe_name); anything longer was written by hand
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _EMPTY = {"widths": dict, "origin": dict, "meta": dict, "tags": list}
 
@@ -105,8 +106,8 @@ def decode_row(row) -> tuple[dict, str | None]:
             problems.append("its sha256 is not a sha256")
         if values["source"] not in SOURCES or values["family"] not in FAMILIES:
             problems.append("its source or family is unknown")
-        if not values["token"].strip():
-            problems.append("its token is empty")
+        if not values["token"].strip() or not values["name"].strip():
+            problems.append("its name or token is empty")
     return values, "; ".join(problems) or None
 
 
@@ -118,18 +119,20 @@ def as_text(raw) -> str:
 
 
 def _text_column(raw, column: str) -> tuple[str, str | None]:
-    if not isinstance(raw, str):  # a BLOB, a number or NULL, stored around the TEXT affinity
+    if not isinstance(raw, str) or sql_text(raw) is None:  # a BLOB, a number, NULL; bytes not UTF-8
         return as_text(raw), f"its {column} is not text"
     from .untrusted import unsafe_chars
 
     if column in ("name", "token") and unsafe_chars(raw):
         return raw, f"its {column} holds invisible, control or non-UTF-8 characters"
+    if column in ("name", "token") and len(raw) > MAX_NAME_CHARS:
+        return raw, f"its {column} is {len(raw)} characters long"
     return raw, None
 
 
 def _json_column(raw, column: str):
     empty = _EMPTY[column]()
-    if not isinstance(raw, str):
+    if not isinstance(raw, str) or sql_text(raw) is None:  # a BLOB, a number, bytes that are not UTF-8
         return empty, f"its {column} column is not JSON text"
     if len(raw) > MAX_JSON_CHARS:
         return empty, f"its {column} column is {len(raw) / 2**20:.1f} MiB (at most {MAX_JSON_CHARS >> 20} MiB)"
@@ -148,10 +151,11 @@ def _shape_ok(value, column: str) -> bool:
     """widths {str: int}, meta {str: str}, tags [str], origin {str: any JSON at most MAX_DEPTH deep}."""
     if column == "widths":
         return isinstance(value, dict) and all(type(v) is int and v > 0 for v in value.values())
-    if column == "meta":
-        return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    if column == "meta":  # lone surrogates ("\ud800" in the JSON) could not go into a pushed file
+        return isinstance(value, dict) and all(isinstance(v, str) and sql_text(k + v) is not None
+                                               for k, v in value.items())
     if column == "tags":
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return isinstance(value, list) and all(isinstance(v, str) and sql_text(v) is not None for v in value)
     if not isinstance(value, dict):
         return False
     stack = [(value, 1)]  # iterative: the value may be ~1000 deep (json.loads' own limit)

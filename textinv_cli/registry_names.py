@@ -86,8 +86,9 @@ def display_name(name: str) -> str:
 
 
 def matches_shown(name: str, typed: str) -> bool:
-    """Whether `typed` is how `name` is shown: escaped in full, or display_name()."""
-    return typed != "" and typed in (escape(name), display_name(name))
+    """Whether `typed` is how `name` is shown: escaped in full, or display_name(). ("" is how a
+    NULL name shows: no real name is empty.)"""
+    return typed in (escape(name), display_name(name))
 
 
 def rm_command(name: str) -> str:
