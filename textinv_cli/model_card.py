@@ -96,8 +96,7 @@ def render_card(entry, emb, *, repo_id: str, files: dict[str, bytes], license: s
         lines.append(f"| Base model | [{_md(base)}](https://huggingface.co/{url_quote(base)}) |")
     lines += [f"| Embedding sha256 | {_cell(entry.sha256)} |", ""]
     lines += _diffusers_usage(repo_id, family, token, base)
-    lines += ["## With textinv", "", "```bash", f"textinv pull {shlex.quote(repo_id)}",
-              f"textinv sample {shlex.quote('a photo of ' + token)}", "```", ""]
+    lines += _textinv_usage(repo_id, token)
     lines += _webui_usage(files, family, token, word)
     lines += _training(entry)
     images = sorted(p for p in files if p.startswith("samples/"))
@@ -176,6 +175,11 @@ def _diffusers_usage(repo_id: str, family: str, token: str, base: str | None) ->
     if not base:
         out += [f"({_code(model)} stands for any {FAMILY_NAMES[family]} checkpoint.)", ""]
     return out
+
+
+def _textinv_usage(repo_id: str, token: str) -> list[str]:
+    return ["## With textinv", "", "```bash", f"textinv pull {shlex.quote(repo_id)}",
+            f"textinv sample {shlex.quote('a photo of ' + token)}", "```", ""]
 
 
 def _webui_usage(files: dict[str, bytes], family: str, token: str, word: str) -> list[str]:
