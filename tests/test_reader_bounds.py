@@ -98,6 +98,17 @@ def pickle_shared_dag(fanout: int, size: int) -> bytes:
     return mp.torch_zip(out, {"0": mp.F32_4})
 
 
+def pickle_storage_reused(storage: str, size: int) -> bytes:
+    """One storage holding half the file, viewed whole by every tensor of a dict filling the
+    other half: decoded once per tensor, it would cost size**2 / 400 bytes."""
+    itemsize = {"FloatStorage": 4, "HalfStorage": 2, "DoubleStorage": 8}[storage]
+    numel = max(1, size // 2 // itemsize)
+    one = mp.tensor(numel=numel, size=(numel,), stride=(1,), storage=storage)
+    count = max(1, size // 2 // len(one))
+    return mp.torch_zip(mp.PROTO2 + b"}(" + b"".join(mp.s(f"t{i}") + one for i in range(count)) + b"u" + mp.STOP,
+                        {"0": bytes(numel * itemsize)})
+
+
 def _json_png(doc: bytes) -> bytes:
     import base64
 
@@ -134,6 +145,8 @@ FAMILIES = {  # name -> (suffix, builder, strategy for its parameter)
     "safetensors-metadata": (".safetensors", st_metadata, st.integers(0, 64)),
     "safetensors-huge-int": (".safetensors", st_huge_int, st.sampled_from([21, 400, 4301, 5000])),
     "pickle-shared-dag": (".bin", pickle_shared_dag, st.integers(2, 8)),
+    "pickle-storage-reused": (".bin", pickle_storage_reused, st.sampled_from(["FloatStorage", "HalfStorage",
+                                                                              "DoubleStorage"])),
     "png-json-filler": (".png", png_json_filler, _FILLERS),
     "webp-side-band": (".webp", webp_side_band, st.sampled_from([b"[]", b"{}", b"0"])),
     "folder-shared-dag": ("", concepts_folder, st.integers(2, 4)),
@@ -210,7 +223,8 @@ if __name__ == "__main__":  # python -m tests.test_reader_bounds OUT: the large 
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     big = {"safetensors-filler": b"[]", "safetensors-tensors": 8, "safetensors-metadata": 0,
-           "safetensors-huge-int": 5000, "pickle-shared-dag": 2, "png-json-filler": b"[]",
+           "safetensors-huge-int": 5000, "pickle-shared-dag": 2, "pickle-storage-reused": "FloatStorage",
+           "png-json-filler": b"[]",
            "webp-side-band": b"[]", "folder-shared-dag": 2}
     sizes = {"safetensors-filler": 60 * 2**20, "pickle-shared-dag": 1536, "folder-shared-dag": 1536}
     for name, (suffix, build, _) in FAMILIES.items():
