@@ -121,7 +121,41 @@ def _legacy_tar_benign(m):
     return Case(legacy_tar(pickle.dumps({"emb_params": [1.0, 2.0]}, protocol=2)), "format", ("legacy", "tar"))
 
 
+# -- torch reads other numbers than a lenient reader would (issue #11 class 8) -----------------
+
+def _emb(storage: str = "FloatStorage", numel: int = 4) -> bytes:
+    return PROTO2 + dct(s("emb_params"), tensor(storage=storage, numel=numel)) + STOP
+
+
+def _joined(m):  # torch reads the first archive's bytes, zipfile the second's
+    other = torch_zip(_emb(), {"0": bytes(16)})
+    return Case(valid_file() + other, "format", ("joined",))
+
+
+def _float_then_double(m):  # torch types data/0 by its first reference and reuses it
+    p = PROTO2 + dct(s("a"), tensor(), s("emb_params"), tensor(storage="DoubleStorage", numel=2, size=(1, 2),
+                                                                stride=(2, 1))) + STOP
+    return Case(torch_zip(p, {"0": F32_4}), "format", ("data/0", "float64"))
+
+
+def _storage_longer(m):  # torch refuses a record longer than numel * element size
+    p = PROTO2 + dct(s("emb_params"), tensor(numel=2, size=(1, 2), stride=(2, 1))) + STOP
+    return Case(torch_zip(p, {"0": F32_4}), "format", ("needs exactly",))
+
+
+def _no_version(m):  # torch requires the version record
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("archive/data.pkl", _emb())
+        zf.writestr("archive/data/0", F32_4)
+    return Case(buf.getvalue(), "format", ("format version",))
+
+
 BUILDERS = {
+    "zip_two_archives_joined": _joined,
+    "storage_float_then_double": _float_then_double,
+    "storage_longer_than_tensor": _storage_longer,
+    "zip_without_version_record": _no_version,
     "raw_pickle_os_system": _raw_malicious,
     "raw_pickle_protocol0": _raw_protocol0,
     "raw_pickle_protocol4": _raw_protocol4,

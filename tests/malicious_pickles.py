@@ -15,8 +15,10 @@ import struct
 from pathlib import Path
 
 from . import malicious_archives as archives
-from .pickle_blocks import (F32_4, PROTO2, STOP, Case, Reduce, call, dct, glob, i, lst, py_cmd, s,  # noqa: F401
-                            shell_cmd, tensor, torch_zip, tup, valid_file, valid_file_pickle, zipped)
+from .pickle_blocks import (F32_4, PROTO2, STOP, Case, Reduce, a1111_with_step, bare_storage_refs,  # noqa: F401
+                            call, colliding_int_keys, copies, dct, glob, i, long4, lst, py_cmd, s,
+                            self_similar_tuple_key, shell_cmd, tensor, torch_zip, tup, valid_file,
+                            valid_file_pickle, zipped)
 
 
 def build(name: str, marker: Path) -> Case:
@@ -213,7 +215,39 @@ def _newobj_ex(m):  # protocol 4's NEWOBJ_EX: cls.__new__(cls, *args, **kwargs)
     return Case(torch_zip(p), "unsafe", ("NEWOBJ_EX",))
 
 
+# -- amplification (issue #11 class 4): each is refused, or read, within the file's budget --
+
+def _copies(through, source, n=3000):
+    return lambda m: Case(torch_zip(copies(n, n, through, source), compress={"archive/data.pkl"}), "format",
+                          ("too large to be tensor data",))
+
+
+def _bare_storage_refs(m):  # one 100 KB storage named 20000 times: decoded once, not 20000 times
+    return Case(torch_zip(bare_storage_refs(20_000, 100_000), {"0": bytes(100_000)},
+                          compress={"archive/data/0", "archive/data.pkl"}), "ok", ())
+
+
+def _tuple_key(m):  # ((t, t), (t, t))... 26 deep as a dict key: 2^26 steps to hash (60: forever)
+    return Case(torch_zip(self_similar_tuple_key(26)), "format", ("tuple",))
+
+
+def _colliding_ints(m):  # 20000 int keys that all hash to 0: a quadratic dict
+    return Case(torch_zip(colliding_int_keys(20_000), compress={"archive/data.pkl"}), "format", ("61 bits",))
+
+
+def _huge_int(m):  # a 5000-digit step: str() of it raises ValueError
+    return Case(a1111_with_step(long4(10**5000)), "format", ("digits",))
+
+
 BUILDERS = {
+    "ordereddict_copies": _copies(("collections", "OrderedDict"), "dict"),
+    "set_copies": _copies(("__builtin__", "set"), "list"),
+    "frozenset_copies": _copies(("__builtin__", "frozenset"), "list"),
+    "torch_size_copies": _copies(("torch", "Size"), "tuple"),
+    "bare_storage_named_20000_times": _bare_storage_refs,
+    "self_similar_tuple_key": _tuple_key,
+    "colliding_int_keys": _colliding_ints,
+    "integer_of_5000_digits": _huge_int,
     "os_system": _os_system,
     "posix_system": _posix_system,
     "builtins_eval": _eval,

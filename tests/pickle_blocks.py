@@ -147,3 +147,87 @@ def legacy_tar(pickle_member: bytes) -> bytes:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+# -- amplification: a few KB of pickle that make a naive interpreter allocate or hash for ages ---
+
+def put(slot: int) -> bytes:
+    return b"r" + struct.pack("<I", slot)  # LONG_BINPUT
+
+
+def get(slot: int) -> bytes:
+    return b"j" + struct.pack("<I", slot)  # LONG_BINGET
+
+
+def int_dict(n: int, keys=None) -> bytes:
+    """{k: None for k in keys} (default 0..n-1), memoized in slot 0."""
+    keys = range(n) if keys is None else keys
+    return b"}" + put(0) + b"(" + b"".join(i(k) + b"N" for k in keys) + b"u"
+
+
+def copies(n_keys: int, n_copies: int, through: tuple[str, str] = ("collections", "OrderedDict"),
+           source: str = "dict") -> bytes:
+    """A list of n_copies calls through(x), x one memoized container of n_keys items:
+    OrderedDict(d), set(l), frozenset(l), torch.Size(t)... each call copies all of x."""
+    if source == "dict":
+        built = int_dict(n_keys)
+    else:
+        opener, closer = {"list": (b"](", b"e"), "tuple": (b"(", b"t")}[source]
+        built = opener + b"".join(i(k) for k in range(n_keys)) + closer + put(0)
+    call_once = get(1) + b"(" + get(0) + b"tR" + b"a"  # list.append(through(x))
+    return PROTO2 + built + b"0" + glob(*through) + put(1) + b"0" + b"]" + call_once * n_copies + STOP
+
+
+def bare_storage_refs(n_refs: int, numel: int, storage: str = "ByteStorage") -> bytes:
+    """A list naming one storage n_refs times (BINPERSID of a memoized id): each a whole copy
+    if decoded per reference."""
+    pid = tup(s("storage"), glob("torch", storage), s("0"), s("cpu"), i(numel))
+    return PROTO2 + b"]" + b"(" + pid + put(0) + b"Q" + (get(0) + b"Q") * (n_refs - 1) + b"e" + STOP
+
+
+def self_similar_tuple_key(depth: int) -> bytes:
+    """{t: None} where t = (t', t'), t' = (t'', t'')...: 2^depth steps to hash."""
+    body = b")" + put(0) + b"0"
+    for k in range(depth):
+        body += get(k) + get(k) + b"\x86" + put(k + 1) + b"0"
+    return PROTO2 + b"}" + body + get(depth) + b"N" + b"s" + STOP
+
+
+def colliding_int_keys(n: int) -> bytes:
+    """{k * (2^61 - 1): None for k in 1..n}: every key hashes to 0, so each insert compares
+    against all the keys before it."""
+    return PROTO2 + int_dict(n, [k * (2**61 - 1) for k in range(1, n + 1)]) + STOP
+
+
+def a1111_with_step(step_pickle: bytes) -> bytes:
+    """An A1111-layout file whose `step` is the given pickled value."""
+    return torch_zip(PROTO2 + dct(s("string_to_param"), dct(s("*"), tensor()), s("name"), s("x"),
+                                  s("step"), step_pickle) + STOP, {"0": F32_4})
+
+
+def long4(n: int) -> bytes:
+    raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8b" + struct.pack("<I", len(raw)) + raw
+
+
+def sparse_tar(members: int, claimed: int) -> bytes:
+    """A GNU tar whose `members` sparse members each store nothing but claim `claimed` bytes
+    (all hole): tarfile fills holes with zeros when a member is read."""
+    out = b""
+    for n in range(members):
+        h = bytearray(512)
+        name = b"pickle" if n == 0 else f"m{n}".encode()
+        h[0:len(name)] = name
+        h[100:108] = b"0000644\0"
+        h[108:116] = h[116:124] = b"0000000\0"
+        h[124:136] = b"00000000000\0"                      # stored size: nothing
+        h[136:148] = b"00000000000\0"
+        h[156:157] = b"S"                                   # GNU sparse
+        h[257:265] = b"ustar  \0"
+        h[386:398] = b"%011o\0" % (claimed - 1)             # one 1-byte data run at the end...
+        h[398:410] = b"%011o\0" % 0                         # ... of length 0
+        h[483:495] = b"%011o\0" % claimed                   # real size
+        h[148:156] = b" " * 8
+        h[148:156] = b"%06o\0 " % sum(h)
+        out += bytes(h)
+    return out + bytes(1024)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests import malicious_pickles as mp
+from tests.fuzz_cases import time_bound
 from textinv_cli.errors import FormatError, TextinvError, UnsafeFileError
 from textinv_cli.formats import read_embedding
 from textinv_cli.formats.pickle_reader import load_torch_pickle
@@ -31,9 +32,10 @@ def test_malicious_corpus_is_refused_and_never_runs(name, tmp_path, monkeypatch)
     case = mp.build(name, marker)
     start = time.monotonic()
     if case.error == "ok":  # data that is harmless as read: a payload sits where nothing unpickles it
-        assert load_torch_pickle(case.data, source="emb.pt") is not None
+        with time_bound(5):  # an amplification case must fail here, not hang the suite
+            assert load_torch_pickle(case.data, source="emb.pt") is not None
     else:
-        with pytest.raises(FormatError) as e:
+        with pytest.raises(FormatError) as e, time_bound(5):
             load_torch_pickle(case.data, source="emb.pt")
         assert isinstance(e.value, UnsafeFileError) == (case.error == "unsafe"), e.value
         for needle in case.mentions:
@@ -56,7 +58,8 @@ def test_whole_corpus_through_read_embedding(tmp_path, monkeypatch):
             path = tmp_path / file_name
             path.write_bytes(case.data)
             try:
-                outcome = read_embedding(path)
+                with time_bound(5):
+                    outcome = read_embedding(path)
             except TextinvError as e:
                 outcome = e
             if case.error == "unsafe":
@@ -103,7 +106,8 @@ def test_corpus_payloads_are_live(name, tmp_path):
 
 def _outcome(data: bytes) -> str:
     try:
-        load_torch_pickle(data, source="x.pt")
+        with time_bound(5):
+            load_torch_pickle(data, source="x.pt")
     except FormatError as e:
         return f"{type(e).__name__}: {e.message}"
     return "ok"
