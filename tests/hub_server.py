@@ -222,7 +222,9 @@ class FakeHub:
             files = {k: v for k, v in files.items() if k != p and not k.startswith(p.rstrip("/") + "/")}
         files.update(add)
         tree = "".join(f"{p}\0{b.oid}\n" for p, b in sorted(files.items()))
-        sha = hashlib.sha1(f"{parent}\n{tree}\n{title}\n{next(self._counter)}".encode()).hexdigest()
+        # surrogatepass: a hostile repo's file names may hold lone surrogates (JSON "\udcff" in a listing)
+        text = f"{parent}\n{tree}\n{title}\n{next(self._counter)}"
+        sha = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
         date = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
         repo.commits[sha] = Commit(sha, parent, files, title, date)
         if branch:

@@ -49,7 +49,7 @@ def _program(source: str, token: str) -> str:
     tree = ast.parse(source)
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and node.value in (token, "a photo of " + token):
-            node.value = node.value.replace(token, "TOKEN")
+            node.value = "TOKEN" if node.value == token else "a photo of TOKEN"
     return ast.dump(tree)
 
 
