@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import HubError
-from .untrusted import shown, unsafe_chars
+from .untrusted import quoted, shown, unsafe_chars
 from .formats.folders import CONCEPT_BIN, CONCEPT_SAFE, SDXL_FIRST, SDXL_SECOND
 from .fsutil import DEFAULT_MAX_BYTES
 
@@ -200,6 +200,6 @@ def _pick(units: list[Unit], listing: dict[str, int | None], repo: str, file: st
         diffusers_name = posixpath.basename(want) in (CONCEPT_SAFE, CONCEPT_BIN)
         return Unit([want], texts if diffusers_name else [])
     names = [shown(p) for u in units for p in u.files + u.alternates][:20]
-    raise HubError(f"{repo} has no file {shown(want)!r}.",
+    raise HubError(f"{repo} has no file {quoted(want)}.",
                    ("Embedding files there: " + ", ".join(names) + ".") if names else
                    "Check the path (as listed in the repo's 'Files and versions' tab).")

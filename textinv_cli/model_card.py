@@ -28,7 +28,7 @@ from urllib.parse import quote as url_quote
 
 from .embedding import FAMILY_NAMES, safe_name
 from .errors import InvalidEmbeddingError
-from .untrusted import escape, shown, unsafe_chars
+from .untrusted import escape, quoted, unsafe_chars
 
 FAMILY_TAGS = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl"}
 # What to load the embedding into when the card does not know the base model.
@@ -68,7 +68,7 @@ def check_token(token: str) -> str:
     bad = unsafe_chars(token)
     if bad:
         raise InvalidEmbeddingError(
-            f"The token {shown(token)!r} holds control, invisible or invalid characters ({' '.join(bad)}): "
+            f"The token {quoted(token)} holds control, invisible or invalid characters ({' '.join(bad)}): "
             "it cannot be shown or typed safely in a model card; nothing was pushed.",
             "Import it again with --token '<a-word>' (after `textinv rm NAME`), then push that.")
     return safe_name(token, "Import it again with --token '<a-word>' (after `textinv rm NAME`), then push that.")

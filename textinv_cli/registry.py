@@ -214,25 +214,25 @@ class Registry:
         entry = name_or_entry if isinstance(name_or_entry, Entry) else self.resolve(name_or_entry)
         fix = readd_hint(entry.name, entry.origin)
         if entry.damaged:
-            raise RegistryError(f"The registry entry {display_name(entry.name)!r} is damaged: {entry.damaged}.", fix)
+            raise RegistryError(f"The registry entry '{display_name(entry.name)}' is damaged: {entry.damaged}.", fix)
         path = self.blob_path(entry.sha256)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise RegistryError(f"The stored copy of {display_name(entry.name)!r} is missing ({path}).", fix) from None
+            raise RegistryError(f"The stored copy of '{display_name(entry.name)}' is missing ({path}).", fix) from None
         except OSError as e:
-            raise RegistryError(f"Cannot read the stored copy of {display_name(entry.name)!r}: {e}.", fix) from None
+            raise RegistryError(f"Cannot read the stored copy of '{display_name(entry.name)}': {e}.", fix) from None
         actual = hashlib.sha256(data).hexdigest()
         if actual != entry.sha256:
             raise RegistryError(
-                f"The stored copy of {display_name(entry.name)!r} is corrupt: its sha256 is {actual[:12]}, "
+                f"The stored copy of '{display_name(entry.name)}' is corrupt: its sha256 is {actual[:12]}, "
                 f"expected {entry.sha256[:12]} ({path}).", fix)
         try:
             tensors, meta = load_safetensors(data, source=str(path))
             return Embedding(token=meta.get("textinv.token", entry.token), vectors=tensors,
                              meta=dict(entry.meta))
         except TextinvError as e:  # hash matched, so only a bug could get here; say where
-            raise RegistryError(f"The stored copy of {display_name(entry.name)!r} cannot be read: {e.message}",
+            raise RegistryError(f"The stored copy of '{display_name(entry.name)}' cannot be read: {e.message}",
                                 fix) from None
 
     def entries(self, *, family: str | None = None, source: str | None = None) -> list[Entry]:

@@ -22,7 +22,7 @@ import re
 import shlex
 
 from .errors import InvalidEmbeddingError
-from .untrusted import escape, shown, unsafe_chars
+from .untrusted import escape, quoted, shown, unsafe_chars
 
 MAX_NAME = 200                  # characters of a name shown uncut (safe_name allows 200 bytes)
 MAX_META_VALUE = 64 * 1024      # characters in one metadata value (a row's JSON is capped when read back)
@@ -51,7 +51,7 @@ def check_name(name: str, *, what: str = "registry name", hint: str = NAME_HINT,
     bad = unsafe_chars(name)
     if bad:  # safe_name looks inside the brackets and spaces; a token is printed whole ("cat\n")
         raise InvalidEmbeddingError(
-            f"{shown(name)!r} cannot be used as a {what}: it holds control, invisible or invalid "
+            f"{quoted(name)} cannot be used as a {what}: it holds control, invisible or invalid "
             f"characters ({' '.join(bad)}).", hint)
     return safe_name(name, hint)
 
