@@ -117,13 +117,27 @@ def _stored_tokens() -> set[str]:
 
 def print_traceback(exc: BaseException) -> None:
     """The TEXTINV_DEBUG=1 traceback, chained causes included, with tokens masked and every
-    control/bidi character escaped (an exception may quote a file's key): its lines stay lines."""
+    control/bidi character escaped: the traceback's own lines stay lines, but an exception's
+    message (which may quote a file's key) is one line, its newlines shown as \\x0a."""
     import traceback
 
     from .console import escape_lines
+    from .untrusted import escape
 
-    sys.stderr.write(escape_lines(redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))))
+    out = []
+    for chunk in traceback.TracebackException(type(exc), exc, exc.__traceback__).format():
+        chunk = redact(chunk)
+        if chunk.startswith(_TRACEBACK_FRAME):  # the header, a frame, a chain separator: ours
+            out.append(escape_lines(chunk))
+        else:  # "ValueError: message", a note: the exception's text
+            out.append(escape(chunk[:-1] if chunk.endswith("\n") else chunk) + "\n")
+    sys.stderr.write("".join(out))
     sys.stderr.flush()
+
+
+# traceback.TracebackException.format() chunks laid out by Python itself (each holds a newline
+# of its own); every other chunk is an exception's message or note
+_TRACEBACK_FRAME = ("Traceback (most recent call last):", "  File ", "  [Previous line repeated", "\n")
 
 
 def install() -> None:
@@ -142,10 +156,14 @@ def install() -> None:
         return
     plain_format = warnings.formatwarning
 
-    def formatwarning(*args, **kwargs):
+    def formatwarning(message, category, filename, lineno, line=None):
         from .console import escape_lines
+        from .untrusted import escape
 
-        return escape_lines(redact(plain_format(*args, **kwargs)))
+        # the message escaped whole (one line); the rest ("file:line: Category: ..." and the
+        # source line under it) keeps Python's two-line layout
+        message = escape(redact(message))
+        return escape_lines(redact(plain_format(message, category, filename, lineno, line)))
 
     formatwarning._textinv_redacting = True
     warnings.formatwarning = formatwarning

@@ -8,6 +8,7 @@ import typer
 
 # meta keys shown in their own fields rather than under "metadata"
 _SHOWN = {"format", "container", "dtype", "file_sha256"}
+_KEY_LIMIT, _VALUE_LIMIT = 80, 240  # characters of a metadata key / value in the text output
 
 
 def inspect(
@@ -83,6 +84,7 @@ def describe(source) -> dict:
 
 def _print(r: dict) -> None:
     from ..console import console
+    from ..untrusted import escape, shown
 
     p = lambda s: console.print(s, markup=False)  # noqa: E731 - file content is never markup
     p(f"{r['source']}")
@@ -99,9 +101,13 @@ def _print(r: dict) -> None:
             for slot_near in r.get("nearest", {}).get(slot, [])[i:i + 1]:
                 p("      nearest: " + ", ".join(f"{t['token']} ({t['similarity']:.3f})" for t in slot_near))
     if r["metadata"]:
-        p("  metadata")
-        for k, v in r["metadata"].items():
-            p(f"    {k}: {v}")
+        # a file's metadata is the file maker's text: shown escaped (the console) and cut, so a
+        # 100 KB value cannot flood the terminal; --json has every value whole
+        items = [(k, v, shown(k, _KEY_LIMIT), shown(v, _VALUE_LIMIT)) for k, v in r["metadata"].items()]
+        cut = any(sk != escape(k) or sv != escape(v) for k, v, sk, sv in items)
+        p("  metadata" + ("   (long values cut; --json shows them whole)" if cut else ""))
+        for _, _, sk, sv in items:
+            p(f"    {sk}: {sv}")
     if "registry" in r:
         e = r["registry"]
         p(f"  registry    {e.get('name')} — source {e.get('source')}, added {e.get('created')}")
