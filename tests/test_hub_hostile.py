@@ -112,3 +112,37 @@ def test_push_never_uploads_an_access_token(hub, hubcli, monkeypatch, textinv_ho
     assert r.exit_code == 1 and "nothing was pushed" in r.stderr, r.output
     assert secret not in r.output + r.stderr and OWN not in r.output + r.stderr
     assert "me2/leak" not in hub.repos and len(hub.hits) == before  # refused before the first request
+
+
+@SETTINGS
+@given(wrap=st.sampled_from(["{}", "<{}>", " {}\n"]), shaped=st.booleans())
+def test_pull_never_takes_an_access_token_as_the_token(hub, hubcli, monkeypatch, wrap, shaped):
+    """token_identifier.txt holding the user's token (a link to ~/.cache/huggingface/token, once
+    uploaded by a push) or anything token-shaped: refused unquoted, nothing registered."""
+    from tests.hub_server import concept_repo
+
+    secret = SHAPED if shaped else FAKE_TOKEN  # FAKE_TOKEN: the token this user is logged in with
+    _, files = concept_repo()
+    files["token_identifier.txt"] = wrap.format(secret).encode()
+    repo = f"someone/leaky-{next(_repo_ids)}"
+    hub.seed(repo, files)
+    r = hubcli("pull", repo)
+    _clean(r)
+    assert r.exit_code == 1 and "access token" in r.stderr and secret not in r.output
+    assert Registry().entries() == []
+
+
+def test_push_leaves_out_validation_images_that_are_not_files_of_the_run(hub, hubcli, tmp_path):
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"\x89PNG\r\n\x1a\nPRIVATE")
+    run = tmp_path / "runs" / "cat-toy-1"
+    (run / "samples").mkdir(parents=True)
+    (run / "samples" / "step-000100-0.png").write_bytes(b"\x89PNG\r\n\x1a\nmine")
+    (run / "samples" / "step-000200-0.png").symlink_to(outside)
+    (run / "samples" / "step-000300-0.png").symlink_to("/proc/self/environ")
+    Registry().add(random_embedding("<cat-toy>"), source="trained", origin={"run": str(run), "config": {}})
+    r = hubcli("push", "cat-toy", "--repo", "me/cat-toy")
+    assert r.exit_code == 0, r.output
+    files = hub.head("me/cat-toy").files
+    assert "samples/step-000100-0.png" in files
+    assert "samples/step-000200-0.png" not in files and "samples/step-000300-0.png" not in files

@@ -206,11 +206,13 @@ def _read_unit(folder: Path, unit: Unit, token: str | None, repo_id: str):
 
 
 def _text(path: Path, cap: int = 4096) -> str | None:
-    """A side file's word, read up to cap+1 bytes (never trusting st_size). Whether the word may
-    be a token is Registry.add's rule (registry_names.check_token): no access token, no control
-    characters; refused there, before anything is registered."""
-    with open(path, "rb") as f:
-        data = f.read(cap + 1)
+    """A side file's word, read up to cap+1 bytes (never trusting st_size) through fsutil's one
+    rule for opening a file (a regular file, the cache's own blob). Whether the word may be a
+    token is Registry.add's rule (registry_names.check_token: no access token, no control
+    characters), applied before anything is registered."""
+    from .fsutil import read_head
+
+    data = read_head(path, cap + 1, within=path.parent)
     if len(data) > cap:  # a word, not a book (the same cap as the folder reader)
         raise HubError(f"{path.name} holds more than {cap} bytes; it should hold a single word.")
     try:

@@ -157,8 +157,18 @@ def validation_images(entry) -> dict[str, bytes]:
     samples = Path(run) / "samples" if run else None
     if samples is None or not samples.is_dir():
         return {}
-    found = sorted(p for p in samples.rglob("*.png") if p.is_file() and p.stat().st_size <= MAX_IMAGE_BYTES)
-    return {"samples/" + p.relative_to(samples).as_posix(): p.read_bytes() for p in found[-MAX_IMAGES:]}
+    from .errors import TextinvError
+    from .fsutil import read_head
+
+    images = {}
+    for p in sorted(p for p in samples.rglob("*.png") if p.is_file())[-MAX_IMAGES:]:
+        try:  # a regular file of its folder, read bounded: never a link out, a device or /proc
+            data = read_head(p, MAX_IMAGE_BYTES + 1, within=p.parent)
+        except TextinvError:
+            continue  # not an image textinv wrote: leave it out of a public repo
+        if len(data) <= MAX_IMAGE_BYTES:
+            images["samples/" + p.relative_to(samples).as_posix()] = data
+    return images
 
 
 def _public(emb):
