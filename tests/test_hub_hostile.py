@@ -14,6 +14,7 @@ import itertools
 import json
 import sqlite3
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +23,9 @@ from tests.hub_server import FAKE_TOKEN, hub, hubcli  # noqa: F401 - fixtures
 from textinv_cli.formats import layouts
 from textinv_cli.formats.safetensors_io import dump_safetensors
 from textinv_cli.registry import Registry
+
+# huggingface_hub's LFS upload hands httpx2 a file object as `data=`; httpx2 deprecates that spelling.
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
 
 HOSTILE = ["../evil", "../../../../tmp/evil", "/evil", "/abs/dir/evil", "a\\..\\evil", "C:/evil", "sub/../../evil",
            "./evil", "sub//evil", "evil\x1b]52;c;aGk=\x07", "evil\u202etxt", "evil\nline", "evil" + "n" * 300,

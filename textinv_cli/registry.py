@@ -17,6 +17,11 @@ Why it is safe with several processes and with crashes:
   `textinv list --repair` (registry_repair.py) removes them under the same write lock.
 - A full or read-only disk, at the blob write or at the commit, is a RegistryError, and
   the add takes back the blob it wrote: nothing is registered, nothing is left behind.
+
+What may be registered (names, tokens, metadata) is registry_names' rule, checked before
+anything is written. What is read back is never trusted: registry.db is a file anyone can
+edit, so a row is decoded without raising (registry_db.decode_row) and a damaged one becomes
+an Entry with `damaged` set, listed and removable (by the name as `list` shows it), never loaded.
 """
 
 from __future__ import annotations
@@ -43,7 +48,6 @@ from .untrusted import quoted, shown
 if TYPE_CHECKING:  # numpy comes with Embedding; keep `import textinv_cli.registry` light
     from .embedding import Embedding
 
-__all__ = ["Entry", "Registry", "check_name", "home", "readd_hint", "rm_command", "display_name", "SOURCES"]
 DB_NAME = "registry.db"
 BLOB_DIR = "blobs"
 # Test hook: tests/registry_worker.py sets this to SIGKILL the process at a named point of
