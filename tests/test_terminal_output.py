@@ -223,6 +223,12 @@ def test_report_and_debug_traceback_and_python_output_are_escaped(capsys, monkey
                          "This is a bug in textinv; rerun with TEXTINV_DEBUG=1 for the traceback and report it."]
     assert lines[4] == "Traceback (most recent call last):" and lines[-1] == f"ValueError: {visible(evil)}"
 
+    with time_bound(10):  # an unexpected error quoting a 100 KB key: redacted in linear time, cut
+        assert report(RuntimeError("a." * 50_000 + "\x1b[2J")) == 1
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("Internal error: RuntimeError: a.a.") and len(first) < 2100
+    assert first.endswith("(100037 characters; the rest is not shown)")  # its prefix and the escaped ESC count too
+
     install()
     record = logging.getLogRecordFactory()("x", logging.WARNING, __file__, 1, "file %s", (evil,), None)
     assert record.getMessage() == f"file {visible(evil)}"  # one record, one line

@@ -64,6 +64,9 @@ app.command("backends")(backends_cmd.backends)
 app.command("tiny-model")(tiny_model_cmd.tiny_model)
 
 
+MESSAGE_LIMIT = 2000  # characters of one printed message or hint line
+
+
 def _debug() -> bool:
     return os.environ.get("TEXTINV_DEBUG", "") not in ("", "0")
 
@@ -79,8 +82,16 @@ def report(exc: BaseException) -> int:
     from .redact import redact
     from .untrusted import escape
 
-    def say(text: str) -> None:  # a message may quote a file's bytes: nothing reaches the terminal raw
-        err_console.print(escape(redact(text)), markup=False)
+    def say(text: str) -> None:
+        # A message may quote a file's bytes: nothing reaches the terminal raw (escape, newlines
+        # included: one line), and it stays a line, not a page. Quotes are cut to 80 characters
+        # where they are made (untrusted.shown); this is the net for one that was not (an
+        # exception from a library quoting a 100 KB key). Redact first: a token cut in half
+        # would no longer look like one.
+        line = escape(redact(text))
+        if len(line) > MESSAGE_LIMIT:
+            line = f"{line[:MESSAGE_LIMIT]}... ({len(line)} characters; the rest is not shown)"
+        err_console.print(line, markup=False)
 
     if isinstance(exc, TextinvError):
         say(f"Error: {exc.message}")
