@@ -64,11 +64,12 @@ def _target_path(out: str | None, source, emb, fmt: str) -> Path:
     if out is not None:
         path = Path(out)
         into = out.endswith(("/", os.sep)) or os.path.basename(out) in (".", "..")
-        if into and not path.is_dir():
+        is_dir = os.path.isdir(path)  # False, not an OSError, for a name too long to look up
+        if into and not is_dir:
             raise TextinvError(f"The folder {path} does not exist.",
                                f"Create it first (mkdir -p {shlex.quote(str(path))}), or give -o without the "
                                "trailing / to name the output itself.")
-        if not into and not (path.is_dir() and not is_written_folder(path, fmt)):
+        if not into and not (is_dir and not is_written_folder(path, fmt)):
             return path
         folder = path
     elif source.kind in ("file", "folder"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -29,9 +30,10 @@ def import_embedding(
     from ..formats import read_embedding
     from ..fsutil import max_bytes_from_mib
     from ..registry import Registry
+    from ..untrusted import escape
 
     path = path.expanduser()
-    if not path.exists():
+    if not os.path.lexists(path):  # (Path.exists raises for a name too long to look up)
         raise NotFoundError(f"{path} does not exist.", "Check the path; `textinv import` takes a file or folder.")
     emb = read_embedding(path, token=token, key=key, max_bytes=max_bytes_from_mib(max_size))
     # the reader records the file's (or folder's embedding files') sha256 in meta
@@ -42,8 +44,9 @@ def import_embedding(
         print_json({"created": created, "entry": entry.to_json()})
         return
     if created:
-        console.print(f"Imported {entry.name} ({entry.token}, {entry.family}, "
-                      f"{_vectors(entry.n_vectors)}) from {path}", markup=False)
+        # the token came from the file, the path may not be UTF-8: both shown escaped
+        console.print(f"Imported {escape(entry.name)} ({escape(entry.token)}, {entry.family}, "
+                      f"{_vectors(entry.n_vectors)}) from {escape(path)}", markup=False)
         return
     console.print(f"Already registered as {entry.name} (sha256 {entry.short_sha}…)", markup=False)
     if name is not None and name != entry.name:  # say why --name had no effect
