@@ -13,6 +13,9 @@ no command has to remember to:
   escaped again except for its newlines (rich's line breaks); only rich's control segments
   (cursor moves of a progress bar) and the styles rich renders itself pass as they are.
 
+Rich measures a Text object itself, before it is escaped: a Text holding such text may be
+cut short in a table column (never shown raw). Pass str, or escape() it first, for layout.
+
 Rich alone is not enough: Text drops BEL/BS/VT/FF/CR silently but passes ESC, OSC, C1
 (\\x9b is CSI on many terminals) and bidi overrides through. A multi-line message is
 printed one line at a time (each line is its own print). --json output never comes

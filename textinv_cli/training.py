@@ -91,6 +91,8 @@ def _render(events, spec: TrainSpec, name: str) -> dict:
                                TimeElapsedColumn, TimeRemainingColumn)
     from rich.text import Text
 
+    from .untrusted import escape
+
     class Rate(ProgressColumn):
         def render(self, task):
             return Text(f"{task.speed:.2f} it/s" if task.speed else "- it/s")
@@ -114,7 +116,8 @@ def _render(events, spec: TrainSpec, name: str) -> dict:
                 progress.console.print(f"Training {spec.token} on {d.get('model', spec.model)} ({d.get('family', '?')}) "
                                        f"on {d.get('device', '?')}{procs}: {d.get('images', '?')} images{resumed}",
                                        markup=False)
-                task = progress.add_task(f"{spec.token}", total=d.get("total_steps", spec.steps),
+                # escaped here, not only by the console: the column is sized before it renders
+                task = progress.add_task(escape(spec.token), total=d.get("total_steps", spec.steps),
                                          completed=d.get("start_step", 0), loss="-", lr="-")
             elif ev.kind == "progress" and task is not None:
                 fields = {"lr": f"{d['lr']:.2e}"} if "lr" in d else {}
