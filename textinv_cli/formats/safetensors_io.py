@@ -91,6 +91,8 @@ def _check_header_length(n: int, available: int, source) -> None:
 
 def parse_header(buf: bytes, start: int, end: int, source) -> tuple[dict, dict[str, str]]:
     """The header buf[start:end]'s tensor entries and metadata, after the item cap; FormatError."""
+    if not hasattr(buf, "count"):  # an mmap'd model file (JAX weights): copy just the header
+        buf, start, end = bytes(buf[start:end]), 0, end - start
     items = sum(buf.count(c, start, end) for c in (b"[", b"{", b","))  # C loops, no copy
     if items > min(MAX_ITEMS, ITEM_FLOOR + (end - start) // ITEM_BYTES):
         raise FormatError(f"{source}: the safetensors header has {items} lists, objects or values in {end - start} "
