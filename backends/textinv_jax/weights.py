@@ -14,14 +14,13 @@ so the ports index params by the same names as the PyTorch modules.
 from __future__ import annotations
 
 import json
-import mmap
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from textinv_cli.errors import NotFoundError, TextinvError
-from textinv_cli.formats.safetensors_io import load_safetensors
+from textinv_cli.formats.safetensors_io import load_file
 
 __all__ = ["conv_weight", "linear_weight", "read_config", "read_state", "require_keys", "to_params"]
 
@@ -103,22 +102,8 @@ def _read_files(files: Iterable[Path]) -> dict[str, np.ndarray]:
 
 
 def _read_one(file: Path) -> dict[str, np.ndarray]:
-    # mmap rather than read(): a UNet is GBs, and the reader copies each tensor out anyway,
-    # so only one tensor's pages need to be resident at a time.
-    with open(file, "rb") as f:
-        try:
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:  # an empty file cannot be mapped; let the reader refuse it
-            data = f.read()
-    try:
-        tensors, _ = load_safetensors(data, source=str(file))
-    finally:
-        if isinstance(data, mmap.mmap):
-            try:
-                data.close()
-            except BufferError:  # a view is still alive; the GC closes it
-                pass
-    return tensors
+    # A UNet is GBs: the reader maps the file and copies one tensor out at a time.
+    return load_file(file)
 
 
 # -- layout converters ---------------------------------------------------------------------

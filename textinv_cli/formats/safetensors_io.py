@@ -91,8 +91,6 @@ def _check_header_length(n: int, available: int, source) -> None:
 
 def parse_header(buf: bytes, start: int, end: int, source) -> tuple[dict, dict[str, str]]:
     """The header buf[start:end]'s tensor entries and metadata, after the item cap; FormatError."""
-    if not hasattr(buf, "count"):  # an mmap'd model file (JAX weights): copy just the header
-        buf, start, end = bytes(buf[start:end]), 0, end - start
     items = sum(buf.count(c, start, end) for c in (b"[", b"{", b","))  # C loops, no copy
     if items > min(MAX_ITEMS, ITEM_FLOOR + (end - start) // ITEM_BYTES):
         raise FormatError(f"{source}: the safetensors header has {items} lists, objects or values in {end - start} "
@@ -288,3 +286,23 @@ def read_tensor(path, name: str) -> np.ndarray:
     if len(raw) != end - begin:
         raise FormatError(f"{shown(path)} is truncated.", _CORRUPT)
     return _array(raw, _DTYPES[info["dtype"]], info["shape"], info["dtype"], name, path)
+
+
+def load_file(path) -> dict[str, np.ndarray]:
+    """Every tensor of a (multi-GB) model file, validated as read_header validates (the reference
+    maps the file and agrees on every name, dtype and shape), then copied out of a memory map
+    one tensor at a time: the whole file is never in memory twice, as bytes(file) would put it."""
+    import mmap
+
+    header = read_header(path)
+    start = 8 + header.pop("__header_len__")
+    tensors = {}
+    with open(path, "rb") as f:
+        if not header:
+            return tensors
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            for name, info in header.items():
+                begin, end = info["data_offsets"]
+                tensors[name] = _array(mm[start + begin:start + end], _DTYPES[info["dtype"]], info["shape"],
+                                       info["dtype"], name, path)
+    return tensors
