@@ -30,8 +30,10 @@ def pull(
                     "from_cache": r.cache_reason is not None, "cache_reason": r.cache_reason,
                     "embeddings": [{"created": p.created, "file": p.unit.primary, "entry": p.entry.to_json()}
                                    for p in r.pulled],
-                    "others": r.others})
+                    "others": r.others, "skipped": r.skipped})
         return
+    for line in r.skipped:  # listed paths that could leave the cache folder (hub_layout.clean_listing)
+        err_console.print(f"Skipped {line}.", markup=False)
     if r.cache_reason:
         why = "HF_HUB_OFFLINE is set" if r.cache_reason == "offline" else "the Hub could not be reached"
         err_console.print(f"Using the local Hugging Face cache ({why}).", markup=False)

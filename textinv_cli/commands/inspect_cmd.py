@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from ..fsutil import max_size_option
+
 # meta keys shown in their own fields rather than under "metadata"
 _SHOWN = {"format", "container", "dtype", "file_sha256"}
 _KEY_LIMIT, _VALUE_LIMIT = 80, 240  # characters of a metadata key / value in the text output
@@ -17,7 +19,7 @@ def inspect(
     top: int = typer.Option(5, "--top", min=1, max=50, help="How many nearest tokens per vector."),
     token: str = typer.Option(None, "--token", help="Use this token instead of the one in the file."),
     key: str = typer.Option(None, "--key", help="Which tensor to take when the file holds several."),
-    max_size: float = typer.Option(None, "--max-size", help="Accept input files up to this many MiB (default 64)."),
+    max_size: float = typer.Option(None, "--max-size", callback=max_size_option, help="Accept input files up to this many MiB (default 64)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
 ) -> None:
     """Show format, token, vectors, widths, norms, model family, hashes and metadata."""

@@ -35,7 +35,8 @@ def list_embeddings(
     if an entry is damaged beyond what repair can fix (it says what to do).
     """
     from ..console import console, print_json
-    from ..registry import Registry, home
+    from ..registry import Registry, display_name, home
+    from ..untrusted import shown
 
     if repair:
         if family or source:
@@ -71,10 +72,14 @@ def list_embeddings(
     for e in entries:
         # plain str cells: the console shows them as typed (no markup) and escaped before the
         # table measures them (console.py), so a hostile name neither styles nor breaks the table
-        table.add_row(*(str(v) for v in (e.name, e.token, e.family, e.n_vectors, e.source,
-                                         e.short_sha, _minutes(e.created))))
+        # (a tampered row may hold anything: names as `rm` accepts them, the rest cut short)
+        table.add_row(*(str(v) for v in (display_name(e.name), shown(e.token, 200), shown(e.family), e.n_vectors,
+                                         shown(e.source), shown(e.short_sha), _minutes(shown(e.created)))))
     console.print(table)
     console.print(f"{len(entries)} embedding{'s' if len(entries) != 1 else ''}", style="dim")
+    for e in entries:
+        if e.damaged:
+            console.print(e.damage_note, markup=False)
 
 
 def _minutes(created: str) -> str:
@@ -86,6 +91,7 @@ def _repair(reg, *, json_out: bool) -> None:
     """Print what repair did (or the JSON report); damage it could not fix is an error (exit 1)."""
     from ..console import console, print_json
     from ..errors import RegistryError
+    from ..registry import display_name
     from ..registry_db import DAMAGED_DB_HINT
 
     report = reg.repair()
@@ -107,7 +113,7 @@ def _repair(reg, *, json_out: bool) -> None:
         for item in report.not_removed:
             say(f"Could not remove {item['file']}: {item['error']}.")
         for item in report.damaged:
-            say(f"Damaged: {item['name']}: {item['problem']}. {item['fix']}")
+            say(f"Damaged: {display_name(item['name'])}: {item['problem']}. {item['fix']}")
         if report.ok and not (report.removed_orphans or report.removed_temp_files or report.kept_recent):
             say("Nothing to repair.")
     if report.ok:
@@ -116,7 +122,7 @@ def _repair(reg, *, json_out: bool) -> None:
         raise RegistryError(f"The registry database {reg.db_path} is damaged: {report.database}.",
                             DAMAGED_DB_HINT)
     if report.damaged:
-        names = ", ".join(item["name"] for item in report.damaged)
+        names = ", ".join(display_name(item["name"]) for item in report.damaged[:10])
         raise RegistryError(f"{_n(len(report.damaged), 'entry', 'entries')} could not be repaired: {names}.",
                             "For each: `textinv rm NAME`, then add it again from where it came "
                             "(the report says where).")
