@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from textinv_cli.engine.checks import check_sample_request
 from textinv_cli.errors import TextinvError
 from textinv_cli.infotext import check_out_dir as _check_out_dir
 from textinv_cli.images import open_rgb, preprocess
@@ -44,7 +45,6 @@ from .vae import apply_vae_decoder, apply_vae_encoder, read_vae_config
 
 # Our scheduler names -> A1111's sampler name for the infotext (the torch backend's names).
 SCHEDULERS = {"ddim": "DDIM", "dpm++": "DPM++ 2M"}
-PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 # -- the image side of a model ---------------------------------------------------------------
@@ -219,7 +219,9 @@ def sample(request: SampleRequest) -> Iterator[Event]:
 
     from .text import add_embeddings, encode, expand_all, load_text_side, model_family, model_folder, to_model_ids
 
-    _check_request(request)
+    from .backend import JaxBackend
+
+    check_sample_request(request, JaxBackend())  # the CLI checked already; this guards other callers
     out_dir = Path(request.out_dir)
     _check_out_dir(out_dir)  # before the (slow) model load; created only once there is an image
     t0 = time.monotonic()
@@ -278,29 +280,6 @@ def sample(request: SampleRequest) -> Iterator[Event]:
             yield Event("sample", {"path": str(path), "seed": seed, "index": start + j, "width": width,
                                    "height": height})
     yield Event("finished", {"paths": paths, "out_dir": str(out_dir), "seconds": round(time.monotonic() - t0, 3)})
-
-
-def _check_request(r: SampleRequest) -> None:
-    """The CLI validates first; this guards other callers (and names the two samplers we have)."""
-    def positive_int(v, least):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= least
-
-    problems = [msg for ok, msg in (
-        (positive_int(r.n, 1), f"n must be at least 1 (got {r.n!r})"),
-        (positive_int(r.steps, 1), f"steps must be at least 1 (got {r.steps!r})"),
-        (r.batch_size is None or positive_int(r.batch_size, 1), f"batch_size must be at least 1 (got {r.batch_size!r})"),
-        (r.guidance is not None and r.guidance >= 0, f"guidance must be >= 0 (got {r.guidance!r})"),
-        (all(v is None or (positive_int(v, 8) and v % 8 == 0) for v in (r.width, r.height)),
-         f"width and height must be positive multiples of 8 (got {r.width!r}x{r.height!r})"),
-        (r.precision in PRECISIONS, f"unknown precision {r.precision!r} (choose {', '.join(PRECISIONS)})"),
-    ) if not ok]
-    if r.scheduler not in SCHEDULERS:
-        raise TextinvError(f"The jax backend samples with ddim or dpm++ (DPM-Solver++ 2M), not {r.scheduler!r}.",
-                           "Pass --scheduler ddim or --scheduler dpm++, or --backend torch for euler, "
-                           "euler-a and unipc.")
-    if problems:
-        raise TextinvError("Invalid sampling request: " + "; ".join(problems) + ".")
-
 
 
 # -- validation images of a training run -------------------------------------------------------------

@@ -222,10 +222,10 @@ def quiet():
 # -- devices, precision, attention ------------------------------------------------------
 
 def pick_device(spec=None):
-    """CUDA when present (spec.extra["device"] overrides: "cpu", "cuda:1"), else the CPU."""
+    """CUDA when present (spec.device overrides: "cpu", "cuda:1"), else the CPU."""
     import torch
 
-    wanted = (getattr(spec, "extra", None) or {}).get("device")
+    wanted = getattr(spec, "device", None)
     if wanted:
         return torch.device(wanted)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -284,7 +284,7 @@ def validate(comp: Components, spec, run: Path, step: int, resolution: int, devi
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from .rows import expand_placeholder
-    from .trainer import encode_text
+    from .step import encode_text
 
     sched = DDIMScheduler.from_config({**comp.scheduler_config, "clip_sample": False,
                                        "set_alpha_to_one": False})

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from textinv_cli.engine.checks import check_sample_request
 from textinv_cli.errors import TextinvError
 from textinv_cli.infotext import check_out_dir as _check_out_dir, infotext, save_pngs
 from textinv_cli.batch_sizes import batches, pick_batch_size
@@ -39,7 +40,6 @@ SCHEDULERS = {
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
 }
-PRECISIONS = ("fp32", "fp16", "bf16")
 _POLL_S = 0.1  # how often the event loop wakes while a step runs (keeps Ctrl-C responsive)
 
 
@@ -47,7 +47,7 @@ _POLL_S = 0.1  # how often the event loop wakes while a step runs (keeps Ctrl-C 
 
 def sample(request: SampleRequest) -> Iterator[Event]:
     """Render request.n images; yield started, progress (per denoising step), sample, finished."""
-    _check_request(request)
+    check_sample_request(request)  # the CLI checked already; this guards other callers
     out_dir = Path(request.out_dir)
     _check_out_dir(out_dir)  # before the (slow) model load; created only once there is an image
     import torch
@@ -98,25 +98,6 @@ def sample(request: SampleRequest) -> Iterator[Event]:
                                    "width": image.width, "height": image.height})
     yield Event("finished", {"paths": paths, "out_dir": str(out_dir),
                              "seconds": round(time.monotonic() - t0, 3)})
-
-
-def _check_request(r: SampleRequest) -> None:
-    """The CLI validates first; this guards other callers (validation images, scripts)."""
-    def positive_int(v, least):
-        return isinstance(v, int) and v >= least
-
-    problems = [msg for ok, msg in (
-        (positive_int(r.n, 1), f"n must be at least 1 (got {r.n!r})"),
-        (positive_int(r.steps, 1), f"steps must be at least 1 (got {r.steps!r})"),
-        (r.batch_size is None or positive_int(r.batch_size, 1), f"batch_size must be at least 1 (got {r.batch_size!r})"),
-        (r.guidance is not None and r.guidance >= 0, f"guidance must be >= 0 (got {r.guidance!r})"),
-        (all(v is None or (positive_int(v, 8) and v % 8 == 0) for v in (r.width, r.height)),
-         f"width and height must be positive multiples of 8 (got {r.width!r}x{r.height!r})"),
-        (r.scheduler in SCHEDULERS, f"unknown scheduler {r.scheduler!r} (choose {', '.join(SCHEDULERS)})"),
-        (r.precision in PRECISIONS, f"unknown precision {r.precision!r} (choose {', '.join(PRECISIONS)})"),
-    ) if not ok]
-    if problems:
-        raise TextinvError("Invalid sampling request: " + "; ".join(problems) + ".")
 
 
 def _size(pipe, request: SampleRequest) -> tuple[int, int]:
