@@ -45,7 +45,7 @@ def init_distributed() -> None:
 class JaxBackend(Backend):
     name = "jax"
     attention = ("sdpa",)                # XLA's attention; xformers is a PyTorch library
-    schedulers = ("ddim", "dpm++")       # sampling.SCHEDULERS
+    schedulers = ("ddim", "dpm++")       # DDIM and DPM-Solver++ 2M (sampling.SCHEDULERS)
     multi_process = False                # one process per host drives all its devices
 
     def probe(self) -> BackendInfo:
@@ -74,7 +74,9 @@ class JaxBackend(Backend):
 
     def train(self, spec: TrainSpec, resume: Path | None = None) -> Iterator[Event]:
         init_distributed()
-        return super().train(spec, resume)
+        from textinv_cli.engine.loop import run
+
+        return run(self, spec, Path(resume) if resume is not None else None)
 
     def open_session(self, spec: TrainSpec) -> Session:
         init_distributed()
@@ -86,4 +88,4 @@ class JaxBackend(Backend):
         init_distributed()
         from .sampling import sample
 
-        return sample(request)
+        return sample(request, self)

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import jax
@@ -45,6 +46,7 @@ from .vae import apply_vae_decoder, apply_vae_encoder, read_vae_config
 
 # Our scheduler names -> A1111's sampler name for the infotext (the torch backend's names).
 SCHEDULERS = {"ddim": "DDIM", "dpm++": "DPM++ 2M"}
+RUNS = SimpleNamespace(name="jax", schedulers=tuple(SCHEDULERS))  # as JaxBackend declares, for direct callers
 
 
 # -- the image side of a model ---------------------------------------------------------------
@@ -213,15 +215,15 @@ def to_pil(image: np.ndarray):
 
 # -- the entry point ------------------------------------------------------------------------------
 
-def sample(request: SampleRequest) -> Iterator[Event]:
-    """Render request.n images; yield started, progress (per denoising step), sample, finished."""
+def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
+    """Render request.n images; yield started, progress (per denoising step), sample, finished.
+    `backend`: the JaxBackend asking, whose declared schedulers the request is checked against."""
     from textinv_cli.infotext import infotext, save_pngs
 
     from .text import add_embeddings, encode, expand_all, load_text_side, model_family, model_folder, to_model_ids
 
-    from .backend import JaxBackend
-
-    check_sample_request(request, JaxBackend())  # the CLI checked already; this guards other callers
+    # the CLI checked already; this guards other callers
+    check_sample_request(request, backend if backend is not None else RUNS)
     out_dir = Path(request.out_dir)
     _check_out_dir(out_dir)  # before the (slow) model load; created only once there is an image
     t0 = time.monotonic()

@@ -26,7 +26,7 @@ from textinv_cli.batch_plan import BatchPlan
 from textinv_cli.captions import captions_for, find_images
 from textinv_cli.engine.checks import check_token, is_int
 from textinv_cli.engine.contract import Session
-from textinv_cli.engine.loop import StopFlag
+from textinv_cli.engine.stop import StopFlag
 from textinv_cli.errors import TextinvError
 from textinv_cli.spec import TrainSpec
 

@@ -8,6 +8,7 @@ torch at import time.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 from textinv_cli.engine.checks import ATTENTION, SCHEDULERS
@@ -40,6 +41,11 @@ class TorchBackend(Backend):
         devices.append("cpu")
         return BackendInfo(self.name, version=torch.__version__, available=not missing, devices=devices,
                            reason=f"{', '.join(missing)} not installed" if missing else None, details=details)
+
+    def train(self, spec: TrainSpec, resume: Path | None = None) -> Iterator[Event]:
+        from textinv_cli.engine.loop import run
+
+        return run(self, spec, Path(resume) if resume is not None else None)
 
     def open_session(self, spec: TrainSpec) -> Session:
         from .trainer import TorchSession

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from textinv_cli.engine.contract import Session
-from textinv_cli.engine.loop import StopFlag
+from textinv_cli.engine.stop import StopFlag
 from textinv_cli.models import resolve_model
 from textinv_cli.spec import TrainSpec
 

@@ -4,8 +4,8 @@ the samplers for callers that skip the CLI. The limits and choice vocabularies a
 here once; the CLI's --help text is written from the same constants.
 
 A rule that depends on the backend (xformers attention, several processes, a sampler) is
-read from the Backend's declared capabilities (contract.Backend), so a backend never
-re-checks options itself. Messages name the flag and say what is accepted.
+read from the Backend's declared capabilities (contract.Backend: name, attention,
+schedulers, multi_process), so a backend never re-checks options itself. Messages name the flag and say what is accepted.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from ..errors import TextinvError
 
 if TYPE_CHECKING:
     from ..spec import SampleRequest, TrainSpec
-    from .contract import Backend
 
 VECTORS_MAX = 64     # placeholder tokens per concept: leaves the caption's words room in CLIP's 75
 RESOLUTION_STEP = 8  # every Stable Diffusion VAE downsamples by 8
@@ -40,7 +39,7 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_train_spec(spec: "TrainSpec", backend: "Backend | None" = None) -> None:
+def check_train_spec(spec: "TrainSpec", backend: Any = None) -> None:
     """Every training option in range (and supported by `backend`); the first problem raises."""
     from ..schedules import validate as validate_schedule
 
@@ -79,8 +78,9 @@ def check_train_spec(spec: "TrainSpec", backend: "Backend | None" = None) -> Non
         check_train_backend(spec, backend)
 
 
-def check_train_backend(spec: "TrainSpec", backend: "Backend") -> None:
-    """What `backend` declares it cannot do, refused by name."""
+def check_train_backend(spec: "TrainSpec", backend: Any) -> None:
+    """What `backend` (a contract.Backend: name, attention, multi_process) declares it
+    cannot do, refused by name."""
     name = getattr(backend, "name", "chosen")
     attention = getattr(backend, "attention", ATTENTION)  # a backend that is no Backend subclass: no limits
     if spec.attention not in attention:
@@ -94,9 +94,9 @@ def check_train_backend(spec: "TrainSpec", backend: "Backend") -> None:
                            "jax.distributed, JAX_COORDINATOR_ADDRESS).")
 
 
-def check_sample_request(r: "SampleRequest", backend: "Backend | None" = None, *,
-                         more: list[str] | None = None) -> None:
-    """Every out-of-range sampling option at once (plus `more` problems found while parsing)."""
+def check_sample_request(r: "SampleRequest", backend: Any = None, *, more: list[str] | None = None) -> None:
+    """Every out-of-range sampling option at once (plus `more` problems found while parsing);
+    then a scheduler `backend` (a contract.Backend: name, schedulers) does not run."""
     problems = []
     if not (is_int(r.n) and r.n >= 1):
         problems.append(f"-n must be at least 1, not {r.n!r}")
@@ -118,7 +118,7 @@ def check_sample_request(r: "SampleRequest", backend: "Backend | None" = None, *
         raise TextinvError("; ".join(problems) + ".", "See textinv sample --help for the accepted values.")
     schedulers = getattr(backend, "schedulers", SCHEDULERS)
     if r.scheduler not in schedulers:
-        raise TextinvError(f"The {backend.name} backend samples with {_one_of(schedulers)}, not {r.scheduler!r}.",
+        raise TextinvError(f"The {getattr(backend, 'name', 'chosen')} backend samples with {_one_of(schedulers)}, not {r.scheduler!r}.",
                            f"Pass --scheduler {schedulers[0]}, or --backend torch for "
                            f"{', '.join(s for s in SCHEDULERS if s not in schedulers)}.")
 

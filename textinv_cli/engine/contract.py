@@ -2,7 +2,7 @@
 
 A backend (found as a plugin, textinv_cli.plugins) is a `Backend`: it reports itself
 (`probe`), samples (`sample`), and for training opens a `Session` that the core's run
-engine (loop.py) drives. The engine owns the run protocol, once for every backend: the
+engine (loop.py, which imports this module, never the other way) drives. The engine owns the run protocol, once for every backend: the
 run folder, resume from the newest complete checkpoint, the events, snapshots, checkpoints
 with the Ctrl-C flag, validation and the final embedding. A session owns the math and the
 devices: load the model and data, restore from a checkpoint, run one optimizer step, hand
@@ -17,13 +17,13 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Iterator
+from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
 if TYPE_CHECKING:
     import numpy as np
 
     from ..spec import Event, SampleRequest, TrainSpec
-    from .loop import StopFlag
+    from .stop import StopFlag
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Session:
     global_batch: int = 1        # samples per micro-step over all processes
     stop_debounce: float = 0.0   # seconds within which Ctrl-C signals count as one press
     family: str = ""             # sd1 | sd2 | sdxl, known after load()
-    warnings: list[str]          # the backend's own warnings, known after load()
+    warnings: Sequence[str] = ()  # the backend's own warnings, known after load()
 
     def agree_run_dir(self, planned: str) -> str:
         """The new run's folder every process uses (process 0's plan); a collective."""
@@ -108,8 +108,12 @@ class Session:
 
 class Backend:
     """A training/sampling backend. Subclasses set `name` and what they support (the
-    checks module refuses the rest before anything loads), and implement probe, sample and
-    open_session; `train` is the core's engine driving that session."""
+    checks module refuses the rest before anything loads), and implement probe, sample,
+    open_session and train, which hands the run to the core's engine:
+
+        def train(self, spec, resume=None):
+            return textinv_cli.engine.loop.run(self, spec, resume)
+    """
 
     name: ClassVar[str] = ""
     attention: ClassVar[tuple[str, ...]] = ("sdpa",)       # --attention values it runs
@@ -124,10 +128,8 @@ class Backend:
         raise NotImplementedError
 
     def train(self, spec: "TrainSpec", resume: Path | None = None) -> Iterator["Event"]:
-        """The run's events; `resume`: the run folder to continue."""
-        from .loop import run
-
-        return run(self, spec, Path(resume) if resume is not None else None)
+        """The run's events (`resume`: the run folder to continue): engine.loop.run(self, ...)."""
+        raise NotImplementedError
 
     def sample(self, request: "SampleRequest") -> Iterator["Event"]:
         raise NotImplementedError

@@ -20,11 +20,6 @@ Imports neither torch nor jax: the session does the math.
 
 from __future__ import annotations
 
-import contextlib
-import math
-import signal
-import threading
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -37,10 +32,12 @@ from ..spec import (SPEC_FILE, Checkpoint, Event, Finished, Interrupted, Progres
                     TrainSpec, Validation)
 from .checks import check_train_spec
 from .contract import Backend, Session
+from .stop import StopFlag, sigint_flag
 
 
 def run(backend: Backend, spec: TrainSpec, resume: Path | None = None) -> Iterator[Event]:
-    """Train `spec` on `backend` (or continue the run folder `resume`); yields the events."""
+    """Train `spec` on `backend` (or continue the run folder `resume`); yields the events.
+    Every Backend's `train` is this (see contract.Backend.train)."""
     spec.absorb_extra()  # a caller may have set extra["device"] after construction
     check_train_spec(spec, backend)  # everything a user can get wrong, before anything is loaded
     session = backend.open_session(spec)
@@ -155,46 +152,6 @@ def _loop(session: Session, spec: TrainSpec, run: Path, resume: Path | None, n_i
     yield emit(Finished(step=done, embedding_path=str(path), token=spec.token, vectors=vectors, meta=meta))
 
 
-# -- the loop's bookkeeping: log steps and Ctrl-C --------------------------------------------
-
 def is_log_step(done: int, total: int) -> bool:
     """About 50 loss readings per run, and the last step: the only places we sync with the device."""
     return done % max(1, total // 50) == 0 or done == total
-
-
-class StopFlag:
-    """Ctrl-C asks to stop after the current optimizer step; presses while a checkpoint is
-    being written are ignored. A third press outside checkpointing aborts at once.
-
-    `debounce` (seconds) counts signals that arrive together as one press: under torchrun a
-    terminal Ctrl-C reaches each worker twice, from the terminal and forwarded by the agent."""
-
-    def __init__(self, debounce: float = 0.0):
-        self.requested = False
-        self.checkpointing = False
-        self.presses = 0
-        self.debounce = debounce
-        self._last = -math.inf
-
-    def __call__(self, signum, frame):
-        self.requested = True
-        now = time.monotonic()
-        if self.checkpointing or now - self._last < self.debounce:
-            return
-        self._last = now
-        self.presses += 1
-        if self.presses >= 3:
-            raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def sigint_flag(debounce: float = 0.0):
-    flag = StopFlag(debounce)
-    if threading.current_thread() is not threading.main_thread():
-        yield flag  # signals only reach the main thread; the caller stops us another way
-        return
-    old = signal.signal(signal.SIGINT, flag)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, old)
