@@ -199,17 +199,23 @@ class Progress(Payload):
 
 
 @dataclass(frozen=True)
-class Snapshot(Payload):
-    KIND: ClassVar[str] = "snapshot"
+class _FileAtStep(Payload):
     step: int
     path: str
 
 
 @dataclass(frozen=True)
-class Checkpoint(Payload):
+class Snapshot(_FileAtStep):
+    """The embedding as it was after `step` steps (run/snapshots/step-N.safetensors)."""
+
+    KIND: ClassVar[str] = "snapshot"
+
+
+@dataclass(frozen=True)
+class Checkpoint(_FileAtStep):
+    """A complete checkpoint folder (run/checkpoints/step-N/)."""
+
     KIND: ClassVar[str] = "checkpoint"
-    step: int
-    path: str
 
 
 @dataclass(frozen=True)
