@@ -3,8 +3,8 @@
 TrainSpec holds everything a run needs and is saved into the run directory as JSON, so
 `textinv resume RUN` needs nothing but the run. Backends never print: they yield Events,
 which the CLI renders as a progress bar or as JSON lines. An Event's kind is one of a closed
-set (KINDS); a training run's events are built from the typed payloads below (Started,
-Progress, ...), whose fields are the JSON keys in order.
+set (KINDS), built from the typed payloads below (training: Started, Progress, ...;
+sampling: SampleStarted, SampleProgress, ...), whose fields are the JSON keys in order.
 """
 
 from __future__ import annotations
@@ -140,8 +140,8 @@ KINDS = ("started", "progress", "checkpoint", "snapshot", "validation", "sample"
 class Event:
     """What a backend reports: `kind` (one of KINDS) and its data, the JSON line's keys.
 
-    Training events are made from typed payloads, `Event.of(Progress(step=3, ...))`, and
-    keep theirs in `payload`; sampling events carry their dict as built."""
+    Backends make them from typed payloads, `Event.of(Progress(step=3, ...))`, which stay
+    in `payload`; `data` is what the CLI renders and events.jsonl records."""
 
     kind: str
     data: dict[str, Any] = field(default_factory=dict)
@@ -246,3 +246,52 @@ class Finished(Payload):
 class RunWarning(Payload):
     KIND: ClassVar[str] = "warning"
     message: str
+
+
+# -- sampling ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SampleStarted(Payload):
+    KIND: ClassVar[str] = "started"
+    model: str
+    family: str
+    device: str
+    precision: str
+    scheduler: str
+    sampler: str                        # A1111's name for it (the PNG infotext's)
+    images: int
+    batch_size: int
+    steps: int
+    total: int                          # images x steps
+    out_dir: str
+    embeddings: list[dict[str, Any]]    # {name, token, vectors} each
+
+
+@dataclass(frozen=True)
+class SampleProgress(Payload):
+    KIND: ClassVar[str] = "progress"
+    image: int                          # the batch's first image (0-based)
+    batch: int
+    images: int
+    step: int
+    steps: int
+    done: int                           # image-steps done of `total`
+    total: int
+
+
+@dataclass(frozen=True)
+class Sampled(Payload):
+    KIND: ClassVar[str] = "sample"
+    path: str
+    seed: int
+    index: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class SampleFinished(Payload):
+    KIND: ClassVar[str] = "finished"
+    paths: list[str]
+    out_dir: str
+    seconds: float

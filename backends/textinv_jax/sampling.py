@@ -37,7 +37,7 @@ from textinv_cli.errors import TextinvError
 from textinv_cli.infotext import check_out_dir as _check_out_dir
 from textinv_cli.images import open_rgb, preprocess
 from textinv_cli.batch_sizes import batches, encode_batch_size, pick_batch_size
-from textinv_cli.spec import Event, SampleRequest
+from textinv_cli.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
 
 from . import schedule as sched
 from .clip import apply_clip
@@ -251,13 +251,12 @@ def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
 
     n, steps = request.n, request.steps
     batch = pick_batch_size(n, request.batch_size, width, height)
-    yield Event("started", {
-        "model": name, "family": family, "device": device.platform, "precision": request.precision,
-        "scheduler": request.scheduler, "sampler": SCHEDULERS[request.scheduler],
-        "images": n, "batch_size": batch, "steps": steps, "total": n * steps, "out_dir": str(out_dir),
-        "embeddings": [{"name": r.name, "token": r.token, "vectors": int(next(iter(r.vectors.values())).shape[0])}
-                       for r in request.embeddings],
-    })
+    yield Event.of(SampleStarted(
+        model=name, family=family, device=device.platform, precision=request.precision,
+        scheduler=request.scheduler, sampler=SCHEDULERS[request.scheduler],
+        images=n, batch_size=batch, steps=steps, total=n * steps, out_dir=str(out_dir),
+        embeddings=[{"name": r.name, "token": r.token, "vectors": int(next(iter(r.vectors.values())).shape[0])}
+                    for r in request.embeddings]))
     paths = []
     for start, count in batches(n, batch):
         seeds = [request.seed + start + j for j in range(count)]
@@ -271,17 +270,16 @@ def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
             except StopIteration as done:
                 pixels = done.value[:count]
                 break
-            yield Event("progress", {"image": start, "batch": count, "images": n, "step": step + 1, "steps": steps,
-                                     "done": start * steps + (step + 1) * count, "total": n * steps})
+            yield Event.of(SampleProgress(image=start, batch=count, images=n, step=step + 1, steps=steps,
+                                          done=start * steps + (step + 1) * count, total=n * steps))
         out_dir.mkdir(parents=True, exist_ok=True)
         texts = [infotext(request, seed=seed, width=width, height=height, model_name=name,
                           sampler=SCHEDULERS[request.scheduler]) for seed in seeds]
         saved = save_pngs([to_pil(p) for p in pixels], out_dir, seeds, texts)
         for j, (seed, path) in enumerate(zip(seeds, saved)):
             paths.append(str(path))
-            yield Event("sample", {"path": str(path), "seed": seed, "index": start + j, "width": width,
-                                   "height": height})
-    yield Event("finished", {"paths": paths, "out_dir": str(out_dir), "seconds": round(time.monotonic() - t0, 3)})
+            yield Event.of(Sampled(path=str(path), seed=seed, index=start + j, width=width, height=height))
+    yield Event.of(SampleFinished(paths=paths, out_dir=str(out_dir), seconds=round(time.monotonic() - t0, 3)))
 
 
 # -- validation images of a training run -------------------------------------------------------------

@@ -30,7 +30,7 @@ from textinv_cli.engine.checks import check_sample_request
 from textinv_cli.errors import TextinvError
 from textinv_cli.infotext import check_out_dir as _check_out_dir, infotext, save_pngs
 from textinv_cli.batch_sizes import batches, pick_batch_size
-from textinv_cli.spec import Event, SampleRequest
+from textinv_cli.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
 
 # Our scheduler names -> (diffusers class, extra config, A1111's sampler name for the infotext).
 SCHEDULERS = {
@@ -63,12 +63,11 @@ def sample(request: SampleRequest) -> Iterator[Event]:
 
     n, steps = request.n, request.steps
     batch = pick_batch_size(n, request.batch_size, *_size(pipe, request))
-    yield Event("started", {
-        "model": info["name"], "family": info["family"], "device": device, "precision": request.precision,
-        "scheduler": request.scheduler, "sampler": SCHEDULERS[request.scheduler][2],
-        "images": n, "batch_size": batch, "steps": steps, "total": n * steps, "out_dir": str(out_dir),
-        "embeddings": [{"name": r.name, "token": r.token, "vectors": _n_vectors(r)} for r in request.embeddings],
-    })
+    yield Event.of(SampleStarted(
+        model=info["name"], family=info["family"], device=device, precision=request.precision,
+        scheduler=request.scheduler, sampler=SCHEDULERS[request.scheduler][2],
+        images=n, batch_size=batch, steps=steps, total=n * steps, out_dir=str(out_dir),
+        embeddings=[{"name": r.name, "token": r.token, "vectors": _n_vectors(r)} for r in request.embeddings]))
     paths = []
     for start, count in batches(n, batch):
         seeds = [request.seed + start + j for j in range(count)]
@@ -83,8 +82,8 @@ def sample(request: SampleRequest) -> Iterator[Event]:
             for step in runner:
                 done = min(step + 1, steps)  # schedulers we offer run exactly `steps` steps; clamp anyway
                 # one denoising step of the batch advances each of its `count` images by one step
-                yield Event("progress", {"image": start, "batch": count, "images": n, "step": done,
-                                         "steps": steps, "done": start * steps + done * count, "total": n * steps})
+                yield Event.of(SampleProgress(image=start, batch=count, images=n, step=done, steps=steps,
+                                              done=start * steps + done * count, total=n * steps))
         except torch.cuda.OutOfMemoryError:
             raise TextinvError(f"Out of GPU memory rendering {count} image(s) at once.",
                                f"Pass a smaller --batch-size (e.g. {max(1, count // 2)}).") from None
@@ -94,10 +93,9 @@ def sample(request: SampleRequest) -> Iterator[Event]:
                           sampler=SCHEDULERS[request.scheduler][2]) for seed, image in zip(seeds, images)]
         for j, (seed, image, path) in enumerate(zip(seeds, images, save_pngs(images, out_dir, seeds, texts))):
             paths.append(str(path))
-            yield Event("sample", {"path": str(path), "seed": seed, "index": start + j,
-                                   "width": image.width, "height": image.height})
-    yield Event("finished", {"paths": paths, "out_dir": str(out_dir),
-                             "seconds": round(time.monotonic() - t0, 3)})
+            yield Event.of(Sampled(path=str(path), seed=seed, index=start + j, width=image.width,
+                                   height=image.height))
+    yield Event.of(SampleFinished(paths=paths, out_dir=str(out_dir), seconds=round(time.monotonic() - t0, 3)))
 
 
 def _size(pipe, request: SampleRequest) -> tuple[int, int]:
