@@ -240,6 +240,13 @@ def compute_dtype(precision: str, device):
                            "Use --precision bf16 or --precision fp32 on the CPU.")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise TextinvError("This GPU does not support bf16.", "Use --precision fp16 or fp32.")
+    return torch_dtype(precision)
+
+
+def torch_dtype(precision: str):
+    """The torch dtype of a --precision name (engine.checks.PRECISIONS)."""
+    import torch
+
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 

@@ -106,13 +106,13 @@ def _size(pipe, request: SampleRequest) -> tuple[int, int]:
 
 
 def _dtype(precision: str, device: str):
-    import torch
+    from .models import torch_dtype
 
     if precision == "fp16" and device == "cpu":
         # Many CPU kernels have no fp16 implementation; it would fail mid-run or crawl.
         raise TextinvError("fp16 sampling needs a CUDA GPU, and none is available.",
                            "Use --precision fp32 (or bf16) on the CPU.")
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return torch_dtype(precision)
 
 
 def _n_vectors(ref) -> int:
