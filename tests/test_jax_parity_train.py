@@ -30,7 +30,7 @@ from textinv_torch import data as tdata  # noqa: E402
 from textinv_torch import models as tmodels  # noqa: E402
 from textinv_torch import rows as trows  # noqa: E402
 from textinv_torch import sampling as tsampling  # noqa: E402
-from textinv_torch import trainer as ttrainer  # noqa: E402
+from textinv_torch import step as ttrainer  # noqa: E402
 from textinv_torch.backend import TorchBackend  # noqa: E402
 
 TOKEN = "<cat-toy>"

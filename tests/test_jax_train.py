@@ -32,7 +32,8 @@ from textinv_cli.formats.safetensors_io import load_safetensors  # noqa: E402
 from textinv_cli.registry import Registry  # noqa: E402
 from textinv_cli.spec import EmbeddingRef, SampleRequest, TrainSpec  # noqa: E402
 from textinv_jax.backend import JaxBackend  # noqa: E402
-from textinv_jax.train_state import StopFlag, is_log_step  # noqa: E402
+from textinv_cli.engine.loop import is_log_step  # noqa: E402
+from textinv_cli.engine.stop import StopFlag  # noqa: E402
 
 TOKEN = "<cat-toy>"
 

@@ -18,9 +18,9 @@ from textinv_cli.errors import TextinvError  # noqa: E402
 from textinv_cli.spec import TrainSpec  # noqa: E402
 from textinv_torch import models as M  # noqa: E402
 from textinv_torch import rows as R  # noqa: E402
-from textinv_torch import state as S  # noqa: E402
+from textinv_cli import run_files as S  # noqa: E402
 from textinv_torch.tiny import write_tiny_model  # noqa: E402
-from textinv_torch.trainer import Batch, encode_text, forward_loss  # noqa: E402
+from textinv_torch.step import Batch, encode_text, forward_loss  # noqa: E402
 
 TOKEN = "<cat-toy>"
 

@@ -4,15 +4,19 @@ Listing entry points imports nothing; a backend's module (and torch or jax with 
 imported only when that backend is asked for. A plugin that fails to import is reported
 with the reason and never breaks other commands. Tests register a backend in-process
 with `register()`, the way simonw/llm's tests do, without installing a package.
+
+What a backend provides is engine.contract.Backend (probe, sample, and a training Session
+the core's run engine drives); BackendInfo is what probe() returns.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable
 
+from .engine.contract import Backend, BackendInfo
 from .errors import BackendError
 
 GROUP = "textinv.backends"
@@ -22,29 +26,6 @@ INSTALL_HINTS = {
     "torch": 'pip install "textinv[torch]"  (CPU: pip install torch==2.13.0 first)',
     "jax": 'pip install "textinv[jax]"',
 }
-
-
-@dataclass
-class BackendInfo:
-    """What `probe()` says: versions, devices, and why it is unusable when it is."""
-
-    name: str
-    version: str = ""
-    available: bool = True
-    devices: list[str] = field(default_factory=list)
-    reason: str | None = None
-    details: dict[str, str] = field(default_factory=dict)
-
-
-@runtime_checkable
-class Backend(Protocol):
-    name: str
-
-    def probe(self) -> BackendInfo: ...
-
-    def train(self, spec: Any, resume: Any = None) -> Iterator[Any]: ...
-
-    def sample(self, request: Any) -> Iterator[Any]: ...
 
 
 _registered: dict[str, Callable[[], Any]] = {}
@@ -77,7 +58,7 @@ class Candidate:
     distribution: str = ""
     _load: Callable[[], Any] | None = None
 
-    def load(self) -> Any:
+    def load(self) -> Backend:
         """Import and instantiate. Any failure becomes BackendError with what to do."""
         try:
             obj = self._load()
@@ -132,7 +113,7 @@ def _none_installed() -> BackendError:
                         f"Install one — {hints}.")
 
 
-def require_backend(name: str | None = None) -> Any:
+def require_backend(name: str | None = None) -> Backend:
     """The backend to train/sample with: the named one, else the first usable one."""
     cands = candidates()
     if not cands:

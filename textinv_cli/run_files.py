@@ -1,72 +1,20 @@
-"""The files every backend's training run writes, and the checks before it writes any.
-
-check_spec validates a TrainSpec (every option in range, messages naming the flag) before
-anything is loaded; the rest writes the run's embeddings (snapshots and the final one in
-the diffusers format), checks the run folder, and appends to its event log.
+"""The files every backend's training run writes: the run's embeddings (snapshots and the
+final one, in the diffusers format), the run folder's check before the first write, and the
+event log. The run engine (engine/loop.py) calls them; the option checks are engine/checks.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .errors import OutputExistsError, TextinvError
-from .spec import TrainSpec
 
 EVENTS = "events.jsonl"
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_spec(spec: TrainSpec) -> None:
-    """Every option in range, before anything is loaded or written; messages name the flag."""
-    from .schedules import validate as validate_schedule
-
-    def need(ok: bool, name: str, what: str, hint: str | None = None):
-        if not ok:
-            raise TextinvError(f"{_flag(name)} {what}, not {getattr(spec, name)!r}.", hint)
-
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_num(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if not isinstance(spec.token, str) or not spec.token.strip() or any(c.isspace() for c in spec.token):
-        raise TextinvError(f"--token must be one word without spaces, not {spec.token!r}.",
-                           'For example --token "<cat-toy>".')
-    if not spec.init or not all(isinstance(w, str) and w.strip() for w in spec.init):
-        raise TextinvError("--init needs at least one non-empty word.", "For example --init toy.")
-    need(is_int(spec.vectors) and 1 <= spec.vectors <= 64, "vectors", "must be between 1 and 64")
-    need(spec.resolution is None or (is_int(spec.resolution) and spec.resolution > 0), "resolution",
-         "must be a positive number of pixels")
-    need(is_num(spec.flip_p) and 0 <= spec.flip_p <= 1, "flip_p", "must be a probability between 0 and 1")
-    for name in ("steps", "batch_size", "grad_accum", "validate_steps", "num_processes"):
-        need(is_int(getattr(spec, name)) and getattr(spec, name) >= 1, name, "must be at least 1")
-    for name in ("warmup_steps", "save_every", "checkpoint_every", "keep_checkpoints", "validate_every", "seed"):
-        need(is_int(getattr(spec, name)) and getattr(spec, name) >= 0, name, "must be 0 or more")
-    need(is_num(spec.lr) and spec.lr > 0, "lr", "must be a positive learning rate", "Typical: 5e-3 (A1111) or 5e-4.")
-    validate_schedule(spec.lr_schedule)
-    for name in ("adam_beta1", "adam_beta2"):
-        need(is_num(getattr(spec, name)) and 0 <= getattr(spec, name) < 1, name, "must be in [0, 1)")
-    need(is_num(spec.adam_eps) and spec.adam_eps > 0, "adam_eps", "must be positive")
-    need(is_num(spec.weight_decay) and spec.weight_decay >= 0, "weight_decay", "must be 0 or more")
-    need(spec.max_grad_norm is None or (is_num(spec.max_grad_norm) and spec.max_grad_norm > 0), "max_grad_norm",
-         "must be positive (or left out)")
-    need(spec.precision in ("fp32", "fp16", "bf16"), "precision", "must be fp32, fp16 or bf16")
-    need(spec.attention in ("sdpa", "xformers"), "attention", "must be sdpa or xformers")
-    if not all(isinstance(p, str) and p.strip() for p in spec.validate):
-        raise TextinvError("--validate prompts must be non-empty text.")
 
 
 # -- embeddings the run writes: snapshots and the final one ---------------------------------
@@ -165,48 +113,3 @@ def _cut_torn_line(f) -> None:
             return
         pos = start
     f.truncate(0)
-
-
-# -- the loop's bookkeeping: log steps and Ctrl-C --------------------------------------------
-
-def is_log_step(done: int, total: int) -> bool:
-    """About 50 loss readings per run, and the last step: the only places we sync with the device."""
-    return done % max(1, total // 50) == 0 or done == total
-
-
-class StopFlag:
-    """Ctrl-C asks to stop after the current optimizer step; presses while a checkpoint is
-    being written are ignored. A third press outside checkpointing aborts at once.
-
-    `debounce` (seconds) counts signals that arrive together as one press: under torchrun a
-    terminal Ctrl-C reaches each worker twice, from the terminal and forwarded by the agent."""
-
-    def __init__(self, debounce: float = 0.0):
-        self.requested = False
-        self.checkpointing = False
-        self.presses = 0
-        self.debounce = debounce
-        self._last = -math.inf
-
-    def __call__(self, signum, frame):
-        self.requested = True
-        now = time.monotonic()
-        if self.checkpointing or now - self._last < self.debounce:
-            return
-        self._last = now
-        self.presses += 1
-        if self.presses >= 3:
-            raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def sigint_flag(debounce: float = 0.0):
-    flag = StopFlag(debounce)
-    if threading.current_thread() is not threading.main_thread():
-        yield flag  # signals only reach the main thread; the caller stops us another way
-        return
-    old = signal.signal(signal.SIGINT, flag)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, old)

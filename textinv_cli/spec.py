@@ -2,7 +2,9 @@
 
 TrainSpec holds everything a run needs and is saved into the run directory as JSON, so
 `textinv resume RUN` needs nothing but the run. Backends never print: they yield Events,
-which the CLI renders as a progress bar or as JSON lines.
+which the CLI renders as a progress bar or as JSON lines. An Event's kind is one of a closed
+set (KINDS), built from the typed payloads below (training: Started, Progress, ...;
+sampling: SampleStarted, SampleProgress, ...), whose fields are the JSON keys in order.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 SPEC_FILE = "spec.json"
+# First-class TrainSpec fields that spec.json keeps under "extra", where earlier versions put
+# them: old runs resume, and the file keeps its shape.
+IN_EXTRA = ("name", "model_name", "device", "threads", "devices")
 
 
 @dataclass
@@ -59,14 +64,34 @@ class TrainSpec:
     validate_every: int = 0
     validate_steps: int = 25
     num_processes: int = 1
+    # who and where (kept under "extra" in spec.json, see IN_EXTRA)
+    name: str | None = None             # the registry name the result gets
+    model_name: str | None = None       # --model as the user typed it
+    device: str | None = None           # torch: "cpu", "cuda:1" instead of the default device
+    threads: int | None = None          # torch: CPU threads for the run
+    devices: int | None = None          # jax: train on the first N local devices
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs, recorded as given
 
+    def __post_init__(self):
+        self.absorb_extra()
+
+    def absorb_extra(self) -> None:
+        """Move IN_EXTRA keys a caller put in `extra` (or an old spec.json had) to their fields."""
+        extra = dict(self.extra or {})
+        for key in IN_EXTRA:
+            if key in extra:
+                setattr(self, key, extra.pop(key))
+        self.extra = extra
+
     def to_json(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        first = {k: data.pop(k) for k in IN_EXTRA}
+        data["extra"] = {**{k: v for k, v in first.items() if v is not None}, **data["extra"]}
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "TrainSpec":
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - set(IN_EXTRA)
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, run_dir: Path) -> None:
@@ -107,12 +132,166 @@ class SampleRequest:
     batch_size: int | None = None       # images per pipeline call; None: the backend picks (up to 8)
 
 
+KINDS = ("started", "progress", "checkpoint", "snapshot", "validation", "sample", "finished", "interrupted",
+         "warning")
+
+
 @dataclass
 class Event:
-    """kind: started | progress | checkpoint | snapshot | validation | sample | finished | interrupted | warning."""
+    """What a backend reports: `kind` (one of KINDS) and its data, the JSON line's keys.
+
+    Backends make them from typed payloads, `Event.of(Progress(step=3, ...))`, which stay
+    in `payload`; `data` is what the CLI renders and events.jsonl records."""
 
     kind: str
     data: dict[str, Any] = field(default_factory=dict)
+    payload: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Unknown event kind {self.kind!r}; one of {', '.join(KINDS)}.")
+
+    @classmethod
+    def of(cls, payload: "Payload") -> "Event":
+        return cls(payload.KIND, payload.to_data(), payload)
 
     def to_json(self) -> dict:
         return {"event": self.kind, **self.data}
+
+
+class Payload:
+    """A typed event body: its fields in order are the event's keys; OPTIONAL ones are
+    left out while None (so a one-process run's `started` has no `processes` key)."""
+
+    KIND: ClassVar[str] = ""
+    OPTIONAL: ClassVar[tuple[str, ...]] = ()
+
+    def to_data(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)  # type: ignore[arg-type]
+                if not (f.name in self.OPTIONAL and getattr(self, f.name) is None)}
+
+
+@dataclass(frozen=True)
+class Started(Payload):
+    KIND: ClassVar[str] = "started"
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("devices", "processes")
+    run_dir: str
+    device: str
+    family: str
+    model: str
+    images: int
+    ignored: list[str]
+    total_steps: int
+    start_step: int
+    resumed_from: str | None
+    devices: int | None = None          # more than one device (jax)
+    processes: int | None = None        # more than one process
+
+
+@dataclass(frozen=True)
+class Progress(Payload):
+    KIND: ClassVar[str] = "progress"
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("loss",)
+    step: int
+    total: int
+    lr: float
+    loss: float | None = None           # at log steps only (the loop's host syncs)
+
+
+@dataclass(frozen=True)
+class _FileAtStep(Payload):
+    step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class Snapshot(_FileAtStep):
+    """The embedding as it was after `step` steps (run/snapshots/step-N.safetensors)."""
+
+    KIND: ClassVar[str] = "snapshot"
+
+
+@dataclass(frozen=True)
+class Checkpoint(_FileAtStep):
+    """A complete checkpoint folder (run/checkpoints/step-N/)."""
+
+    KIND: ClassVar[str] = "checkpoint"
+
+
+@dataclass(frozen=True)
+class Validation(Payload):
+    KIND: ClassVar[str] = "validation"
+    step: int
+    paths: list[str]
+
+
+@dataclass(frozen=True)
+class Interrupted(Payload):
+    KIND: ClassVar[str] = "interrupted"
+    step: int
+    checkpoint: str
+
+
+@dataclass(frozen=True)
+class Finished(Payload):
+    KIND: ClassVar[str] = "finished"
+    step: int
+    embedding_path: str
+    token: str
+    vectors: dict[str, Any]             # slot -> float32 numpy [n, width]
+    meta: dict[str, str]
+
+
+@dataclass(frozen=True)
+class RunWarning(Payload):
+    KIND: ClassVar[str] = "warning"
+    message: str
+
+
+# -- sampling ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SampleStarted(Payload):
+    KIND: ClassVar[str] = "started"
+    model: str
+    family: str
+    device: str
+    precision: str
+    scheduler: str
+    sampler: str                        # A1111's name for it (the PNG infotext's)
+    images: int
+    batch_size: int
+    steps: int
+    total: int                          # images x steps
+    out_dir: str
+    embeddings: list[dict[str, Any]]    # {name, token, vectors} each
+
+
+@dataclass(frozen=True)
+class SampleProgress(Payload):
+    KIND: ClassVar[str] = "progress"
+    image: int                          # the batch's first image (0-based)
+    batch: int
+    images: int
+    step: int
+    steps: int
+    done: int                           # image-steps done of `total`
+    total: int
+
+
+@dataclass(frozen=True)
+class Sampled(Payload):
+    KIND: ClassVar[str] = "sample"
+    path: str
+    seed: int
+    index: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class SampleFinished(Payload):
+    KIND: ClassVar[str] = "finished"
+    paths: list[str]
+    out_dir: str
+    seconds: float

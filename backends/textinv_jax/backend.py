@@ -1,6 +1,6 @@
-"""The `jax` backend: what the CLI talks to (DESIGN §6).
+"""The `jax` backend: what the CLI talks to (textinv_cli.engine.contract.Backend).
 
-Thin on purpose: jax is imported inside the methods, so `textinv backends` can list this
+Thin on purpose: train() is the core's run engine driving a trainer.JaxSession; jax is imported inside the methods, so `textinv backends` can list this
 backend cheaply, and nothing here (or in the modules it loads) imports torch.
 
 Several hosts (TPU pods, GPU clusters): `jax.distributed.initialize()` must run before JAX
@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from textinv_cli.plugins import BackendInfo
+from textinv_cli.engine.contract import Backend, BackendInfo, Session
+from textinv_cli.spec import Event, SampleRequest, TrainSpec
 
 
 def wants_distributed(env=os.environ) -> bool:
@@ -41,8 +42,11 @@ def init_distributed() -> None:
         jax.distributed.initialize(**kw)
 
 
-class JaxBackend:
+class JaxBackend(Backend):
     name = "jax"
+    attention = ("sdpa",)                # XLA's attention; xformers is a PyTorch library
+    schedulers = ("ddim", "dpm++")       # DDIM and DPM-Solver++ 2M (sampling.SCHEDULERS)
+    multi_process = False                # one process per host drives all its devices
 
     def probe(self) -> BackendInfo:
         try:
@@ -68,14 +72,20 @@ class JaxBackend:
         return BackendInfo(self.name, version=jax.__version__, available=not missing, devices=devices,
                            reason=f"{', '.join(missing)} not installed" if missing else None, details=details)
 
-    def train(self, spec, resume: Path | None = None) -> Iterator:
+    def train(self, spec: TrainSpec, resume: Path | None = None) -> Iterator[Event]:
         init_distributed()
-        from .trainer import train
+        from textinv_cli.engine.loop import run
 
-        return train(spec, Path(resume) if resume is not None else None)
+        return run(self, spec, Path(resume) if resume is not None else None)
 
-    def sample(self, request) -> Iterator:
+    def open_session(self, spec: TrainSpec) -> Session:
+        init_distributed()
+        from .trainer import JaxSession
+
+        return JaxSession(spec)
+
+    def sample(self, request: SampleRequest) -> Iterator[Event]:
         init_distributed()
         from .sampling import sample
 
-        return sample(request)
+        return sample(request, self)

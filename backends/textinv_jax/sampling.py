@@ -25,17 +25,19 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from textinv_cli.engine.checks import check_sample_request
 from textinv_cli.errors import TextinvError
 from textinv_cli.infotext import check_out_dir as _check_out_dir
 from textinv_cli.images import open_rgb, preprocess
 from textinv_cli.batch_sizes import batches, encode_batch_size, pick_batch_size
-from textinv_cli.spec import Event, SampleRequest
+from textinv_cli.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
 
 from . import schedule as sched
 from .clip import apply_clip
@@ -44,7 +46,7 @@ from .vae import apply_vae_decoder, apply_vae_encoder, read_vae_config
 
 # Our scheduler names -> A1111's sampler name for the infotext (the torch backend's names).
 SCHEDULERS = {"ddim": "DDIM", "dpm++": "DPM++ 2M"}
-PRECISIONS = ("fp32", "fp16", "bf16")
+RUNS = SimpleNamespace(name="jax", schedulers=tuple(SCHEDULERS))  # as JaxBackend declares, for direct callers
 
 
 # -- the image side of a model ---------------------------------------------------------------
@@ -213,13 +215,15 @@ def to_pil(image: np.ndarray):
 
 # -- the entry point ------------------------------------------------------------------------------
 
-def sample(request: SampleRequest) -> Iterator[Event]:
-    """Render request.n images; yield started, progress (per denoising step), sample, finished."""
+def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
+    """Render request.n images; yield started, progress (per denoising step), sample, finished.
+    `backend`: the JaxBackend asking, whose declared schedulers the request is checked against."""
     from textinv_cli.infotext import infotext, save_pngs
 
     from .text import add_embeddings, encode, expand_all, load_text_side, model_family, model_folder, to_model_ids
 
-    _check_request(request)
+    # the CLI checked already; this guards other callers
+    check_sample_request(request, backend if backend is not None else RUNS)
     out_dir = Path(request.out_dir)
     _check_out_dir(out_dir)  # before the (slow) model load; created only once there is an image
     t0 = time.monotonic()
@@ -247,13 +251,12 @@ def sample(request: SampleRequest) -> Iterator[Event]:
 
     n, steps = request.n, request.steps
     batch = pick_batch_size(n, request.batch_size, width, height)
-    yield Event("started", {
-        "model": name, "family": family, "device": device.platform, "precision": request.precision,
-        "scheduler": request.scheduler, "sampler": SCHEDULERS[request.scheduler],
-        "images": n, "batch_size": batch, "steps": steps, "total": n * steps, "out_dir": str(out_dir),
-        "embeddings": [{"name": r.name, "token": r.token, "vectors": int(next(iter(r.vectors.values())).shape[0])}
-                       for r in request.embeddings],
-    })
+    yield Event.of(SampleStarted(
+        model=name, family=family, device=device.platform, precision=request.precision,
+        scheduler=request.scheduler, sampler=SCHEDULERS[request.scheduler],
+        images=n, batch_size=batch, steps=steps, total=n * steps, out_dir=str(out_dir),
+        embeddings=[{"name": r.name, "token": r.token, "vectors": int(next(iter(r.vectors.values())).shape[0])}
+                    for r in request.embeddings]))
     paths = []
     for start, count in batches(n, batch):
         seeds = [request.seed + start + j for j in range(count)]
@@ -267,40 +270,16 @@ def sample(request: SampleRequest) -> Iterator[Event]:
             except StopIteration as done:
                 pixels = done.value[:count]
                 break
-            yield Event("progress", {"image": start, "batch": count, "images": n, "step": step + 1, "steps": steps,
-                                     "done": start * steps + (step + 1) * count, "total": n * steps})
+            yield Event.of(SampleProgress(image=start, batch=count, images=n, step=step + 1, steps=steps,
+                                          done=start * steps + (step + 1) * count, total=n * steps))
         out_dir.mkdir(parents=True, exist_ok=True)
         texts = [infotext(request, seed=seed, width=width, height=height, model_name=name,
                           sampler=SCHEDULERS[request.scheduler]) for seed in seeds]
         saved = save_pngs([to_pil(p) for p in pixels], out_dir, seeds, texts)
         for j, (seed, path) in enumerate(zip(seeds, saved)):
             paths.append(str(path))
-            yield Event("sample", {"path": str(path), "seed": seed, "index": start + j, "width": width,
-                                   "height": height})
-    yield Event("finished", {"paths": paths, "out_dir": str(out_dir), "seconds": round(time.monotonic() - t0, 3)})
-
-
-def _check_request(r: SampleRequest) -> None:
-    """The CLI validates first; this guards other callers (and names the two samplers we have)."""
-    def positive_int(v, least):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= least
-
-    problems = [msg for ok, msg in (
-        (positive_int(r.n, 1), f"n must be at least 1 (got {r.n!r})"),
-        (positive_int(r.steps, 1), f"steps must be at least 1 (got {r.steps!r})"),
-        (r.batch_size is None or positive_int(r.batch_size, 1), f"batch_size must be at least 1 (got {r.batch_size!r})"),
-        (r.guidance is not None and r.guidance >= 0, f"guidance must be >= 0 (got {r.guidance!r})"),
-        (all(v is None or (positive_int(v, 8) and v % 8 == 0) for v in (r.width, r.height)),
-         f"width and height must be positive multiples of 8 (got {r.width!r}x{r.height!r})"),
-        (r.precision in PRECISIONS, f"unknown precision {r.precision!r} (choose {', '.join(PRECISIONS)})"),
-    ) if not ok]
-    if r.scheduler not in SCHEDULERS:
-        raise TextinvError(f"The jax backend samples with ddim or dpm++ (DPM-Solver++ 2M), not {r.scheduler!r}.",
-                           "Pass --scheduler ddim or --scheduler dpm++, or --backend torch for euler, "
-                           "euler-a and unipc.")
-    if problems:
-        raise TextinvError("Invalid sampling request: " + "; ".join(problems) + ".")
-
+            yield Event.of(Sampled(path=str(path), seed=seed, index=start + j, width=width, height=height))
+    yield Event.of(SampleFinished(paths=paths, out_dir=str(out_dir), seconds=round(time.monotonic() - t0, 3)))
 
 
 # -- validation images of a training run -------------------------------------------------------------

@@ -11,8 +11,8 @@ numbers added tokens from len(tokenizer), which is V for every real Stable Diffu
 but a model whose table has spare rows would differ; `to_model_ids` moves added ids to V..
 so they always reach the trainable rows, never a stale row of the table.
 
-The checks and messages are the torch backend's (textinv_torch/rows.py), so a user gets the
-same refusal whichever backend they picked.
+The token is checked by the core's engine.checks.check_token, as in the torch backend, so a
+user gets the same refusal whichever backend they picked.
 """
 
 from __future__ import annotations
@@ -114,21 +114,6 @@ def load_text_side(folder: Path) -> TextSide:
     tok = load_tokenizer(folder)
     config = read_clip_config(folder, "text_encoder")
     return TextSide(tokenizer=tok, config=config, params=load_clip(folder, config, "text_encoder"))
-
-
-def check_token(token: str, tokenizer, label: str = "clip_l tokenizer") -> None:
-    """Refuse tokens that would collide with the vocabulary or cannot be one token."""
-    if not isinstance(token, str) or not token.strip():
-        raise TextinvError("The placeholder token is empty.", 'Pass --token, e.g. --token "<cat-toy>".')
-    if any(c.isspace() for c in token):
-        raise TextinvError(f"The token {token!r} contains spaces; a placeholder is one word.",
-                           'Use dashes instead, e.g. --token "<cat-toy>".')
-    vocab = tokenizer.get_vocab()
-    pieces = tokenizer.tokenize(token)
-    # "toy" is already "toy</w>": training it would hijack a real word in every prompt.
-    if token in vocab or token.lower() in vocab or (len(pieces) == 1 and pieces[0] in vocab):
-        raise TextinvError(f"The token {token!r} is already in the {label}'s vocabulary.",
-                           f'Pick a new word, e.g. --token "<{token.strip("<>")}-concept>" (angle brackets help).')
 
 
 def init_rows(tokenizer, table: np.ndarray, words: list[str], n: int, label: str = "clip_l tokenizer") -> np.ndarray:

@@ -1,4 +1,4 @@
-"""What a JAX run writes to disk: checkpoints, embedding snapshots, the final embedding, events.
+"""What a JAX checkpoint holds: the rows and optax's AdamW state, as files.
 
 The same files as the torch backend (textinv_torch/state.py), written with the core's
 numpy safetensors writer, so neither torch nor the `safetensors` package is needed:
@@ -13,9 +13,6 @@ optax's Adam keeps the same two moments and count as torch's AdamW under the sam
 so the keys mean the same thing in both backends. Everything random in a step follows from
 (seed, step, micro-step) (textinv_cli.batch_plan) and the learning rate from the step, so
 these arrays are all a run needs to continue exactly. No pickle: a checkpoint is data.
-
-Also the run's bookkeeping the torch trainer has (option checks, Ctrl-C, log steps), kept
-here with the same rules and messages because textinv_torch.trainer imports torch.
 """
 
 from __future__ import annotations
@@ -25,8 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from textinv_cli import run_files, runs
-from textinv_cli.run_files import StopFlag, is_log_step, sigint_flag  # noqa: F401 - shared with torch
 from textinv_cli.errors import TextinvError
 from textinv_cli.formats.safetensors_io import dump_safetensors, load_safetensors
 
@@ -35,10 +30,11 @@ INFO = "state.json"
 VERSION = 1  # textinv_torch.state.VERSION: the same format
 
 
-def save_checkpoint(run: Path, step: int, rows: dict[str, np.ndarray], mu: dict[str, np.ndarray],
-                    nu: dict[str, np.ndarray], count: int, info: dict, keep: int) -> Path:
-    """Write run/checkpoints/step-NNNNNN/ through the core's runs.write_checkpoint (temp folder,
-    fsync, rename, marker, retention: a kill at any point loses nothing); returns it."""
+def checkpoint_files(step: int, rows: dict[str, np.ndarray], mu: dict[str, np.ndarray], nu: dict[str, np.ndarray],
+                     count: int, info: dict) -> dict[str, bytes]:
+    """The checkpoint's files (name -> bytes); the run engine writes them through the core's
+    runs.write_checkpoint (temp folder, fsync, rename, marker, retention: a kill at any point
+    loses nothing)."""
     tensors = {}
     for slot, r in rows.items():
         tensors[f"rows.{slot}"] = np.asarray(r, np.float32)
@@ -49,7 +45,7 @@ def save_checkpoint(run: Path, step: int, rows: dict[str, np.ndarray], mu: dict[
             "shapes": {s: list(np.shape(r)) for s, r in rows.items()}, **info}
     files = {TENSORS: dump_safetensors(tensors, {"format": "np"}),
              INFO: json.dumps(meta, indent=2, sort_keys=True).encode()}
-    return runs.write_checkpoint(run, step, files, keep)
+    return files
 
 
 def load_checkpoint(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -88,50 +84,3 @@ def restore(info: dict, tensors: dict[str, np.ndarray], shapes: dict[str, tuple]
         # torch stores a 0-d tensor; the core's writer a [1] array: read either
         count = int(round(float(np.asarray(tensors.get(f"adam.{slot}.step", 0.0)).reshape(-1)[0])))
     return int(info["step"]), rows, mu, nu, count
-
-
-# -- embeddings, run folder and event log: the core's, shared with the torch backend --------
-
-def embedding_meta(spec, family: str, step: int) -> dict[str, str]:
-    return run_files.embedding_meta(spec, family, step, backend="jax")
-
-
-def write_vectors(path: Path, vectors: dict, spec, family: str, step: int) -> Path:
-    return run_files.write_vectors(path, vectors, spec, family, step, backend="jax")
-
-
-check_new_run_dir, record_event, EVENTS = run_files.check_new_run_dir, run_files.record_event, run_files.EVENTS
-
-
-# -- the run's bookkeeping: options, Ctrl-C, log steps ------------------------------------------
-# The torch trainer's rules (textinv_torch/trainer.py), here because that module imports torch.
-
-def check_spec(spec) -> None:
-    """The core's option checks (every backend), then what only the jax backend refuses."""
-    run_files.check_spec(spec)
-    if spec.attention == "xformers":
-        raise TextinvError("--attention xformers is a PyTorch library; the jax backend uses XLA's attention.",
-                           "Leave --attention at sdpa with --backend jax, or use --backend torch.")
-    if spec.num_processes != 1:
-        raise TextinvError("The jax backend trains on every device from one process per host; "
-                           f"--num-processes {spec.num_processes} is for --backend torch.",
-                           "Leave --num-processes out: all local devices are used (several hosts: "
-                           "jax.distributed, JAX_COORDINATOR_ADDRESS).")
-    if not all(isinstance(p, str) and p.strip() for p in spec.validate):
-        raise TextinvError("--validate prompts must be non-empty text.")
-
-
-
-def position(spec, step: int, n_images: int, processes: int = 1) -> dict:
-    """Where the data order stands after `step` steps (informational: it follows from the step)."""
-    g = step * spec.grad_accum * spec.batch_size * processes
-    return {"epoch": g // n_images, "index": g % n_images, "samples_seen": g}
-
-
-def describe(devices) -> str:
-    """"cpu", "gpu (NVIDIA H200)", "8 x cpu": what the progress line says it trains on."""
-    d = devices[0]
-    name = d.platform if d.platform == "cpu" else f"{d.platform} ({d.device_kind})"
-    return name if len(devices) == 1 else f"{len(devices)} x {name}"
-
-

@@ -1,8 +1,9 @@
-"""The `torch` backend: what the CLI talks to (DESIGN §6).
+"""The `torch` backend: what the CLI talks to (textinv_cli.engine.contract.Backend).
 
-Thin on purpose: probe() reports versions and devices, train() is trainer.train. torch is
-imported inside the methods so `textinv backends` can list this backend cheaply and the
-core never pays for torch at import time.
+Thin on purpose: probe() reports versions and devices, train() is the core's run engine
+driving a trainer.TorchSession, sample() is sampling.sample. torch is imported inside the
+methods so `textinv backends` can list this backend cheaply and the core never pays for
+torch at import time.
 """
 
 from __future__ import annotations
@@ -10,11 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from textinv_cli.plugins import BackendInfo
+from textinv_cli.engine.checks import ATTENTION, SCHEDULERS
+from textinv_cli.engine.contract import Backend, BackendInfo, Session
+from textinv_cli.spec import Event, SampleRequest, TrainSpec
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
+    attention = ATTENTION
+    schedulers = SCHEDULERS
+    multi_process = True
 
     def probe(self) -> BackendInfo:
         try:
@@ -36,12 +42,17 @@ class TorchBackend:
         return BackendInfo(self.name, version=torch.__version__, available=not missing, devices=devices,
                            reason=f"{', '.join(missing)} not installed" if missing else None, details=details)
 
-    def train(self, spec, resume: Path | None = None) -> Iterator:
-        from .trainer import train
+    def train(self, spec: TrainSpec, resume: Path | None = None) -> Iterator[Event]:
+        from textinv_cli.engine.loop import run
 
-        return train(spec, Path(resume) if resume is not None else None)
+        return run(self, spec, Path(resume) if resume is not None else None)
 
-    def sample(self, request) -> Iterator:
+    def open_session(self, spec: TrainSpec) -> Session:
+        from .trainer import TorchSession
+
+        return TorchSession(spec)
+
+    def sample(self, request: SampleRequest) -> Iterator[Event]:
         from .sampling import sample
 
         return sample(request)

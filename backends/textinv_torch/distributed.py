@@ -5,7 +5,7 @@ A run launched by torchrun, `accelerate launch --multi_gpu` or `textinv train
 RANK / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in its environment. Each process then:
 
 - runs on its own device: cuda:LOCAL_RANK with NCCL, or the CPU with gloo (no CUDA,
-  spec.extra["device"] == "cpu", or ACCELERATE_USE_CPU set by `accelerate launch --cpu`);
+  spec.device == "cpu", or ACCELERATE_USE_CPU set by `accelerate launch --cpu`);
 - takes its block of every micro-step's global batch (BatchPlan numbers samples globally),
   so W processes at batch b see exactly the inputs of 1 process at batch W*b;
 - averages the rows' gradients with one all_reduce per optimizer step (SUM / W, before
@@ -120,7 +120,7 @@ def setup(spec) -> Dist:
 
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    wanted = str((getattr(spec, "extra", None) or {}).get("device") or "")
+    wanted = str(getattr(spec, "device", None) or "")
     cpu = wanted == "cpu" or _truthy(os.environ.get("ACCELERATE_USE_CPU")) or not torch.cuda.is_available()
     if cpu:
         device = torch.device("cpu")

@@ -222,10 +222,10 @@ def quiet():
 # -- devices, precision, attention ------------------------------------------------------
 
 def pick_device(spec=None):
-    """CUDA when present (spec.extra["device"] overrides: "cpu", "cuda:1"), else the CPU."""
+    """CUDA when present (spec.device overrides: "cpu", "cuda:1"), else the CPU."""
     import torch
 
-    wanted = (getattr(spec, "extra", None) or {}).get("device")
+    wanted = getattr(spec, "device", None)
     if wanted:
         return torch.device(wanted)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -240,6 +240,13 @@ def compute_dtype(precision: str, device):
                            "Use --precision bf16 or --precision fp32 on the CPU.")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise TextinvError("This GPU does not support bf16.", "Use --precision fp16 or fp32.")
+    return torch_dtype(precision)
+
+
+def torch_dtype(precision: str):
+    """The torch dtype of a --precision name (engine.checks.PRECISIONS)."""
+    import torch
+
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
@@ -284,7 +291,7 @@ def validate(comp: Components, spec, run: Path, step: int, resolution: int, devi
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from .rows import expand_placeholder
-    from .trainer import encode_text
+    from .step import encode_text
 
     sched = DDIMScheduler.from_config({**comp.scheduler_config, "clip_sample": False,
                                        "set_alpha_to_one": False})

@@ -16,25 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textinv_cli.engine.checks import check_token
 from textinv_cli.errors import TextinvError
 
 
 from textinv_cli.captions import expand_placeholder, init_token_ids, placeholder_names  # noqa: F401 - shared with JAX
-
-
-def check_token(token: str, tokenizer, label: str = "tokenizer") -> None:
-    """Refuse tokens that would collide with the vocabulary or cannot be one token."""
-    if not isinstance(token, str) or not token.strip():
-        raise TextinvError("The placeholder token is empty.", 'Pass --token, e.g. --token "<cat-toy>".')
-    if any(c.isspace() for c in token):
-        raise TextinvError(f"The token {token!r} contains spaces; a placeholder is one word.",
-                           'Use dashes instead, e.g. --token "<cat-toy>".')
-    vocab = tokenizer.get_vocab()
-    pieces = tokenizer.tokenize(token)
-    # "toy" is already "toy</w>": training it would hijack a real word in every prompt.
-    if token in vocab or token.lower() in vocab or (len(pieces) == 1 and pieces[0] in vocab):
-        raise TextinvError(f"The token {token!r} is already in the {label}'s vocabulary.",
-                           f'Pick a new word, e.g. --token "<{token.strip("<>")}-concept>" (angle brackets help).')
 
 
 def add_placeholder(tokenizer, token: str, n: int, label: str = "tokenizer") -> int:

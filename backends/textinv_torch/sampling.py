@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from textinv_cli.engine.checks import check_sample_request
 from textinv_cli.errors import TextinvError
 from textinv_cli.infotext import check_out_dir as _check_out_dir, infotext, save_pngs
 from textinv_cli.batch_sizes import batches, pick_batch_size
-from textinv_cli.spec import Event, SampleRequest
+from textinv_cli.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
 
 # Our scheduler names -> (diffusers class, extra config, A1111's sampler name for the infotext).
 SCHEDULERS = {
@@ -39,7 +40,6 @@ SCHEDULERS = {
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
 }
-PRECISIONS = ("fp32", "fp16", "bf16")
 _POLL_S = 0.1  # how often the event loop wakes while a step runs (keeps Ctrl-C responsive)
 
 
@@ -47,7 +47,7 @@ _POLL_S = 0.1  # how often the event loop wakes while a step runs (keeps Ctrl-C 
 
 def sample(request: SampleRequest) -> Iterator[Event]:
     """Render request.n images; yield started, progress (per denoising step), sample, finished."""
-    _check_request(request)
+    check_sample_request(request)  # the CLI checked already; this guards other callers
     out_dir = Path(request.out_dir)
     _check_out_dir(out_dir)  # before the (slow) model load; created only once there is an image
     import torch
@@ -63,12 +63,11 @@ def sample(request: SampleRequest) -> Iterator[Event]:
 
     n, steps = request.n, request.steps
     batch = pick_batch_size(n, request.batch_size, *_size(pipe, request))
-    yield Event("started", {
-        "model": info["name"], "family": info["family"], "device": device, "precision": request.precision,
-        "scheduler": request.scheduler, "sampler": SCHEDULERS[request.scheduler][2],
-        "images": n, "batch_size": batch, "steps": steps, "total": n * steps, "out_dir": str(out_dir),
-        "embeddings": [{"name": r.name, "token": r.token, "vectors": _n_vectors(r)} for r in request.embeddings],
-    })
+    yield Event.of(SampleStarted(
+        model=info["name"], family=info["family"], device=device, precision=request.precision,
+        scheduler=request.scheduler, sampler=SCHEDULERS[request.scheduler][2],
+        images=n, batch_size=batch, steps=steps, total=n * steps, out_dir=str(out_dir),
+        embeddings=[{"name": r.name, "token": r.token, "vectors": _n_vectors(r)} for r in request.embeddings]))
     paths = []
     for start, count in batches(n, batch):
         seeds = [request.seed + start + j for j in range(count)]
@@ -83,8 +82,8 @@ def sample(request: SampleRequest) -> Iterator[Event]:
             for step in runner:
                 done = min(step + 1, steps)  # schedulers we offer run exactly `steps` steps; clamp anyway
                 # one denoising step of the batch advances each of its `count` images by one step
-                yield Event("progress", {"image": start, "batch": count, "images": n, "step": done,
-                                         "steps": steps, "done": start * steps + done * count, "total": n * steps})
+                yield Event.of(SampleProgress(image=start, batch=count, images=n, step=done, steps=steps,
+                                              done=start * steps + done * count, total=n * steps))
         except torch.cuda.OutOfMemoryError:
             raise TextinvError(f"Out of GPU memory rendering {count} image(s) at once.",
                                f"Pass a smaller --batch-size (e.g. {max(1, count // 2)}).") from None
@@ -94,29 +93,9 @@ def sample(request: SampleRequest) -> Iterator[Event]:
                           sampler=SCHEDULERS[request.scheduler][2]) for seed, image in zip(seeds, images)]
         for j, (seed, image, path) in enumerate(zip(seeds, images, save_pngs(images, out_dir, seeds, texts))):
             paths.append(str(path))
-            yield Event("sample", {"path": str(path), "seed": seed, "index": start + j,
-                                   "width": image.width, "height": image.height})
-    yield Event("finished", {"paths": paths, "out_dir": str(out_dir),
-                             "seconds": round(time.monotonic() - t0, 3)})
-
-
-def _check_request(r: SampleRequest) -> None:
-    """The CLI validates first; this guards other callers (validation images, scripts)."""
-    def positive_int(v, least):
-        return isinstance(v, int) and v >= least
-
-    problems = [msg for ok, msg in (
-        (positive_int(r.n, 1), f"n must be at least 1 (got {r.n!r})"),
-        (positive_int(r.steps, 1), f"steps must be at least 1 (got {r.steps!r})"),
-        (r.batch_size is None or positive_int(r.batch_size, 1), f"batch_size must be at least 1 (got {r.batch_size!r})"),
-        (r.guidance is not None and r.guidance >= 0, f"guidance must be >= 0 (got {r.guidance!r})"),
-        (all(v is None or (positive_int(v, 8) and v % 8 == 0) for v in (r.width, r.height)),
-         f"width and height must be positive multiples of 8 (got {r.width!r}x{r.height!r})"),
-        (r.scheduler in SCHEDULERS, f"unknown scheduler {r.scheduler!r} (choose {', '.join(SCHEDULERS)})"),
-        (r.precision in PRECISIONS, f"unknown precision {r.precision!r} (choose {', '.join(PRECISIONS)})"),
-    ) if not ok]
-    if problems:
-        raise TextinvError("Invalid sampling request: " + "; ".join(problems) + ".")
+            yield Event.of(Sampled(path=str(path), seed=seed, index=start + j, width=image.width,
+                                   height=image.height))
+    yield Event.of(SampleFinished(paths=paths, out_dir=str(out_dir), seconds=round(time.monotonic() - t0, 3)))
 
 
 def _size(pipe, request: SampleRequest) -> tuple[int, int]:
@@ -127,13 +106,13 @@ def _size(pipe, request: SampleRequest) -> tuple[int, int]:
 
 
 def _dtype(precision: str, device: str):
-    import torch
+    from .models import torch_dtype
 
     if precision == "fp16" and device == "cpu":
         # Many CPU kernels have no fp16 implementation; it would fail mid-run or crawl.
         raise TextinvError("fp16 sampling needs a CUDA GPU, and none is available.",
                            "Use --precision fp32 (or bf16) on the CPU.")
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return torch_dtype(precision)
 
 
 def _n_vectors(ref) -> int:

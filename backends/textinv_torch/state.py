@@ -3,7 +3,7 @@
 Checkpoints hold what a run needs to continue exactly, in safetensors + a small JSON.
 
 All randomness of a step is derived from (seed, step, micro-step) and the data order from
-(seed, epoch) (see trainer.py), and the learning rate is a pure function of the step. So a
+(seed, epoch) (see step.py), and the learning rate is a pure function of the step. So a
 checkpoint is only:
 
     state.safetensors   rows.<slot>            fp32 [n, width]  the trainable rows
@@ -13,8 +13,8 @@ checkpoint is only:
     state.json          step, token, slots, shapes, seed, grad-scaler state, data position
 
 No pickle anywhere (the house rule: never torch.load): a checkpoint is data, never code.
-Folders are written through runs.write_checkpoint (temp dir, fsync, rename, `complete`
-marker, retention), so a half-written one is never picked up, whenever the process dies.
+The run engine writes these files through runs.write_checkpoint (temp dir, fsync, rename,
+`complete` marker, retention), so a half-written one is never picked up, whenever the process dies.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from textinv_cli import runs
 from textinv_cli.errors import TextinvError
 
 TENSORS = "state.safetensors"
@@ -32,9 +31,9 @@ INFO = "state.json"
 VERSION = 1
 
 
-def save_checkpoint(run: Path, step: int, rows: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    info: dict, keep: int) -> Path:
-    """Write run/checkpoints/step-NNNNNN/ atomically; returns its final path."""
+def checkpoint_files(step: int, rows: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                     info: dict) -> dict[str, bytes]:
+    """The checkpoint's files (name -> bytes); the run engine writes them atomically."""
     from safetensors.torch import save
 
     tensors = {}
@@ -49,7 +48,7 @@ def save_checkpoint(run: Path, step: int, rows: dict[str, torch.Tensor], optimiz
             "shapes": {s: list(r.shape) for s, r in rows.items()}, **info}
     files = {TENSORS: save(tensors, metadata={"format": "pt"}),
              INFO: json.dumps(meta, indent=2, sort_keys=True).encode()}
-    return runs.write_checkpoint(run, step, files, keep)
+    return files
 
 
 def load_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -98,7 +97,3 @@ def restore(info: dict, tensors: dict[str, torch.Tensor], rows: dict[str, torch.
     optimizer.load_state_dict(sd)
     return int(info["step"])
 
-
-# Shared with the JAX backend: the run's embeddings, its folder and its event log.
-from textinv_cli.run_files import (EVENTS, check_new_run_dir, embedding_meta, record_event,  # noqa: E402,F401
-                                   write_vectors)

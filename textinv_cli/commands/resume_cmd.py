@@ -27,7 +27,7 @@ def resume(
         spec = TrainSpec.load(run)
     except (ValueError, TypeError) as e:
         raise TextinvError(f"{run / SPEC_FILE} is damaged: {e}.") from None
-    name = spec.extra.get("name") or spec.token.strip("<>")
+    name = spec.name or spec.token.strip("<>")
     if (run / FINAL).exists() and Registry().get(name) is not None:
         raise TextinvError(f"This run already finished and is registered as {name}.", f"Use it: textinv sample \"a photo of {spec.token}\"")
     import os

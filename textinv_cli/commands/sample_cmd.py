@@ -12,8 +12,9 @@ from typing import Optional
 
 import typer
 
-SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++", "unipc")
-PRECISIONS = ("fp32", "fp16", "bf16")
+from ..engine.checks import PRECISIONS, SCHEDULERS
+
+# The option rules are engine/checks.py's (check_sample_request), checked before any work.
 
 
 def sample(
@@ -23,23 +24,36 @@ def sample(
         None, "--batch-size", help="Images rendered at once (default: up to 8 at 512x512, fewer for larger "
                                    "sizes); image i is the same picture (up to float rounding) in any batch."),
     steps: int = typer.Option(30, "--steps", help="Denoising steps per image."),
-    scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, euler, euler-a, dpm++ or unipc."),
+    scheduler: str = typer.Option("ddim", "--scheduler", help=f"{', '.join(SCHEDULERS)} (jax: ddim, dpm++)."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (CFG)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image."),
     size: Optional[str] = typer.Option(None, "--size", help="512 (square) or WIDTHxHEIGHT such as 768x512 (default: the model's)."),
     negative: str = typer.Option("", "--negative", help="Negative prompt (registered tokens in it are loaded too)."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny)."),
     out: Path = typer.Option(Path("samples"), "-o", "--output", help="Folder for the PNGs (numbered after existing files)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 (CUDA only) or bf16."),
+    precision: str = typer.Option("fp32", "--precision", help=f"{', '.join(PRECISIONS)} (fp16: CUDA only)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="torch or jax (default: the first usable one)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON event per line instead of a progress bar."),
 ) -> None:
     """Sample images with registered embeddings (PNG info as A1111 writes it)."""
+    from ..engine.checks import check_sample_request, parse_size
     from ..errors import TextinvError
     from ..prompt_tokens import check_families, embeddings_in_prompt
     from ..registry import Registry
+    from ..spec import EmbeddingRef, SampleRequest
 
-    width, height = _check_options(n, steps, scheduler, guidance, size, precision, batch_size)
+    width = height = None
+    more = []
+    if size is not None:
+        try:
+            width, height = parse_size(size)
+        except ValueError as e:
+            more.append(str(e))
+    request = SampleRequest(
+        prompt=prompt, model=model or "tiny", out_dir=str(out.expanduser().absolute()), negative=negative, n=n,
+        steps=steps, scheduler=scheduler, guidance=guidance, seed=seed, width=width, height=height,
+        precision=precision, batch_size=batch_size)
+    check_sample_request(request, more=more)  # every out-of-range option at once, before any work
     if not prompt.strip():
         raise TextinvError("The prompt is empty.", 'Pass one, e.g. textinv sample "A <cat-toy> backpack".')
     registry = Registry()
@@ -47,9 +61,9 @@ def sample(
 
     from ..models import model_family, resolve_model
     from ..plugins import require_backend
-    from ..spec import EmbeddingRef, SampleRequest
 
     chosen = require_backend(backend)
+    check_sample_request(request, chosen)  # and what this backend cannot do
     resolved = resolve_model(model)
     model_name = Path(resolved).name if Path(resolved).is_dir() else resolved
     check_families(entries, model_name, model_family(resolved))
@@ -57,10 +71,7 @@ def sample(
     for entry in entries:
         emb = registry.load(entry)
         refs.append(EmbeddingRef(token=emb.token, vectors=emb.vectors, short_hash=_short_hash(entry), name=entry.name))
-    request = SampleRequest(
-        prompt=prompt, model=resolved, out_dir=str(out.expanduser().absolute()), embeddings=refs,
-        negative=negative, n=n, steps=steps, scheduler=scheduler, guidance=guidance, seed=seed,
-        width=width, height=height, precision=precision, batch_size=batch_size)
+    request.model, request.embeddings = resolved, refs
     events = chosen.sample(request)
     try:
         if json_out:
@@ -73,48 +84,6 @@ def sample(
         close = getattr(events, "close", None)
         if close is not None:
             close()
-
-
-def _check_options(n, steps, scheduler, guidance, size, precision, batch_size=None) -> tuple[int | None, int | None]:
-    """Every out-of-range option at once, before any work; returns (width, height)."""
-    from ..errors import TextinvError
-
-    problems = []
-    if n < 1:
-        problems.append(f"-n must be at least 1, not {n}")
-    if steps < 1:
-        problems.append(f"--steps must be at least 1, not {steps}")
-    if batch_size is not None and batch_size < 1:
-        problems.append(f"--batch-size must be at least 1, not {batch_size}")
-    if not guidance >= 0:  # also catches nan
-        problems.append(f"--guidance must be 0 or more, not {guidance}")
-    if scheduler not in SCHEDULERS:
-        problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
-    if precision not in PRECISIONS:
-        problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    width = height = None
-    if size is not None:
-        try:
-            width, height = _parse_size(size)
-        except ValueError as e:
-            problems.append(str(e))
-    if problems:
-        raise TextinvError("; ".join(problems) + ".", "See textinv sample --help for the accepted values.")
-    return width, height
-
-
-def _parse_size(size: str) -> tuple[int, int]:
-    """"512" -> (512, 512); "768x512" -> width 768, height 512 (A1111's WxH order)."""
-    parts = size.lower().replace("×", "x").split("x")
-    try:
-        dims = [int(p.strip()) for p in parts]
-    except ValueError:
-        dims = []
-    if len(dims) == 1:
-        dims = dims * 2
-    if len(dims) != 2 or min(dims) < 8 or any(d % 8 for d in dims):
-        raise ValueError(f"--size must be a positive multiple of 8 such as 512 or 768x512, not {size!r}")
-    return dims[0], dims[1]
 
 
 def _short_hash(entry) -> str:

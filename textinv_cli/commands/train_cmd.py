@@ -17,7 +17,10 @@ from typing import List, Optional
 
 import typer
 
-_PRECISIONS = ("fp32", "fp16", "bf16")
+from ..engine.checks import ATTENTION, PRECISIONS, RESOLUTION_STEP, VECTORS_MAX
+
+# The option rules are engine/checks.py's, checked on the TrainSpec before anything loads;
+# the help below names the same limits and choices.
 
 
 def train(
@@ -28,38 +31,38 @@ def train(
     backend: Optional[str] = typer.Option(None, "--backend", help="torch or jax (default: the first usable one)."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny)."),
     name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the token without brackets)."),
-    vectors: int = typer.Option(1, "--vectors", min=1, max=75, help="Vectors per token (multi-vector embedding)."),
+    vectors: int = typer.Option(1, "--vectors", help=f"Vectors per token, 1 to {VECTORS_MAX} (multi-vector embedding)."),
     prop: str = typer.Option("object", "--property", help="object or style: which caption templates to use."),
     captions: str = typer.Option("templates", "--captions", help="templates, files (IMAGE.txt sidecars) or both."),
-    resolution: Optional[int] = typer.Option(None, "--resolution", min=8, help="Training resolution (default: the model's)."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help=f"Training resolution, a multiple of {RESOLUTION_STEP} (default: the model's)."),
     center_crop: bool = typer.Option(False, "--center-crop", help="Crop the central square instead of resizing the whole image."),
     flip_p: float = typer.Option(0.5, "--flip-p", help="Probability of a horizontal flip."),
-    steps: int = typer.Option(3000, "--steps", min=1, help="Optimizer steps."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1),
-    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Gradient accumulation steps."),
+    steps: int = typer.Option(3000, "--steps", help="Optimizer steps (at least 1)."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Samples per micro-step and process (at least 1)."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation steps (at least 1)."),
     fuse_accum: bool = typer.Option(False, "--fuse-accum",
                                     help="Run the --grad-accum micro-steps as one batch: the same loss and "
                                          "gradient, faster on a GPU, with the memory of the whole batch."),
     lr: float = typer.Option(5e-3, "--lr", help="Learning rate."),
     scale_lr: bool = typer.Option(False, "--scale-lr", help="Multiply lr by batch size x accumulation x processes."),
     lr_schedule: str = typer.Option("constant", "--lr-schedule", help='constant, warmup, cosine, linear, or A1111 style "0.005:100, 1e-3:1000".'),
-    warmup_steps: int = typer.Option(0, "--warmup-steps", min=0),
+    warmup_steps: int = typer.Option(0, "--warmup-steps", help="Warmup steps of the warmup schedule (0 or more)."),
     adam_beta1: float = typer.Option(0.9, "--adam-beta1"),
     adam_beta2: float = typer.Option(0.999, "--adam-beta2"),
     adam_eps: float = typer.Option(1e-8, "--adam-eps"),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay on the new rows."),
     max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Clip the rows' gradient norm."),
     seed: int = typer.Option(0, "--seed"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 for the frozen weights."),
+    precision: str = typer.Option("fp32", "--precision", help=f"{', '.join(PRECISIONS)}: for the frozen weights."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
-    attention: str = typer.Option("sdpa", "--attention", help="sdpa (PyTorch) or xformers (if installed)."),
+    attention: str = typer.Option("sdpa", "--attention", help=f"{', '.join(ATTENTION)}: sdpa (PyTorch's) or xformers (if installed)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic kernels (bit-exact resume on CPU)."),
-    save_every: int = typer.Option(0, "--save-every", min=0, help="Write an embedding snapshot every N steps."),
-    checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=0, help="Resumable checkpoint every N steps (0: none)."),
-    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", min=1, help="Keep the newest K checkpoints."),
+    save_every: int = typer.Option(0, "--save-every", help="Write an embedding snapshot every N steps (0: none)."),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Resumable checkpoint every N steps (0: none)."),
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Keep the newest K checkpoints (0: all)."),
     validate: Optional[List[str]] = typer.Option(None, "--validate", help="Prompt for validation images (repeatable)."),
-    validate_every: int = typer.Option(0, "--validate-every", min=0, help="Validation images every N steps (0: at the end)."),
-    num_processes: Optional[int] = typer.Option(None, "--num-processes", min=1,
+    validate_every: int = typer.Option(0, "--validate-every", help="Validation images every N steps (0: at the end)."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes",
                                                 help="Data-parallel processes, one per GPU (or CPU processes without one); "
                                                      "each takes --batch-size samples per micro-step."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default: runs/<name>-<time>)."),
@@ -68,35 +71,35 @@ def train(
     """Train a Textual Inversion embedding."""
     from ..captions import captions_for, find_images
     from ..embedding import safe_name
+    from ..engine.checks import check_train_backend, check_train_spec
     from ..errors import TextinvError
     from ..plugins import require_backend
     from ..registry import Registry
     from ..run_files import check_new_run_dir
-    from ..schedules import validate as validate_schedule
     from ..spec import TrainSpec
-
-    token = token.strip()
-    if not token or any(c.isspace() for c in token):
-        raise TextinvError(f"The token {token!r} must be one word without spaces.", 'Use something like "<cat-toy>".')
-    init_words = [w for w in init.replace(",", " ").split() if w]
-    if not init_words:
-        raise TextinvError("--init needs at least one word.", 'e.g. --init toy')
-    _check(0.0 <= flip_p <= 1.0, f"--flip-p must be between 0 and 1, not {flip_p}.")
-    _check(lr > 0, f"--lr must be positive, not {lr}.")
-    _check(precision in _PRECISIONS, f"--precision must be one of {', '.join(_PRECISIONS)}, not {precision!r}.")
-    _check(attention in ("sdpa", "xformers"), f"--attention must be sdpa or xformers, not {attention!r}.")
-    _check(resolution is None or resolution % 8 == 0, f"--resolution must be a multiple of 8, not {resolution}.")
-    _check(0 <= adam_beta1 < 1 and 0 <= adam_beta2 < 1 and adam_eps > 0 and weight_decay >= 0,
-           "AdamW settings out of range: betas in [0, 1), eps > 0, weight decay >= 0.")
-    _check(max_grad_norm is None or max_grad_norm > 0, "--max-grad-norm must be positive.")
-    validate_schedule(lr_schedule)
     from ..training import launched_world
 
     world = launched_world()
     if world > 1 and num_processes not in (None, world):
         raise TextinvError(f"--num-processes {num_processes} does not match the {world} processes the launcher started.",
                            "Leave --num-processes out under accelerate launch / torchrun.")
-    processes = world if world > 1 else (num_processes or 1)
+    processes = world if world > 1 else (num_processes if num_processes is not None else 1)
+    # The whole spec, checked before anything is read or loaded; the run folder, backend and
+    # model are filled in once they are known.
+    spec = TrainSpec(
+        data_dir=str(Path(data_dir).resolve()), token=token.strip(), init=[w for w in init.replace(",", " ").split() if w],
+        model=model or "tiny", run_dir="", backend=backend or "torch", num_processes=processes,
+        vectors=vectors, property=prop, captions=captions, resolution=resolution, center_crop=center_crop,
+        flip_p=flip_p, steps=steps, batch_size=batch_size, grad_accum=grad_accum, fuse_accum=fuse_accum, lr=lr, scale_lr=scale_lr,
+        lr_schedule=lr_schedule, warmup_steps=warmup_steps, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
+        adam_eps=adam_eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
+        precision=precision, gradient_checkpointing=gradient_checkpointing, attention=attention,
+        deterministic=deterministic, save_every=save_every, checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints, validate=list(validate or []), validate_every=validate_every,
+        model_name=model or "tiny",
+    )
+    check_train_spec(spec)
+    token = spec.token
     if world == 1 and os.environ.get("MASTER_ADDR") and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
         from ..console import err_console
 
@@ -117,9 +120,7 @@ def train(
     from ..models import resolve_model
 
     chosen = require_backend(backend)
-    backend_name = getattr(chosen, "name", backend or "torch")
-    if processes > 1 and backend_name != "torch":
-        raise TextinvError(f"The {backend_name} backend trains in one process; --num-processes needs --backend torch.")
+    check_train_backend(spec, chosen)
     run = run_dir or _planned_run_dir(reg_name)
     check_new_run_dir(run)
     if processes > 1 and world == 1:  # start the processes; each runs this command again
@@ -134,28 +135,11 @@ def train(
         if code:
             raise typer.Exit(code)
         return
-    spec = TrainSpec(
-        data_dir=str(Path(data_dir).resolve()), token=token, init=init_words, model=resolve_model(model),
-        run_dir=str(run.resolve()), backend=backend_name, num_processes=processes,
-        vectors=vectors, property=prop, captions=captions, resolution=resolution, center_crop=center_crop,
-        flip_p=flip_p, steps=steps, batch_size=batch_size, grad_accum=grad_accum, fuse_accum=fuse_accum, lr=lr, scale_lr=scale_lr,
-        lr_schedule=lr_schedule, warmup_steps=warmup_steps, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
-        adam_eps=adam_eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
-        precision=precision, gradient_checkpointing=gradient_checkpointing, attention=attention,
-        deterministic=deterministic, save_every=save_every, checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints, validate=list(validate or []), validate_every=validate_every,
-        extra={"name": reg_name, "model_name": model or "tiny"},
-    )
+    spec.model, spec.run_dir, spec.name = resolve_model(model), str(run.resolve()), reg_name
+    spec.backend = getattr(chosen, "name", backend or "torch")
     from ..training import run_training
 
     run_training(chosen, spec, resume=None, name=reg_name, json_out=json_out)
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        from ..errors import TextinvError
-
-        raise TextinvError(message, "See textinv train --help for the accepted values.")
 
 
 def _child_args(ctx: typer.Context, run: Path) -> list[str]:

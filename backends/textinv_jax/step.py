@@ -1,0 +1,103 @@
+"""The math of a JAX training step, Flax-examples style: a pure `train_step(state, frozen,
+batch, lr, max_norm) -> (state, metrics)`, jitted once per model configuration with the
+state donated. The run around it (checkpoints, events, Ctrl-C, resume) is the core's
+engine; trainer.py is the session that places the arrays and calls this.
+
+Only the new rows train: state = (rows {slot: [n, width]} fp32, optax AdamW state). The
+frozen CLIP and UNet, the caption id table and the latent cache are jit *arguments* (never
+constants baked into the program) and stay on the devices for the whole run.
+
+A step is everything the torch step does per optimizer step: for each of `grad_accum`
+micro-steps (a lax.scan) the latents `(mean + std * eps) * scale` from the cache (the
+draws come from the host, trainer.step_batch), the text states with the rows spliced in,
+the UNet's epsilon or v MSE in fp32 divided by grad_accum; gradients summed, clipped to
+max_grad_norm by torch's rule, and one AdamW update at the step's learning rate (a host
+number passed in, so schedules never recompile). Nothing random carries from step to step,
+so a checkpoint is rows + moments + count (train_state.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from textinv_cli.spec import TrainSpec
+
+from .clip import apply_clip
+from .schedule import add_noise, training_target
+from .unet import apply_unet
+
+# One optimizer for every run: all its numbers (lr, betas, eps, weight decay) are injected
+# hyperparameters, i.e. arrays in the state, so runs with other settings reuse the compiled step.
+TX = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Everything static about a step (hashable: the jit cache key besides shapes)."""
+
+    clip: object
+    unet: object
+    slot: str
+    prediction_type: str
+    scaling: float
+    dtype: str
+    remat: bool
+
+
+def micro_loss(rows, frozen, mb, cfg: StepConfig):
+    """One micro-step's MSE (fp32 scalar) of the frozen UNet on noised cached latents."""
+    dt = jnp.dtype(cfg.dtype)
+    entry = mb["entry"]
+    latents = (frozen["mean"][entry] + frozen["std"][entry] * mb["eps"]) * cfg.scaling
+    ids = frozen["tables"][mb["caption"]]
+    cond = apply_clip(frozen["clip"], cfg.clip, ids, extra_rows=rows[cfg.slot], dtype=dt)["last_hidden_state"]
+    noisy = add_noise(frozen["ac"], latents, mb["noise"], mb["t"])
+    unet = partial(apply_unet, config=cfg.unet, dtype=dt)
+    if cfg.remat:  # --gradient-checkpointing: recompute the UNet's activations in the backward pass
+        unet = jax.checkpoint(unet)
+    pred = unet(frozen["unet"], sample=noisy.transpose(0, 2, 3, 1), timesteps=mb["t"], encoder_hidden_states=cond)
+    target = training_target(cfg.prediction_type, frozen["ac"], latents, mb["noise"], mb["t"])
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.transpose(0, 2, 3, 1).astype(jnp.float32)))
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnums=(0,))
+def train_step(st, frozen, batch, lr, max_norm, *, cfg: StepConfig):
+    """(rows, opt_state), batch [accum, B, ...] -> new state, {loss, grads, grad_norm} (grads and
+    norm before clipping; [n, width] per slot, so returning them costs nothing)."""
+    rows, opt = st
+    accum = batch["t"].shape[0]
+
+    def micro(carry, mb):
+        grads, loss = carry
+        value, g = jax.value_and_grad(lambda r: micro_loss(r, frozen, mb, cfg) / accum)(rows)
+        return (jax.tree.map(jnp.add, grads, g), loss + value), None
+
+    zero = (jax.tree.map(jnp.zeros_like, rows), jnp.zeros((), jnp.float32))
+    (grads, loss), _ = jax.lax.scan(micro, zero, batch)
+    # torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6), never up (inf: no clipping)
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    clipped = jax.tree.map(lambda g: g * jnp.minimum(1.0, max_norm / (norm + 1e-6)), grads)
+    opt = opt._replace(hyperparams={**opt.hyperparams, "learning_rate": lr})
+    updates, opt = TX.update(clipped, opt, rows)
+    return (optax.apply_updates(rows, updates), opt), {"loss": loss, "grads": grads, "grad_norm": norm}
+
+
+def opt_state(spec: TrainSpec, rows, mu=None, nu=None, count: int = 0):
+    """AdamW state for `rows` with the spec's betas/eps/decay, optionally restored moments."""
+    opt = TX.init(rows)
+    adam = opt.inner_state[0]
+    assert isinstance(adam, optax.ScaleByAdamState), type(adam)  # adamw = chain(scale_by_adam, ...)
+    adam = adam._replace(count=jnp.asarray(count, jnp.int32), mu=mu if mu is not None else adam.mu,
+                         nu=nu if nu is not None else adam.nu)
+    hyper = {**opt.hyperparams, **{k: jnp.asarray(v, jnp.float32) for k, v in (
+        ("b1", spec.adam_beta1), ("b2", spec.adam_beta2), ("eps", spec.adam_eps),
+        ("weight_decay", spec.weight_decay))}}
+    return opt._replace(count=jnp.asarray(count, jnp.int32), hyperparams=hyper,
+                        inner_state=(adam, *opt.inner_state[1:]))
+
+

@@ -1,0 +1,243 @@
+"""The core's run engine, contract and checks, without torch or jax: a numpy backend whose
+session the engine drives through the whole protocol (events, run folder, checkpoints,
+resume, Ctrl-C), the option rules refused before anything loads (the same way on every
+backend), the typed spec fields and events."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from textinv_cli import plugins, runs
+from textinv_cli.engine import checks
+from textinv_cli.engine.contract import Backend, BackendInfo, Session
+from textinv_cli.engine.loop import data_position, run
+from textinv_cli.errors import TextinvError
+from textinv_cli.formats.safetensors_io import dump_safetensors, load_safetensors
+from textinv_cli.spec import KINDS, Event, Progress, SampleRequest, Started, TrainSpec
+
+TOKEN = "<x>"
+
+
+class NumpySession(Session):
+    """rows <- rows - lr * (rows - target): deterministic, so resume must be bit-identical."""
+
+    name = "numpy"
+
+    def __init__(self, spec: TrainSpec, stop_after: int | None = None):
+        self.spec, self.warnings, self.stop_after, self.family = spec, ["numpy says hello"], stop_after, ""
+        self.global_batch = spec.batch_size
+
+    def load(self, images, captions):
+        self.family = "sd1"
+        self.rows = np.zeros((self.spec.vectors, 8), np.float32)
+        self.target = np.arange(8, dtype=np.float32)[None].repeat(self.spec.vectors, 0)
+
+    def restore(self, folder):
+        tensors, _ = load_safetensors((folder / "rows.safetensors").read_bytes(), "rows")
+        self.rows = tensors["rows.clip_l"].copy()
+        return json.loads((folder / "state.json").read_text())["step"]
+
+    def step(self, step, lr, stop, log):
+        self.rows = self.rows - np.float32(lr) * (self.rows - self.target)
+        if self.stop_after is not None and step + 1 == self.stop_after:
+            stop.requested = True  # as if Ctrl-C came during this step
+        return float(np.square(self.rows - self.target).mean()) if log else None
+
+    def checkpoint_files(self, step, info):
+        return {"rows.safetensors": dump_safetensors({"rows.clip_l": self.rows}, {}),
+                "state.json": json.dumps({"step": step, **info}).encode()}
+
+    def vectors(self):
+        return {"clip_l": self.rows.copy()}
+
+    def validate(self, run, step):
+        return []
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+    stop_after: int | None = None
+
+    def probe(self):
+        return BackendInfo(self.name)
+
+    def train(self, spec, resume=None):
+        return run(self, spec, resume)
+
+    def open_session(self, spec):
+        return NumpySession(spec, self.stop_after)
+
+
+@pytest.fixture
+def images(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i}.png")
+    (folder / "notes.md").write_text("not an image")
+    return folder
+
+
+def make_spec(images, tmp_path, name="run", **kw) -> TrainSpec:
+    base = dict(data_dir=str(images), token=TOKEN, init=["toy"], model="numpy", run_dir=str(tmp_path / name),
+                backend="numpy", steps=6, checkpoint_every=2, keep_checkpoints=1, lr=0.25, save_every=3)
+    return TrainSpec(**{**base, **kw})
+
+
+def test_the_engine_drives_a_session_through_the_whole_protocol(images, tmp_path):
+    spec = make_spec(images, tmp_path)
+    events = list(NumpyBackend().train(spec))
+    kinds = [e.kind for e in events]
+    assert kinds[:3] == ["started", "warning", "warning"]
+    assert events[1].data["message"].startswith("Skipped 1 file(s) that are not images: notes.md")
+    assert events[2].data == {"message": "numpy says hello"}
+    assert kinds.count("progress") == 6 and kinds.count("checkpoint") == 3 and kinds.count("snapshot") == 2
+    assert kinds[-1] == "finished"
+    started = events[0]
+    assert isinstance(started.payload, Started) and list(started.data) == [
+        "run_dir", "device", "family", "model", "images", "ignored", "total_steps", "start_step", "resumed_from"]
+    assert started.data["images"] == 3 and started.data["ignored"] == ["notes.md"]
+    run = Path(spec.run_dir)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "events.jsonl", runs.FINAL, "snapshots",
+                                                      "spec.json"]
+    assert runs.complete_checkpoints(run) == [(6, runs.checkpoint_dir(run, 6))]  # keep_checkpoints=1
+    logged = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [line["event"] for line in logged] == kinds
+    assert logged[-1]["vectors"] == {"clip_l": [1, 8]}  # arrays logged as their shapes
+    info = json.loads((runs.checkpoint_dir(run, 6) / "state.json").read_text())
+    assert info["data_position"] == data_position(6, 3, 1, 1) == {"epoch": 2, "index": 0, "samples_seen": 6}
+    assert events[-1].data["meta"]["trained_with"] == "textinv numpy"
+
+
+def test_ctrl_c_checkpoints_and_resume_is_bit_identical(images, tmp_path):
+    straight = list(NumpyBackend().train(make_spec(images, tmp_path, "straight")))
+    backend = NumpyBackend()
+    backend.stop_after = 3
+    spec = make_spec(images, tmp_path, "stopped")
+    stopped = list(backend.train(spec))
+    assert stopped[-1].kind == "interrupted" and stopped[-1].data == {
+        "step": 3, "checkpoint": str(runs.checkpoint_dir(spec.run_dir, 3))}
+    assert runs.latest_checkpoint(Path(spec.run_dir))[0] == 3
+    resumed = list(NumpyBackend().train(TrainSpec.load(Path(spec.run_dir)), Path(spec.run_dir)))
+    assert resumed[0].data["start_step"] == 3 and resumed[0].data["resumed_from"].endswith("step-000003")
+    assert np.array_equal(resumed[-1].data["vectors"]["clip_l"], straight[-1].data["vectors"]["clip_l"])
+
+
+def test_progress_carries_the_loss_only_at_log_steps():
+    assert Event.of(Progress(step=1, total=3, lr=0.5)).to_json() == {"event": "progress", "step": 1, "total": 3,
+                                                                      "lr": 0.5}
+    assert list(Event.of(Progress(step=3, total=3, lr=0.5, loss=0.25)).data) == ["step", "total", "lr", "loss"]
+
+
+def test_event_kinds_are_a_closed_set():
+    assert {"started", "progress", "finished", "interrupted", "sample"} <= set(KINDS)
+    with pytest.raises(ValueError, match="Unknown event kind 'finsihed'"):
+        Event("finsihed", {})
+
+
+def test_spec_fields_are_first_class_and_spec_json_keeps_its_shape(tmp_path):
+    spec = TrainSpec(data_dir="d", token=TOKEN, init=["toy"], model="m", run_dir="r",
+                     extra={"device": "cpu", "threads": 1, "custom": 3})
+    assert (spec.device, spec.threads, spec.devices, spec.extra) == ("cpu", 1, None, {"custom": 3})
+    spec.name, spec.model_name = "x", "tiny"
+    data = spec.to_json()
+    assert data["extra"] == {"name": "x", "model_name": "tiny", "device": "cpu", "threads": 1, "custom": 3}
+    assert not {"name", "model_name", "device", "threads", "devices"} & set(data)
+    spec.save(tmp_path)
+    again = TrainSpec.load(tmp_path)
+    assert (again.name, again.model_name, again.device, again.threads, again.extra) == ("x", "tiny", "cpu", 1,
+                                                                                        {"custom": 3})
+
+
+# -- the option rules: one place, before anything loads -----------------------------------------
+
+def test_vectors_limit_is_the_same_in_help_and_checks(cli):
+    assert checks.VECTORS_MAX == 64
+    assert f"1 to {checks.VECTORS_MAX}" in " ".join(cli("train", "--help").output.split())
+
+
+def test_out_of_range_vectors_is_refused_before_anything_loads(cli, images, monkeypatch):
+    monkeypatch.setattr(plugins, "require_backend", lambda *a: pytest.fail("a backend was asked for"))
+    t0 = time.monotonic()
+    r = cli("train", images, "--token", TOKEN, "--init", "toy", "--vectors", "70")
+    assert time.monotonic() - t0 < 1.0
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "--vectors must be between 1 and 64, not 70." in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_the_cli_refuses_vectors_70_in_a_fresh_process_without_loading_a_framework(images, tmp_path):
+    code = ("import sys\nfrom textinv_cli.app import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print('exit', e.code, sorted(m for m in ('torch', 'jax', 'diffusers') if m in sys.modules))\n")
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code, "train", str(images), "--token", TOKEN, "--init", "toy",
+                          "--vectors", "70"], capture_output=True, text=True, env={**os.environ, "TEXTINV_DEBUG": ""},
+                         timeout=60)
+    print(f"refused in {time.monotonic() - t0:.2f} s including the interpreter's start")
+    assert out.stdout.strip().splitlines()[-1] == "exit 1 []"
+    assert "--vectors must be between 1 and 64" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("field", ["steps", "vectors", "batch_size", "seed"])
+def test_a_bool_is_no_count(images, tmp_path, field):
+    spec = make_spec(images, tmp_path, **{field: True})
+    with pytest.raises(TextinvError, match=f"--{field.replace('_', '-')} must .*, not True"):
+        checks.check_train_spec(spec)
+    with pytest.raises(TextinvError, match=f"--{field.replace('_', '-')} must"):
+        list(NumpyBackend().train(spec))
+    assert not Path(spec.run_dir).exists()
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_a_bool_is_refused_the_same_way_on_every_backend(backend, images, tmp_path):
+    if backend == "torch":
+        pytest.importorskip("torch")
+        from textinv_torch.backend import TorchBackend as Chosen
+    else:
+        pytest.importorskip("jax")
+        from textinv_jax.backend import JaxBackend as Chosen
+    spec = make_spec(images, tmp_path, steps=True, backend=backend)
+    with pytest.raises(TextinvError) as e:
+        list(Chosen().train(spec))
+    assert e.value.message == "--steps must be at least 1, not True."
+    request = SampleRequest(prompt="a", model="tiny", out_dir=str(tmp_path / "out"), n=True)
+    with pytest.raises(TextinvError) as e:
+        list(Chosen().sample(request))
+    assert e.value.message == "-n must be at least 1, not True."
+    assert not (tmp_path / "out").exists()
+
+
+def test_backend_capabilities_are_refused_by_name(images, tmp_path):
+    spec = make_spec(images, tmp_path, attention="xformers", num_processes=2)
+    with pytest.raises(TextinvError, match="xformers is a PyTorch library; the numpy backend runs sdpa"):
+        checks.check_train_backend(spec, NumpyBackend())
+    spec.attention = "sdpa"
+    with pytest.raises(TextinvError, match="--num-processes 2 is for --backend torch"):
+        checks.check_train_backend(spec, NumpyBackend())
+    request = SampleRequest(prompt="a", model="tiny", out_dir="o", scheduler="unipc")
+    with pytest.raises(TextinvError, match="The numpy backend samples with ddim, not 'unipc'"):
+        checks.check_sample_request(request, NumpyBackend())
+
+
+def test_jax_declares_the_schedulers_its_sampler_runs():
+    pytest.importorskip("jax")
+    from textinv_jax import sampling
+    from textinv_jax.backend import JaxBackend
+
+    assert JaxBackend.schedulers == sampling.RUNS.schedulers == tuple(sampling.SCHEDULERS)
+
+
+def test_the_engine_imports_neither_torch_nor_jax():
+    code = ("import sys, textinv_cli.engine.loop, textinv_cli.engine.checks, textinv_cli.plugins\n"
+            "print(sorted(m for m in ('torch', 'jax', 'numpy.random_torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

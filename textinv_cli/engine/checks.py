@@ -1,0 +1,158 @@
+"""Every option rule, in one place: checked on the typed TrainSpec / SampleRequest before
+anything is loaded or written, by the CLI (train, sample) and again by the run engine and
+the samplers for callers that skip the CLI. The limits and choice vocabularies are defined
+here once; the CLI's --help text is written from the same constants.
+
+A rule that depends on the backend (xformers attention, several processes, a sampler) is
+read from the Backend's declared capabilities (contract.Backend: name, attention,
+schedulers, multi_process), so a backend never re-checks options itself. Messages name the flag and say what is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from ..errors import TextinvError
+
+if TYPE_CHECKING:
+    from ..spec import SampleRequest, TrainSpec
+
+VECTORS_MAX = 64     # placeholder tokens per concept: leaves the caption's words room in CLIP's 75
+RESOLUTION_STEP = 8  # every Stable Diffusion VAE downsamples by 8
+PRECISIONS = ("fp32", "fp16", "bf16")
+ATTENTION = ("sdpa", "xformers")
+SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++", "unipc")
+
+
+def is_int(v: Any) -> bool:
+    """An int that is not a bool (True is an int to Python, never a count to us)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_num(v: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_train_spec(spec: "TrainSpec", backend: Any = None) -> None:
+    """Every training option in range (and supported by `backend`); the first problem raises."""
+    from ..schedules import validate as validate_schedule
+
+    def need(ok: bool, name: str, what: str, hint: str | None = None):
+        if not ok:
+            raise TextinvError(f"{flag(name)} {what}, not {getattr(spec, name)!r}.", hint)
+
+    if not isinstance(spec.token, str) or not spec.token.strip() or any(c.isspace() for c in spec.token):
+        raise TextinvError(f"--token must be one word without spaces, not {spec.token!r}.",
+                           'For example --token "<cat-toy>".')
+    if not spec.init or not all(isinstance(w, str) and w.strip() for w in spec.init):
+        raise TextinvError("--init needs at least one non-empty word.", "For example --init toy.")
+    need(is_int(spec.vectors) and 1 <= spec.vectors <= VECTORS_MAX, "vectors", f"must be between 1 and {VECTORS_MAX}")
+    need(spec.resolution is None or (is_int(spec.resolution) and spec.resolution > 0
+                                     and spec.resolution % RESOLUTION_STEP == 0), "resolution",
+         f"must be a positive multiple of {RESOLUTION_STEP}",
+         "Use the model's size (512 for SD 1.5, 768 for SD 2.1, 1024 for SDXL) or leave it out.")
+    need(is_num(spec.flip_p) and 0 <= spec.flip_p <= 1, "flip_p", "must be a probability between 0 and 1")
+    for name in ("steps", "batch_size", "grad_accum", "validate_steps", "num_processes"):
+        need(is_int(getattr(spec, name)) and getattr(spec, name) >= 1, name, "must be at least 1")
+    for name in ("warmup_steps", "save_every", "checkpoint_every", "keep_checkpoints", "validate_every", "seed"):
+        need(is_int(getattr(spec, name)) and getattr(spec, name) >= 0, name, "must be 0 or more")
+    need(is_num(spec.lr) and spec.lr > 0, "lr", "must be a positive learning rate", "Typical: 5e-3 (A1111) or 5e-4.")
+    validate_schedule(spec.lr_schedule)
+    for name in ("adam_beta1", "adam_beta2"):
+        need(is_num(getattr(spec, name)) and 0 <= getattr(spec, name) < 1, name, "must be in [0, 1)")
+    need(is_num(spec.adam_eps) and spec.adam_eps > 0, "adam_eps", "must be positive")
+    need(is_num(spec.weight_decay) and spec.weight_decay >= 0, "weight_decay", "must be 0 or more")
+    need(spec.max_grad_norm is None or (is_num(spec.max_grad_norm) and spec.max_grad_norm > 0), "max_grad_norm",
+         "must be positive (or left out)")
+    need(spec.precision in PRECISIONS, "precision", f"must be {_one_of(PRECISIONS)}")
+    need(spec.attention in ATTENTION, "attention", f"must be {_one_of(ATTENTION)}")
+    if not all(isinstance(p, str) and p.strip() for p in spec.validate):
+        raise TextinvError("--validate prompts must be non-empty text.")
+    if backend is not None:
+        check_train_backend(spec, backend)
+
+
+def check_train_backend(spec: "TrainSpec", backend: Any) -> None:
+    """What `backend` (a contract.Backend: name, attention, multi_process) declares it
+    cannot do, refused by name."""
+    name = getattr(backend, "name", "chosen")
+    attention = getattr(backend, "attention", ATTENTION)  # a backend that is no Backend subclass: no limits
+    if spec.attention not in attention:
+        raise TextinvError(f"--attention {spec.attention} is a PyTorch library; the {name} backend runs "
+                           f"{_one_of(attention)} attention only.",
+                           f"Leave --attention at sdpa with --backend {name}, or use --backend torch.")
+    if spec.num_processes != 1 and not getattr(backend, "multi_process", True):
+        raise TextinvError(f"The {name} backend trains on every device from one process per host; "
+                           f"--num-processes {spec.num_processes} is for --backend torch.",
+                           "Leave --num-processes out: all local devices are used (several hosts: "
+                           "jax.distributed, JAX_COORDINATOR_ADDRESS).")
+
+
+def check_sample_request(r: "SampleRequest", backend: Any = None, *, more: list[str] | None = None) -> None:
+    """Every out-of-range sampling option at once (plus `more` problems found while parsing);
+    then a scheduler `backend` (a contract.Backend: name, schedulers) does not run."""
+    problems = []
+    if not (is_int(r.n) and r.n >= 1):
+        problems.append(f"-n must be at least 1, not {r.n!r}")
+    if not (is_int(r.steps) and r.steps >= 1):
+        problems.append(f"--steps must be at least 1, not {r.steps!r}")
+    if r.batch_size is not None and not (is_int(r.batch_size) and r.batch_size >= 1):
+        problems.append(f"--batch-size must be at least 1, not {r.batch_size!r}")
+    if not (is_num(r.guidance) and r.guidance >= 0):
+        problems.append(f"--guidance must be 0 or more, not {r.guidance!r}")
+    if r.scheduler not in SCHEDULERS:
+        problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {r.scheduler!r}")
+    if r.precision not in PRECISIONS:
+        problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, not {r.precision!r}")
+    if not all(v is None or (is_int(v) and v >= RESOLUTION_STEP and v % RESOLUTION_STEP == 0)
+               for v in (r.width, r.height)):
+        problems.append(f"--size must be a positive multiple of {RESOLUTION_STEP}, not {r.width!r}x{r.height!r}")
+    problems += more or []
+    if problems:
+        raise TextinvError("; ".join(problems) + ".", "See textinv sample --help for the accepted values.")
+    schedulers = getattr(backend, "schedulers", SCHEDULERS)
+    if r.scheduler not in schedulers:
+        raise TextinvError(f"The {getattr(backend, 'name', 'chosen')} backend samples with {_one_of(schedulers)}, not {r.scheduler!r}.",
+                           f"Pass --scheduler {schedulers[0]}, or --backend torch for "
+                           f"{', '.join(s for s in SCHEDULERS if s not in schedulers)}.")
+
+
+def check_token(token: str, tokenizer, label: str = "tokenizer") -> None:
+    """Refuse tokens that would collide with `tokenizer`'s vocabulary or cannot be one token
+    (every backend, before the tokenizer is changed)."""
+    if not isinstance(token, str) or not token.strip():
+        raise TextinvError("The placeholder token is empty.", 'Pass --token, e.g. --token "<cat-toy>".')
+    if any(c.isspace() for c in token):
+        raise TextinvError(f"The token {token!r} contains spaces; a placeholder is one word.",
+                           'Use dashes instead, e.g. --token "<cat-toy>".')
+    vocab = tokenizer.get_vocab()
+    pieces = tokenizer.tokenize(token)
+    # "toy" is already "toy</w>": training it would hijack a real word in every prompt.
+    if token in vocab or token.lower() in vocab or (len(pieces) == 1 and pieces[0] in vocab):
+        raise TextinvError(f"The token {token!r} is already in the {label}'s vocabulary.",
+                           f'Pick a new word, e.g. --token "<{token.strip("<>")}-concept>" (angle brackets help).')
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """"512" -> (512, 512); "768x512" -> width 768, height 512 (A1111's WxH order)."""
+    parts = size.lower().replace("×", "x").split("x")
+    try:
+        dims = [int(p.strip()) for p in parts]
+    except ValueError:
+        dims = []
+    if len(dims) == 1:
+        dims = dims * 2
+    if len(dims) != 2 or min(dims) < RESOLUTION_STEP or any(d % RESOLUTION_STEP for d in dims):
+        raise ValueError(f"--size must be a positive multiple of {RESOLUTION_STEP} such as 512 or 768x512, "
+                         f"not {size!r}")
+    return dims[0], dims[1]
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return choices[0] if len(choices) == 1 else ", ".join(choices[:-1]) + " or " + choices[-1]
