@@ -171,7 +171,7 @@ def test_out_of_range_vectors_is_refused_before_anything_loads(cli, images, monk
     t0 = time.monotonic()
     r = cli("train", images, "--token", TOKEN, "--init", "toy", "--vectors", "70")
     assert time.monotonic() - t0 < 1.0
-    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.exit_code == 2 and "Traceback" not in r.output
     assert "--vectors must be between 1 and 64, not 70." in r.output and len(r.output.strip().splitlines()) == 1
 
 
@@ -183,7 +183,7 @@ def test_the_cli_refuses_vectors_70_in_a_fresh_process_without_loading_a_framewo
                           "--vectors", "70"], capture_output=True, text=True, env={**os.environ, "TEXTINV_DEBUG": ""},
                          timeout=60)
     print(f"refused in {time.monotonic() - t0:.2f} s including the interpreter's start")
-    assert out.stdout.strip().splitlines()[-1] == "exit 1 []"
+    assert out.stdout.strip().splitlines()[-1] == "exit 2 []"
     assert "--vectors must be between 1 and 64" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 

@@ -271,7 +271,7 @@ def test_backend_checks_widths_itself(models, tmp_path):
 ])
 def test_bad_options_are_refused_before_work(cli, backend, tmp_path, args, message):
     r = cli("sample", "a toy", "-o", tmp_path / "out", *args)
-    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
     assert backend.requests == [] and not (tmp_path / "out").exists()
 
 

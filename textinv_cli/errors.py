@@ -30,6 +30,13 @@ class TextinvError(Exception):
         return self.message if not self.hint else f"{self.message}\n{self.hint}"
 
 
+class OptionError(TextinvError):
+    """An option's value is out of range or not one of its choices: a usage error, exit 2 as
+    for click's own (engine/checks.py raises it, before anything is loaded)."""
+
+    exit_code = 2
+
+
 class FormatError(TextinvError):
     """A file is not a readable embedding (corrupt, truncated, unknown layout)."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from ..errors import TextinvError
+from ..errors import OptionError, TextinvError
 
 if TYPE_CHECKING:
     from ..spec import SampleRequest, TrainSpec
@@ -45,13 +45,13 @@ def check_train_spec(spec: "TrainSpec", backend: Any = None) -> None:
 
     def need(ok: bool, name: str, what: str, hint: str | None = None):
         if not ok:
-            raise TextinvError(f"{flag(name)} {what}, not {getattr(spec, name)!r}.", hint)
+            raise OptionError(f"{flag(name)} {what}, not {getattr(spec, name)!r}.", hint)
 
     if not isinstance(spec.token, str) or not spec.token.strip() or any(c.isspace() for c in spec.token):
-        raise TextinvError(f"--token must be one word without spaces, not {spec.token!r}.",
+        raise OptionError(f"--token must be one word without spaces, not {spec.token!r}.",
                            'For example --token "<cat-toy>".')
     if not spec.init or not all(isinstance(w, str) and w.strip() for w in spec.init):
-        raise TextinvError("--init needs at least one non-empty word.", "For example --init toy.")
+        raise OptionError("--init needs at least one non-empty word.", "For example --init toy.")
     need(is_int(spec.vectors) and 1 <= spec.vectors <= VECTORS_MAX, "vectors", f"must be between 1 and {VECTORS_MAX}")
     need(spec.resolution is None or (is_int(spec.resolution) and spec.resolution > 0
                                      and spec.resolution % RESOLUTION_STEP == 0), "resolution",
@@ -73,7 +73,7 @@ def check_train_spec(spec: "TrainSpec", backend: Any = None) -> None:
     need(spec.precision in PRECISIONS, "precision", f"must be {_one_of(PRECISIONS)}")
     need(spec.attention in ATTENTION, "attention", f"must be {_one_of(ATTENTION)}")
     if not all(isinstance(p, str) and p.strip() for p in spec.validate):
-        raise TextinvError("--validate prompts must be non-empty text.")
+        raise OptionError("--validate prompts must be non-empty text.")
     if backend is not None:
         check_train_backend(spec, backend)
 
@@ -115,7 +115,7 @@ def check_sample_request(r: "SampleRequest", backend: Any = None, *, more: list[
         problems.append(f"--size must be a positive multiple of {RESOLUTION_STEP}, not {r.width!r}x{r.height!r}")
     problems += more or []
     if problems:
-        raise TextinvError("; ".join(problems) + ".", "See textinv sample --help for the accepted values.")
+        raise OptionError("; ".join(problems) + ".", "See textinv sample --help for the accepted values.")
     schedulers = getattr(backend, "schedulers", SCHEDULERS)
     if r.scheduler not in schedulers:
         raise TextinvError(f"The {getattr(backend, 'name', 'chosen')} backend samples with {_one_of(schedulers)}, not {r.scheduler!r}.",
