@@ -31,11 +31,6 @@ def encode_png(image, text: str) -> bytes:
     return buf.getvalue()
 
 
-def save_png(image, out_dir: Path, seed: int, text: str) -> Path:
-    """`NNNNN-<seed>.png` with a `parameters` text chunk, written atomically, never over a file."""
-    return _write_numbered(encode_png(image, text), out_dir, seed)
-
-
 def save_pngs(images, out_dir: Path, seeds: list[int], texts: list[str]) -> list[Path]:
     """A batch's images, numbered in seed order. The PNG encoding (zlib, which releases the
     GIL) runs in threads: a batch of 8 at 512 px costs ~0.5 s on one core, a quarter of what

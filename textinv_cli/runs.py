@@ -26,8 +26,6 @@ import signal
 import time
 from pathlib import Path
 
-from .errors import TextinvError
-
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete"
 FINAL = "learned_embeds.safetensors"
@@ -55,21 +53,6 @@ def crash_point(stage: str, step: int | None = None) -> None:
     name, _, at = want.partition(":")
     if name == stage and (not at or at == str(step)):
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
-
-
-def new_run_dir(token_name: str, root: Path | None = None) -> Path:
-    """runs/<name>-<UTC timestamp>[-n]: created now, so two runs never share a folder."""
-    root = Path(root) if root is not None else Path.cwd() / "runs"
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    root.mkdir(parents=True, exist_ok=True)
-    for n in range(1000):
-        path = root / (f"{token_name}-{stamp}" + (f"-{n}" if n else ""))
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise TextinvError(f"Could not create a run folder in {root}.")
 
 
 def checkpoint_dir(run: Path, step: int) -> Path:

@@ -51,13 +51,6 @@ _U64_DIGITS = 20  # the format's integers are u64; a longer literal is refused b
 _CORRUPT = "The file is truncated, corrupt or not a safetensors file."
 
 
-def looks_like_safetensors(data: bytes) -> bool:
-    if len(data) < 10:
-        return False
-    (n,) = struct.unpack("<Q", data[:8])
-    return 2 <= n <= len(data) - 8 and data[8:9] == b"{"
-
-
 def load_safetensors(data: bytes, source: str = "file") -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Parse safetensors bytes into ({name: array}, metadata). Raises FormatError."""
     tensors, meta, _ = load_tagged(data, source)
