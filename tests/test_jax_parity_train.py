@@ -22,13 +22,14 @@ pytest.importorskip("optax")
 
 from textinv_cli.captions import captions_for, find_images  # noqa: E402
 from textinv_cli.spec import EmbeddingRef, SampleRequest, TrainSpec  # noqa: E402
+from textinv_cli.quiet_libraries import quiet  # noqa: E402
 from textinv_jax import sampling as jsampling  # noqa: E402
 from textinv_jax import text as jtext  # noqa: E402
 from textinv_jax import trainer as jtrainer  # noqa: E402
 from textinv_jax.backend import JaxBackend  # noqa: E402
 from textinv_torch import data as tdata  # noqa: E402
-from textinv_torch import models as tmodels  # noqa: E402
-from textinv_torch import rows as trows  # noqa: E402
+from textinv_torch import loading as tloading  # noqa: E402
+from textinv_torch import tokens as ttokens  # noqa: E402
 from textinv_torch import sampling as tsampling  # noqa: E402
 from textinv_torch import step as ttrainer  # noqa: E402
 from textinv_torch.backend import TorchBackend  # noqa: E402
@@ -65,13 +66,13 @@ def torch_first_step(spec: TrainSpec) -> tuple[float, np.ndarray]:
     cpu = torch.device("cpu")
     images, _ = find_images(Path(spec.data_dir))
     captions = captions_for(images, spec.token, spec.property, spec.captions)
-    with tmodels.quiet():
-        comp = tmodels.load_text_side(spec.model)
-        comp.prepared = trows.prepare_rows(comp, spec.token, spec.init, spec.vectors)
-        tmodels.load_image_side(comp)
-        rows = trows.install_rows(comp, comp.prepared, cpu)
-        tables, choices, _ = tdata.tokenize_captions(comp, captions, spec.token, spec.vectors)
-        cache = tdata.build_cache(images, comp.vae, 64, spec.center_crop, spec.flip_p, cpu)
+    with quiet():
+        comp = tloading.load_text_side(spec.model)
+        comp.prepared = ttokens.prepare_rows(comp, spec.token, spec.init, spec.vectors)
+        tloading.load_image_side(comp)
+        rows = ttokens.install_rows(comp, comp.prepared, cpu)
+        tables, choices, _ = ttokens.tokenize_captions(comp, captions, spec.token, spec.vectors)
+        cache = tdata.latent_cache(images, comp.vae, 64, spec.center_crop, spec.flip_p, cpu)
     sampler = ttrainer.Sampler(spec, cache, tables, choices, comp.scaling_factor,
                                comp.scheduler.config.num_train_timesteps, cpu)
     total = 0.0
@@ -130,7 +131,7 @@ def test_three_steps_match_torch(three_steps, tiny):
 def test_a_jax_embedding_loads_in_diffusers_and_samples_in_torch(three_steps, tiny, tmp_path):
     fin = three_steps["jax"][-1].data
     pipe, _ = tsampling.load_pipeline(str(tiny["sd1"]))
-    with tsampling._quiet():
+    with quiet(future_warnings=False):
         pipe.load_textual_inversion(fin["embedding_path"])  # the file the JAX run wrote
     token_id = pipe.tokenizer.convert_tokens_to_ids(TOKEN)
     row = pipe.text_encoder.get_input_embeddings().weight[token_id].detach().numpy()

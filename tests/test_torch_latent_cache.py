@@ -16,7 +16,7 @@ from textinv_cli.captions import find_images  # noqa: E402
 from textinv_cli.spec import TrainSpec  # noqa: E402
 from textinv_torch import data as datamod  # noqa: E402
 from textinv_torch.backend import TorchBackend  # noqa: E402
-from textinv_torch.models import load_image_side, load_text_side  # noqa: E402
+from textinv_torch.loading import load_image_side, load_text_side  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,7 +36,7 @@ def test_cache_in_batches_of_one_equals_batches_of_eight(tiny_model, demo_images
     comp = load_image_side(load_text_side(str(tiny_model("sd1"))))
     images, _ = find_images(demo_images)
     args = (images, comp.vae, 128, False, 0.5, torch.device("cpu"))
-    one, eight = datamod.build_cache(*args, batch=1), datamod.build_cache(*args, batch=8)
+    one, eight = datamod.latent_cache(*args, batch=1), datamod.latent_cache(*args, batch=8)
     assert one.mean.shape == (2 * len(images), 4, 16, 16) and one.flips == eight.flips == (False, True)
     torch.testing.assert_close(one.mean, eight.mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(one.std, eight.std, rtol=1e-5, atol=1e-5)

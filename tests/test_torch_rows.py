@@ -16,8 +16,9 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa
 
 from textinv_cli.errors import TextinvError  # noqa: E402
 from textinv_cli.spec import TrainSpec  # noqa: E402
-from textinv_torch import models as M  # noqa: E402
-from textinv_torch import rows as R  # noqa: E402
+from textinv_cli.quiet_libraries import quiet  # noqa: E402
+from textinv_torch import loading as M  # noqa: E402
+from textinv_torch import tokens as R  # noqa: E402
 from textinv_cli import run_files as S  # noqa: E402
 from textinv_torch.tiny import write_tiny_model  # noqa: E402
 from textinv_torch.step import Batch, encode_text, forward_loss  # noqa: E402
@@ -41,7 +42,7 @@ def model_dirs(tmp_path_factory):
 
 
 def load(path, image_side=True):
-    with M.quiet():
+    with quiet():
         comp = M.load_text_side(str(path))
         if image_side:
             M.load_image_side(comp)
@@ -109,7 +110,7 @@ def test_embedding_loads_in_diffusers_with_the_same_text_encoder_output(model_di
     with torch.no_grad():
         ours, added = encode_text(comp, ids_for(comp, prompt, n))
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    with M.quiet():
+    with quiet():
         pipe = cls.from_pretrained(model_dirs[family], local_files_only=True)
         if family == "sdxl":
             pipe.load_textual_inversion(str(path), token=TOKEN, text_encoder=pipe.text_encoder,

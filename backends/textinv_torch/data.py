@@ -4,7 +4,7 @@ Textual inversion trains on a handful of images for thousands of steps, and diff
 script runs the VAE encoder on every one of them. The VAE is frozen, so its output for an
 (image, flip) pair never changes: we encode each once and keep the latent distribution's
 mean and std. A step then samples `mean + std * eps` with the step's own generator, which
-is the same distribution `latent_dist.sample()` draws from every step (DESIGN §6).
+is the same distribution `latent_dist.sample()` draws from every step.
 
 Preprocessing is diffusers' textual_inversion.py: any mode -> RGB (transparency composited
 on white), optional central square crop, resize the whole image to the square resolution
@@ -21,11 +21,7 @@ import torch
 
 from textinv_cli.batch_sizes import encode_batch_size
 from textinv_cli.errors import TextinvError
-
-from .rows import expand_placeholder
-
-
-from textinv_cli.images import open_rgb, preprocess  # noqa: F401 - shared with the JAX backend
+from textinv_cli.images import open_rgb, preprocess
 
 
 @dataclass
@@ -58,7 +54,7 @@ def flip_variants(flip_p: float) -> tuple[bool, ...]:
 
 
 @torch.no_grad()
-def build_cache(paths: list[Path], vae, resolution: int, center_crop: bool, flip_p: float,
+def latent_cache(paths: list[Path], vae, resolution: int, center_crop: bool, flip_p: float,
                 device: torch.device, batch: int | None = None) -> LatentCache:
     """Encode every (image, flip) with the VAE in eval mode, `batch` at a time (default:
     batch_sizes.encode_batch_size, one 512 px image per call, so caching never sets the run's
@@ -103,19 +99,3 @@ def check_resolution(resolution: int, vae_scale: int) -> None:
             or resolution % vae_scale:
         raise TextinvError(f"--resolution must be a positive multiple of {vae_scale}, not {resolution!r}.",
                            "Use the model's size (512 for SD 1.5, 768 for SD 2.1, 1024 for SDXL) or leave it out.")
-
-
-def tokenize_captions(comp, captions: list[list[str]], token: str,
-                      n: int) -> tuple[list[torch.Tensor], list[list[int]], int]:
-    """Each distinct caption tokenized once per tokenizer: (id tables [U, L], per-image
-    indices into them, how many captions lose the placeholder to truncation)."""
-    unique: dict[str, int] = {}
-    choices = [[unique.setdefault(c, len(unique)) for c in caps] for caps in captions]
-    texts = [expand_placeholder(c, token, n) for c in unique]
-    tables, truncated = [], 0
-    for tok, (first, _) in zip(comp.tokenizers, comp.prepared):
-        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        truncated = max(truncated, int((~(ids >= first).any(dim=1)).sum()))
-        tables.append(ids)
-    return tables, choices, truncated

@@ -1,4 +1,4 @@
-"""Data-parallel training across processes (DESIGN §6; issue 3, "Many GPUs").
+"""Data-parallel training across processes.
 
 A run launched by torchrun, `accelerate launch --multi_gpu` or `textinv train
 --num-processes N` (textinv_cli.training.launch_processes) has WORLD_SIZE > 1 and
@@ -113,7 +113,7 @@ def setup(spec) -> Dist:
     global _current
     world = env_world()
     if world == 1:
-        from .models import pick_device
+        from .loading import pick_device
 
         return Dist(device=pick_device(spec))
     import torch.distributed as dist

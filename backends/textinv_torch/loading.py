@@ -7,14 +7,16 @@ words) is checked against the tokenizer and text encoder before the big UNet is 
     comp = load_text_side(model)    # index, family, tokenizers, text encoders
     load_image_side(comp, ...)      # VAE, UNet, DDPM scheduler (from the model's config)
 
-Families (DESIGN §3): sd1 (CLIP ViT-L, epsilon), sd2 (OpenCLIP, usually v-prediction),
+Families: sd1 (CLIP ViT-L, epsilon), sd2 (OpenCLIP, usually v-prediction),
 sdxl (two text encoders, size/crop conditioning). The prediction type is read from the
 model's scheduler config, not assumed from the family (SD 2.x base is epsilon).
+
+Also here: the device, the precision's dtype, xformers and gradient checkpointing, which
+the trainer applies to the loaded parts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -55,7 +57,7 @@ class Components:
     unet: Any = None
     scheduler: Any = None           # DDPMScheduler: add_noise / get_velocity for training
     scheduler_config: dict = field(default_factory=dict)  # the model's own (for validation's DDIM)
-    prepared: list = field(default_factory=list)          # rows.prepare_rows: (first id, init) per encoder
+    prepared: list = field(default_factory=list)          # tokens.prepare_rows: (first id, init) per encoder
     scaling_factor: float = 0.18215  # the VAE's latent scale, kept when the VAE is dropped after caching
 
     @property
@@ -198,27 +200,6 @@ def load_image_side(comp: Components) -> Components:
     return comp
 
 
-@contextlib.contextmanager
-def quiet():
-    """transformers/diffusers warn about unused config keys and draw load bars; a backend never
-    prints (its events are the output), so silence them while we load, then put them back."""
-    import diffusers
-    import transformers
-
-    saved = [(lib.logging, lib.logging.get_verbosity(), lib.logging.is_progress_bar_enabled())
-             for lib in (transformers, diffusers)]
-    for log, _, _ in saved:
-        log.set_verbosity_error()
-        log.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for log, level, bars in saved:
-            log.set_verbosity(level)
-            if bars:
-                log.enable_progress_bar()
-
-
 # -- devices, precision, attention ------------------------------------------------------
 
 def pick_device(spec=None):
@@ -275,59 +256,3 @@ def checkpointing_on(text_encoder) -> None:
     else:
         text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     text_encoder.train()
-
-
-# -- validation images --------------------------------------------------------------------
-
-def validate(comp: Components, spec, run: Path, step: int, resolution: int, device) -> list[Path]:
-    """Render each --validate prompt with the rows as they are now; PNGs in run/samples/.
-
-    The pipeline is built from the live components (no copy, nothing reloaded) with a DDIM
-    scheduler. The prompt embeddings are computed here with the training text path and
-    handed to the pipeline, so what is rendered is exactly what is being trained (and the
-    tokenizer's lower-casing cannot split a multi-vector token).
-    """
-    import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from .rows import expand_placeholder
-    from .step import encode_text
-
-    sched = DDIMScheduler.from_config({**comp.scheduler_config, "clip_sample": False,
-                                       "set_alpha_to_one": False})
-    common = dict(vae=comp.vae, text_encoder=comp.text_encoders[0], tokenizer=comp.tokenizers[0], unet=comp.unet,
-                  scheduler=sched)
-    with quiet():
-        if comp.family == "sdxl":
-            pipe = StableDiffusionXLPipeline(text_encoder_2=comp.text_encoders[1], tokenizer_2=comp.tokenizers[1],
-                                             force_zeros_for_empty_prompt=True, add_watermarker=False, **common)
-        else:
-            pipe = StableDiffusionPipeline(safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False, **common)
-    pipe.set_progress_bar_config(disable=True)
-    out_dir = Path(run) / "samples"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    modes = [m.training for m in (comp.unet, *comp.text_encoders)]
-    for m in (comp.unet, *comp.text_encoders):
-        m.eval()
-    paths = []
-    try:
-        # quiet(): diffusers' own deprecation notices are not ours to print (events are our output)
-        with torch.no_grad(), quiet(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            for i, prompt in enumerate(spec.validate):
-                text = expand_placeholder(prompt, spec.token, spec.vectors)
-                ids = [tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                           return_tensors="pt").input_ids.to(device) for tok in comp.tokenizers]
-                cond, added = encode_text(comp, ids)
-                extra = {"pooled_prompt_embeds": added["text_embeds"]} if added else {}
-                gen = torch.Generator().manual_seed(spec.seed + i)  # CPU: the same picture on any device
-                image = pipe(prompt_embeds=cond, num_inference_steps=spec.validate_steps, height=resolution,
-                             width=resolution, generator=gen, **extra).images[0]
-                path = out_dir / f"step-{step:06d}-{i}.png"
-                image.save(path)
-                paths.append(path)
-    finally:
-        for m, was in zip((comp.unet, *comp.text_encoders), modes):
-            m.train(was)
-    return paths

@@ -18,7 +18,6 @@ The backend never prints: it yields Events (started, progress, sample, finished)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import queue
 import threading
@@ -29,6 +28,7 @@ from typing import Iterator
 from textinv_cli.engine.checks import check_sample_request
 from textinv_cli.errors import TextinvError
 from textinv_cli.infotext import check_out_dir as _check_out_dir, infotext, save_pngs
+from textinv_cli.quiet_libraries import quiet
 from textinv_cli.batch_sizes import batches, pick_batch_size
 from textinv_cli.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
 
@@ -106,7 +106,7 @@ def _size(pipe, request: SampleRequest) -> tuple[int, int]:
 
 
 def _dtype(precision: str, device: str):
-    from .models import torch_dtype
+    from .loading import torch_dtype
 
     if precision == "fp16" and device == "cpu":
         # Many CPU kernels have no fp16 implementation; it would fail mid-run or crawl.
@@ -120,33 +120,6 @@ def _n_vectors(ref) -> int:
 
 
 # -- the model ----------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _quiet():
-    """transformers/diffusers log warnings and draw tqdm bars on import and load (torchvision
-    fallbacks, "Loading pipeline components"); a backend must not print, so mute them here."""
-    import warnings
-
-    import diffusers
-    import transformers
-
-    saved = [(lib.logging, lib.logging.get_verbosity(), lib.logging.is_progress_bar_enabled())
-             for lib in (transformers, diffusers)]
-    for log, _, _ in saved:
-        log.set_verbosity_error()
-        log.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            # `torch_dtype` is deprecated in newer diffusers, but older ones (>= 0.30, which we
-            # support) only know it; keep it and drop the FutureWarning.
-            warnings.simplefilter("ignore", FutureWarning)
-            yield
-    finally:
-        for log, level, bars in saved:
-            log.set_verbosity(level)
-            if bars:
-                log.enable_progress_bar()
-
 
 def model_display_name(model: str) -> str:
     """What messages and the infotext call the model: a folder's name, or the Hub id."""
@@ -186,7 +159,9 @@ def load_pipeline(model: str, dtype=None):
     local = Path(model).is_dir()
     name = model_display_name(model)
     cls_name = _model_index(model, local).get("_class_name", "")
-    with _quiet():
+    # `torch_dtype` is deprecated in newer diffusers, but older ones (>= 0.30, which we support)
+    # only know it: keep it, without the FutureWarning.
+    with quiet(future_warnings=False):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         if cls_name == "StableDiffusionXLPipeline":
@@ -282,7 +257,7 @@ def load_embeddings(pipe, refs, info) -> None:
                     f"The token {ref.token} is already in {info['name']}'s vocabulary, "
                     "so the embedding cannot be added under it.",
                     "Import it again under an unused token: textinv import FILE --token \"<new-token>\".")
-    with _quiet():
+    with quiet(future_warnings=False):
         for ref, plan in plans:
             for slot, (tokenizer, text_encoder) in plan.items():
                 vectors = torch.from_numpy(ref.vectors[slot]).to(torch.float32)

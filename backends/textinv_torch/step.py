@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from textinv_cli.batch_plan import BatchPlan
 from textinv_cli.spec import TrainSpec
 
-from . import data as datamod
+from .data import LatentCache
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Sampler:
     rank seeds its own draws); a single process is rank 0 of 1.
     """
 
-    def __init__(self, spec: TrainSpec, cache: datamod.LatentCache, caption_ids: list[torch.Tensor],
+    def __init__(self, spec: TrainSpec, cache: LatentCache, caption_ids: list[torch.Tensor],
                  choices: list[list[int]], scaling: float, num_timesteps: int, device, rank: int = 0, world: int = 1,
                  batch_size: int | None = None):
         self.spec, self.cache = spec, cache

@@ -7,23 +7,23 @@ tokens (diffusers' multi-vector names `<tok>`, `<tok>_1`, ... `<tok>_{n-1}`, so 
 write loads with `load_textual_inversion` and gets the same ids), and the encoder's
 `token_embedding` is wrapped so ids >= first_id read from an fp32 parameter [n, width]
 instead. The optimizer sees n x width numbers; the frozen matrix may be fp16/bf16.
+
+Captions become id tables here too (tokenize_captions), since the ids depend on the
+placeholder's names and first id.
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textinv_cli.captions import expand_placeholder, init_token_ids, placeholder_names
 from textinv_cli.engine.checks import check_token
 from textinv_cli.errors import TextinvError
 
 
-from textinv_cli.captions import expand_placeholder, init_token_ids, placeholder_names  # noqa: F401 - shared with JAX
-
-
-def add_placeholder(tokenizer, token: str, n: int, label: str = "tokenizer") -> int:
+def add_placeholder_tokens(tokenizer, token: str, n: int, label: str = "tokenizer") -> int:
     """Add the n placeholder tokens; returns the id of the first (the rest follow it)."""
     check_token(token, tokenizer, label)
     names = placeholder_names(token, n)
@@ -91,12 +91,6 @@ def splice(text_encoder, rows: torch.Tensor, first_id: int) -> RowSplice:
     return emb.token_embedding
 
 
-def unsplice(text_encoder) -> None:
-    emb = _embeddings(text_encoder)
-    if isinstance(emb.token_embedding, RowSplice):
-        emb.token_embedding = emb.token_embedding.base
-
-
 def prepare_rows(comp, token: str, words: list[str], n: int) -> list[tuple[int, torch.Tensor]]:
     """Add the placeholder to every tokenizer; (first id, fp32 init [n, width]) per encoder.
 
@@ -111,7 +105,7 @@ def prepare_rows(comp, token: str, words: list[str], n: int) -> list[tuple[int, 
         check_token(token, tok, label)
     inits = [init_rows(tok, token_embedding(te).weight, words, n, label)
              for tok, te, label in zip(comp.tokenizers, comp.text_encoders, labels)]
-    return [(add_placeholder(tok, token, n, label), init)
+    return [(add_placeholder_tokens(tok, token, n, label), init)
             for tok, init, label in zip(comp.tokenizers, inits, labels)]
 
 
@@ -128,3 +122,19 @@ def install_rows(comp, prepared: list[tuple[int, torch.Tensor]], device=None) ->
 def setup_rows(comp, token: str, words: list[str], n: int, device=None) -> dict[str, torch.Tensor]:
     """prepare_rows + install_rows, for callers that keep the encoders where they are."""
     return install_rows(comp, prepare_rows(comp, token, words, n), device)
+
+
+def tokenize_captions(comp, captions: list[list[str]], token: str,
+                      n: int) -> tuple[list[torch.Tensor], list[list[int]], int]:
+    """Each distinct caption tokenized once per tokenizer: (id tables [U, L], per-image
+    indices into them, how many captions lose the placeholder to truncation)."""
+    unique: dict[str, int] = {}
+    choices = [[unique.setdefault(c, len(unique)) for c in caps] for caps in captions]
+    texts = [expand_placeholder(c, token, n) for c in unique]
+    tables, truncated = [], 0
+    for tok, (first, _) in zip(comp.tokenizers, comp.prepared):
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        truncated = max(truncated, int((~(ids >= first).any(dim=1)).sum()))
+        tables.append(ids)
+    return tables, choices, truncated

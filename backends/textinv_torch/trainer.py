@@ -21,15 +21,15 @@ import torch
 from textinv_cli.engine.contract import Session
 from textinv_cli.engine.stop import StopFlag
 from textinv_cli.models import resolve_model
+from textinv_cli.quiet_libraries import quiet
 from textinv_cli.spec import TrainSpec
 
-from . import data as datamod
-from . import distributed
-from . import models as modelsmod
-from . import rows as rowsmod
-from . import state
-from .models import load_image_side, load_text_side, quiet
+from . import distributed, state
+from .data import check_resolution, latent_cache
+from .loading import checkpointing_on, compute_dtype, enable_xformers, load_image_side, load_text_side
 from .step import Sampler, accumulate, update
+from .tokens import install_rows, prepare_rows, tokenize_captions
+from .validation import validation_images
 
 
 @contextlib.contextmanager
@@ -56,7 +56,7 @@ class TorchSession(Session):
         self.spec = spec
         self.dist = distributed.setup(spec)  # one process: rank 0 of 1 on pick_device(spec)
         self.torch_device = self.dist.device
-        self.dtype = modelsmod.compute_dtype(spec.precision, self.torch_device)
+        self.dtype = compute_dtype(spec.precision, self.torch_device)
         self.batch = distributed.local_batch(spec, self.dist.world)
         self.device, self.n_processes, self.is_main = str(self.torch_device), self.dist.world, self.dist.is_main
         self.global_batch = spec.batch_size * spec.num_processes
@@ -76,12 +76,12 @@ class TorchSession(Session):
         spec, device, dtype = self.spec, self.torch_device, self.dtype
         comp = load_text_side(resolve_model(spec.model))
         words = [spec.init] if isinstance(spec.init, str) else list(spec.init)
-        comp.prepared = rowsmod.prepare_rows(comp, spec.token, words, spec.vectors)
+        comp.prepared = prepare_rows(comp, spec.token, words, spec.vectors)
         load_image_side(comp)
         self.resolution = spec.resolution or comp.native_resolution
-        datamod.check_resolution(self.resolution, comp.vae_scale)
+        check_resolution(self.resolution, comp.vae_scale)
         if spec.attention == "xformers":
-            modelsmod.enable_xformers(comp.unet, device)
+            enable_xformers(comp.unet, device)
         for te in comp.text_encoders:
             te.to(device, dtype)
         comp.unet.to(device, dtype)
@@ -89,10 +89,10 @@ class TorchSession(Session):
         if spec.gradient_checkpointing:
             comp.unet.enable_gradient_checkpointing()
             for te in comp.text_encoders:  # transformers checkpoints only in train mode (CLIP has no dropout)
-                modelsmod.checkpointing_on(te)
-        self.rows = rowsmod.install_rows(comp, comp.prepared, device)
-        tables, choices, truncated = datamod.tokenize_captions(comp, captions, spec.token, spec.vectors)
-        cache = datamod.build_cache(images, comp.vae, self.resolution, spec.center_crop, spec.flip_p, device)
+                checkpointing_on(te)
+        self.rows = install_rows(comp, comp.prepared, device)
+        tables, choices, truncated = tokenize_captions(comp, captions, spec.token, spec.vectors)
+        cache = latent_cache(images, comp.vae, self.resolution, spec.center_crop, spec.flip_p, device)
         if spec.validate:
             comp.vae.to(dtype)  # decoding validation images runs at the UNet's precision
         else:
@@ -143,4 +143,4 @@ class TorchSession(Session):
     def validate(self, run: Path, step: int) -> list[Path] | None:
         if not self.is_main:
             return None  # only rank 0 renders; the others wait at the next step's all_reduce
-        return modelsmod.validate(self.comp, self.spec, run, step, self.resolution, self.torch_device)
+        return validation_images(self.comp, self.spec, run, step, self.resolution, self.torch_device)
