@@ -23,8 +23,10 @@ pytest.importorskip("optax")
 from textinv_cli.captions import captions_for, find_images  # noqa: E402
 from textinv_cli.spec import EmbeddingRef, SampleRequest, TrainSpec  # noqa: E402
 from textinv_cli.quiet_libraries import quiet  # noqa: E402
+from textinv_jax import loading as jloading  # noqa: E402
 from textinv_jax import sampling as jsampling  # noqa: E402
-from textinv_jax import text as jtext  # noqa: E402
+from textinv_jax import step as jstep  # noqa: E402
+from textinv_jax import tokens as jtokens  # noqa: E402
 from textinv_jax import trainer as jtrainer  # noqa: E402
 from textinv_jax.backend import JaxBackend  # noqa: E402
 from textinv_torch import data as tdata  # noqa: E402
@@ -90,11 +92,11 @@ def jax_first_step(spec: TrainSpec) -> tuple[float, np.ndarray]:
     s = jtrainer.prepare(spec)
     repl, sharded = NamedSharding(s.mesh, P()), NamedSharding(s.mesh, P(None, "data"))
     rows = {s.slot: s.init}
-    st = jtrainer.put((rows, jtrainer.opt_state(spec, rows)), repl)
+    st = jtrainer.put((rows, jstep.opt_state(spec, rows)), repl)
     frozen = jtrainer.put({"clip": s.text.params, "unet": s.image.unet_params, "tables": s.tables, "mean": s.mean,
                            "std": s.std, "ac": s.image.schedule.alphas_cumprod}, repl)
     batch = jtrainer.put(jtrainer.step_batch(s, jtrainer.batch_plan(s), 0), sharded)
-    _, metrics = jtrainer.train_step(st, frozen, batch, np.float32(spec.lr), np.float32(np.inf), cfg=s.config())
+    _, metrics = jstep.train_step(st, frozen, batch, np.float32(spec.lr), np.float32(np.inf), cfg=s.config())
     return float(metrics["loss"]), np.asarray(metrics["grads"]["clip_l"])
 
 
@@ -119,8 +121,8 @@ def three_steps(tiny, tmp_path_factory):
 def test_three_steps_match_torch(three_steps, tiny):
     losses = {k: [e.data["loss"] for e in ev if e.kind == "progress"] for k, ev in three_steps.items()}
     rows = {k: ev[-1].data["vectors"]["clip_l"] for k, ev in three_steps.items()}
-    text = jtext.load_text_side(Path(tiny["sd1"]))
-    init = jtext.init_rows(text.tokenizer, text.params["embeddings"]["token_embedding"]["embedding"], ["toy"], 1)
+    text = jloading.load_text_side(Path(tiny["sd1"]))
+    init = jtokens.init_rows(text.tokenizer, text.params["embeddings"]["token_embedding"]["embedding"], ["toy"], 1)
     diff = np.abs(rows["torch"] - rows["jax"]).max()
     print(f"\nlosses torch {losses['torch']} jax {losses['jax']}; final rows max |diff| {diff:.2e}")
     np.testing.assert_allclose(losses["jax"], losses["torch"], rtol=0, atol=1e-4)
@@ -159,11 +161,11 @@ def test_sampler_renders_diffusers_picture(tiny, scheduler):
                     latents=torch.from_numpy(noise), output_type="np").images[0]
 
     folder = Path(tiny["sd1"])
-    text = jtext.load_text_side(folder)
-    rows, first = jtext.add_embeddings(text, [ref], "sd1", "sd1")
-    image = jsampling.load_image_side(folder)
-    ids = jtext.to_model_ids(jtext.encode(text.tokenizer, [jtext.expand_all(t, [ref]) for t in (negative, prompt)]),
-                             first, text.vocab_rows)
+    text = jloading.load_text_side(folder)
+    rows, first = jtokens.add_embeddings(text, [ref], "sd1", "sd1")
+    image = jloading.load_image_side(folder)
+    ids = jtokens.to_model_ids(jtokens.encode(text.tokenizer, [jtokens.expand_all(t, [ref]) for t in (negative, prompt)]),
+                               first, text.vocab_rows)
     context = jsampling.text_states(text.params, ids, rows, config=text.config, dtype=jax.numpy.float32)
     nets = jax.device_put({"unet": image.unet_params, "vae": image.vae_params})
     gen = jsampling.denoise(nets, {"unet": image.unet_config, "vae": image.vae_config}, context,

@@ -23,7 +23,7 @@ diffusers = pytest.importorskip("diffusers")
 import jax.numpy as jnp  # noqa: E402
 
 from textinv_cli.errors import TextinvError  # noqa: E402
-from textinv_jax import schedule as S  # noqa: E402
+from textinv_jax import noise_schedule as S  # noqa: E402
 
 # diffusers' DPM-Solver builds its sigmas with np.array(tensor), which numpy 2 warns about
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

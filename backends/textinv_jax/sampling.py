@@ -1,12 +1,11 @@
-"""`JaxBackend.sample`, the trainer's validation images and its latent cache: the frozen image
-side of a model (UNet, VAE, noise schedule). Sampling: text -> DDIM or DPM-Solver++ 2M
-with classifier-free guidance -> VAE decode -> PNG, all in JAX.
+"""`JaxBackend.sample` and the denoising loop it shares with validation.py: text -> DDIM or
+DPM-Solver++ 2M with classifier-free guidance -> VAE decode -> PNG, all in JAX.
 
 What the torch backend's diffusers pipeline computes, step for step: the prompt and the
 negative prompt (or "") are encoded once, each denoising step runs the UNet on
 [uncond, cond] and mixes uncond + guidance * (cond - uncond) (guidance <= 1: the prompt
 alone, as diffusers does), and the image is `decode(latents / scaling_factor)` mapped to
-[0, 1] and rounded to 8 bits. Embeddings enter as extra rows of the text encoder (text.py),
+[0, 1] and rounded to 8 bits. Embeddings enter as extra rows of the text encoder (tokens.py),
 so sampling never touches the 49k-row token table.
 
 Image i starts from `jax.random.normal(key(seed + i))` (threefry: the same picture on any
@@ -20,9 +19,7 @@ A1111 writes them (textinv_cli.infotext), exactly as the torch sampler does.
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,57 +32,19 @@ import numpy as np
 from textinv_cli.engine.checks import check_sample_request
 from textinv_cli.errors import TextinvError
 from textinv_cli.infotext import check_out_dir as _check_out_dir
-from textinv_cli.images import open_rgb, preprocess
-from textinv_cli.batch_sizes import batches, encode_batch_size, pick_batch_size
+from textinv_cli.batch_sizes import batches, pick_batch_size
 from textinv_cli.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
 
-from . import schedule as sched
+from . import noise_schedule as sched
 from .clip import apply_clip
-from .unet import apply_unet, read_unet_config
-from .vae import apply_vae_decoder, apply_vae_encoder, read_vae_config
+from .loading import compute_dtype, load_image_side, load_text_side, model_family, model_folder
+from .tokens import add_embeddings, encode, expand_all, to_model_ids
+from .unet import apply_unet
+from .vae import apply_vae_decoder
 
 # Our scheduler names -> A1111's sampler name for the infotext (the torch backend's names).
 SCHEDULERS = {"ddim": "DDIM", "dpm++": "DPM++ 2M"}
 RUNS = SimpleNamespace(name="jax", schedulers=tuple(SCHEDULERS))  # as JaxBackend declares, for direct callers
-
-
-# -- the image side of a model ---------------------------------------------------------------
-
-@dataclass
-class ImageSide:
-    """UNet, VAE (numpy params, host memory) and the model's own scheduler config."""
-
-    unet_config: object
-    unet_params: dict
-    vae_config: object
-    vae_params: dict
-    scheduler_config: dict
-    schedule: sched.NoiseSchedule
-
-    @property
-    def native_resolution(self) -> int:
-        # What the model was trained at: 512 (SD 1.5), 768 (SD 2.1), 64 (tiny).
-        return int(self.unet_config.sample_size or 64) * self.vae_config.downscale
-
-
-def load_image_side(folder: Path) -> ImageSide:
-    from .unet import load_unet
-    from .vae import load_vae
-    from .weights import component_dir
-
-    unet_cfg, vae_cfg = read_unet_config(folder), read_vae_config(folder)
-    if unet_cfg.in_channels != vae_cfg.latent_channels:
-        raise TextinvError(f"The UNet of {folder} takes {unet_cfg.in_channels} input channels (an inpainting or "
-                           "image-conditioned model); textinv works with text-to-image models.",
-                           "Use the base text-to-image model of the same family.")
-    path = component_dir(folder, "scheduler") / "scheduler_config.json"
-    try:
-        config = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as e:
-        raise TextinvError(f"Cannot read {path}: {e}", "The model folder is incomplete.") from None
-    return ImageSide(unet_config=unet_cfg, unet_params=load_unet(folder, unet_cfg), vae_config=vae_cfg,
-                     vae_params=load_vae(folder, vae_cfg), scheduler_config=config,
-                     schedule=sched.noise_schedule(config))
 
 
 def make_plan(name: str, scheduler_config: dict, steps: int, **override):
@@ -97,51 +56,6 @@ def make_plan(name: str, scheduler_config: dict, steps: int, **override):
         return sched.dpmpp_2m_plan(sched.dpmpp_2m_config(config), steps)
     raise TextinvError(f"The jax backend samples with ddim or dpm++, not {name!r}.",
                        "Pass --scheduler ddim or --scheduler dpm++, or --backend torch for the others.")
-
-
-def compute_dtype(precision: str, platform: str):
-    """fp16 kernels are GPU-only in XLA; bf16 runs everywhere (slowly on CPUs without it)."""
-    if precision == "fp16" and platform not in ("gpu", "cuda", "rocm"):
-        raise TextinvError(f"--precision fp16 needs a GPU; this jax backend runs on {platform}.",
-                           "Use --precision bf16 or --precision fp32 here.")
-    return {"fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}[precision]
-
-
-_encode_images = jax.jit(apply_vae_encoder, static_argnums=1)
-
-
-def latent_cache(paths, image: ImageSide, resolution: int, center_crop: bool, flip_p: float,
-                 batch: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """Training images -> latent distributions: VAE-encode every (image, flip) once; latent
-    mean and std [E, C, h, w] (fp32, NCHW, the layout the BatchPlan's draws have). A step
-    samples mean + std * eps, the distribution the VAE would draw from every step.
-
-    Images are read `batch` at a time (default: encode_batch_size, as the torch backend's, so
-    caching never sets the peak memory; a large folder never sits in memory as pixels), and
-    the last batch is padded so the encoder compiles once. Only flips that can be drawn are
-    encoded (p=0 never flips, p=1 always does), entries ordered as the torch cache's."""
-    batch = batch or encode_batch_size(resolution)
-    flips = (False,) if flip_p <= 0 else (True,) if flip_p >= 1 else (False, True)
-    params = jax.device_put(image.vae_params, jax.local_devices()[0])  # this host's own work
-    means, stds, pending = [], [], []
-
-    def flush():
-        chunk = np.stack(pending).astype(np.float32) / 127.5 - 1.0
-        pad = np.zeros((batch - len(chunk),) + chunk.shape[1:], np.float32)
-        mean, std = _encode_images(params, image.vae_config, np.concatenate([chunk, pad]))
-        means.append(np.asarray(mean)[:len(chunk)].transpose(0, 3, 1, 2))
-        stds.append(np.asarray(std)[:len(chunk)].transpose(0, 3, 1, 2))
-        pending.clear()
-
-    for path in paths:
-        arr, _, _ = preprocess(open_rgb(path), resolution, center_crop)
-        for flip in flips:
-            pending.append(arr[:, ::-1] if flip else arr)
-            if len(pending) == batch:
-                flush()
-    if pending:
-        flush()
-    return np.ascontiguousarray(np.concatenate(means)), np.ascontiguousarray(np.concatenate(stds)), flips
 
 
 # -- the jitted pieces --------------------------------------------------------------------------
@@ -220,8 +134,6 @@ def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
     `backend`: the JaxBackend asking, whose declared schedulers the request is checked against."""
     from textinv_cli.infotext import infotext, save_pngs
 
-    from .text import add_embeddings, encode, expand_all, load_text_side, model_family, model_folder, to_model_ids
-
     # the CLI checked already; this guards other callers
     check_sample_request(request, backend if backend is not None else RUNS)
     out_dir = Path(request.out_dir)
@@ -280,38 +192,3 @@ def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
             paths.append(str(path))
             yield Event.of(Sampled(path=str(path), seed=seed, index=start + j, width=width, height=height))
     yield Event.of(SampleFinished(paths=paths, out_dir=str(out_dir), seconds=round(time.monotonic() - t0, 3)))
-
-
-# -- validation images of a training run -------------------------------------------------------------
-
-def validation_images(nets: dict, configs: dict, tokenizer, rows, *, first: int, vocab_rows: int,
-                      scheduler_config: dict, prompts: list, token: str, vectors: int, steps: int, seed: int,
-                      resolution: int, dtype, out: Path, step: int, place, write: bool) -> list[Path]:
-    """Each prompt rendered with the trained `rows` as the torch backend's validation does:
-    DDIM (clip_sample and set_alpha_to_one off), guidance 7.5, an empty negative prompt,
-    seed + i; saved as out/step-N-i.png. `place` puts host arrays where the params live (the
-    trainer's replicated sharding): on several hosts every process renders, since the
-    replicated program needs them all, and only the one with `write` saves."""
-    from textinv_cli.captions import expand_placeholder
-
-    from .text import encode, to_model_ids
-
-    plan = make_plan("ddim", scheduler_config, steps, clip_sample=False, set_alpha_to_one=False)
-    paths = []
-    for i, prompt in enumerate(prompts):
-        ids = to_model_ids(encode(tokenizer, ["", expand_placeholder(prompt, token, vectors)]), first, vocab_rows)
-        context = text_states(nets["clip"], place(ids), rows, config=configs["clip"], dtype=dtype)
-        noise = place(np.asarray(initial_noise(seed + i, resolution, resolution, configs["vae"])))
-        run = denoise(nets, configs, context, plan=plan, guidance=7.5, noise=noise, dtype=dtype)
-        while True:
-            try:
-                next(run)
-            except StopIteration as done:
-                pixels = done.value
-                break
-        path = Path(out) / f"step-{step:06d}-{i}.png"
-        if write:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            to_pil(pixels).save(path)
-        paths.append(path)
-    return paths

@@ -13,7 +13,7 @@ draws come from the host, trainer.step_batch), the text states with the rows spl
 the UNet's epsilon or v MSE in fp32 divided by grad_accum; gradients summed, clipped to
 max_grad_norm by torch's rule, and one AdamW update at the step's learning rate (a host
 number passed in, so schedules never recompile). Nothing random carries from step to step,
-so a checkpoint is rows + moments + count (train_state.py).
+so a checkpoint is rows + moments + count (state.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import optax
 from textinv_cli.spec import TrainSpec
 
 from .clip import apply_clip
-from .schedule import add_noise, training_target
+from .noise_schedule import add_noise, training_target
 from .unet import apply_unet
 
 # One optimizer for every run: all its numbers (lr, betas, eps, weight decay) are injected

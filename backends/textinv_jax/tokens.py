@@ -1,5 +1,5 @@
-"""The text side of the JAX backend: the model folder, its tokenizer and CLIP weights, the
-placeholder tokens and their starting rows, and captions/prompts as id tables.
+"""The placeholder tokens and their starting rows, captions and prompts as id tables, and
+registered embeddings added for sampling (the torch backend's tokens.py, in numpy).
 
 Tokenizing is transformers' CLIPTokenizer, which is pure Python (no torch): the ids the
 JAX backend trains on are then exactly the torch backend's, added tokens included. The
@@ -17,103 +17,12 @@ user gets the same refusal whichever backend they picked.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 
 from textinv_cli.captions import expand_placeholder, init_token_ids, placeholder_names
-from textinv_cli.errors import NotFoundError, TextinvError
+from textinv_cli.errors import TextinvError
 
-SDXL_REFUSAL = "SDXL is not supported by the jax backend yet; use --backend torch"
-# What the JAX backend reads of a Hub model: configs, tokenizer, safetensors weights of the
-# parts it uses. Never a pickled .bin (it would run code), nor root-level single-file checkpoints.
-_WANTED = ["model_index.json", "scheduler/*.json", "tokenizer/*", "text_encoder/*.json", "text_encoder/*.safetensors*",
-           "unet/*.json", "unet/*.safetensors*", "vae/*.json", "vae/*.safetensors*"]
-_SKIPPED = ["*non_ema*", "*.bin", "*.ckpt", "*.msgpack", "*.onnx*"]
-
-
-# -- the model folder ---------------------------------------------------------------------
-
-def model_folder(model: str) -> Path:
-    """A local diffusers folder for `model` (a folder, a tiny-model name or a cached Hub id)."""
-    from textinv_cli.models import offline, resolve_model
-
-    resolved = resolve_model(model)
-    if Path(resolved).is_dir():
-        return Path(resolved)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(resolved, allow_patterns=_WANTED, ignore_patterns=_SKIPPED,
-                                      local_files_only=offline()))
-    except Exception as e:  # noqa: BLE001 - every hub/cache failure means "not here" to the user
-        raise NotFoundError(f"Cannot get the model {resolved!r}: it is not in the Hugging Face cache and the Hub "
-                            f"cannot be reached ({type(e).__name__}).",
-                            "Pass --model with a local diffusers folder, or --model tiny for the built-in demo "
-                            "model.") from None
-
-
-def model_family(folder: Path) -> str:
-    """sd1 or sd2; SDXL and other pipelines are refused with what to do instead."""
-    from textinv_cli.models import model_family as family_of_folder
-
-    try:
-        index = json.loads((folder / "model_index.json").read_text("utf-8"))
-    except (OSError, ValueError) as e:
-        raise NotFoundError(f"Cannot read {folder / 'model_index.json'}: {e}",
-                            "Pass a complete diffusers model folder (save_pretrained output).") from None
-    cls = str(index.get("_class_name", ""))
-    if "XL" in cls:
-        raise TextinvError(SDXL_REFUSAL + ".", "For example: textinv train ... --backend torch")
-    unet = index.get("unet") or [None, None]
-    if not cls.startswith("StableDiffusion") or unet[-1] != "UNet2DConditionModel":
-        raise TextinvError(f"Unsupported model family: {cls or 'unknown pipeline'} (unet: {unet[-1]}).",
-                           "textinv trains embeddings for Stable Diffusion 1.x, 2.x and XL models.")
-    return family_of_folder(str(folder)) or "sd1"
-
-
-# -- tokenizer and text encoder -------------------------------------------------------------
-
-@dataclass
-class TextSide:
-    """The tokenizer and the frozen CLIP text encoder (numpy params, host memory)."""
-
-    tokenizer: object
-    config: object  # clip.ClipConfig
-    params: dict
-
-    @property
-    def vocab_rows(self) -> int:
-        return int(self.params["embeddings"]["token_embedding"]["embedding"].shape[0])
-
-    @property
-    def width(self) -> int:
-        return int(self.config.hidden_size)
-
-
-def load_tokenizer(folder: Path, sub: str = "tokenizer"):
-    import transformers
-    from transformers import CLIPTokenizer
-
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # a backend never prints
-    try:
-        return CLIPTokenizer.from_pretrained(str(folder / sub), local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure: the folder's tokenizer is unusable
-        raise NotFoundError(f"Cannot load the tokenizer of {folder}: {e}",
-                            "Check that the folder is a complete diffusers model.") from None
-    finally:
-        transformers.logging.set_verbosity(level)
-
-
-def load_text_side(folder: Path) -> TextSide:
-    from .clip import load_clip, read_clip_config
-
-    tok = load_tokenizer(folder)
-    config = read_clip_config(folder, "text_encoder")
-    return TextSide(tokenizer=tok, config=config, params=load_clip(folder, config, "text_encoder"))
+from .loading import TextSide
 
 
 def init_rows(tokenizer, table: np.ndarray, words: list[str], n: int, label: str = "clip_l tokenizer") -> np.ndarray:
@@ -122,7 +31,7 @@ def init_rows(tokenizer, table: np.ndarray, words: list[str], n: int, label: str
     return np.asarray(table, np.float32)[init_token_ids(tokenizer, words, n, label)].copy()
 
 
-def add_tokens(tokenizer, token: str, n: int, label: str = "clip_l tokenizer") -> int:
+def add_placeholder_tokens(tokenizer, token: str, n: int, label: str = "clip_l tokenizer") -> int:
     """Add `token`'s n names; returns the first id (the others follow it)."""
     names = placeholder_names(token, n)
     taken = [t for t in names[1:] if t in tokenizer.get_vocab()]
@@ -192,7 +101,7 @@ def add_embeddings(text: TextSide, refs, model_name: str, family: str) -> tuple[
     rows = []
     for ref in refs:
         vec = np.asarray(next(iter(ref.vectors.values())), np.float32)
-        add_tokens(text.tokenizer, ref.token, vec.shape[0])
+        add_placeholder_tokens(text.tokenizer, ref.token, vec.shape[0])
         rows.append(vec)
     return (np.concatenate(rows) if rows else None), first
 

@@ -30,8 +30,13 @@ from textinv_cli.engine.stop import StopFlag
 from textinv_cli.errors import TextinvError
 from textinv_cli.spec import TrainSpec
 
-from . import sampling, text as textmod, train_state as state
+from . import state
+from .data import latent_cache
+from .loading import (ImageSide, TextSide, compute_dtype, load_image_side, load_text_side, model_family,
+                      model_folder)
 from .step import StepConfig, opt_state, train_step
+from .tokens import add_placeholder_tokens, init_rows, tokenize_captions
+from .validation import validation_images
 
 
 @dataclass
@@ -40,8 +45,8 @@ class Setup:
 
     spec: TrainSpec
     family: str
-    text: textmod.TextSide
-    image: sampling.ImageSide
+    text: TextSide
+    image: ImageSide
     slot: str
     first: int
     init: np.ndarray
@@ -92,24 +97,24 @@ def prepare(spec: TrainSpec, mesh: Mesh | None = None, dtype=None, images: list 
     """Everything a step needs, loaded and checked, on the host (what the session's load does;
     the arguments left out are worked out from the spec)."""
     mesh = mesh if mesh is not None else make_mesh(spec)
-    dtype = dtype if dtype is not None else sampling.compute_dtype(spec.precision, mesh.devices.flat[0].platform)
+    dtype = dtype if dtype is not None else compute_dtype(spec.precision, mesh.devices.flat[0].platform)
     if images is None:
         images, ignored = find_images(Path(spec.data_dir))
     else:
         ignored = []
     if captions is None:
         captions = captions_for(images, spec.token, spec.property, spec.captions)
-    folder = textmod.model_folder(spec.model)
-    family = textmod.model_family(folder)
+    folder = model_folder(spec.model)
+    family = model_family(folder)
     slot = {"sd1": "clip_l", "sd2": "clip_h"}[family]
-    text = textmod.load_text_side(folder)
+    text = load_text_side(folder)
     label = f"{slot} tokenizer"
     check_token(spec.token, text.tokenizer, label)
     words = [spec.init] if isinstance(spec.init, str) else list(spec.init)
-    init = textmod.init_rows(text.tokenizer, text.params["embeddings"]["token_embedding"]["embedding"], words,
-                             spec.vectors, label)
-    first = textmod.add_tokens(text.tokenizer, spec.token, spec.vectors, label)
-    image = sampling.load_image_side(folder)
+    init = init_rows(text.tokenizer, text.params["embeddings"]["token_embedding"]["embedding"], words, spec.vectors,
+                     label)
+    first = add_placeholder_tokens(text.tokenizer, spec.token, spec.vectors, label)
+    image = load_image_side(folder)
     if image.schedule.prediction_type not in ("epsilon", "v_prediction"):
         raise TextinvError(f"The model's scheduler predicts {image.schedule.prediction_type!r}; textinv trains "
                            "epsilon and v_prediction models.")
@@ -118,9 +123,9 @@ def prepare(spec: TrainSpec, mesh: Mesh | None = None, dtype=None, images: list 
     if not isinstance(resolution, int) or resolution < scale or resolution % scale:
         raise TextinvError(f"--resolution must be a positive multiple of {scale}, not {resolution!r}.",
                            "Use the model's size (512 for SD 1.5, 768 for SD 2.1) or leave it out.")
-    tables, choices, truncated = textmod.tokenize_captions(text.tokenizer, captions, spec.token, spec.vectors,
-                                                           first, text.vocab_rows)
-    mean, std, flips = sampling.latent_cache(images, image, resolution, spec.center_crop, spec.flip_p)
+    tables, choices, truncated = tokenize_captions(text.tokenizer, captions, spec.token, spec.vectors, first,
+                                                   text.vocab_rows)
+    mean, std, flips = latent_cache(images, image, resolution, spec.center_crop, spec.flip_p)
     return Setup(spec=spec, family=family, text=text, image=image, slot=slot, first=first, init=init,
                  tables=tables, choices=choices, truncated=truncated, mean=mean, std=std, flips=flips,
                  images=images, ignored=ignored, resolution=resolution, dtype=dtype, mesh=mesh)
@@ -168,11 +173,11 @@ def host(tree):
 
 
 def validate(s: Setup, frozen, vae, rows, run: Path, step: int, repl, main: bool) -> list:
-    """The --validate images of this step (sampling.validation_images), rows as they are now."""
+    """The --validate images of this step (validation.validation_images), rows as they are now."""
     spec = s.spec
     nets = {"clip": frozen["clip"], "unet": frozen["unet"], "vae": vae}
     configs = {"clip": s.text.config, "unet": s.image.unet_config, "vae": s.image.vae_config}
-    return sampling.validation_images(
+    return validation_images(
         nets, configs, s.text.tokenizer, rows[s.slot], first=s.first, vocab_rows=s.text.vocab_rows,
         scheduler_config=s.image.scheduler_config, prompts=spec.validate, token=spec.token, vectors=spec.vectors,
         steps=spec.validate_steps, seed=spec.seed, resolution=s.resolution, dtype=s.dtype,
@@ -193,7 +198,7 @@ class JaxSession(Session):
         self.spec = spec
         self.mesh = make_mesh(spec)
         devices = list(self.mesh.devices.flat)
-        self.dtype = sampling.compute_dtype(spec.precision, devices[0].platform)
+        self.dtype = compute_dtype(spec.precision, devices[0].platform)
         self.procs = jax.process_count()
         self.is_main = jax.process_index() == 0
         self.device, self.n_devices, self.n_processes = describe(devices), len(devices), self.procs

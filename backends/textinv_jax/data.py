@@ -1,0 +1,51 @@
+"""Training images -> cached latent distributions, as the torch backend's data.py: every
+(image, flip) VAE-encoded once, its latent mean and std kept; a step samples
+mean + std * eps, the distribution the VAE would draw from every step.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from textinv_cli.batch_sizes import encode_batch_size
+from textinv_cli.images import open_rgb, preprocess
+
+from .loading import ImageSide
+from .vae import apply_vae_encoder
+
+_encode_images = jax.jit(apply_vae_encoder, static_argnums=1)
+
+
+def latent_cache(paths, image: ImageSide, resolution: int, center_crop: bool, flip_p: float,
+                 batch: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Training images -> latent distributions: VAE-encode every (image, flip) once; latent
+    mean and std [E, C, h, w] (fp32, NCHW, the layout the BatchPlan's draws have). A step
+    samples mean + std * eps, the distribution the VAE would draw from every step.
+
+    Images are read `batch` at a time (default: encode_batch_size, as the torch backend's, so
+    caching never sets the peak memory; a large folder never sits in memory as pixels), and
+    the last batch is padded so the encoder compiles once. Only flips that can be drawn are
+    encoded (p=0 never flips, p=1 always does), entries ordered as the torch cache's."""
+    batch = batch or encode_batch_size(resolution)
+    flips = (False,) if flip_p <= 0 else (True,) if flip_p >= 1 else (False, True)
+    params = jax.device_put(image.vae_params, jax.local_devices()[0])  # this host's own work
+    means, stds, pending = [], [], []
+
+    def flush():
+        chunk = np.stack(pending).astype(np.float32) / 127.5 - 1.0
+        pad = np.zeros((batch - len(chunk),) + chunk.shape[1:], np.float32)
+        mean, std = _encode_images(params, image.vae_config, np.concatenate([chunk, pad]))
+        means.append(np.asarray(mean)[:len(chunk)].transpose(0, 3, 1, 2))
+        stds.append(np.asarray(std)[:len(chunk)].transpose(0, 3, 1, 2))
+        pending.clear()
+
+    for path in paths:
+        arr, _, _ = preprocess(open_rgb(path), resolution, center_crop)
+        for flip in flips:
+            pending.append(arr[:, ::-1] if flip else arr)
+            if len(pending) == batch:
+                flush()
+    if pending:
+        flush()
+    return np.ascontiguousarray(np.concatenate(means)), np.ascontiguousarray(np.concatenate(stds)), flips

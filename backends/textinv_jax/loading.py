@@ -1,0 +1,156 @@
+"""Loading a base model for the JAX backend: the local diffusers folder (a Hub id is fetched
+into the Hugging Face cache, safetensors only), its family, the text side (tokenizer and
+CLIP weights) and the image side (UNet, VAE, the model's own noise schedule), as numpy
+params in host memory; and the compute dtype a precision means on this platform.
+
+Loading is split as in the torch backend's loading.py: the text side first, so everything
+a user can get wrong about the concept (token, init words) is checked before the big UNet
+is read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from textinv_cli.errors import NotFoundError, TextinvError
+from textinv_cli.quiet_libraries import quiet
+
+from .noise_schedule import NoiseSchedule, noise_schedule
+from .unet import read_unet_config
+from .vae import read_vae_config
+
+SDXL_REFUSAL = "SDXL is not supported by the jax backend yet; use --backend torch"
+# What the JAX backend reads of a Hub model: configs, tokenizer, safetensors weights of the
+# parts it uses. Never a pickled .bin (it would run code), nor root-level single-file checkpoints.
+_WANTED = ["model_index.json", "scheduler/*.json", "tokenizer/*", "text_encoder/*.json", "text_encoder/*.safetensors*",
+           "unet/*.json", "unet/*.safetensors*", "vae/*.json", "vae/*.safetensors*"]
+_SKIPPED = ["*non_ema*", "*.bin", "*.ckpt", "*.msgpack", "*.onnx*"]
+
+
+# -- the model folder ---------------------------------------------------------------------
+
+def model_folder(model: str) -> Path:
+    """A local diffusers folder for `model` (a folder, a tiny-model name or a cached Hub id)."""
+    from textinv_cli.models import offline, resolve_model
+
+    resolved = resolve_model(model)
+    if Path(resolved).is_dir():
+        return Path(resolved)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(resolved, allow_patterns=_WANTED, ignore_patterns=_SKIPPED,
+                                      local_files_only=offline()))
+    except Exception as e:  # noqa: BLE001 - every hub/cache failure means "not here" to the user
+        raise NotFoundError(f"Cannot get the model {resolved!r}: it is not in the Hugging Face cache and the Hub "
+                            f"cannot be reached ({type(e).__name__}).",
+                            "Pass --model with a local diffusers folder, or --model tiny for the built-in demo "
+                            "model.") from None
+
+
+def model_family(folder: Path) -> str:
+    """sd1 or sd2; SDXL and other pipelines are refused with what to do instead."""
+    from textinv_cli.models import model_family as family_of_folder
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise NotFoundError(f"Cannot read {folder / 'model_index.json'}: {e}",
+                            "Pass a complete diffusers model folder (save_pretrained output).") from None
+    cls = str(index.get("_class_name", ""))
+    if "XL" in cls:
+        raise TextinvError(SDXL_REFUSAL + ".", "For example: textinv train ... --backend torch")
+    unet = index.get("unet") or [None, None]
+    if not cls.startswith("StableDiffusion") or unet[-1] != "UNet2DConditionModel":
+        raise TextinvError(f"Unsupported model family: {cls or 'unknown pipeline'} (unet: {unet[-1]}).",
+                           "textinv trains embeddings for Stable Diffusion 1.x, 2.x and XL models.")
+    return family_of_folder(str(folder)) or "sd1"
+
+
+# -- the text side -------------------------------------------------------------------------
+
+@dataclass
+class TextSide:
+    """The tokenizer and the frozen CLIP text encoder (numpy params, host memory)."""
+
+    tokenizer: object
+    config: object  # clip.ClipConfig
+    params: dict
+
+    @property
+    def vocab_rows(self) -> int:
+        return int(self.params["embeddings"]["token_embedding"]["embedding"].shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.config.hidden_size)
+
+
+def load_tokenizer(folder: Path, sub: str = "tokenizer"):
+    from transformers import CLIPTokenizer
+
+    try:
+        with quiet(("transformers",)):  # a backend never prints; diffusers (torch) is not needed here
+            return CLIPTokenizer.from_pretrained(str(folder / sub), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure: the folder's tokenizer is unusable
+        raise NotFoundError(f"Cannot load the tokenizer of {folder}: {e}",
+                            "Check that the folder is a complete diffusers model.") from None
+
+
+def load_text_side(folder: Path) -> TextSide:
+    from .clip import load_clip, read_clip_config
+
+    tok = load_tokenizer(folder)
+    config = read_clip_config(folder, "text_encoder")
+    return TextSide(tokenizer=tok, config=config, params=load_clip(folder, config, "text_encoder"))
+
+
+# -- the image side ------------------------------------------------------------------------
+
+@dataclass
+class ImageSide:
+    """UNet, VAE (numpy params, host memory) and the model's own scheduler config."""
+
+    unet_config: object
+    unet_params: dict
+    vae_config: object
+    vae_params: dict
+    scheduler_config: dict
+    schedule: NoiseSchedule
+
+    @property
+    def native_resolution(self) -> int:
+        # What the model was trained at: 512 (SD 1.5), 768 (SD 2.1), 64 (tiny).
+        return int(self.unet_config.sample_size or 64) * self.vae_config.downscale
+
+
+def load_image_side(folder: Path) -> ImageSide:
+    from .unet import load_unet
+    from .vae import load_vae
+    from .weights import component_dir
+
+    unet_cfg, vae_cfg = read_unet_config(folder), read_vae_config(folder)
+    if unet_cfg.in_channels != vae_cfg.latent_channels:
+        raise TextinvError(f"The UNet of {folder} takes {unet_cfg.in_channels} input channels (an inpainting or "
+                           "image-conditioned model); textinv works with text-to-image models.",
+                           "Use the base text-to-image model of the same family.")
+    path = component_dir(folder, "scheduler") / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise TextinvError(f"Cannot read {path}: {e}", "The model folder is incomplete.") from None
+    return ImageSide(unet_config=unet_cfg, unet_params=load_unet(folder, unet_cfg), vae_config=vae_cfg,
+                     vae_params=load_vae(folder, vae_cfg), scheduler_config=config,
+                     schedule=noise_schedule(config))
+
+
+def compute_dtype(precision: str, platform: str):
+    """fp16 kernels are GPU-only in XLA; bf16 runs everywhere (slowly on CPUs without it)."""
+    if precision == "fp16" and platform not in ("gpu", "cuda", "rocm"):
+        raise TextinvError(f"--precision fp16 needs a GPU; this jax backend runs on {platform}.",
+                           "Use --precision bf16 or --precision fp32 here.")
+    return {"fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}[precision]
