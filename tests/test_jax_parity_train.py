@@ -153,7 +153,7 @@ def test_sampler_renders_diffusers_picture(tiny, scheduler):
     prompt, negative, steps, guidance = "a photo of <x>", "blurry", 3, 7.5
 
     pipe, info = tsampling.load_pipeline(str(tiny["sd1"]))
-    tsampling.load_embeddings(pipe, [ref], info)
+    ttokens.add_embeddings(pipe, [ref], info)
     pipe.scheduler = tsampling.make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():

@@ -25,7 +25,7 @@ from textinv_cli.errors import TextinvError  # noqa: E402
 from textinv_cli.registry import Registry  # noqa: E402
 from textinv_cli.batch_sizes import batches, pick_batch_size  # noqa: E402
 from textinv_cli.spec import EmbeddingRef, SampleRequest  # noqa: E402
-from textinv_torch import sampling  # noqa: E402
+from textinv_torch import sampling, tokens  # noqa: E402
 from textinv_torch.tiny import TINY_WIDTHS, write_tiny_model  # noqa: E402
 
 SLOTS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}
@@ -304,7 +304,7 @@ def test_loaded_vectors_reach_the_text_encoder(models):
     pipe, info = sampling.load_pipeline(models["sd1"])
     vecs = vectors("sd1", n=3, seed=3)
     before = _encode(pipe, "a <cat-toy> backpack")  # not loaded yet: the token is plain text
-    sampling.load_embeddings(pipe, [EmbeddingRef("<cat-toy>", vecs, "", "cat-toy")], info)
+    tokens.add_embeddings(pipe, [EmbeddingRef("<cat-toy>", vecs, "", "cat-toy")], info)
     rows = pipe.text_encoder.get_input_embeddings().weight
     ids = pipe.tokenizer.convert_tokens_to_ids(["<cat-toy>", "<cat-toy>_1", "<cat-toy>_2"])
     assert torch.equal(rows[ids], torch.from_numpy(vecs["clip_l"]))
@@ -315,14 +315,14 @@ def test_loaded_vectors_reach_the_text_encoder(models):
 
     # Other vectors under the same token give another encoding: the output depends on them.
     other, _ = sampling.load_pipeline(models["sd1"])
-    sampling.load_embeddings(other, [EmbeddingRef("<cat-toy>", vectors("sd1", n=3, seed=4), "", "cat-toy")], info)
+    tokens.add_embeddings(other, [EmbeddingRef("<cat-toy>", vectors("sd1", n=3, seed=4), "", "cat-toy")], info)
     assert not torch.allclose(with_token, _encode(other, "a <cat-toy> backpack"))
 
 
 def test_sdxl_vectors_go_to_both_encoders(models):
     pipe, info = sampling.load_pipeline(models["sdxl"])
     vecs = vectors("sdxl", n=2, seed=5)
-    sampling.load_embeddings(pipe, [EmbeddingRef("<xl>", vecs, "", "xl")], info)
+    tokens.add_embeddings(pipe, [EmbeddingRef("<xl>", vecs, "", "xl")], info)
     for slot, tok, enc in (("clip_l", pipe.tokenizer, pipe.text_encoder), ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2)):
         ids = tok.convert_tokens_to_ids(["<xl>", "<xl>_1"])
         assert torch.equal(enc.get_input_embeddings().weight[ids], torch.from_numpy(vecs[slot]))
@@ -332,7 +332,7 @@ def test_token_already_in_the_vocabulary_is_refused(models):
     pipe, info = sampling.load_pipeline(models["sd1"])
     word = next(w for w in pipe.tokenizer.get_vocab() if re.fullmatch(r"[a-z]{3,}", w))
     with pytest.raises(TextinvError, match="already in tiny-sd1's vocabulary"):
-        sampling.load_embeddings(pipe, [EmbeddingRef(word, vectors("sd1"), "", word)], info)
+        tokens.add_embeddings(pipe, [EmbeddingRef(word, vectors("sd1"), "", word)], info)
 
 
 def test_closing_the_event_stream_stops_the_worker(models, tmp_path):

@@ -1,8 +1,8 @@
 """`TorchBackend.sample`: generate images with registered embeddings through diffusers.
 
-The embeddings go in with diffusers' own `load_textual_inversion` (twice for SDXL: clip_l
-into text_encoder/tokenizer, clip_g into text_encoder_2/tokenizer_2, as diffusers documents
-it), and the images come from the stock pipelines, so what we render is exactly what a
+The embeddings go in with diffusers' own `load_textual_inversion` (tokens.add_embeddings;
+twice for SDXL: clip_l into text_encoder/tokenizer, clip_g into text_encoder_2/tokenizer_2,
+as diffusers documents it), and the images come from the stock pipelines, so what we render is exactly what a
 diffusers user gets from the same files and seed.
 
 Image i uses its own `torch.Generator(device).manual_seed(seed + i)`. Images are rendered
@@ -32,6 +32,8 @@ from textinv_cli.quiet_libraries import quiet
 from textinv_cli.batch_sizes import batches, pick_batch_size
 from textinv_cli.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
 
+from .tokens import add_embeddings
+
 # Our scheduler names -> (diffusers class, extra config, A1111's sampler name for the infotext).
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}, "DDIM"),
@@ -56,7 +58,7 @@ def sample(request: SampleRequest) -> Iterator[Event]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = _dtype(request.precision, device)
     pipe, info = load_pipeline(request.model, dtype)
-    load_embeddings(pipe, request.embeddings, info)
+    add_embeddings(pipe, request.embeddings, info)
     pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -200,68 +202,6 @@ def make_scheduler(name: str, config):
 
     cls_name, extra, _ = SCHEDULERS[name]
     return getattr(diffusers, cls_name).from_config(config, **extra)
-
-
-# -- the embeddings -----------------------------------------------------------------------
-
-def _targets(pipe):
-    """slot groups -> (tokenizer, text_encoder): which encoder each slot feeds."""
-    if hasattr(pipe, "text_encoder_2"):
-        return {"clip_l": (pipe.tokenizer, pipe.text_encoder), "clip_g": (pipe.tokenizer_2, pipe.text_encoder_2)}
-    return {None: (pipe.tokenizer, pipe.text_encoder)}  # SD 1.x/2.x: the one slot, whatever its name
-
-
-def _width(text_encoder) -> int:
-    return int(text_encoder.get_input_embeddings().weight.shape[-1])
-
-
-def check_fit(ref, pipe, info) -> dict:
-    """{slot: (tokenizer, text_encoder)} for this embedding, or the family error naming both."""
-    from textinv_cli.embedding import family_of
-    from textinv_cli.prompt_tokens import FAMILY_NAMES, family_mismatch_error
-
-    slots = set(ref.vectors)
-    try:
-        emb_family = family_of(slots)
-    except TextinvError:  # an odd slot set (not from our registry): name the slots instead
-        emb_family = "+".join(sorted(slots)) or "empty"
-    targets = _targets(pipe)
-    if None in targets:
-        plan = {s: targets[None] for s in slots} if len(slots) == 1 else {}
-    else:
-        plan = {s: targets[s] for s in slots} if slots == set(targets) else {}
-    fits = bool(plan) and all(ref.vectors[s].shape[-1] == _width(te) for s, (_, te) in plan.items())
-    if fits:
-        return plan
-    have = ", ".join(f"{s} {ref.vectors[s].shape[-1]}" for s in sorted(slots))
-    want = ", ".join(f"{_width(te)}" for _, te in targets.values())
-    detail = f"its vectors are {have} wide; the model's text encoder{'s take' if len(targets) > 1 else ' takes'} {want}"
-    if emb_family == info["family"]:  # same family, other widths: e.g. a real SD 1.5 embedding on a tiny model
-        raise TextinvError(
-            f"{ref.token} does not fit {info['name']}: {detail}.",
-            f"It was made for another {FAMILY_NAMES.get(emb_family, emb_family)} model size; "
-            "pass --model with the model it was trained for.")
-    raise family_mismatch_error(ref.token, emb_family, info["name"], info["family"], detail)
-
-
-def load_embeddings(pipe, refs, info) -> None:
-    """Each embedding into its text encoder(s) with diffusers' load_textual_inversion."""
-    import torch
-
-    plans = [(ref, check_fit(ref, pipe, info)) for ref in refs]  # check all before changing any
-    for ref, plan in plans:
-        for tokenizer, _ in plan.values():
-            vocab = tokenizer.get_vocab()
-            if ref.token in vocab or f"{ref.token}_1" in vocab:
-                raise TextinvError(
-                    f"The token {ref.token} is already in {info['name']}'s vocabulary, "
-                    "so the embedding cannot be added under it.",
-                    "Import it again under an unused token: textinv import FILE --token \"<new-token>\".")
-    with quiet(future_warnings=False):
-        for ref, plan in plans:
-            for slot, (tokenizer, text_encoder) in plan.items():
-                vectors = torch.from_numpy(ref.vectors[slot]).to(torch.float32)
-                pipe.load_textual_inversion(vectors, token=ref.token, tokenizer=tokenizer, text_encoder=text_encoder)
 
 
 # -- running the pipeline with live progress ------------------------------------------------

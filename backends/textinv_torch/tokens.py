@@ -9,7 +9,8 @@ write loads with `load_textual_inversion` and gets the same ids), and the encode
 instead. The optimizer sees n x width numbers; the frozen matrix may be fp16/bf16.
 
 Captions become id tables here too (tokenize_captions), since the ids depend on the
-placeholder's names and first id.
+placeholder's names and first id; and sampling adds registered embeddings to a pipeline's
+text encoder(s) here (add_embeddings), as the JAX backend's tokens.py does.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from textinv_cli.captions import expand_placeholder, init_token_ids, placeholder_names
 from textinv_cli.engine.checks import check_token
 from textinv_cli.errors import TextinvError
+from textinv_cli.quiet_libraries import quiet
 
 
 def add_placeholder_tokens(tokenizer, token: str, n: int, label: str = "tokenizer") -> int:
@@ -138,3 +140,63 @@ def tokenize_captions(comp, captions: list[list[str]], token: str,
         truncated = max(truncated, int((~(ids >= first).any(dim=1)).sum()))
         tables.append(ids)
     return tables, choices, truncated
+
+
+# -- embeddings for sampling -----------------------------------------------------------------------
+
+def _targets(pipe):
+    """slot groups -> (tokenizer, text_encoder): which encoder each slot feeds."""
+    if hasattr(pipe, "text_encoder_2"):
+        return {"clip_l": (pipe.tokenizer, pipe.text_encoder), "clip_g": (pipe.tokenizer_2, pipe.text_encoder_2)}
+    return {None: (pipe.tokenizer, pipe.text_encoder)}  # SD 1.x/2.x: the one slot, whatever its name
+
+
+def _width(text_encoder) -> int:
+    return int(text_encoder.get_input_embeddings().weight.shape[-1])
+
+
+def check_fit(ref, pipe, info) -> dict:
+    """{slot: (tokenizer, text_encoder)} for this embedding, or the family error naming both."""
+    from textinv_cli.embedding import family_of
+    from textinv_cli.prompt_tokens import FAMILY_NAMES, family_mismatch_error
+
+    slots = set(ref.vectors)
+    try:
+        emb_family = family_of(slots)
+    except TextinvError:  # an odd slot set (not from our registry): name the slots instead
+        emb_family = "+".join(sorted(slots)) or "empty"
+    targets = _targets(pipe)
+    if None in targets:
+        plan = {s: targets[None] for s in slots} if len(slots) == 1 else {}
+    else:
+        plan = {s: targets[s] for s in slots} if slots == set(targets) else {}
+    fits = bool(plan) and all(ref.vectors[s].shape[-1] == _width(te) for s, (_, te) in plan.items())
+    if fits:
+        return plan
+    have = ", ".join(f"{s} {ref.vectors[s].shape[-1]}" for s in sorted(slots))
+    want = ", ".join(f"{_width(te)}" for _, te in targets.values())
+    detail = f"its vectors are {have} wide; the model's text encoder{'s take' if len(targets) > 1 else ' takes'} {want}"
+    if emb_family == info["family"]:  # same family, other widths: e.g. a real SD 1.5 embedding on a tiny model
+        raise TextinvError(
+            f"{ref.token} does not fit {info['name']}: {detail}.",
+            f"It was made for another {FAMILY_NAMES.get(emb_family, emb_family)} model size; "
+            "pass --model with the model it was trained for.")
+    raise family_mismatch_error(ref.token, emb_family, info["name"], info["family"], detail)
+
+
+def add_embeddings(pipe, refs, info) -> None:
+    """Each embedding into its text encoder(s) with diffusers' load_textual_inversion."""
+    plans = [(ref, check_fit(ref, pipe, info)) for ref in refs]  # check all before changing any
+    for ref, plan in plans:
+        for tokenizer, _ in plan.values():
+            vocab = tokenizer.get_vocab()
+            if ref.token in vocab or f"{ref.token}_1" in vocab:
+                raise TextinvError(
+                    f"The token {ref.token} is already in {info['name']}'s vocabulary, "
+                    "so the embedding cannot be added under it.",
+                    "Import it again under an unused token: textinv import FILE --token \"<new-token>\".")
+    with quiet(future_warnings=False):
+        for ref, plan in plans:
+            for slot, (tokenizer, text_encoder) in plan.items():
+                vectors = torch.from_numpy(ref.vectors[slot]).to(torch.float32)
+                pipe.load_textual_inversion(vectors, token=ref.token, tokenizer=tokenizer, text_encoder=text_encoder)
