@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from textinv_cli.batch_sizes import encode_batch_size
+from textinv_cli.errors import TextinvError
 from textinv_cli.images import open_rgb, preprocess
 
 from .loading import ImageSide
@@ -49,3 +50,9 @@ def latent_cache(paths, image: ImageSide, resolution: int, center_crop: bool, fl
     if pending:
         flush()
     return np.ascontiguousarray(np.concatenate(means)), np.ascontiguousarray(np.concatenate(stds)), flips
+
+
+def check_resolution(resolution: int, vae_scale: int) -> None:
+    if not isinstance(resolution, int) or resolution < vae_scale or resolution % vae_scale:
+        raise TextinvError(f"--resolution must be a positive multiple of {vae_scale}, not {resolution!r}.",
+                           "Use the model's size (512 for SD 1.5, 768 for SD 2.1) or leave it out.")

@@ -31,7 +31,7 @@ from textinv_cli.errors import TextinvError
 from textinv_cli.spec import TrainSpec
 
 from . import state
-from .data import latent_cache
+from .data import check_resolution, latent_cache
 from .loading import (ImageSide, TextSide, compute_dtype, load_image_side, load_text_side, model_family,
                       model_folder)
 from .step import StepConfig, opt_state, train_step
@@ -119,10 +119,7 @@ def prepare(spec: TrainSpec, mesh: Mesh | None = None, dtype=None, images: list 
         raise TextinvError(f"The model's scheduler predicts {image.schedule.prediction_type!r}; textinv trains "
                            "epsilon and v_prediction models.")
     resolution = spec.resolution or image.native_resolution
-    scale = image.vae_config.downscale
-    if not isinstance(resolution, int) or resolution < scale or resolution % scale:
-        raise TextinvError(f"--resolution must be a positive multiple of {scale}, not {resolution!r}.",
-                           "Use the model's size (512 for SD 1.5, 768 for SD 2.1) or leave it out.")
+    check_resolution(resolution, image.vae_config.downscale)
     tables, choices, truncated = tokenize_captions(text.tokenizer, captions, spec.token, spec.vectors, first,
                                                    text.vocab_rows)
     mean, std, flips = latent_cache(images, image, resolution, spec.center_crop, spec.flip_p)
