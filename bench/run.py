@@ -222,7 +222,8 @@ def main() -> None:
                                    "command": command, "versions": _versions()})
     parts = set((args.parts or GPU_PARTS).split(","))
     if args.cpu:
-        from textinv_torch.tiny import write_demo_images, write_tiny_model
+        from textinv_cli.demo_images import write_demo_images
+        from textinv_torch.tiny import write_tiny_model
 
         model = str(write_tiny_model(work / "tiny-sd1", "sd1"))
         images = write_demo_images(work / "images", n=4, size=64)

@@ -23,15 +23,11 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from textinv_cli.errors import OutputExistsError, TextinvError  # noqa: E402
-from textinv_torch.tiny import (  # noqa: E402
-    FAMILIES,
-    INIT_WORDS,
-    TINY_WIDTHS,
-    read_tiny_info,
-    write_demo_images,
-    write_tiny_model,
-)
-from textinv_torch.tiny_tokenizer import OBJECT_TEMPLATES, STYLE_TEMPLATES  # noqa: E402
+from textinv_cli.captions import OBJECT_TEMPLATES, STYLE_TEMPLATES  # noqa: E402
+from textinv_cli.demo_images import write_demo_images  # noqa: E402
+from textinv_cli.tiny_models import FAMILIES, TINY_WIDTHS, read_tiny_info  # noqa: E402
+from textinv_cli.tiny_tokenizer import INIT_WORDS  # noqa: E402
+from textinv_torch.tiny import write_tiny_model  # noqa: E402
 
 PIPELINES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 TOKENIZERS = {"sd1": ("tokenizer",), "sd2": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}

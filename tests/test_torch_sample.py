@@ -26,7 +26,8 @@ from textinv_cli.registry import Registry  # noqa: E402
 from textinv_cli.batch_sizes import batches, pick_batch_size  # noqa: E402
 from textinv_cli.spec import EmbeddingRef, SampleRequest  # noqa: E402
 from textinv_torch import sampling, tokens  # noqa: E402
-from textinv_torch.tiny import TINY_WIDTHS, write_tiny_model  # noqa: E402
+from textinv_cli.tiny_models import TINY_WIDTHS  # noqa: E402
+from textinv_torch.tiny import write_tiny_model  # noqa: E402
 
 SLOTS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}
 A1111_SAMPLERS = {"ddim": "DDIM", "euler": "Euler", "euler-a": "Euler a", "dpm++": "DPM++ 2M", "unipc": "UniPC"}

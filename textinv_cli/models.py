@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import NotFoundError, TextinvError
+from .errors import BackendError, NotFoundError
 
 # `--model tiny` (the default) and friends: random-weight models built on first use, offline.
 TINY = {"tiny": "sd1", "tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
@@ -23,17 +23,43 @@ def models_dir() -> Path:
     return home() / "models"
 
 
-def resolve_model(name: str | None) -> str:
-    """A local folder path (tiny models are built here on first use) or a Hub id, unchanged."""
+def make_tiny_model(out: Path, family: str = "sd1", seed: int = 0, backend: str | None = None) -> Path:
+    """Write the built-in tiny model of `family` into `out` (or find it there) and return it.
+
+    Built by a backend (Backend.make_tiny_model), found through the plugins like every
+    backend, never imported by name: the one named `backend` (--backend) first, else the
+    first installed one that offers it, so a torch-only or a jax-only install builds it.
+    """
+    from . import plugins
+    from .tiny_models import check_family, check_seed
+
+    check_family(family)
+    check_seed(seed)
+    tried = []
+    for cand in plugins.preferring(backend):
+        try:
+            make = getattr(cand.load(), "make_tiny_model", None)
+            if make is not None:
+                return Path(make(Path(out), family, seed))
+            tried.append(f"{cand.name}: does not build tiny models")
+        except NotImplementedError:
+            tried.append(f"{cand.name}: does not build tiny models")
+        except ImportError as e:  # a library it builds with is missing (it writes nothing then)
+            tried.append(f"{cand.name}: {e.name or e} is not installed")
+        except BackendError as e:
+            tried.append(str(e).splitlines()[0])
+    hints = "; ".join(f"{n}: {h}" for n, h in plugins.INSTALL_HINTS.items())
+    raise BackendError("Building the built-in tiny model needs a backend that can build one"
+                       + (f" ({'; '.join(tried)})." if tried else " (none is installed)."), f"Install one — {hints}.")
+
+
+def resolve_model(name: str | None, backend: str | None = None) -> str:
+    """A local folder path (tiny models are built here on first use, by `backend` where it
+    can) or a Hub id, unchanged."""
     name = name or DEFAULT_MODEL
     if name in TINY:
         family = TINY[name]
-        try:
-            from textinv_torch.tiny import write_tiny_model
-        except ImportError as e:
-            raise TextinvError("Building the built-in tiny model needs the torch extra.",
-                               'Install it: pip install "textinv[torch]"') from e
-        return str(write_tiny_model(models_dir() / f"tiny-{family}", family=family))
+        return str(make_tiny_model(models_dir() / f"tiny-{family}", family, backend=backend))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "model_index.json").exists() and path.is_dir():

@@ -93,6 +93,11 @@ def candidates() -> list[Candidate]:
     return sorted(found.values(), key=lambda c: (order.get(c.name, 2), c.name))
 
 
+def preferring(first: str | None = None) -> list[Candidate]:
+    """candidates(), with the one named `first` (the --backend choice) moved to the front."""
+    return sorted(candidates(), key=lambda c: c.name != first)
+
+
 def probe_all() -> list[BackendInfo]:
     """Load each backend and ask it; failures are reported, not raised."""
     infos = []

@@ -56,3 +56,8 @@ class TorchBackend(Backend):
         from .sampling import sample
 
         return sample(request)
+
+    def make_tiny_model(self, out: Path, family: str, seed: int) -> Path:
+        from .tiny import write_tiny_model
+
+        return write_tiny_model(out, family, seed)

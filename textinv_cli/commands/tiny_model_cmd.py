@@ -1,12 +1,14 @@
 """textinv tiny-model OUT: write a small random-weight diffusers model, with no download.
 
 For smoke-testing an install, for the demo and the tests; `--model tiny` builds one
-automatically. The weights are random: images from it are noise-like by design.
+automatically. The weights are random: images from it are noise-like by design. Any
+installed backend that offers it builds the model (models.make_tiny_model).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -16,20 +18,21 @@ def tiny_model(
     family: str = typer.Option("sd1", "--family", help="sd1, sd2 or sdxl."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
     images: Path = typer.Option(None, "--images", help="Also write a small synthetic training image set here."),
+    backend: Optional[str] = typer.Option(None, "--backend",
+                                          help="The backend that builds it (default: the first one that can)."),
 ) -> None:
     """Write a tiny Stable Diffusion model (real diffusers layout, random weights)."""
     from ..console import console
+    from ..demo_images import write_demo_images
     from ..errors import TextinvError
     from ..fsutil import errors_name
+    from ..models import make_tiny_model
+    from ..tiny_models import FAMILIES
 
-    if family not in ("sd1", "sd2", "sdxl"):
-        raise TextinvError(f"--family must be sd1, sd2 or sdxl, not {family!r}.")
-    try:
-        from textinv_torch.tiny import write_demo_images, write_tiny_model
-    except ImportError as e:
-        raise TextinvError("The tiny-model factory needs the torch extra.", 'Install it: pip install "textinv[torch]"') from e
+    if family not in FAMILIES:
+        raise TextinvError(f"--family must be {', '.join(FAMILIES[:-1])} or {FAMILIES[-1]}, not {family!r}.")
     with errors_name(out):  # a failed write names OUT, not the temp folder the model is built in
-        path = write_tiny_model(out, family=family, seed=seed)
+        path = make_tiny_model(out, family, seed, backend=backend)
     console.print(f"Tiny {family} model: {path}", markup=False)
     if images is not None:
         with errors_name(images):

@@ -133,3 +133,12 @@ class Backend:
 
     def sample(self, request: "SampleRequest") -> Iterator["Event"]:
         raise NotImplementedError
+
+    def make_tiny_model(self, out: Path, family: str, seed: int) -> Path:
+        """Optional: write the built-in tiny model of `family` ("sd1" | "sd2" | "sdxl",
+        random weights from `seed`) into `out` and return `out`, as
+        textinv_cli.tiny_models.publish_tiny_model does (the core's recipe, atomic,
+        idempotent). The core asks for it through the plugins (models.make_tiny_model),
+        so `--model tiny` works with whichever backend is installed; a backend that
+        cannot build one leaves this as it is."""
+        raise NotImplementedError

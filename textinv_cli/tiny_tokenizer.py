@@ -16,11 +16,11 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
+# Every word of the caption templates must be one token, so training captions never fall apart.
+from .captions import OBJECT_TEMPLATES, STYLE_TEMPLATES
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MODEL_MAX_LENGTH = 77
-
-# The caption templates live in the core so every backend trains on the same captions.
-from textinv_cli.captions import OBJECT_TEMPLATES, STYLE_TEMPLATES  # noqa: E402
 
 # Words people pass to --init: subjects, media and colours. Each is one token.
 INIT_WORDS: tuple[str, ...] = (
@@ -114,14 +114,28 @@ def _merge(sym: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=1)
+def _vocabulary() -> dict[str, int]:
+    symbols = list(bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in _merges()] + [BOS, EOS]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    assert len(vocab) == len(vocab_list), "duplicate vocabulary entry"
+    return vocab
+
+
+def token_ids(pad_token: str = EOS) -> dict[str, int]:
+    """What a text encoder's config must agree with: the vocabulary size and the ids of
+    <|startoftext|>, <|endoftext|> and the pad token (as CLIPTokenizer reports them)."""
+    vocab = _vocabulary()
+    return {"vocab_size": len(vocab), "bos_token_id": vocab[BOS], "eos_token_id": vocab[EOS],
+            "pad_token_id": vocab[pad_token]}
+
+
 def tokenizer_files(pad_token: str = EOS) -> dict[str, bytes]:
     """The files of a `tokenizer/` folder. SD 1.x pads with <|endoftext|>; SD 2.x and
     SDXL's second (OpenCLIP) tokenizer pad with "!" (id 0), so the caller picks."""
-    symbols = list(bytes_to_unicode().values())
     merges = _merges()
-    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
-    vocab = {tok: i for i, tok in enumerate(vocab_list)}
-    assert len(vocab) == len(vocab_list), "duplicate vocabulary entry"
+    vocab = _vocabulary()
     config = {
         "add_prefix_space": False,
         "bos_token": BOS,
