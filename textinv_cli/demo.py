@@ -3,7 +3,8 @@
 Builds the tiny SD 1.x model and a small synthetic image set, trains a concept on CPU,
 then lists, inspects, converts and samples with it, and converts a couple of files of
 the kinds people download. Everything goes under ./demo-out (its own registry in
-demo-out/home unless TEXTINV_HOME is set). Each step runs the real command.
+demo-out/home unless TEXTINV_HOME is set). Each step runs the real command, with the
+first usable backend (torch where it is installed) or the one TEXTINV_DEMO_BACKEND names.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 STEPS = int(os.environ.get("TEXTINV_DEMO_STEPS", "300"))
+BACKEND = os.environ.get("TEXTINV_DEMO_BACKEND", "")
 
 
 def _run(*args: str) -> None:
@@ -45,16 +47,17 @@ def main() -> None:
         Registry().remove("cat-toy")
     shutil.rmtree(run, ignore_errors=True)
 
-    _run("tiny-model", str(model), "--images", str(images))
+    backend = ("--backend", BACKEND) if BACKEND else ()
+    _run("tiny-model", str(model), "--images", str(images), *backend)
     _run("train", str(images), "--token", "<cat-toy>", "--init", "toy", "--model", str(model),
          "--steps", str(STEPS), "--lr", "5e-3", "--checkpoint-every", str(max(1, STEPS // 3)),
-         "--run-dir", str(run))
+         "--run-dir", str(run), *backend)
     _run("list")
     _run("inspect", "cat-toy", "--model", str(model), "--top", "3")
     _run("convert", "cat-toy", "--to", "a1111", "-o", str(out), "--force")
     _run("convert", "cat-toy", "--to", "kohya", "-o", str(out / "cat-toy.kohya.safetensors"), "--force")
     _run("sample", "A <cat-toy> backpack", "-n", "2", "--steps", "10", "--model", str(model),
-         "-o", str(out / "samples"))
+         "-o", str(out / "samples"), *backend)
 
     # Files of the kinds people download: an A1111 .pt and an SDXL kohya file.
     from .embedding import Embedding

@@ -89,3 +89,8 @@ class JaxBackend(Backend):
         from .sampling import sample
 
         return sample(request, self)
+
+    def make_tiny_model(self, out: Path, family: str, seed: int) -> Path:
+        from .tiny import write_tiny_model
+
+        return write_tiny_model(out, family, seed)
