@@ -24,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from textinv_cli.errors import TextinvError  # noqa: E402
 from textinv_jax import noise_schedule as S  # noqa: E402
+from textinv_jax import samplers  # noqa: E402
 
 # diffusers' DPM-Solver builds its sigmas with np.array(tensor), which numpy 2 warns about
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -135,18 +136,18 @@ DDIM_CASES = [  # (config, steps): SD 1.x (leading+offset, clip_sample from DDIM
 @pytest.mark.parametrize("config,steps", DDIM_CASES)
 def test_ddim_steps_equal_diffusers(config, steps):
     ref = diffusers.DDIMScheduler.from_config(config)
-    cfg = S.ddim_config(config)
+    cfg = samplers.ddim_config(config)
     assert (cfg.clip_sample, cfg.set_alpha_to_one, cfg.timestep_spacing, cfg.steps_offset) == (
         ref.config.clip_sample, ref.config.set_alpha_to_one, ref.config.timestep_spacing, ref.config.steps_offset)
     x = np.random.default_rng(1).standard_normal((2, 4, 4, 4)).astype(np.float32) * 3
     ts, want = _run_torch(ref, steps, x)
-    plan = S.ddim_plan(cfg, steps)
+    plan = samplers.ddim_plan(cfg, steps)
     np.testing.assert_array_equal(np.asarray(plan.timesteps), ts)
     sample = jnp.asarray(x)
     for i, t in enumerate(ts):
-        sample, _ = S.ddim_step(plan, i, fake_model(sample, float(t)), sample)
+        sample, _ = samplers.ddim_step(plan, i, fake_model(sample, float(t)), sample)
         assert maxdiff(sample, want[i]) <= 1e-5, f"step {i} (t={t})"
-    final = jax.jit(S.sample_loop, static_argnums=1)(plan, fake_model, jnp.asarray(x))
+    final = jax.jit(samplers.sample_loop, static_argnums=1)(plan, fake_model, jnp.asarray(x))
     assert maxdiff(final, want[-1]) <= 1e-5
 
 
@@ -154,24 +155,24 @@ def test_ddim_eta_with_given_noise_equals_diffusers():
     config = sd2_config()
     ref = diffusers.DDIMScheduler.from_config(config)
     ref.set_timesteps(5)
-    plan = S.ddim_plan(S.ddim_config(config), 5)
+    plan = samplers.ddim_plan(samplers.ddim_config(config), 5)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((1, 3, 3, 4)).astype(np.float32)
     sample, ours = torch.from_numpy(x), jnp.asarray(x)
     for i, t in enumerate(ref.timesteps):
         noise = rng.standard_normal(x.shape).astype(np.float32)
         sample = ref.step(fake_model(sample, float(t)), t, sample, eta=0.7, variance_noise=torch.from_numpy(noise)).prev_sample
-        ours, _ = S.ddim_step(plan, i, fake_model(ours, float(t)), ours, eta=0.7, noise=jnp.asarray(noise))
+        ours, _ = samplers.ddim_step(plan, i, fake_model(ours, float(t)), ours, eta=0.7, noise=jnp.asarray(noise))
         assert maxdiff(ours, sample.numpy()) <= 1e-5
     # the loop draws its own noise per step from the key: deterministic, and different from eta=0
-    loop = jax.jit(S.sample_loop, static_argnums=1)
+    loop = jax.jit(samplers.sample_loop, static_argnums=1)
     a = loop(plan, fake_model, jnp.asarray(x), eta=0.7, key=jax.random.key(0))
     b = loop(plan, fake_model, jnp.asarray(x), eta=0.7, key=jax.random.key(0))
     c = loop(plan, fake_model, jnp.asarray(x))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert maxdiff(a, c) > 1e-3
     with pytest.raises(ValueError, match="key"):
-        S.sample_loop(plan, fake_model, x, eta=0.5)
+        samplers.sample_loop(plan, fake_model, x, eta=0.5)
 
 
 # -- DPM-Solver++ 2M -------------------------------------------------------------------------------
@@ -194,34 +195,34 @@ def test_dpmpp_2m_steps_equal_diffusers(config, extra, steps):
     ref = diffusers.DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
     x = np.random.default_rng(3).standard_normal((2, 4, 4, 4)).astype(np.float32) * 3
     ts, want = _run_torch(ref, steps, x)
-    plan = S.dpmpp_2m_plan(S.dpmpp_2m_config(config), steps)
+    plan = samplers.dpmpp_2m_plan(samplers.dpmpp_2m_config(config), steps)
     np.testing.assert_array_equal(np.asarray(plan.timesteps), ts)
     sample, prev_x0 = jnp.asarray(x), jnp.zeros_like(jnp.asarray(x))
     for i, t in enumerate(ts):
-        sample, prev_x0 = S.dpmpp_2m_step(plan, i, fake_model(sample, float(t)), sample, prev_x0)
+        sample, prev_x0 = samplers.dpmpp_2m_step(plan, i, fake_model(sample, float(t)), sample, prev_x0)
         assert maxdiff(sample, want[i]) <= 1e-5, f"step {i} (t={t})"
-    final = jax.jit(S.sample_loop, static_argnums=1)(plan, fake_model, jnp.asarray(x))
+    final = jax.jit(samplers.sample_loop, static_argnums=1)(plan, fake_model, jnp.asarray(x))
     assert maxdiff(final, want[-1]) <= 1e-5
 
 
 def test_sampler_configs_refuse_what_they_do_not_do():
     with pytest.raises(TextinvError, match="use_karras_sigmas"):
-        S.dpmpp_2m_config({**sd1_config(), "use_karras_sigmas": True})
+        samplers.dpmpp_2m_config({**sd1_config(), "use_karras_sigmas": True})
     with pytest.raises(TextinvError, match="thresholding"):
-        S.ddim_config({**sd1_config(), "thresholding": True})
-    cfg = S.ddim_config(sd1_config())
+        samplers.ddim_config({**sd1_config(), "thresholding": True})
+    cfg = samplers.ddim_config(sd1_config())
     for bad in (0, 1001, 2.5):
         with pytest.raises(TextinvError, match="steps"):
-            S.ddim_plan(cfg, bad)
+            samplers.ddim_plan(cfg, bad)
     with pytest.raises(TextinvError, match="timestep_spacing"):
-        S.ddim_plan(S.ddim_config({**sd1_config(), "timestep_spacing": "sideways"}), 5)
+        samplers.ddim_plan(samplers.ddim_config({**sd1_config(), "timestep_spacing": "sideways"}), 5)
     with pytest.raises(TypeError):
-        S.sample_loop("ddim", fake_model, np.zeros((1, 2, 2, 4), np.float32))
+        samplers.sample_loop("ddim", fake_model, np.zeros((1, 2, 2, 4), np.float32))
 
 
 def test_plans_are_pytrees_with_static_settings():
-    plan = S.dpmpp_2m_plan(S.dpmpp_2m_config(sd2_config()), 4)
+    plan = samplers.dpmpp_2m_plan(samplers.dpmpp_2m_config(sd2_config()), 4)
     leaves, tree = jax.tree_util.tree_flatten(plan)
     assert len(leaves) == 6 and all(leaf.shape == (4,) for leaf in leaves)
     assert jax.tree_util.tree_unflatten(tree, leaves).prediction_type == "v_prediction"
-    assert not math.isfinite(S.dpmpp_2m_config(sd1_config()).lambda_min_clipped)
+    assert not math.isfinite(samplers.dpmpp_2m_config(sd1_config()).lambda_min_clipped)

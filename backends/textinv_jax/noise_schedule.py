@@ -1,45 +1,27 @@
-"""The DDPM noise schedule and two samplers (DDIM, DPM-Solver++ 2M) in JAX, torch-free.
+"""The DDPM noise schedule and the training-side maths in JAX, torch-free:
 
-Training:
-    sched = read_noise_schedule(folder)                 # the model's scheduler/scheduler_config.json
+    sched = noise_schedule(config)                      # the model's scheduler_config.json, as a dict
     ac = jnp.asarray(sched.alphas_cumprod)              # float32 [num_train_timesteps]
     noisy = add_noise(ac, latents, noise, t)
     target = training_target(sched.prediction_type, ac, latents, noise, t)   # noise, or v
 
-Sampling:
-    plan = ddim_plan(ddim_config(cfg_dict), steps)     # or dpmpp_2m_plan(dpmpp_2m_config(cfg_dict), steps)
-    x0 = sample_loop(plan, lambda x, t: unet(x, t), noise)  # jax.lax.fori_loop over the steps
-
-Numbers follow diffusers 0.42 (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler),
-which the tests compare against. The betas and alphas_cumprod tables reproduce torch's
-bit for bit (see _linspace_f32), so a JAX and a torch training step see the same noise
-levels. A plan is every per-step number the sampler needs, worked out once on the host in
-float64 from the same float32 tables diffusers uses; the step itself is a few fused
-multiply-adds that jit and scan well. Configs are read as `<Scheduler>.from_config(config)`
-does: keys of the model's scheduler config that the sampler knows, that sampler's defaults
-for the rest (a PNDM config without clip_sample gets DDIM's clip_sample=True, as in diffusers).
+Numbers follow diffusers 0.42 (DDPMScheduler), which the tests compare against. The betas
+and alphas_cumprod tables reproduce torch's bit for bit (see _linspace_f32), so a JAX and a
+torch training step see the same noise levels. Configs are read as
+`<Scheduler>.from_config(config)` does: the keys the class knows (config_fields), its
+defaults for the rest. The samplers built on this schedule are in samplers.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from textinv_cli.errors import TextinvError
-
-__all__ = [
-    "DDIMConfig", "DDIMPlan", "DPMPlan", "DPMSolverConfig", "NoiseSchedule", "add_noise", "ddim_config",
-    "ddim_plan", "ddim_step", "ddim_timesteps", "dpmpp_2m_config", "dpmpp_2m_plan", "dpmpp_2m_step",
-    "dpmpp_2m_timesteps", "get_velocity", "noise_schedule", "read_noise_schedule", "sample_loop",
-    "training_target",
-]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -111,7 +93,7 @@ def _zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return (1 - alphas).astype(np.float32)
 
 
-def _known(cls, config: Mapping, **defaults) -> dict:
+def config_fields(cls, config: Mapping, **defaults) -> dict:
     """The config keys `cls` has, the way from_config keeps only its own parameters."""
     names = {f.name for f in dataclasses.fields(cls)} - {"schedule"}
     out = {k: v for k, v in config.items() if k in names}
@@ -123,7 +105,7 @@ def _known(cls, config: Mapping, **defaults) -> dict:
 def noise_schedule(config: Mapping) -> NoiseSchedule:
     """The training schedule of a scheduler config (any class's: PNDM, DDIM, Euler... all
     carry the betas and prediction type), read as DDPMScheduler.from_config(config)."""
-    kw = _known(NoiseSchedule, config)
+    kw = config_fields(NoiseSchedule, config)
     if kw.get("trained_betas") is not None:
         kw["trained_betas"] = tuple(float(b) for b in kw["trained_betas"])
     s = NoiseSchedule(**kw)
@@ -132,18 +114,6 @@ def noise_schedule(config: Mapping) -> NoiseSchedule:
                            f"{', '.join(PREDICTION_TYPES)}.")
     s.betas  # noqa: B018  (validates beta_schedule now, not at first use)
     return s
-
-
-def read_noise_schedule(folder: Path, component: str = "scheduler") -> NoiseSchedule:
-    """The NoiseSchedule of `<folder>/<component>/scheduler_config.json`."""
-    from .weights import component_dir
-
-    path = component_dir(folder, component) / "scheduler_config.json"
-    try:
-        config = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as e:
-        raise TextinvError(f"Cannot read {path}: {e}", "The model folder is incomplete.") from None
-    return noise_schedule(config)
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -174,292 +144,3 @@ def training_target(prediction_type: str, alphas_cumprod, original, noise, times
     if prediction_type == "sample":
         return original
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
-
-
-# -- sampler configs ------------------------------------------------------------------------------
-
-_OFF = {"thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
-        "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False, "variance_type": None,
-        "use_dynamic_shifting": False}
-
-
-def _refuse(config: Mapping, keys) -> None:
-    for key in keys:
-        if config.get(key, _OFF[key]) != _OFF[key]:
-            raise TextinvError(f"The scheduler config sets {key}={config[key]!r}, which the JAX samplers do not "
-                               "support.", "Use --backend torch for this model.")
-
-
-@dataclasses.dataclass(frozen=True)
-class DDIMConfig:
-    """DDIMScheduler's settings (its defaults where a config is silent)."""
-
-    schedule: NoiseSchedule
-    timestep_spacing: str = "leading"
-    steps_offset: int = 0
-    set_alpha_to_one: bool = True
-    clip_sample: bool = True
-    clip_sample_range: float = 1.0
-
-
-def ddim_config(config: Mapping) -> DDIMConfig:
-    """As DDIMScheduler.from_config(config)."""
-    _refuse(config, ("thresholding",))
-    return DDIMConfig(schedule=noise_schedule(config), **_known(DDIMConfig, config))
-
-
-@dataclasses.dataclass(frozen=True)
-class DPMSolverConfig:
-    """DPMSolverMultistepScheduler's settings for algorithm_type="dpmsolver++", solver_order=2
-    (its defaults where a config is silent)."""
-
-    schedule: NoiseSchedule
-    timestep_spacing: str = "linspace"
-    steps_offset: int = 0
-    solver_type: str = "midpoint"          # midpoint | heun
-    lower_order_final: bool = True
-    euler_at_final: bool = False
-    final_sigmas_type: str = "zero"        # zero | sigma_min
-    lambda_min_clipped: float = -math.inf
-
-
-def dpmpp_2m_config(config: Mapping) -> DPMSolverConfig:
-    """As DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    (the torch backend's "dpm++" sampler)."""
-    _refuse(config, ("thresholding", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                     "use_lu_lambdas", "use_flow_sigmas", "variance_type", "use_dynamic_shifting"))
-    cfg = DPMSolverConfig(schedule=noise_schedule(config), **_known(DPMSolverConfig, config))
-    if cfg.solver_type not in ("midpoint", "heun") or cfg.final_sigmas_type not in ("zero", "sigma_min"):
-        raise TextinvError(f"Unsupported DPM-Solver settings: solver_type={cfg.solver_type!r}, "
-                           f"final_sigmas_type={cfg.final_sigmas_type!r}.")
-    return cfg
-
-
-# -- timesteps ----------------------------------------------------------------------------------
-
-def _check_steps(n: int, total: int) -> None:
-    if not isinstance(n, (int, np.integer)) or not 1 <= n <= total:
-        raise TextinvError(f"The number of sampling steps must be from 1 to {total}, not {n!r}.")
-
-
-def ddim_timesteps(cfg: DDIMConfig, n: int) -> np.ndarray:
-    """DDIMScheduler.set_timesteps(n).timesteps (int64, descending)."""
-    total = cfg.schedule.num_train_timesteps
-    _check_steps(n, total)
-    if cfg.timestep_spacing == "linspace":
-        ts = np.linspace(0, total - 1, n).round()[::-1].copy().astype(np.int64)
-    elif cfg.timestep_spacing == "leading":
-        ts = (np.arange(0, n) * (total // n)).round()[::-1].copy().astype(np.int64) + cfg.steps_offset
-    elif cfg.timestep_spacing == "trailing":
-        ts = np.round(np.arange(total, 0, -total / n)).astype(np.int64) - 1
-    else:
-        raise TextinvError(f"Unknown timestep_spacing {cfg.timestep_spacing!r} (linspace, leading or trailing).")
-    return _in_range(ts, total)
-
-
-def _in_range(ts: np.ndarray, total: int) -> np.ndarray:
-    if ts.min() < 0 or ts.max() >= total:
-        raise TextinvError(f"The scheduler config gives timesteps outside 0..{total - 1} ({ts.min()}..{ts.max()}); "
-                           "check steps_offset.")
-    return ts
-
-
-def _lambdas(ac: np.ndarray) -> np.ndarray:
-    alpha, sigma = np.sqrt(ac), np.sqrt(1 - ac)
-    return np.log(alpha) - np.log(sigma)
-
-
-def dpmpp_2m_timesteps(cfg: DPMSolverConfig, n: int) -> np.ndarray:
-    """DPMSolverMultistepScheduler.set_timesteps(n).timesteps (int64, descending)."""
-    total = cfg.schedule.num_train_timesteps
-    _check_steps(n, total)
-    ac = cfg.schedule.alphas_cumprod
-    clipped = int(np.searchsorted(np.flip(_lambdas(ac)), cfg.lambda_min_clipped, side="left"))
-    last = total - clipped
-    if cfg.timestep_spacing == "linspace":
-        ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-    elif cfg.timestep_spacing == "leading":
-        ratio = last // (n + 1)
-        ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + cfg.steps_offset
-    elif cfg.timestep_spacing == "trailing":
-        ts = np.arange(last, 0, -total / n).round().copy().astype(np.int64) - 1
-    else:
-        raise TextinvError(f"Unknown timestep_spacing {cfg.timestep_spacing!r} (linspace, leading or trailing).")
-    return _in_range(ts, total)
-
-
-# -- plans -------------------------------------------------------------------------------------------
-
-def _pytree(cls):
-    """A frozen dataclass as a pytree: array fields are leaves, the rest static (hashable)."""
-    data = [f.name for f in dataclasses.fields(cls) if f.metadata.get("array")]
-    meta = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("array")]
-    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
-
-
-def _array():
-    return dataclasses.field(metadata={"array": True})
-
-
-@_pytree
-@dataclasses.dataclass(frozen=True)
-class DDIMPlan:
-    """Per-step numbers of a DDIM run (arrays [steps]); pass it into jit as an argument."""
-
-    prediction_type: str
-    clip_range: float | None
-    timesteps: jax.Array = _array()      # int32, descending
-    sqrt_abar: jax.Array = _array()      # sqrt(abar_t)
-    sqrt_1m_abar: jax.Array = _array()   # sqrt(1 - abar_t)
-    sqrt_abar_prev: jax.Array = _array()
-    abar_prev: jax.Array = _array()
-    variance: jax.Array = _array()       # DDIM's sigma_t^2 for eta = 1
-
-    @property
-    def steps(self) -> int:
-        return int(self.timesteps.shape[0])
-
-
-def ddim_plan(cfg: DDIMConfig, num_steps: int) -> DDIMPlan:
-    """Everything DDIMScheduler.step needs for `num_steps` steps. The previous timestep is
-    t - T // steps for every spacing, as diffusers computes it."""
-    ts = ddim_timesteps(cfg, num_steps)
-    ac = cfg.schedule.alphas_cumprod.astype(np.float64)
-    prev = ts - cfg.schedule.num_train_timesteps // num_steps
-    final = 1.0 if cfg.set_alpha_to_one else ac[0]
-    a_t = ac[ts]
-    a_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final)
-    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    f32 = lambda v: jnp.asarray(np.asarray(v, np.float32))  # noqa: E731
-    return DDIMPlan(prediction_type=cfg.schedule.prediction_type,
-                    clip_range=float(cfg.clip_sample_range) if cfg.clip_sample else None,
-                    timesteps=jnp.asarray(ts.astype(np.int32)), sqrt_abar=f32(np.sqrt(a_t)),
-                    sqrt_1m_abar=f32(np.sqrt(1 - a_t)), sqrt_abar_prev=f32(np.sqrt(a_prev)),
-                    abar_prev=f32(a_prev), variance=f32(variance))
-
-
-def ddim_step(plan: DDIMPlan, i, model_output, sample, *, eta=0.0, noise=None):
-    """Step i of a DDIM run: x_{t_i} -> x_{t_i - T//steps}. Returns (prev_sample, pred_x0).
-
-    eta > 0 adds eta * sigma_t * noise (pass `noise`, a standard normal like `sample`).
-    """
-    a, s, ap = plan.sqrt_abar[i], plan.sqrt_1m_abar[i], plan.sqrt_abar_prev[i]
-    if plan.prediction_type == "epsilon":
-        x0, eps = (sample - s * model_output) / a, model_output
-    elif plan.prediction_type == "v_prediction":
-        x0, eps = a * sample - s * model_output, a * model_output + s * sample
-    else:  # "sample"
-        x0, eps = model_output, (sample - a * model_output) / s
-    if plan.clip_range is not None:
-        x0 = jnp.clip(x0, -plan.clip_range, plan.clip_range)
-    std = eta * jnp.sqrt(plan.variance[i])
-    prev = ap * x0 + jnp.sqrt(1 - plan.abar_prev[i] - std ** 2) * eps
-    if noise is not None:
-        prev = prev + std * noise
-    return prev, x0
-
-
-@_pytree
-@dataclasses.dataclass(frozen=True)
-class DPMPlan:
-    """Per-step numbers of a DPM-Solver++ 2M run (arrays [steps]).
-
-    Step i: x0_i from the model output at sigma_i (alpha_s, sigma_s), then
-    x = ratio * x + first * x0_i + second * (x0_i - x0_{i-1}),
-    with second = 0 on first-order steps (the first; the last where diffusers lowers it).
-    """
-
-    prediction_type: str
-    timesteps: jax.Array = _array()
-    alpha_s: jax.Array = _array()
-    sigma_s: jax.Array = _array()
-    ratio: jax.Array = _array()
-    first: jax.Array = _array()
-    second: jax.Array = _array()
-
-    @property
-    def steps(self) -> int:
-        return int(self.timesteps.shape[0])
-
-
-def dpmpp_2m_plan(cfg: DPMSolverConfig, num_steps: int) -> DPMPlan:
-    """Everything DPMSolverMultistepScheduler.step (dpmsolver++, order 2) needs."""
-    ts = dpmpp_2m_timesteps(cfg, num_steps)
-    ac = cfg.schedule.alphas_cumprod
-    if cfg.schedule.rescale_betas_zero_snr:  # diffusers keeps the last sigma finite so
-        ac[-1] = 2.0 ** -24                  # that lambda stays finite
-    full = ((1 - ac) / ac) ** 0.5  # float32 arithmetic, as diffusers builds its sigmas
-    last = 0.0 if cfg.final_sigmas_type == "zero" else float(full[0])
-    sig = np.concatenate([full[ts], [last]]).astype(np.float32).astype(np.float64)
-    alpha = 1 / np.sqrt(sig ** 2 + 1)
-    sigma = sig * alpha
-    n = len(ts)
-    ratio, first, second = np.zeros(n), np.zeros(n), np.zeros(n)
-    with np.errstate(divide="ignore"):
-        lam = np.log(alpha) - np.log(sigma)  # +inf at a zero final sigma
-    for i in range(n):
-        # exp(-h) with h = lambda_{i+1} - lambda_i, written without h so that sigma = 0 gives 0
-        em = (sigma[i + 1] / alpha[i + 1]) / (sigma[i] / alpha[i])
-        ratio[i] = sigma[i + 1] / sigma[i]
-        first[i] = -alpha[i + 1] * (em - 1.0)
-        lower = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
-                                or cfg.final_sigmas_type == "zero")
-        if i > 0 and not lower:
-            h, h0 = lam[i + 1] - lam[i], lam[i] - lam[i - 1]
-            r0 = h0 / h
-            if cfg.solver_type == "midpoint":
-                second[i] = -0.5 * alpha[i + 1] * (em - 1.0) / r0
-            else:  # heun
-                second[i] = alpha[i + 1] * ((em - 1.0) / h + 1.0) / r0
-    f32 = lambda v: jnp.asarray(np.asarray(v, np.float32))  # noqa: E731
-    return DPMPlan(prediction_type=cfg.schedule.prediction_type, timesteps=jnp.asarray(ts.astype(np.int32)),
-                   alpha_s=f32(alpha[:n]), sigma_s=f32(sigma[:n]), ratio=f32(ratio), first=f32(first),
-                   second=f32(second))
-
-
-def dpmpp_2m_step(plan: DPMPlan, i, model_output, sample, prev_x0):
-    """Step i of a DPM-Solver++ 2M run. `prev_x0` is what the previous step returned as its
-    x0 (ignored at i = 0; pass zeros). Returns (prev_sample, x0)."""
-    a, s = plan.alpha_s[i], plan.sigma_s[i]
-    if plan.prediction_type == "epsilon":
-        x0 = (sample - s * model_output) / a
-    elif plan.prediction_type == "v_prediction":
-        x0 = a * sample - s * model_output
-    else:  # "sample"
-        x0 = model_output
-    prev = plan.ratio[i] * sample + plan.first[i] * x0 + plan.second[i] * (x0 - prev_x0)
-    return prev, x0
-
-
-# -- the loop ------------------------------------------------------------------------------------
-
-def sample_loop(plan: DDIMPlan | DPMPlan, model_fn: Callable, latents, *, eta=0.0, key=None):
-    """Run every step of `plan` from `latents` (pure noise; init_noise_sigma is 1 for both
-    samplers) with `model_fn(x, t) -> model output` (t an int32 scalar; classifier-free
-    guidance, if any, belongs inside model_fn). Returns the final sample.
-
-    jax.lax.fori_loop, so the UNet is traced once whatever the step count. DDIM with
-    eta > 0 needs `key` (fresh noise per step, fold_in(key, i)). Under jit, let model_fn
-    close over *traced* params (jit a function that takes them as an argument and calls
-    sample_loop inside): concrete arrays closed over become constants that XLA folds, which
-    took minutes for an SD-sized UNet on a GPU.
-    """
-    latents = jnp.asarray(latents, jnp.float32)
-    if isinstance(plan, DDIMPlan):
-        if key is None and not (isinstance(eta, (int, float)) and eta == 0):
-            raise ValueError("DDIM with eta > 0 needs a PRNG key")
-
-        def body(i, x):
-            out = model_fn(x, plan.timesteps[i]).astype(jnp.float32)
-            noise = None if key is None else jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-            return ddim_step(plan, i, out, x, eta=eta, noise=noise)[0]
-
-        return jax.lax.fori_loop(0, plan.steps, body, latents)
-    if isinstance(plan, DPMPlan):
-        def body(i, carry):
-            x, prev_x0 = carry
-            out = model_fn(x, plan.timesteps[i]).astype(jnp.float32)
-            return dpmpp_2m_step(plan, i, out, x, prev_x0)
-
-        return jax.lax.fori_loop(0, plan.steps, body, (latents, jnp.zeros_like(latents)))[0]
-    raise TypeError(f"not a sampler plan: {type(plan).__name__}")

@@ -35,7 +35,7 @@ from textinv_cli.infotext import check_out_dir as _check_out_dir
 from textinv_cli.batch_sizes import batches, pick_batch_size
 from textinv_cli.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
 
-from . import noise_schedule as sched
+from . import samplers
 from .clip import apply_clip
 from .loading import compute_dtype, load_image_side, load_text_side, model_family, model_folder
 from .tokens import add_embeddings, encode, expand_all, to_model_ids
@@ -51,9 +51,9 @@ def make_plan(name: str, scheduler_config: dict, steps: int, **override):
     """The sampler plan, read from the model's scheduler config as diffusers' from_config does."""
     config = {**scheduler_config, **override}
     if name == "ddim":
-        return sched.ddim_plan(sched.ddim_config(config), steps)
+        return samplers.ddim_plan(samplers.ddim_config(config), steps)
     if name == "dpm++":
-        return sched.dpmpp_2m_plan(sched.dpmpp_2m_config(config), steps)
+        return samplers.dpmpp_2m_plan(samplers.dpmpp_2m_config(config), steps)
     raise TextinvError(f"The jax backend samples with ddim or dpm++, not {name!r}.",
                        "Pass --scheduler ddim or --scheduler dpm++, or --backend torch for the others.")
 
@@ -76,9 +76,9 @@ def denoise_step(params, plan, i, x, prev_x0, context, guidance, *, config, dtyp
         out = uncond + guidance * (cond - uncond)
     else:
         out = apply_unet(params, config, x, t, context, dtype=dtype)
-    if isinstance(plan, sched.DDIMPlan):
-        return sched.ddim_step(plan, i, out, x)
-    return sched.dpmpp_2m_step(plan, i, out, x, prev_x0)
+    if isinstance(plan, samplers.DDIMPlan):
+        return samplers.ddim_step(plan, i, out, x)
+    return samplers.dpmpp_2m_step(plan, i, out, x, prev_x0)
 
 
 @partial(jax.jit, static_argnames=("config", "dtype"))
