@@ -6,9 +6,9 @@ conditioning code as Stable Diffusion itself. Same seed, same files (byte for by
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
+from textinv_cli.quiet_libraries import quiet
 from textinv_cli.tiny_models import publish_tiny_model, recipe
 from textinv_cli.tiny_tokenizer import check_single_tokens, write_tokenizer
 
@@ -21,31 +21,12 @@ def write_tiny_model(out: Path, family: str = "sd1", seed: int = 0) -> Path:
     return publish_tiny_model(out, family, seed, _build, backend="torch")
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Building from configs makes transformers/diffusers chatty about unused defaults."""
-    import diffusers
-    import transformers
-
-    libs = [(lib.logging, lib.logging.get_verbosity(), lib.logging.is_progress_bar_enabled())
-            for lib in (transformers, diffusers)]
-    for log, _, _ in libs:
-        log.set_verbosity_error()
-        log.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for log, level, bars in libs:
-            log.set_verbosity(level)
-            if bars:
-                log.enable_progress_bar()
-
-
 def _build(folder: Path, family: str, seed: int) -> None:
     import torch
 
     # fork_rng: seeding must not disturb the caller's global RNG (e.g. a training run).
-    with _quiet(), torch.random.fork_rng(devices=[]):
+    # quiet: building from configs makes transformers/diffusers chatty about unused defaults.
+    with quiet(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         _pipeline(folder, family).save_pretrained(folder, safe_serialization=True)
     for sub in ("text_encoder", "text_encoder_2"):
