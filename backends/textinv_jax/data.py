@@ -1,6 +1,7 @@
 """Training images -> cached latent distributions, as the torch backend's data.py: every
 (image, flip) VAE-encoded once, its latent mean and std kept; a step samples
-mean + std * eps, the distribution the VAE would draw from every step.
+mean + std * eps, the distribution the VAE would draw from every step. Also the check that
+--resolution suits the VAE.
 """
 
 from __future__ import annotations
