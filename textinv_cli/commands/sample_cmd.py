@@ -64,7 +64,7 @@ def sample(
 
     chosen = require_backend(backend)
     check_sample_request(request, chosen)  # and what this backend cannot do
-    resolved = resolve_model(model)
+    resolved = resolve_model(model, backend=getattr(chosen, "name", None))
     model_name = Path(resolved).name if Path(resolved).is_dir() else resolved
     check_families(entries, model_name, model_family(resolved))
     refs = []

@@ -135,7 +135,9 @@ def train(
         if code:
             raise typer.Exit(code)
         return
-    spec.model, spec.run_dir, spec.name = resolve_model(model), str(run.resolve()), reg_name
+    # a tiny model is built by the chosen backend (a jax-only install has no torch to build it)
+    spec.model = resolve_model(model, backend=getattr(chosen, "name", None))
+    spec.run_dir, spec.name = str(run.resolve()), reg_name
     spec.backend = getattr(chosen, "name", backend or "torch")
     from ..training import run_training
 
