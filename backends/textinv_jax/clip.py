@@ -79,7 +79,7 @@ def read_clip_config(folder: Path, component: str = "text_encoder") -> ClipConfi
     return clip_config(read_config(folder, component))
 
 
-def _expected(cfg: ClipConfig) -> dict[str, tuple]:
+def expected_shapes(cfg: ClipConfig) -> dict[str, tuple]:
     w, m = cfg.hidden_size, cfg.intermediate_size
     shapes = {
         "embeddings.token_embedding.weight": (cfg.vocab_size, w),
@@ -121,7 +121,7 @@ def load_clip(folder_or_state: Path | str | Mapping[str, np.ndarray], config: Cl
     # transformers 5 may save a bare CLIPTextModel without the prefix; SD checkpoints have it.
     state = {(k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in state.items()}
     state.pop("embeddings.position_ids", None)  # a buffer (arange) older transformers saved
-    require_keys(state, _expected(config), f"CLIP text encoder ({component})")
+    require_keys(state, expected_shapes(config), f"CLIP text encoder ({component})")
     return to_params({k: np.asarray(v, np.float32) for k, v in state.items()},
                      embeddings=("embeddings.token_embedding", "embeddings.position_embedding"))
 

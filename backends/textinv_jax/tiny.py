@@ -20,9 +20,9 @@ import numpy as np
 from textinv_cli.formats.safetensors_io import dump_safetensors
 from textinv_cli.tiny_models import publish_tiny_model, recipe, recipe_files
 
-from .clip import _expected as clip_shapes, clip_config
-from .unet import _expected as unet_shapes, unet_config
-from .vae import _expected as vae_shapes, vae_config
+from .clip import expected_shapes as clip_shapes, clip_config
+from .unet import expected_shapes as unet_shapes, unet_config
+from .vae import expected_shapes as vae_shapes, vae_config
 
 __all__ = ["write_tiny_model"]
 

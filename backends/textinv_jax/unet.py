@@ -169,7 +169,7 @@ def read_unet_config(folder: Path, component: str = "unet") -> UNetConfig:
 
 # -- weights -------------------------------------------------------------------------------------
 
-def _expected(cfg: UNetConfig) -> dict[str, tuple]:
+def expected_shapes(cfg: UNetConfig) -> dict[str, tuple]:
     """Every tensor name of the torch module with its shape, derived from the config alone."""
     s: dict[str, tuple] = {}
     ted, xdim = cfg.time_embed_dim, cfg.cross_attention_dim
@@ -259,7 +259,7 @@ def load_unet(folder_or_state: Path | str | Mapping[str, np.ndarray], config: UN
         state = dict(folder_or_state)
     else:
         state = read_state(Path(folder_or_state), component)
-    require_keys(state, _expected(config), f"UNet ({component})")
+    require_keys(state, expected_shapes(config), f"UNet ({component})")
     return to_params({k: np.asarray(v, np.float32) for k, v in state.items()})
 
 

@@ -112,7 +112,7 @@ def _mid_shapes(pre: str, c: int, attention: bool) -> dict[str, tuple]:
     return s
 
 
-def _expected(cfg: VaeConfig) -> dict[str, tuple]:
+def expected_shapes(cfg: VaeConfig) -> dict[str, tuple]:
     ch, n, lat = cfg.block_out_channels, len(cfg.block_out_channels), cfg.latent_channels
     s: dict[str, tuple] = {}
 
@@ -187,7 +187,7 @@ def load_vae(folder_or_state: Path | str | Mapping[str, np.ndarray], config: Vae
     else:
         state = read_state(Path(folder_or_state), component)
     state = _modern_names(state)
-    require_keys(state, _expected(config), f"VAE ({component})")
+    require_keys(state, expected_shapes(config), f"VAE ({component})")
     return to_params({k: np.asarray(v, np.float32) for k, v in state.items()})
 
 
