@@ -203,7 +203,7 @@ def test_read_state_variants_shards_and_refusals(models, tmp_path):
     comp = _copy_vae(src, tmp_path / "truncated")  # the strict reader's errors come through
     path = comp / "diffusion_pytorch_model.safetensors"
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(TextinvError, match="truncated or corrupt"):
+    with pytest.raises(TextinvError, match="truncated, corrupt or not a safetensors file"):
         weights.read_state(tmp_path / "truncated", "vae")
 
 
