@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
-from tests.fuzz_cases import fuzz, time_bound
+from tests.support.fuzz_cases import fuzz, time_bound
 from textinv_cli.errors import FormatError, TextinvError, UnsupportedFormatError
 from textinv_cli.formats import a1111_image as ai
 from textinv_cli.formats import a1111_image_writer as writer

@@ -10,7 +10,7 @@ import pytest
 from textinv_cli import formats
 from textinv_cli.embedding import Embedding
 from textinv_cli.formats.safetensors_io import dump_safetensors
-from tests.helpers import random_embedding
+from tests.support.helpers import random_embedding
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 
 from textinv_cli import formats
 
-from .helpers import random_embedding
+from .support.helpers import random_embedding
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

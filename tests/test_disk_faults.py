@@ -1,6 +1,6 @@
 """A read-only or full disk (issue 7): every command that writes says so in one or two lines
 (exit 1, no traceback, no "Internal error"), leaves nothing half-written where it writes and
-registers nothing. The faults come from tests/disk_faults.py (real chmod where it stops this
+registers nothing. The faults come from tests/support/disk_faults.py (real chmod where it stops this
 process, injected errors otherwise).
 """
 
@@ -11,9 +11,9 @@ import sqlite3
 
 import pytest
 
-from tests.disk_faults import Disk
-from tests.helpers import random_embedding
-from tests.hub_server import concept_repo, hub  # noqa: F401 - fixtures
+from tests.support.disk_faults import Disk
+from tests.support.helpers import random_embedding
+from tests.support.hub_server import concept_repo, hub  # noqa: F401 - fixtures
 from textinv_cli.formats import WRITERS
 from textinv_cli.registry import Registry
 

@@ -15,7 +15,7 @@ from textinv_cli.embedding import Embedding, safe_name
 from textinv_cli.errors import AmbiguousEmbeddingError, FormatError
 from textinv_cli.formats.safetensors_io import dump_safetensors, load_safetensors
 
-from .helpers import random_embedding
+from .support.helpers import random_embedding
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 CASES = [(fmt, fam) for fmt, info in formats.WRITERS.items() for fam in FAMILIES if fam in info.families]

@@ -22,8 +22,8 @@ from textinv_cli.errors import (AmbiguousEmbeddingError, FormatError, InvalidEmb
 from textinv_cli.formats.pickle_writer import dump_torch_pickle
 from textinv_cli.formats.safetensors_io import dump_safetensors, read_header, read_tensor
 
-from .fuzz_cases import check_outcome, fuzz
-from .helpers import random_embedding
+from .support.fuzz_cases import check_outcome, fuzz
+from .support.helpers import random_embedding
 from .test_reader_bounds import pickle_shared_dag
 
 LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"

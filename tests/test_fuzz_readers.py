@@ -1,7 +1,7 @@
 """Fuzzing every format reader through the public entry point, formats.read_embedding.
 
 Any input, file or folder, has exactly two allowed outcomes: a valid Embedding, or a
-TextinvError of one or two clear lines (tests/fuzz_cases.check_outcome). Another
+TextinvError of one or two clear lines (tests/support/fuzz_cases.check_outcome). Another
 exception, a hang (each input is bounded by an alarm) or a memory blow-up (small files
 claiming huge sizes must be refused before allocating) is a bug.
 
@@ -34,7 +34,7 @@ from textinv_cli.formats import a1111_image, a1111_image_writer
 from textinv_cli.formats.pickle_writer import dump_torch_pickle
 from textinv_cli.formats.safetensors_io import dump_safetensors
 
-from .fuzz_cases import (CORPUS, FOLDER_FORMATS, GIANTS, PEAK_BYTES, check_outcome, chunk, corpus_cases, fuzz,
+from .support.fuzz_cases import (CORPUS, FOLDER_FORMATS, GIANTS, PEAK_BYTES, check_outcome, chunk, corpus_cases, fuzz,
                          mutated, png, put, seed_files)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,7 +247,7 @@ def test_giant_claims_are_refused_before_allocating(work, name):
 _RSS_SCRIPT = r"""
 import json, sys
 from pathlib import Path
-from tests.fuzz_cases import CORPUS, GIANTS, check_outcome, corpus_cases, put
+from tests.support.fuzz_cases import CORPUS, GIANTS, check_outcome, corpus_cases, put
 
 work, over = Path(sys.argv[1]), {}
 check_outcome(put(work / "warm.png", GIANTS["png-claims-100000x100000"][1]()))  # imports PIL and the rest

@@ -26,8 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fuzz_cases import time_bound
-from tests.helpers import random_embedding
+from tests.support.fuzz_cases import time_bound
+from tests.support.helpers import random_embedding
 from textinv_cli import formats, fsutil
 from textinv_cli.embedding import NAME_MAX_BYTES, Embedding, safe_name
 from textinv_cli.errors import FormatError, InvalidEmbeddingError, OutputExistsError

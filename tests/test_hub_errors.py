@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from tests.helpers import random_embedding
-from tests.hub_server import FAKE_TOKEN, client_env, concept_repo, hub, hubcli, use_client_env  # noqa: F401
+from tests.support.helpers import random_embedding
+from tests.support.hub_server import FAKE_TOKEN, client_env, concept_repo, hub, hubcli, use_client_env  # noqa: F401
 from textinv_cli import hub as hub_api
 from textinv_cli.errors import HubError, TextinvError
 from textinv_cli.hub_layout import choose_units, find_units, is_weight

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import random_embedding
-from tests.hub_server import FAKE_TOKEN, hub, hubcli  # noqa: F401 - fixtures
+from tests.support.helpers import random_embedding
+from tests.support.hub_server import FAKE_TOKEN, hub, hubcli  # noqa: F401 - fixtures
 from textinv_cli.formats import layouts
 from textinv_cli.formats.safetensors_io import dump_safetensors
 from textinv_cli.registry import Registry
@@ -123,7 +123,7 @@ def test_push_never_uploads_an_access_token(hub, hubcli, monkeypatch, textinv_ho
 def test_pull_never_takes_an_access_token_as_the_token(hub, hubcli, monkeypatch, wrap, shaped):
     """token_identifier.txt holding the user's token (a link to ~/.cache/huggingface/token, once
     uploaded by a push) or anything token-shaped: refused unquoted, nothing registered."""
-    from tests.hub_server import concept_repo
+    from tests.support.hub_server import concept_repo
 
     secret = SHAPED if shaped else FAKE_TOKEN  # FAKE_TOKEN: the token this user is logged in with
     _, files = concept_repo()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.helpers import random_embedding
-from tests.hub_server import FAKE_TOKEN, client_env, concept_repo, hub, hubcli  # noqa: F401 - fixtures
+from tests.support.helpers import random_embedding
+from tests.support.hub_server import FAKE_TOKEN, client_env, concept_repo, hub, hubcli  # noqa: F401 - fixtures
 from textinv_cli.formats import layouts
 from textinv_cli.formats.folders import sdxl_pair_files
 from textinv_cli.formats.pickle_writer import dump_torch_pickle
@@ -148,7 +148,7 @@ def test_pulling_again_changes_nothing(hub, hubcli):
 
 
 def test_pulled_pickles_go_through_the_safe_reader(hub, hubcli, tmp_path):
-    from tests import malicious_pickles as mp
+    from tests.support import malicious_pickles as mp
 
     marker = tmp_path / "pwned"
     hub.seed("evil/embedding", {"learned_embeds.bin": mp.build("os_system", marker).data})

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import random_embedding
-from tests.hub_server import FAKE_TOKEN, concept_repo, hub, hubcli  # noqa: F401 - fixtures
+from tests.support.helpers import random_embedding
+from tests.support.hub_server import FAKE_TOKEN, concept_repo, hub, hubcli  # noqa: F401 - fixtures
 from textinv_cli.registry import Registry
 
 # huggingface_hub's LFS upload hands httpx2 a file object as `data=`; httpx2 deprecates that spelling.

@@ -8,7 +8,7 @@ nothing announced is lost, with --keep-checkpoints 1 a complete checkpoint exist
 first one on, events.jsonl is whole lines, and nothing is registered. At the end: one
 registry entry, and only the last checkpoint left in the run.
 
-The processes are forked from one warm parent (tests/forked_cli.py), each running the CLI's
+The processes are forked from one warm parent (tests/support/forked_cli.py), each running the CLI's
 main() as `python -m textinv_cli` does, so thirteen of them cost one start-up. The kill plan
 comes from a seeded RNG: CI replays the same plan (where a random-time kill lands within
 its window still varies with the machine's speed; every check holds wherever it lands).
@@ -49,10 +49,10 @@ TIMEOUT = 120.0
 
 
 class ForkedCli:
-    """tests/forked_cli.py as a context manager: run(argv, env, kill=...) -> (status, events)."""
+    """tests/support/forked_cli.py as a context manager: run(argv, env, kill=...) -> (status, events)."""
 
     def __init__(self, env: dict):
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forked_cli.py"))],
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "support" / "forked_cli.py")],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.lines: queue.Queue = queue.Queue()
         self.child = None

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import malicious_pickles as mp
-from tests.fuzz_cases import time_bound
+from tests.support import malicious_pickles as mp
+from tests.support.fuzz_cases import time_bound
 from textinv_cli.errors import FormatError, TextinvError, UnsafeFileError
 from textinv_cli.formats import read_embedding
 from textinv_cli.formats.pickle_reader import load_torch_pickle
@@ -154,7 +154,7 @@ def test_no_unpickler_or_torch_load_in_the_package():
 
 
 def test_reader_does_not_import_torch():
-    code = ("import sys; from tests import malicious_pickles as mp; "
+    code = ("import sys; from tests.support import malicious_pickles as mp; "
             "from textinv_cli.formats.pickle_reader import load_torch_pickle; "
             "load_torch_pickle(mp.valid_file(), source='x'); assert 'torch' not in sys.modules, 'torch'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

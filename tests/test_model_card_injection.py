@@ -22,7 +22,7 @@ from hypothesis import given, note, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
-from tests.helpers import random_embedding
+from tests.support.helpers import random_embedding
 from textinv_cli.errors import TextinvError
 from textinv_cli.model_card import _diffusers_usage, _textinv_usage, render_card
 from textinv_cli.registry import Entry

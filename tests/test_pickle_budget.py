@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests import pickle_blocks as pb
-from tests.fuzz_cases import fuzz, peak_rss_bound, time_bound
+from tests.support import pickle_blocks as pb
+from tests.support.fuzz_cases import fuzz, peak_rss_bound, time_bound
 from textinv_cli.errors import FormatError, TextinvError
 from textinv_cli.formats.pickle_allowlist import tar_members
 from textinv_cli.formats.pickle_reader import load_torch_pickle

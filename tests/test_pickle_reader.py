@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests import malicious_pickles as mp
-from tests.fuzz_cases import fuzz, time_bound
+from tests.support import malicious_pickles as mp
+from tests.support.fuzz_cases import fuzz, time_bound
 from textinv_cli.errors import FormatError, TextinvError, UnsafeFileError
 from textinv_cli.formats.pickle_reader import (looks_like_raw_pickle, looks_like_torch_zip,
                                                load_torch_pickle)

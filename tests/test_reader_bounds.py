@@ -4,7 +4,7 @@ Hostile inputs of growing size for each reader (safetensors headers, torch pickl
 PNG and WebP images, embedding folders), their shape drawn by hypothesis, are read by
 formats.read_embedding in ONE fresh subprocess (an old process's freed pages would hide new
 allocations), which reports each input's peak resident memory rise (VmHWM after resetting it,
-as tests/fuzz_cases.peak_rss_bound does) and its wall time. Each must stay under
+as tests/support/fuzz_cases.peak_rss_bound does) and its wall time. Each must stay under
 
     peak <= PEAK_PER_BYTE * size + PEAK_BASE        time <= SECS_PER_MIB * MiB + SECS_BASE
 
@@ -33,8 +33,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from . import malicious_pickles as mp
-from .fuzz_cases import HUNT, chunk, png, put
+from .support import malicious_pickles as mp
+from .support.fuzz_cases import HUNT, chunk, png, put
 
 ROOT = Path(__file__).resolve().parent.parent
 PEAK_PER_BYTE, PEAK_BASE = 8, 64 * 2**20
@@ -158,7 +158,7 @@ import json, resource, sys, time
 from pathlib import Path
 from textinv_cli import formats
 from textinv_cli.errors import TextinvError
-from tests.fuzz_cases import GIANTS, _status_kib, check_outcome, put, time_bound
+from tests.support.fuzz_cases import GIANTS, _status_kib, check_outcome, put, time_bound
 resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))  # the old readers: fail, not swap
 check_outcome(put(Path(sys.argv[1]) / "warm.png", GIANTS["png-claims-100000x100000"][1]()))  # imports
 rows = [{"imported": formats.__file__}]

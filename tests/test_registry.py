@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import random_embedding
-from tests.registry_worker import assert_consistent, run_together
+from tests.support.helpers import random_embedding
+from tests.support.registry_worker import assert_consistent, run_together
 from textinv_cli.errors import InvalidEmbeddingError, NotFoundError, RegistryError
 from textinv_cli.registry import CRASH_ENV, Entry, Registry, home
 
-WORKER = Path(__file__).with_name("registry_worker.py")
+WORKER = Path(__file__).parent / "support" / "registry_worker.py"
 
 
 @pytest.fixture

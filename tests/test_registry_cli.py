@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import random_embedding
-from tests.registry_worker import run_together
+from tests.support.helpers import random_embedding
+from tests.support.registry_worker import run_together
 from textinv_cli.formats import write_embedding
 from textinv_cli.formats.safetensors_io import dump_safetensors
 from textinv_cli.registry import Registry

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import random_embedding
+from tests.support.helpers import random_embedding
 from textinv_cli.errors import InvalidEmbeddingError, RegistryError
 from textinv_cli.registry import Registry
 

@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from tests.helpers import random_embedding
+from tests.support.helpers import random_embedding
 from textinv_cli import registry_db
 from textinv_cli.errors import RegistryError
 from textinv_cli.registry import Registry

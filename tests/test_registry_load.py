@@ -1,5 +1,5 @@
 """The registry under load and under kill -9, through the real `textinv import` / `rm` code
-(tests/registry_worker.py cli-loop: one process runs many commands, as many users' scripts do)."""
+(tests/support/registry_worker.py cli-loop: one process runs many commands, as many users' scripts do)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import random_embedding
-from tests.registry_worker import assert_consistent, cli_command, run_cli, run_together, start_together
+from tests.support.helpers import random_embedding
+from tests.support.registry_worker import assert_consistent, cli_command, run_cli, run_together, start_together
 from textinv_cli.errors import NotFoundError
 from textinv_cli.formats import read_embedding, write_embedding
 from textinv_cli.registry import Registry

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import random_embedding
+from tests.support.helpers import random_embedding
 from textinv_cli import fsutil
 from textinv_cli.errors import NotFoundError
 from textinv_cli.registry import Registry

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from textinv_cli.errors import FormatError
 from textinv_cli.formats.safetensors_io import dump_safetensors, load_safetensors
 
-from .fuzz_cases import CORPUS, corpus_cases, fuzz, mutated
+from .support.fuzz_cases import CORPUS, corpus_cases, fuzz, mutated
 
 _NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
           "U8": "u1", "BOOL": "?", "BF16": "<u2"}

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import random_embedding
-from tests.hub_server import client_env, concept_repo, hub, use_client_env  # noqa: F401 - fixtures
+from tests.support.helpers import random_embedding
+from tests.support.hub_server import client_env, concept_repo, hub, use_client_env  # noqa: F401 - fixtures
 from textinv_cli import plugins
 from textinv_cli.redact import redact
 

@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from tests.fuzz_cases import CORPUS, corpus_cases, time_bound
-from tests.helpers import random_embedding
-from tests.hub_server import hub  # noqa: F401 - fixture
+from tests.support.fuzz_cases import CORPUS, corpus_cases, time_bound
+from tests.support.helpers import random_embedding
+from tests.support.hub_server import hub  # noqa: F401 - fixture
 
 HOSTILE_PIECES = (
     "\x1b[31m", "\x1b[2J\x1b[H", "\x1b]52;c;SGVsbG8=\x07", "\x1b]8;;file:///etc/passwd\x1b\\x\x1b]8;;\x1b\\",
@@ -379,7 +379,7 @@ def test_every_corpus_input_prints_clean_and_quickly():
 
 
 def _save_corpus_cases() -> None:  # pragma: no cover - run once by hand: the files are committed
-    from tests.fuzz_cases import save_to_corpus
+    from tests.support.fuzz_cases import save_to_corpus
 
     meta = {"k\x1b[31m": "v\x1b]8;;http://x\x07y\nforged", "[link=file:///etc]a[/link]": "\u2066z\r"}
     token = "<x\x1b]52;c;SGVsbG8=\x07\u202e[bold]y[/]\x9b31m\r\nFAKE LINE>"

@@ -29,8 +29,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests import malicious_pickles as mp
-from tests.fuzz_cases import CORPUS, corpus_cases, fuzz, mutated, time_bound
+from tests.support import malicious_pickles as mp
+from tests.support.fuzz_cases import CORPUS, corpus_cases, fuzz, mutated, time_bound
 from textinv_cli.errors import FormatError
 from textinv_cli.formats.pickle_reader import load_torch_pickle
 

@@ -1,5 +1,5 @@
 """A local stand-in for the Hugging Face Hub, for the pull/push tests (issue 5).
-This module holds its state and the fixtures; tests/hub_routes.py speaks HTTP.
+This module holds its state and the fixtures; tests/support/hub_routes.py speaks HTTP.
 
 The unmodified `huggingface_hub` client talks to it over real HTTP, the way it talks to
 huggingface.co. The routes, status codes, headers and JSON shapes are the ones the 2.4
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hub_routes import BINARY_REGULAR_MAX, REGULAR_MAX, Handler
+from tests.support.hub_routes import BINARY_REGULAR_MAX, REGULAR_MAX, Handler
 
 # What huggingface.co puts in a new model repo's first commit.
 LFS_PATTERNS = ("*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gz", "*.h5", "*.joblib",
@@ -295,7 +295,7 @@ def use_client_env(monkeypatch, env: dict) -> None:
 
 def concept_repo(token: str = "<cat-toy>", seed: int = 0, key: str = "<cat_toy_v0>"):
     """An sd-concepts-library repo: 1-D vector under a stale key; the identifier file has the token."""
-    from tests.helpers import random_embedding
+    from tests.support.helpers import random_embedding
     from textinv_cli.formats.pickle_writer import dump_torch_pickle
 
     emb = random_embedding(token, n=1, seed=seed)

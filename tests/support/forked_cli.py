@@ -4,7 +4,7 @@ once, then forks one child per request, and each child runs the CLI's own main()
 A dozen training processes then cost one start-up (~6 s of imports on a small machine)
 instead of a dozen.
 
-    python tests/forked_cli.py          requests on stdin, one JSON line each:
+    python tests/support/forked_cli.py         requests on stdin, one JSON line each:
                                         {"argv": ["train", ...], "env": {"NAME": "value"}}
 
 On stdout, per request and in this order: {"forked": PID} (written by the child), the child's

@@ -1,4 +1,4 @@
-"""The HTTP side of the local Hub double (tests/hub_server.py holds its state).
+"""The HTTP side of the local Hub double (tests/support/hub_server.py holds its state).
 
 One handler serves two hosts: the Hub itself (API, resolve, commit, LFS batch) and the
 large-file storage, a different origin like the real CDN/S3, reached only through signed

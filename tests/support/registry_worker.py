@@ -1,10 +1,10 @@
 """A separate process that writes to the registry, for the concurrency and crash tests.
 
-    python tests/registry_worker.py [--barrier DIR --id ID] add PREFIX SEED COUNT [--family F]
-    python tests/registry_worker.py [--barrier DIR --id ID] churn TOKEN SEED COUNT [--remove]
-    python tests/registry_worker.py [--barrier DIR --id ID] remove NAME
-    python tests/registry_worker.py [--barrier DIR --id ID] cli ARGS...
-    python tests/registry_worker.py [--barrier DIR --id ID] cli-loop SCRIPT.json
+    python tests/support/registry_worker.py [--barrier DIR --id ID] add PREFIX SEED COUNT [--family F]
+    python tests/support/registry_worker.py [--barrier DIR --id ID] churn TOKEN SEED COUNT [--remove]
+    python tests/support/registry_worker.py [--barrier DIR --id ID] remove NAME
+    python tests/support/registry_worker.py [--barrier DIR --id ID] cli ARGS...
+    python tests/support/registry_worker.py [--barrier DIR --id ID] cli-loop SCRIPT.json
 
 The registry is the one $TEXTINV_HOME names. With --barrier, the worker announces itself
 (DIR/ready-ID) and then waits for DIR/go, so the test can release all workers at the same
@@ -134,7 +134,7 @@ def main(argv: list[str]) -> int:
     ns = p.parse_args(argv)
 
     # Every import happens before the barrier, so released workers really collide.
-    from tests.helpers import random_embedding
+    from tests.support.helpers import random_embedding
 
     from textinv_cli.errors import NotFoundError
     from textinv_cli.registry import Registry
@@ -211,5 +211,5 @@ def run_cli(command, argv: list[str]) -> tuple[int, str]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.helpers
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for tests.support.helpers
     sys.exit(main(sys.argv[1:]))

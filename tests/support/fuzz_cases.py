@@ -36,7 +36,7 @@ from textinv_cli.errors import TextinvError
 from . import malicious_pickles as mp
 from .helpers import random_embedding
 
-CORPUS = Path(__file__).parent / "fuzz_corpus"
+CORPUS = Path(__file__).parent.parent / "fuzz_corpus"
 MANIFEST = CORPUS / "cases.json"
 CASE_SECONDS = 10  # hard wall-clock bound per input; a typical one takes about a millisecond
 PEAK_BYTES = 64 * 2**20  # what reading one small hostile file may allocate at most

@@ -1,0 +1,1 @@
+"""What the tests share: builders, corpora, doubles (the local Hub) and worker processes."""
