@@ -23,7 +23,7 @@ test: install
 	$(BIN)/python -m pytest
 
 demo: install
-	$(BIN)/python -m textinv_cli.demo
+	$(BIN)/python -m textinv_cli.cli.demo
 
 bench: install
 	$(BIN)/python -m bench.run --cpu

@@ -47,7 +47,7 @@ def _train_row(model: str, images: str, batch: int, precision: str, steps: int, 
 
     from bench.measure import steady_rate  # torch-free at import: the JAX process never loads torch
 
-    from textinv_cli.spec import TrainSpec
+    from textinv_cli.engine.spec import TrainSpec
 
     run = Path(tempfile.mkdtemp(prefix="bench-jax-")) / "run"
     spec = TrainSpec(data_dir=images, token="<bench-tok>", init=["toy"], model=model, run_dir=str(run), backend="jax",

@@ -61,7 +61,7 @@ def train_throughput(model: str, images: Path, *, batch: int, precision: str, st
     import torch
     from textinv_torch.backend import TorchBackend
 
-    from textinv_cli.spec import TrainSpec
+    from textinv_cli.engine.spec import TrainSpec
 
     cuda = device.startswith("cuda")
     run = Path(tempfile.mkdtemp(prefix="bench-run-")) / "run"
@@ -127,7 +127,7 @@ def sampling_ours(model: str, *, n: int, steps: int, size: int, precision: str, 
     of the model load ("started") to the last PNG written, after a warm-up run of the same shape."""
     from textinv_torch.sampling import sample
 
-    from textinv_cli.spec import SampleRequest
+    from textinv_cli.engine.spec import SampleRequest
 
     def run():
         req = SampleRequest(prompt="a photo of a toy", model=model, out_dir=str(out), n=n, steps=steps,
@@ -156,7 +156,7 @@ def sampling_ours(model: str, *, n: int, steps: int, size: int, precision: str, 
 def _time_png_files(paths: list[str], folder: Path) -> float:
     from PIL import Image
 
-    from textinv_cli.infotext import save_pngs
+    from textinv_cli.engine.infotext import save_pngs
 
     images = [Image.open(p).convert("RGB") for p in paths]
     folder.mkdir(parents=True, exist_ok=True)

@@ -222,7 +222,7 @@ def main() -> None:
                                    "command": command, "versions": _versions()})
     parts = set((args.parts or GPU_PARTS).split(","))
     if args.cpu:
-        from textinv_cli.demo_images import write_demo_images
+        from textinv_cli.models.demo_images import write_demo_images
         from textinv_torch.tiny import write_tiny_model
 
         model = str(write_tiny_model(work / "tiny-sd1", "sd1"))

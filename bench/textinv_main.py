@@ -4,8 +4,8 @@ the backends' entry points do not exist, so they are registered in-process here.
 
 from __future__ import annotations
 
-from textinv_cli import plugins
-from textinv_cli.app import main
+from textinv_cli.engine import plugins
+from textinv_cli.cli.app import main
 
 
 def _backend(module: str, cls: str):

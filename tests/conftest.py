@@ -18,7 +18,7 @@ def textinv_home(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def cli():
     """cli("convert", "a.pt", "--to", "kohya") -> click Result (exit_code, stdout, stderr, output)."""
-    from textinv_cli.app import app
+    from textinv_cli.cli.app import app
 
     runner = CliRunner()
 
@@ -33,7 +33,7 @@ def tiny_model(tmp_path_factory):
     """tiny_model("sd1" | "sd2" | "sdxl") -> folder of the built-in tiny model, built once per
     session by the first installed backend that builds one (torch where it is installed)."""
     from textinv_cli.errors import BackendError
-    from textinv_cli.models import make_tiny_model
+    from textinv_cli.models.resolve import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-models")
     built: dict = {}
@@ -52,6 +52,6 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_images(tmp_path_factory):
     """A small synthetic training set (includes RGBA, grayscale and non-square images)."""
-    from textinv_cli.demo_images import write_demo_images
+    from textinv_cli.models.demo_images import write_demo_images
 
     return write_demo_images(tmp_path_factory.mktemp("demo-images") / "cat", n=4, size=64)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from textinv_cli.batch_plan import BatchPlan, mix_seed
+from textinv_cli.engine.batch_plan import BatchPlan, mix_seed
 
 
 def _plan(**kw):

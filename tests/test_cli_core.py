@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from textinv_cli import plugins
+from textinv_cli.engine import plugins
 from textinv_cli.errors import BackendError
 
 HEAVY = ("torch", "jax", "jaxlib", "diffusers", "transformers")
@@ -24,8 +24,8 @@ def _modules_after(code: str) -> set[str]:
 
 @pytest.mark.parametrize("code", [
     "import textinv_cli",
-    "import textinv_cli.app",
-    "from textinv_cli.app import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass",
+    "import textinv_cli.cli.app",
+    "from textinv_cli.cli.app import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass",
 ])
 def test_import_and_help_do_not_import_ml_frameworks(code):
     loaded = _modules_after(code)
@@ -36,7 +36,7 @@ def test_import_and_help_do_not_import_ml_frameworks(code):
                                   ["pull", "a/b"], ["push", "a", "--repo", "a/b"], ["rm", "x"]])
 def test_light_commands_never_import_torch_or_jax(args, tmp_path):
     code = textwrap.dedent(f"""
-        from textinv_cli.app import main
+        from textinv_cli.cli.app import main
         try:
             main({args!r})
         except SystemExit:
@@ -73,7 +73,7 @@ def test_train_without_backend_says_how_to_install(cli, tmp_path, no_backends):
 
 
 def test_resume_and_sample_without_backend(cli, tmp_path, no_backends):
-    from textinv_cli.spec import TrainSpec
+    from textinv_cli.engine.spec import TrainSpec
 
     TrainSpec(data_dir=str(tmp_path), token="<x>", init=["toy"], model="tiny", run_dir=str(tmp_path)).save(tmp_path)
     r = cli("resume", tmp_path)

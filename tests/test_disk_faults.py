@@ -15,7 +15,7 @@ from tests.support.disk_faults import Disk
 from tests.support.helpers import random_embedding
 from tests.support.hub_server import concept_repo, hub  # noqa: F401 - fixtures
 from textinv_cli.formats import WRITERS
-from textinv_cli.registry import Registry
+from textinv_cli.registry.store import Registry
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
 
@@ -181,7 +181,7 @@ def test_train_cannot_write_its_run_folder(cli, disk, tmp_path, trained, fault):
 def test_train_disk_full_at_a_checkpoint(cli, disk, tmp_path, trained):
     """The run folder was written; the disk fills when the first checkpoint is: no complete
     checkpoint may claim to be one, nothing is registered."""
-    from textinv_cli.runs import complete_checkpoints
+    from textinv_cli.engine.runs import complete_checkpoints
 
     model, images = trained
     run = tmp_path / "run"
@@ -225,7 +225,7 @@ def test_sample_cannot_write_its_images(cli, disk, tmp_path, trained, fault):
     ("blob", "no space left on the device", "set TEXTINV_HOME to a folder on another disk"),
 ])
 def test_report_names_the_disk_problem_and_the_way_out(capsys, textinv_home, exc, says, hint):
-    from textinv_cli.app import report
+    from textinv_cli.cli.app import report
 
     if exc == "blob":  # a file inside the registry: the way out is another TEXTINV_HOME, not -o
         exc = OSError(errno.ENOSPC, "No space left on device", str(textinv_home / "blobs" / "x.safetensors"))

@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from textinv_cli import plugins, runs
+from textinv_cli.engine import plugins
+from textinv_cli.engine import runs
 from textinv_cli.engine import checks
 from textinv_cli.engine.contract import Backend, BackendInfo, Session
 from textinv_cli.engine.loop import data_position, run
 from textinv_cli.errors import TextinvError
 from textinv_cli.formats.safetensors_io import dump_safetensors, load_safetensors
-from textinv_cli.spec import KINDS, Event, Progress, SampleRequest, Started, TrainSpec
+from textinv_cli.engine.spec import KINDS, Event, Progress, SampleRequest, Started, TrainSpec
 
 TOKEN = "<x>"
 
@@ -176,7 +177,7 @@ def test_out_of_range_vectors_is_refused_before_anything_loads(cli, images, monk
 
 
 def test_the_cli_refuses_vectors_70_in_a_fresh_process_without_loading_a_framework(images, tmp_path):
-    code = ("import sys\nfrom textinv_cli.app import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+    code = ("import sys\nfrom textinv_cli.cli.app import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
             "    print('exit', e.code, sorted(m for m in ('torch', 'jax', 'diffusers') if m in sys.modules))\n")
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code, "train", str(images), "--token", TOKEN, "--init", "toy",
@@ -237,7 +238,7 @@ def test_jax_declares_the_schedulers_its_sampler_runs():
 
 
 def test_the_engine_imports_neither_torch_nor_jax():
-    code = ("import sys, textinv_cli.engine.loop, textinv_cli.engine.checks, textinv_cli.plugins\n"
+    code = ("import sys, textinv_cli.engine.loop, textinv_cli.engine.checks, textinv_cli.engine.plugins\n"
             "print(sorted(m for m in ('torch', 'jax', 'numpy.random_torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

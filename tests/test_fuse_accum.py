@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from textinv_cli.spec import TrainSpec
+from textinv_cli.engine.spec import TrainSpec
 
 TOKEN = "<cat-toy>"
 

@@ -8,10 +8,10 @@ import pytest
 
 from tests.support.helpers import random_embedding
 from tests.support.hub_server import FAKE_TOKEN, client_env, concept_repo, hub, hubcli, use_client_env  # noqa: F401
-from textinv_cli import hub as hub_api
+from textinv_cli.hub import pull as hub_api
 from textinv_cli.errors import HubError, TextinvError
-from textinv_cli.hub_layout import choose_units, find_units, is_weight
-from textinv_cli.registry import Registry
+from textinv_cli.hub.layout import choose_units, find_units, is_weight
+from textinv_cli.registry.store import Registry
 
 # huggingface_hub's LFS upload hands httpx2 a file object as `data=`; httpx2 deprecates that spelling.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
@@ -156,7 +156,7 @@ ERROR_PATHS = {
     "placeholder": lambda h: hub_api.pull("me/c", token=FAKE_TOKEN),
     "repo id": lambda h: hub_api.pull(f"https://x/{FAKE_TOKEN}"),
     "push 403": lambda h: (Registry().add(random_embedding(), source="imported", origin={}),
-                           __import__("textinv_cli.hub_push").hub_push.push("cat-toy", "other/x")),
+                           __import__("textinv_cli.hub.push").hub.push.push("cat-toy", "other/x")),
 }
 
 

@@ -22,7 +22,7 @@ from tests.support.helpers import random_embedding
 from tests.support.hub_server import FAKE_TOKEN, hub, hubcli  # noqa: F401 - fixtures
 from textinv_cli.formats import layouts
 from textinv_cli.formats.safetensors_io import dump_safetensors
-from textinv_cli.registry import Registry
+from textinv_cli.registry.store import Registry
 
 # huggingface_hub's LFS upload hands httpx2 a file object as `data=`; httpx2 deprecates that spelling.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
@@ -67,7 +67,7 @@ def test_pull_skips_listed_paths_that_could_leave_the_cache(hub, hubcli, tmp_pat
     assert not [p for p in tmp_path.rglob("*evil*")]  # nor written anywhere, in or out of the cache
     assert all(e.token != "<evil>" for e in Registry().entries())
 
-    from textinv_cli.hub import pull
+    from textinv_cli.hub.pull import pull
 
     if with_good:  # what the command reports as skipped: one escaped line per path
         skipped = pull(repo).skipped

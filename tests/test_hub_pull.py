@@ -16,7 +16,7 @@ from textinv_cli.formats import layouts
 from textinv_cli.formats.folders import sdxl_pair_files
 from textinv_cli.formats.pickle_writer import dump_torch_pickle
 from textinv_cli.formats.safetensors_io import dump_safetensors
-from textinv_cli.registry import Registry
+from textinv_cli.registry.store import Registry
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
 

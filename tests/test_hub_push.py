@@ -10,7 +10,7 @@ import yaml
 
 from tests.support.helpers import random_embedding
 from tests.support.hub_server import FAKE_TOKEN, concept_repo, hub, hubcli  # noqa: F401 - fixtures
-from textinv_cli.registry import Registry
+from textinv_cli.registry.store import Registry
 
 # huggingface_hub's LFS upload hands httpx2 a file object as `data=`; httpx2 deprecates that spelling.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
@@ -91,7 +91,7 @@ def test_sdxl_push_writes_the_pair_and_kohya(hub, hubcli):
 
 
 def test_trained_embedding_card_has_settings_and_images(hub, hubcli, tmp_path):
-    from textinv_cli.spec import TrainSpec
+    from textinv_cli.engine.spec import TrainSpec
 
     run = tmp_path / "runs" / "cat-toy-1"
     (run / "samples").mkdir(parents=True)
@@ -163,7 +163,7 @@ def test_pull_and_push_never_import_torch_or_jax(hub, tmp_path):
     hub.seed("sd-concepts-library/cat-toy", concept_repo()[1])
     code = (
         "import json, sys\n"
-        "from textinv_cli.app import main\n"
+        "from textinv_cli.cli.app import main\n"
         "codes = []\n"
         "for args in (['pull', 'sd-concepts-library/cat-toy'], ['push', 'cat-toy', '--repo', 'me/cat-toy']):\n"
         "    try:\n"

@@ -27,7 +27,7 @@ import pytest
 jax = pytest.importorskip("jax")
 pytest.importorskip("optax")
 
-from textinv_cli.spec import TrainSpec  # noqa: E402
+from textinv_cli.engine.spec import TrainSpec  # noqa: E402
 from textinv_jax.backend import JaxBackend, wants_distributed  # noqa: E402
 
 SCRIPT = r"""
@@ -35,7 +35,7 @@ import json, os, shutil, sys
 import jax
 jax.config.update("jax_disable_most_optimizations", True)  # quick compiles: these runs are 2 steps
 from textinv_cli.errors import TextinvError
-from textinv_cli.spec import TrainSpec
+from textinv_cli.engine.spec import TrainSpec
 from textinv_jax.backend import JaxBackend
 
 args = json.loads(sys.argv[1])

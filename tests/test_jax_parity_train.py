@@ -20,9 +20,9 @@ pytest.importorskip("diffusers")
 jax = pytest.importorskip("jax")
 pytest.importorskip("optax")
 
-from textinv_cli.captions import captions_for, find_images  # noqa: E402
-from textinv_cli.spec import EmbeddingRef, SampleRequest, TrainSpec  # noqa: E402
-from textinv_cli.quiet_libraries import quiet  # noqa: E402
+from textinv_cli.engine.captions import captions_for, find_images  # noqa: E402
+from textinv_cli.engine.spec import EmbeddingRef, SampleRequest, TrainSpec  # noqa: E402
+from textinv_cli.engine.quiet_libraries import quiet  # noqa: E402
 from textinv_jax import loading as jloading  # noqa: E402
 from textinv_jax import sampling as jsampling  # noqa: E402
 from textinv_jax import step as jstep  # noqa: E402

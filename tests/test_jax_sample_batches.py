@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 
 from PIL import Image  # noqa: E402
 
-from textinv_cli.spec import SampleRequest  # noqa: E402
+from textinv_cli.engine.spec import SampleRequest  # noqa: E402
 from textinv_jax.backend import JaxBackend  # noqa: E402
 
 # Batched kernels round differently from single-image ones; on the CPU the 8-bit pixels of the

@@ -25,12 +25,13 @@ pytest.importorskip("transformers")
 
 from PIL import Image  # noqa: E402
 
-from textinv_cli import plugins, runs  # noqa: E402
+from textinv_cli.engine import plugins
+from textinv_cli.engine import runs  # noqa: E402
 from textinv_cli.errors import TextinvError  # noqa: E402
 from textinv_cli.formats import read_embedding  # noqa: E402
 from textinv_cli.formats.safetensors_io import load_safetensors  # noqa: E402
-from textinv_cli.registry import Registry  # noqa: E402
-from textinv_cli.spec import EmbeddingRef, SampleRequest, TrainSpec  # noqa: E402
+from textinv_cli.registry.store import Registry  # noqa: E402
+from textinv_cli.engine.spec import EmbeddingRef, SampleRequest, TrainSpec  # noqa: E402
 from textinv_jax.backend import JaxBackend  # noqa: E402
 from textinv_cli.engine.loop import is_log_step  # noqa: E402
 from textinv_cli.engine.stop import StopFlag  # noqa: E402

@@ -35,11 +35,11 @@ pytest.importorskip("diffusers")
 
 from safetensors.numpy import load_file  # noqa: E402
 
-from textinv_cli import runs  # noqa: E402
-from textinv_cli.registry import CRASH_ENV as REGISTRY_CRASH_ENV  # noqa: E402
-from textinv_cli.registry import Registry  # noqa: E402
-from textinv_cli.run_files import EVENTS, record_event  # noqa: E402
-from textinv_cli.spec import Event  # noqa: E402
+from textinv_cli.engine import runs  # noqa: E402
+from textinv_cli.registry.store import CRASH_ENV as REGISTRY_CRASH_ENV  # noqa: E402
+from textinv_cli.registry.store import Registry  # noqa: E402
+from textinv_cli.engine.run_files import EVENTS, record_event  # noqa: E402
+from textinv_cli.engine.spec import Event  # noqa: E402
 
 TOKEN, NAME = "<cat-toy>", "cat-toy"
 STEPS, EVERY = 36, 2  # room for eight kills that each move the run on by up to two checkpoints
@@ -233,7 +233,7 @@ def test_a_torn_last_event_line_is_cut_before_the_next_append(tmp_path):
 
 def test_a_run_folder_left_by_a_kill_during_its_first_write_counts_as_empty(tmp_path):
     from textinv_cli.errors import OutputExistsError
-    from textinv_cli.run_files import check_new_run_dir
+    from textinv_cli.engine.run_files import check_new_run_dir
 
     run = tmp_path / "run"
     run.mkdir()

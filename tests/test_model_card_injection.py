@@ -24,8 +24,8 @@ from markdown_it import MarkdownIt
 
 from tests.support.helpers import random_embedding
 from textinv_cli.errors import TextinvError
-from textinv_cli.model_card import _diffusers_usage, _textinv_usage, render_card
-from textinv_cli.registry import Entry
+from textinv_cli.hub.model_card import _diffusers_usage, _textinv_usage, render_card
+from textinv_cli.registry.store import Entry
 from textinv_cli.untrusted import unsafe_chars
 
 PLAIN = "<cat-toy>"

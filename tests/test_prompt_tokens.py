@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from textinv_cli.errors import TextinvError
-from textinv_cli.prompt_tokens import (bracket_words, check_families, embeddings_in_prompt,
+from textinv_cli.engine.prompt_tokens import (bracket_words, check_families, embeddings_in_prompt,
                                        family_mismatch_error, find_tokens)
 
 
@@ -125,7 +125,7 @@ def test_family_mismatch_names_both_families():
 
 
 def test_module_imports_without_torch_or_numpy():
-    code = ("import sys, textinv_cli.prompt_tokens; "
+    code = ("import sys, textinv_cli.engine.prompt_tokens; "
             "bad = [m for m in ('torch', 'numpy', 'diffusers') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -17,7 +17,7 @@ import pytest
 from tests.support.helpers import random_embedding
 from tests.support.registry_worker import assert_consistent, run_together
 from textinv_cli.errors import InvalidEmbeddingError, NotFoundError, RegistryError
-from textinv_cli.registry import CRASH_ENV, Entry, Registry, home
+from textinv_cli.registry.store import CRASH_ENV, Entry, Registry, home
 
 WORKER = Path(__file__).parent / "support" / "registry_worker.py"
 
@@ -320,7 +320,7 @@ def test_rm_racing_add_never_leaves_a_row_without_its_blob(tmp_path, textinv_hom
 # through the registry's stage hook (the subprocess race above hits them only by chance).
 
 def test_add_landing_between_rm_commit_and_blob_cleanup_keeps_its_blob(reg, monkeypatch):
-    from textinv_cli import registry
+    from textinv_cli.registry import store as registry
 
     emb = random_embedding()
     reg.add(emb, source="imported", origin={})
@@ -340,7 +340,7 @@ def test_add_landing_between_rm_commit_and_blob_cleanup_keeps_its_blob(reg, monk
 
 
 def test_add_whose_blob_vanishes_before_it_locks_rewrites_it(reg, monkeypatch):
-    from textinv_cli import registry
+    from textinv_cli.registry import store as registry
 
     emb = random_embedding()
     other = Registry(reg.root)

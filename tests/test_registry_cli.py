@@ -12,7 +12,7 @@ from tests.support.helpers import random_embedding
 from tests.support.registry_worker import run_together
 from textinv_cli.formats import write_embedding
 from textinv_cli.formats.safetensors_io import dump_safetensors
-from textinv_cli.registry import Registry
+from textinv_cli.registry.store import Registry
 
 
 def _write(tmp_path: Path, name: str, emb=None, fmt: str = "safetensors") -> Path:

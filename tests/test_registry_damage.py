@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from tests.support.helpers import random_embedding
 from textinv_cli.errors import InvalidEmbeddingError, RegistryError
-from textinv_cli.registry import Registry
+from textinv_cli.registry.store import Registry
 
 
 class Raw(bytes):

@@ -11,9 +11,9 @@ import tempfile
 import pytest
 
 from tests.support.helpers import random_embedding
-from textinv_cli import registry_db
+from textinv_cli.registry import db as registry_db
 from textinv_cli.errors import RegistryError
-from textinv_cli.registry import Registry
+from textinv_cli.registry.store import Registry
 
 
 @pytest.fixture

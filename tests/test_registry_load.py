@@ -19,7 +19,7 @@ from tests.support.helpers import random_embedding
 from tests.support.registry_worker import assert_consistent, cli_command, run_cli, run_together, start_together
 from textinv_cli.errors import NotFoundError
 from textinv_cli.formats import read_embedding, write_embedding
-from textinv_cli.registry import Registry
+from textinv_cli.registry.store import Registry
 
 FORMATS = (("safetensors", ".safetensors"), ("a1111", ".pt"), ("kohya", ".safetensors"))  # kohya last
 

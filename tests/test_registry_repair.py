@@ -15,8 +15,8 @@ import pytest
 from tests.support.helpers import random_embedding
 from textinv_cli import fsutil
 from textinv_cli.errors import NotFoundError
-from textinv_cli.registry import Registry
-from textinv_cli.registry_repair import GRACE_S
+from textinv_cli.registry.store import Registry
+from textinv_cli.registry.repair import GRACE_S
 
 OLD = time.time() - GRACE_S - 60  # an mtime past the grace period
 
@@ -195,7 +195,7 @@ def test_repair_takes_no_filters(cli, reg):
 # is about to wait for the write lock when "another process" repairs.
 
 def _repair_at(monkeypatch, stage: str, grace_s: float | None = None) -> list:
-    from textinv_cli import registry
+    from textinv_cli.registry import store as registry
 
     reports, real = [], registry._crash_point
 

@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.helpers import random_embedding
 from tests.support.hub_server import client_env, concept_repo, hub, use_client_env  # noqa: F401 - fixtures
-from textinv_cli import plugins
+from textinv_cli.engine import plugins
 from textinv_cli.redact import redact
 
 SECRET_ENV = "hf_FAKEsecretENVq7kZ3pLmN9wXy2vB5rT"        # HF_TOKEN: the one the client sends
@@ -71,7 +71,7 @@ def secrets(hub, monkeypatch, tmp_path, caplog):
     monkeypatch.chdir(tmp_path)
     from typer.testing import CliRunner
 
-    from textinv_cli.app import app
+    from textinv_cli.cli.app import app
 
     def run(*args, code: int | None = 0):
         r = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
@@ -174,7 +174,7 @@ def test_hub_errors_do_not_show_it(secrets, hub, status, what):
 
 
 def test_push_errors_do_not_show_it(secrets, hub):
-    from textinv_cli.registry import Registry
+    from textinv_cli.registry.store import Registry
 
     Registry().add(random_embedding("<cat-toy>"), source="imported", origin={})
     assert "403 Forbidden" in secrets("push", "cat-toy", "--repo", "someone-else/cat", code=1).stderr

@@ -2,7 +2,7 @@
 classes 3 and 6).
 
 A token, a metadata key or value, a tensor key quoted in an error, a registry row or a Hub file
-name is chosen by whoever made the file. The rule (textinv_cli/console.py, untrusted.py):
+name is chosen by whoever made the file. The rule (textinv_cli/cli/console.py, untrusted.py):
 human output shows such text escaped (a visible \\x1b, \\u202e), never as rich markup, one
 printed line per line; --json is valid ASCII JSON that round-trips the exact string; messages
 are one line each; and redacting a message costs time linear in its length.
@@ -74,7 +74,7 @@ def in_text(s: str) -> str:
 
 
 def invoke(*args):
-    from textinv_cli.app import app
+    from textinv_cli.cli.app import app
 
     r = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert_terminal_safe(r.stdout, f"stdout of textinv {args[0]}")
@@ -162,7 +162,7 @@ def test_the_consoles_escape_whatever_they_render(s):
     from rich.table import Table
     from rich.text import Text
 
-    from textinv_cli.console import console, err_console
+    from textinv_cli.cli.console import console, err_console
 
     for con in (console, err_console):
         with con.capture() as cap:
@@ -191,7 +191,7 @@ def test_on_a_terminal_only_rich_itself_writes_escape_sequences():
     """force_terminal: styles and cursor moves are rich's; the text's ESC/OSC/CSI are shown."""
     from rich.text import Text
 
-    from textinv_cli.console import SafeConsole
+    from textinv_cli.cli.console import SafeConsole
 
     buf = io.StringIO()
     con = SafeConsole(file=buf, force_terminal=True, color_system="standard", width=200)
@@ -205,7 +205,7 @@ def test_on_a_terminal_only_rich_itself_writes_escape_sequences():
 
 
 def test_report_and_debug_traceback_and_python_output_are_escaped(capsys):
-    from textinv_cli.app import report
+    from textinv_cli.cli.app import report
     from textinv_cli.errors import FormatError
     from textinv_cli.redact import install, print_traceback
 
@@ -312,7 +312,7 @@ def test_list_inspect_and_rm_of_a_tampered_registry_row(tmp_path, monkeypatch, n
     that shows it prints it escaped, --json stays ASCII JSON, each error is one clean message."""
     import tempfile
 
-    from textinv_cli.registry import Registry
+    from textinv_cli.registry.store import Registry
 
     monkeypatch.setenv("TEXTINV_HOME", tempfile.mkdtemp(dir=tmp_path))  # a fresh registry per example
     reg = Registry()

@@ -23,10 +23,10 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from textinv_cli.errors import OutputExistsError, TextinvError  # noqa: E402
-from textinv_cli.captions import OBJECT_TEMPLATES, STYLE_TEMPLATES  # noqa: E402
-from textinv_cli.demo_images import write_demo_images  # noqa: E402
-from textinv_cli.tiny_models import FAMILIES, TINY_WIDTHS, read_tiny_info  # noqa: E402
-from textinv_cli.tiny_tokenizer import INIT_WORDS  # noqa: E402
+from textinv_cli.engine.captions import OBJECT_TEMPLATES, STYLE_TEMPLATES  # noqa: E402
+from textinv_cli.models.demo_images import write_demo_images  # noqa: E402
+from textinv_cli.models.tiny import FAMILIES, TINY_WIDTHS, read_tiny_info  # noqa: E402
+from textinv_cli.models.tiny_tokenizer import INIT_WORDS  # noqa: E402
 from textinv_torch.tiny import write_tiny_model  # noqa: E402
 
 PIPELINES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}

@@ -22,10 +22,10 @@ pytest.importorskip("jax")
 pytest.importorskip("optax")
 pytest.importorskip("transformers")
 
-from textinv_cli import plugins  # noqa: E402
+from textinv_cli.engine import plugins  # noqa: E402
 from textinv_cli.formats.safetensors_io import load_file  # noqa: E402
-from textinv_cli.models import make_tiny_model  # noqa: E402
-from textinv_cli.tiny_models import FAMILIES, read_tiny_info  # noqa: E402
+from textinv_cli.models.resolve import make_tiny_model  # noqa: E402
+from textinv_cli.models.tiny import FAMILIES, read_tiny_info  # noqa: E402
 from textinv_jax.clip import load_clip, read_clip_config  # noqa: E402
 from textinv_jax.tiny import write_tiny_model  # noqa: E402
 from textinv_jax.unet import load_unet, read_unet_config  # noqa: E402
@@ -123,7 +123,7 @@ def test_jax_only_tiny_model_and_training_in_a_process_without_torch(tmp_path, d
     script = NO_TORCH + textwrap.dedent(f"""
         import jax
         jax.config.update("jax_disable_most_optimizations", True)  # compiling dominates; steps are few
-        from textinv_cli.app import main
+        from textinv_cli.cli.app import main
         for argv in {commands!r}:
             try:
                 main(argv)

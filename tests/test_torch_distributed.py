@@ -32,10 +32,11 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
 
 from safetensors.numpy import load_file  # noqa: E402
 
-from textinv_cli import runs, training  # noqa: E402
+from textinv_cli.engine import runs
+from textinv_cli.engine import launch as training  # noqa: E402
 from textinv_cli.errors import TextinvError  # noqa: E402
-from textinv_cli.registry import Registry  # noqa: E402
-from textinv_cli.spec import TrainSpec  # noqa: E402
+from textinv_cli.registry.store import Registry  # noqa: E402
+from textinv_cli.engine.spec import TrainSpec  # noqa: E402
 from textinv_torch import distributed  # noqa: E402
 from textinv_torch.backend import TorchBackend  # noqa: E402
 

@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from textinv_cli.batch_sizes import encode_batch_size  # noqa: E402
-from textinv_cli.captions import find_images  # noqa: E402
-from textinv_cli.spec import TrainSpec  # noqa: E402
+from textinv_cli.engine.batch_sizes import encode_batch_size  # noqa: E402
+from textinv_cli.engine.captions import find_images  # noqa: E402
+from textinv_cli.engine.spec import TrainSpec  # noqa: E402
 from textinv_torch import data as datamod  # noqa: E402
 from textinv_torch.backend import TorchBackend  # noqa: E402
 from textinv_torch.loading import load_image_side, load_text_side  # noqa: E402

@@ -15,11 +15,11 @@ pytest.importorskip("diffusers")
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
 
 from textinv_cli.errors import TextinvError  # noqa: E402
-from textinv_cli.spec import TrainSpec  # noqa: E402
-from textinv_cli.quiet_libraries import quiet  # noqa: E402
+from textinv_cli.engine.spec import TrainSpec  # noqa: E402
+from textinv_cli.engine.quiet_libraries import quiet  # noqa: E402
 from textinv_torch import loading as M  # noqa: E402
 from textinv_torch import tokens as R  # noqa: E402
-from textinv_cli import run_files as S  # noqa: E402
+from textinv_cli.engine import run_files as S  # noqa: E402
 from textinv_torch.tiny import write_tiny_model  # noqa: E402
 from textinv_torch.step import Batch, encode_text, forward_loss  # noqa: E402
 

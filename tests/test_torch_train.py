@@ -20,12 +20,12 @@ pytest.importorskip("diffusers")
 from PIL import Image  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from textinv_cli import runs  # noqa: E402
+from textinv_cli.engine import runs  # noqa: E402
 from textinv_cli.errors import TextinvError  # noqa: E402
 from textinv_cli.formats import read_embedding  # noqa: E402
-from textinv_cli.spec import TrainSpec  # noqa: E402
+from textinv_cli.engine.spec import TrainSpec  # noqa: E402
 from textinv_torch.backend import TorchBackend  # noqa: E402
-from textinv_cli.demo_images import write_demo_images  # noqa: E402
+from textinv_cli.models.demo_images import write_demo_images  # noqa: E402
 from textinv_torch.tiny import write_tiny_model  # noqa: E402
 from textinv_cli.engine.loop import is_log_step  # noqa: E402
 from textinv_cli.engine.stop import StopFlag  # noqa: E402

@@ -17,7 +17,7 @@ from .errors import InvalidEmbeddingError
 
 SLOT_WIDTHS = {"clip_l": 768, "clip_h": 1024, "clip_g": 1280}
 WIDTH_SLOTS = {w: s for s, w in SLOT_WIDTHS.items()}
-# The built-in tiny models (textinv_cli.tiny_models) stand in 32 / 48 / 64 for 768 / 1024 / 1280,
+# The built-in tiny models (textinv_cli.models.tiny) stand in 32 / 48 / 64 for 768 / 1024 / 1280,
 # so a tiny SD2 embedding read back from a file is still SD2. 64 only ever occurs beside 32.
 WIDTH_SLOTS[48] = "clip_h"
 FAMILY_SLOTS = {

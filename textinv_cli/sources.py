@@ -31,7 +31,7 @@ def load_source(src: str, *, token: str | None = None, key: str | None = None,
     if _exists(path):
         emb = formats.read_embedding(path, token=token, key=key, max_bytes=max_bytes)
         return Source(emb, "folder" if path.is_dir() else "file", path)
-    from .registry import Registry
+    from .registry.store import Registry
 
     reg = Registry()
     try:

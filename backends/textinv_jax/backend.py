@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from textinv_cli.engine.contract import Backend, BackendInfo, Session
-from textinv_cli.spec import Event, SampleRequest, TrainSpec
+from textinv_cli.engine.spec import Event, SampleRequest, TrainSpec
 
 
 def wants_distributed(env=os.environ) -> bool:

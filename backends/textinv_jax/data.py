@@ -9,9 +9,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from textinv_cli.batch_sizes import encode_batch_size
+from textinv_cli.engine.batch_sizes import encode_batch_size
 from textinv_cli.errors import TextinvError
-from textinv_cli.images import open_rgb, preprocess
+from textinv_cli.engine.images import open_rgb, preprocess
 
 from .loading import ImageSide
 from .vae import apply_vae_encoder

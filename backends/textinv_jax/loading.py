@@ -17,7 +17,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from textinv_cli.errors import NotFoundError, TextinvError
-from textinv_cli.quiet_libraries import quiet
+from textinv_cli.engine.quiet_libraries import quiet
 
 from .noise_schedule import NoiseSchedule, noise_schedule
 from .unet import read_unet_config
@@ -35,7 +35,7 @@ _SKIPPED = ["*non_ema*", "*.bin", "*.ckpt", "*.msgpack", "*.onnx*"]
 
 def model_folder(model: str) -> Path:
     """A local diffusers folder for `model` (a folder, a tiny-model name or a cached Hub id)."""
-    from textinv_cli.models import offline, resolve_model
+    from textinv_cli.models.resolve import offline, resolve_model
 
     resolved = resolve_model(model)
     if Path(resolved).is_dir():
@@ -54,7 +54,7 @@ def model_folder(model: str) -> Path:
 
 def model_family(folder: Path) -> str:
     """sd1 or sd2; SDXL and other pipelines are refused with what to do instead."""
-    from textinv_cli.models import model_family as family_of_folder
+    from textinv_cli.models.resolve import model_family as family_of_folder
 
     try:
         index = json.loads((folder / "model_index.json").read_text("utf-8"))

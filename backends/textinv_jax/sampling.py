@@ -14,7 +14,7 @@ Images go through the UNet `batch_size` at a time (their noises stacked, so imag
 same picture alone or in a batch, up to float rounding); a short last batch is padded to
 the batch's shape, so the UNet compiles once. One jitted function per denoising step,
 called from a host loop, so `progress` events follow the work. PNGs are named and annotated the way
-A1111 writes them (textinv_cli.infotext), exactly as the torch sampler does.
+A1111 writes them (textinv_cli.engine.infotext), exactly as the torch sampler does.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import numpy as np
 
 from textinv_cli.engine.checks import check_sample_request
 from textinv_cli.errors import TextinvError
-from textinv_cli.infotext import check_out_dir as _check_out_dir
-from textinv_cli.batch_sizes import batches, pick_batch_size
-from textinv_cli.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
+from textinv_cli.engine.infotext import check_out_dir as _check_out_dir
+from textinv_cli.engine.batch_sizes import batches, pick_batch_size
+from textinv_cli.engine.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
 
 from . import samplers
 from .clip import apply_clip
@@ -132,7 +132,7 @@ def to_pil(image: np.ndarray):
 def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
     """Render request.n images; yield started, progress (per denoising step), sample, finished.
     `backend`: the JaxBackend asking, whose declared schedulers the request is checked against."""
-    from textinv_cli.infotext import infotext, save_pngs
+    from textinv_cli.engine.infotext import infotext, save_pngs
 
     # the CLI checked already; this guards other callers
     check_sample_request(request, backend if backend is not None else RUNS)

@@ -11,7 +11,7 @@ numpy safetensors writer, so neither torch nor the `safetensors` package is need
 
 optax's Adam keeps the same two moments and count as torch's AdamW under the same math,
 so the keys mean the same thing in both backends. Everything random in a step follows from
-(seed, step, micro-step) (textinv_cli.batch_plan) and the learning rate from the step, so
+(seed, step, micro-step) (textinv_cli.engine.batch_plan) and the learning rate from the step, so
 these arrays are all a run needs to continue exactly. No pickle: a checkpoint is data.
 """
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from textinv_cli.spec import TrainSpec
+from textinv_cli.engine.spec import TrainSpec
 
 from .clip import apply_clip
 from .noise_schedule import add_noise, training_target

@@ -1,6 +1,6 @@
 """The JAX backend's tiny models, written with numpy alone (no torch, no diffusers).
 
-The core's recipe (textinv_cli.tiny_models) gives the configs; the tensor names and shapes
+The core's recipe (textinv_cli.models.tiny) gives the configs; the tensor names and shapes
 are the ones this backend's loaders demand of a config (clip, unet, vae), which are the
 torch modules' own, so the torch backend loads these folders as well. The weights are
 drawn as freshly built torch modules draw theirs (UNet and VAE: uniform +-1/sqrt(fan_in)
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from textinv_cli.formats.safetensors_io import dump_safetensors
-from textinv_cli.tiny_models import publish_tiny_model, recipe, recipe_files
+from textinv_cli.models.tiny import publish_tiny_model, recipe, recipe_files
 
 from .clip import expected_shapes as clip_shapes, clip_config
 from .unet import expected_shapes as unet_shapes, unet_config
@@ -29,7 +29,7 @@ __all__ = ["write_tiny_model"]
 
 def write_tiny_model(out: Path, family: str = "sd1", seed: int = 0) -> Path:
     """Write a complete tiny diffusers model of `family` into `out` and return `out`
-    (idempotent and atomic: textinv_cli.tiny_models.publish_tiny_model)."""
+    (idempotent and atomic: textinv_cli.models.tiny.publish_tiny_model)."""
     return publish_tiny_model(out, family, seed, _build, backend="jax")
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from textinv_cli.captions import expand_placeholder, init_token_ids, placeholder_names
+from textinv_cli.engine.captions import expand_placeholder, init_token_ids, placeholder_names
 from textinv_cli.errors import TextinvError
 
 from .loading import TextSide
@@ -75,7 +75,7 @@ def add_embeddings(text: TextSide, refs, model_name: str, family: str) -> tuple[
     Every embedding is checked (slots, width, a free token) before the tokenizer changes.
     """
     from textinv_cli.embedding import family_of
-    from textinv_cli.prompt_tokens import FAMILY_NAMES, family_mismatch_error
+    from textinv_cli.engine.prompt_tokens import FAMILY_NAMES, family_mismatch_error
 
     first = len(text.tokenizer)
     for ref in refs:

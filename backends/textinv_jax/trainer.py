@@ -22,13 +22,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from textinv_cli.batch_plan import BatchPlan
-from textinv_cli.captions import captions_for, find_images
+from textinv_cli.engine.batch_plan import BatchPlan
+from textinv_cli.engine.captions import captions_for, find_images
 from textinv_cli.engine.checks import check_token, is_int
 from textinv_cli.engine.contract import Session
 from textinv_cli.engine.stop import StopFlag
 from textinv_cli.errors import TextinvError
-from textinv_cli.spec import TrainSpec
+from textinv_cli.engine.spec import TrainSpec
 
 from . import state
 from .data import check_resolution, latent_cache

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from textinv_cli.captions import expand_placeholder
+from textinv_cli.engine.captions import expand_placeholder
 
 from .sampling import denoise, initial_noise, make_plan, text_states, to_pil
 from .tokens import encode, to_model_ids

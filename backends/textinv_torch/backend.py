@@ -13,7 +13,7 @@ from typing import Iterator
 
 from textinv_cli.engine.checks import ATTENTION, SCHEDULERS
 from textinv_cli.engine.contract import Backend, BackendInfo, Session
-from textinv_cli.spec import Event, SampleRequest, TrainSpec
+from textinv_cli.engine.spec import Event, SampleRequest, TrainSpec
 
 
 class TorchBackend(Backend):

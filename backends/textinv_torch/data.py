@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from textinv_cli.batch_sizes import encode_batch_size
+from textinv_cli.engine.batch_sizes import encode_batch_size
 from textinv_cli.errors import TextinvError
-from textinv_cli.images import open_rgb, preprocess
+from textinv_cli.engine.images import open_rgb, preprocess
 
 
 @dataclass

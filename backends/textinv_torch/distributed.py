@@ -1,7 +1,7 @@
 """Data-parallel training across processes.
 
 A run launched by torchrun, `accelerate launch --multi_gpu` or `textinv train
---num-processes N` (textinv_cli.training.launch_processes) has WORLD_SIZE > 1 and
+--num-processes N` (textinv_cli.engine.launch.launch_processes) has WORLD_SIZE > 1 and
 RANK / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in its environment. Each process then:
 
 - runs on its own device: cuda:LOCAL_RANK with NCCL, or the CPU with gloo (no CUDA,

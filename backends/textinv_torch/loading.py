@@ -83,7 +83,7 @@ def _local(model: str) -> bool:
 
 
 def _kw(model: str) -> dict:
-    from textinv_cli.models import offline
+    from textinv_cli.models.resolve import offline
 
     # A local folder never needs the network; a Hub id goes through the cache, offline if asked.
     return {"local_files_only": _local(model) or offline()}
@@ -136,7 +136,7 @@ def family_of_index(index: dict, text_encoder_config: Any = None) -> str:
                            "Textual inversion needs the tokenizer and text encoder(s) of the base model.")
     if family == "sdxl":
         return "sdxl"
-    # Same rule as textinv_cli.models.model_family: OpenCLIP (SD 2.x) uses plain gelu.
+    # Same rule as textinv_cli.models.resolve.model_family: OpenCLIP (SD 2.x) uses plain gelu.
     act = getattr(text_encoder_config, "hidden_act", None)
     return "sd2" if act == "gelu" else "sd1"
 

@@ -27,10 +27,10 @@ from typing import Iterator
 
 from textinv_cli.engine.checks import check_sample_request
 from textinv_cli.errors import TextinvError
-from textinv_cli.infotext import check_out_dir as _check_out_dir, infotext, save_pngs
-from textinv_cli.quiet_libraries import quiet
-from textinv_cli.batch_sizes import batches, pick_batch_size
-from textinv_cli.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
+from textinv_cli.engine.infotext import check_out_dir as _check_out_dir, infotext, save_pngs
+from textinv_cli.engine.quiet_libraries import quiet
+from textinv_cli.engine.batch_sizes import batches, pick_batch_size
+from textinv_cli.engine.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
 
 from .tokens import add_embeddings
 
@@ -131,7 +131,7 @@ def model_display_name(model: str) -> str:
 
 def _model_index(model: str, local: bool) -> dict:
     """model_index.json, from the folder or through the Hub cache (offline -> cache only)."""
-    from textinv_cli.models import offline
+    from textinv_cli.models.resolve import offline
 
     if local:
         return json.loads((Path(model) / "model_index.json").read_text())
@@ -144,7 +144,7 @@ def _model_index(model: str, local: bool) -> dict:
 
 
 def _unavailable(model: str, e: Exception) -> TextinvError:
-    from textinv_cli.models import offline
+    from textinv_cli.models.resolve import offline
 
     msg = (f"The model {model} is not in the Hugging Face cache, and the Hub is offline (HF_HUB_OFFLINE)."
            if offline() else f"Cannot get the model {model} from the Hugging Face Hub: {type(e).__name__}: {e}")
@@ -155,7 +155,7 @@ def _unavailable(model: str, e: Exception) -> TextinvError:
 def load_pipeline(model: str, dtype=None):
     """(pipeline on the CPU, info {name, family, path}) for a tiny name, a folder or a Hub id."""
     import torch
-    from textinv_cli.models import model_family, offline, resolve_model
+    from textinv_cli.models.resolve import model_family, offline, resolve_model
 
     model = resolve_model(model)  # idempotent for folders/Hub ids; builds a tiny model if named
     local = Path(model).is_dir()

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from textinv_cli.batch_plan import BatchPlan
-from textinv_cli.spec import TrainSpec
+from textinv_cli.engine.batch_plan import BatchPlan
+from textinv_cli.engine.spec import TrainSpec
 
 from .data import LatentCache
 

@@ -1,4 +1,4 @@
-"""The torch backend's tiny models: the core's recipe (textinv_cli.tiny_models) built from
+"""The torch backend's tiny models: the core's recipe (textinv_cli.models.tiny) built from
 the real classes (CLIPTextModel, UNet2DConditionModel, AutoencoderKL, the real schedulers)
 and saved with `save_pretrained`, so it exercises the same loading, tokenizing and
 conditioning code as Stable Diffusion itself. Same seed, same files (byte for byte).
@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from textinv_cli.quiet_libraries import quiet
-from textinv_cli.tiny_models import publish_tiny_model, recipe
-from textinv_cli.tiny_tokenizer import check_single_tokens, write_tokenizer
+from textinv_cli.engine.quiet_libraries import quiet
+from textinv_cli.models.tiny import publish_tiny_model, recipe
+from textinv_cli.models.tiny_tokenizer import check_single_tokens, write_tokenizer
 
 __all__ = ["write_tiny_model"]
 
 
 def write_tiny_model(out: Path, family: str = "sd1", seed: int = 0) -> Path:
     """Write a complete tiny diffusers model of `family` into `out` and return `out`
-    (idempotent and atomic: textinv_cli.tiny_models.publish_tiny_model)."""
+    (idempotent and atomic: textinv_cli.models.tiny.publish_tiny_model)."""
     return publish_tiny_model(out, family, seed, _build, backend="torch")
 
 

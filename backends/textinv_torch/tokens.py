@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from textinv_cli.captions import expand_placeholder, init_token_ids, placeholder_names
+from textinv_cli.engine.captions import expand_placeholder, init_token_ids, placeholder_names
 from textinv_cli.engine.checks import check_token
 from textinv_cli.errors import TextinvError
-from textinv_cli.quiet_libraries import quiet
+from textinv_cli.engine.quiet_libraries import quiet
 
 
 def add_placeholder_tokens(tokenizer, token: str, n: int, label: str = "tokenizer") -> int:
@@ -158,7 +158,7 @@ def _width(text_encoder) -> int:
 def check_fit(ref, pipe, info) -> dict:
     """{slot: (tokenizer, text_encoder)} for this embedding, or the family error naming both."""
     from textinv_cli.embedding import family_of
-    from textinv_cli.prompt_tokens import FAMILY_NAMES, family_mismatch_error
+    from textinv_cli.engine.prompt_tokens import FAMILY_NAMES, family_mismatch_error
 
     slots = set(ref.vectors)
     try:

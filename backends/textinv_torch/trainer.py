@@ -20,9 +20,9 @@ import torch
 
 from textinv_cli.engine.contract import Session
 from textinv_cli.engine.stop import StopFlag
-from textinv_cli.models import resolve_model
-from textinv_cli.quiet_libraries import quiet
-from textinv_cli.spec import TrainSpec
+from textinv_cli.models.resolve import resolve_model
+from textinv_cli.engine.quiet_libraries import quiet
+from textinv_cli.engine.spec import TrainSpec
 
 from . import distributed, state
 from .data import check_resolution, latent_cache

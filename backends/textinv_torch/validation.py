@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from textinv_cli.captions import expand_placeholder
-from textinv_cli.quiet_libraries import quiet
+from textinv_cli.engine.captions import expand_placeholder
+from textinv_cli.engine.quiet_libraries import quiet
 
 from .loading import Components
 from .step import encode_text

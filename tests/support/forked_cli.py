@@ -36,7 +36,7 @@ def _warm_up() -> None:
                            DPMSolverSinglestepScheduler, UniPCMultistepScheduler, UNet2DConditionModel)
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-    import textinv_cli.app  # noqa: F401
+    import textinv_cli.cli.app  # noqa: F401
     import textinv_torch.backend  # noqa: F401
     import textinv_torch.trainer  # noqa: F401
 
@@ -46,7 +46,7 @@ def _child(argv: list[str], env: dict) -> None:
     try:
         os.environ.update(env)
         print(json.dumps({"forked": os.getpid()}), flush=True)
-        from textinv_cli.app import main
+        from textinv_cli.cli.app import main
 
         try:
             main(argv)

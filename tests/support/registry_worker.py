@@ -98,7 +98,7 @@ def assert_consistent(root: Path) -> list[tuple]:
     import hashlib
     import sqlite3
 
-    from textinv_cli.registry import Registry
+    from textinv_cli.registry.store import Registry
 
     if not (root / "registry.db").exists():  # killed before the first row: still no registry
         return []
@@ -137,10 +137,10 @@ def main(argv: list[str]) -> int:
     from tests.support.helpers import random_embedding
 
     from textinv_cli.errors import NotFoundError
-    from textinv_cli.registry import Registry
+    from textinv_cli.registry.store import Registry
 
     if ns.mode == "cli":
-        from textinv_cli.app import main as cli_main
+        from textinv_cli.cli.app import main as cli_main
     if ns.mode == "cli-loop":
         script = json.loads(Path(ns.args[0]).read_text())
         command = cli_command()
@@ -190,7 +190,7 @@ def cli_command():
     """The `textinv` click command, built once (building it is most of a short command's cost)."""
     import typer.main
 
-    from textinv_cli.app import app
+    from textinv_cli.cli.app import app
 
     return typer.main.get_command(app)
 

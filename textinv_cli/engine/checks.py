@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import OptionError, TextinvError
 
 if TYPE_CHECKING:
-    from ..spec import SampleRequest, TrainSpec
+    from .spec import SampleRequest, TrainSpec
 
 VECTORS_MAX = 64     # placeholder tokens per concept: leaves the caption's words room in CLIP's 75
 RESOLUTION_STEP = 8  # every Stable Diffusion VAE downsamples by 8
@@ -41,7 +41,7 @@ def flag(name: str) -> str:
 
 def check_train_spec(spec: "TrainSpec", backend: Any = None) -> None:
     """Every training option in range (and supported by `backend`); the first problem raises."""
-    from ..schedules import validate as validate_schedule
+    from .schedules import validate as validate_schedule
 
     def need(ok: bool, name: str, what: str, hint: str | None = None):
         if not ok:

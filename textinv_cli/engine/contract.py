@@ -1,6 +1,6 @@
 """The backend contract: what a backend gives the core, typed.
 
-A backend (found as a plugin, textinv_cli.plugins) is a `Backend`: it reports itself
+A backend (found as a plugin, textinv_cli.engine.plugins) is a `Backend`: it reports itself
 (`probe`), samples (`sample`), and for training opens a `Session` that the core's run
 engine (loop.py, which imports this module, never the other way) drives. The engine owns the run protocol, once for every backend: the
 run folder, resume from the newest complete checkpoint, the events, snapshots, checkpoints
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..spec import Event, SampleRequest, TrainSpec
+    from .spec import Event, SampleRequest, TrainSpec
     from .stop import StopFlag
 
 
@@ -137,7 +137,7 @@ class Backend:
     def make_tiny_model(self, out: Path, family: str, seed: int) -> Path:
         """Optional: write the built-in tiny model of `family` ("sd1" | "sd2" | "sdxl",
         random weights from `seed`) into `out` and return `out`, as
-        textinv_cli.tiny_models.publish_tiny_model does (the core's recipe, atomic,
+        textinv_cli.models.tiny.publish_tiny_model does (the core's recipe, atomic,
         idempotent). The core asks for it through the plugins (models.make_tiny_model),
         so `--model tiny` works with whichever backend is installed; a backend that
         cannot build one leaves this as it is."""

@@ -23,12 +23,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from .. import runs
-from ..captions import captions_for, find_images
+from . import runs
+from .captions import captions_for, find_images
 from ..errors import TextinvError
-from ..run_files import check_new_run_dir, embedding_meta, record_event, write_vectors
-from ..schedules import lr_at
-from ..spec import (SPEC_FILE, Checkpoint, Event, Finished, Interrupted, Progress, RunWarning, Snapshot, Started,
+from .run_files import check_new_run_dir, embedding_meta, record_event, write_vectors
+from .schedules import lr_at
+from .spec import (SPEC_FILE, Checkpoint, Event, Finished, Interrupted, Progress, RunWarning, Snapshot, Started,
                     TrainSpec, Validation)
 from .checks import check_train_spec
 from .contract import Backend, Session

@@ -1,0 +1,79 @@
+"""textinv convert SRC --to FORMAT: rewrite an embedding in another file format."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from ...fsutil import max_size_option
+
+
+def convert(
+    src: str = typer.Argument(..., metavar="SRC", help="A file, a folder, or a registry name."),
+    to: str = typer.Option(..., "--to", help="Target format (see the README's table; e.g. safetensors, a1111, kohya)."),
+    out: str = typer.Option(None, "-o", "--output", metavar="PATH",
+                            help="Output file/folder, or a folder to write into (an existing one, or any path ending in /)."),
+    token: str = typer.Option(None, "--token", help="Use this token instead of the one in the file."),
+    key: str = typer.Option(None, "--key", help="Which tensor to take when the file holds several."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output (a file, or a folder this format wrote)."),
+    max_size: float = typer.Option(None, "--max-size", callback=max_size_option,
+                                   help="Accept input files up to this many MiB (default 64)."),
+    json_out: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+) -> None:
+    """Convert an embedding between diffusers, A1111, kohya, PNG and sd-concepts formats."""
+    from ... import formats
+    from ..console import console, print_json
+    from ...errors import TextinvError
+    from ...sources import load_source
+    from ...untrusted import escape, quoted
+
+    if to not in formats.WRITERS:
+        raise TextinvError(f"Unknown format {quoted(to)}.", "Choose one of: " + ", ".join(formats.WRITERS) + ".")
+    source = load_source(src, token=token, key=key, max_mib=max_size)
+    emb = source.embedding
+    target = _target_path(out, source, emb, to)
+    written = formats.write_embedding(emb, target, to, force=force)
+    info = formats.WRITERS[to]
+    if json_out:
+        print_json({"written": [str(p) for p in written], "format": to, "token": emb.token,
+                    "family": emb.family, "vectors": emb.n_vectors})
+        return
+    for p in written:  # a path may hold a name that is not UTF-8, a token anything: shown escaped
+        console.print(f"Wrote {escape(p)}", markup=False)
+    console.print(f"  {info.description}: {escape(emb.token)}, {emb.family}, {emb.n_vectors} vector(s)", markup=False)
+
+
+def _target_path(out: str | None, source, emb, fmt: str) -> Path:
+    """Where convert writes.
+
+    -o PATH: PATH itself, unless it is a folder to write into: a path ending in "/" (which
+    must exist), or an existing folder that is not one this format writes (an sd-concepts
+    folder textinv wrote is the target of `-o FOLDER --to sd-concepts --force`; a plain
+    folder never is). Into a folder, or beside the source without -o, the name comes from
+    the token through formats.default_output_name (embedding.safe_name): one plain name,
+    never "." or a path, so the target is always a new entry inside that folder.
+    """
+    import shlex
+
+    from ... import formats
+    from ...errors import TextinvError
+    from ...formats.folders import is_written_folder
+
+    if out is not None:
+        path = Path(out)
+        into = out.endswith(("/", os.sep)) or os.path.basename(out) in (".", "..")
+        is_dir = os.path.isdir(path)  # False, not an OSError, for a name too long to look up
+        if into and not is_dir:
+            raise TextinvError(f"The folder {path} does not exist.",
+                               f"Create it first (mkdir -p {shlex.quote(str(path))}), or give -o without the "
+                               "trailing / to name the output itself.")
+        if not into and not (is_dir and not is_written_folder(path, fmt)):
+            return path
+        folder = path
+    elif source.kind in ("file", "folder"):
+        folder = source.path.resolve().parent
+    else:
+        folder = Path.cwd()
+    return folder / formats.default_output_name(emb, fmt).rstrip("/")

@@ -1,0 +1,134 @@
+"""textinv list: the embeddings in the local registry, as a table or JSON."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import typer
+
+from ...registry.repair import GRACE_S  # stdlib only: keeps `textinv` light
+
+
+class Family(str, Enum):
+    sd1 = "sd1"
+    sd2 = "sd2"
+    sdxl = "sdxl"
+
+
+class Source(str, Enum):
+    trained = "trained"
+    pulled = "pulled"
+    imported = "imported"
+
+
+def list_embeddings(
+    family: Family = typer.Option(None, "--family", help="Only this model family."),
+    source: Source = typer.Option(None, "--source", help="Only embeddings that were trained, pulled or imported."),
+    json_out: bool = typer.Option(False, "--json", help="Print the entries as a JSON list."),
+    repair: bool = typer.Option(False, "--repair", help="Check every stored copy; remove orphan blobs and "
+                                "temp files that crashed imports left (once they are "
+                                f"{GRACE_S / 60:.0f} minutes old)."),
+) -> None:
+    """List the embeddings in the local registry.
+
+    With --repair: check the whole registry instead, clean up after crashes, and exit 1
+    if an entry is damaged beyond what repair can fix (it says what to do).
+    """
+    from ..console import console, print_json
+    from ...registry.store import Registry, display_name, home
+    from ...untrusted import shown
+
+    if repair:
+        if family or source:
+            from ...errors import TextinvError
+
+            raise TextinvError("--repair checks the whole registry; it does not take --family or --source.",
+                               "Run `textinv list --repair` on its own.")
+        _repair(Registry(), json_out=json_out)
+        return
+    entries = Registry().entries(family=family.value if family else None,
+                                 source=source.value if source else None)
+    if json_out:
+        print_json([e.to_json() for e in entries])
+        return
+    if not entries:
+        if family or source:
+            chosen = " ".join(f"--{k} {v.value}" for k, v in (("family", family), ("source", source)) if v)
+            console.print(f"No registered embeddings match {chosen}. Run `textinv list` to see them all.",
+                          markup=False)
+        else:
+            console.print(f"No embeddings registered yet (registry: {home()}). Add one with "
+                          "`textinv import FILE`, `textinv pull REPO` or `textinv train`.", markup=False)
+        return
+
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col, justify in (("name", "left"), ("token", "left"), ("family", "left"), ("vectors", "right"),
+                         ("source", "left"), ("sha256", "left"), ("created", "left")):
+        # names and tokens fold rather than get cut: a user copies them into other commands
+        table.add_column(col, justify=justify, no_wrap=col in ("name", "token", "sha256", "created"),
+                         overflow="fold" if col in ("name", "token") else "ellipsis")
+    for e in entries:
+        # plain str cells: the console shows them as typed (no markup) and escaped before the
+        # table measures them (console.py), so a hostile name neither styles nor breaks the table
+        # (a tampered row may hold anything: names as `rm` accepts them, the rest cut short)
+        table.add_row(*(str(v) for v in (display_name(e.name), shown(e.token, 200), shown(e.family), e.n_vectors,
+                                         shown(e.source), shown(e.short_sha), _minutes(shown(e.created)))))
+    console.print(table)
+    console.print(f"{len(entries)} embedding{'s' if len(entries) != 1 else ''}", style="dim")
+    for e in entries:
+        if e.damaged:
+            console.print(e.damage_note, markup=False)
+
+
+def _minutes(created: str) -> str:
+    """2024-05-01T12:34:56Z -> 2024-05-01 12:34 (UTC): enough to tell entries apart in a table."""
+    return created.replace("T", " ")[:16]
+
+
+def _repair(reg, *, json_out: bool) -> None:
+    """Print what repair did (or the JSON report); damage it could not fix is an error (exit 1)."""
+    from ..console import console, print_json
+    from ...errors import RegistryError
+    from ...registry.store import display_name
+    from ...registry.db import DAMAGED_DB_HINT
+
+    report = reg.repair()
+    if json_out:
+        print_json(report.to_json())
+    else:
+        say = lambda text: console.print(text, markup=False)  # noqa: E731 - names, paths: no markup
+        if not reg.db_path.exists():
+            say(f"No registry at {reg.root} yet: nothing to repair.")
+            return
+        say(f"Checked {_n(report.entries, 'entry', 'entries')} and {_n(report.files, 'file')} in "
+            f"{reg.blob_dir} (database: {report.database}).")
+        if report.removed_orphans or report.removed_temp_files:
+            say(f"Removed {_n(len(report.removed_orphans), 'orphan blob')} and "
+                f"{_n(len(report.removed_temp_files), 'stale temp file')} ({report.freed_bytes / 1024:.1f} KiB).")
+        if report.kept_recent:
+            say(f"Kept {_n(len(report.kept_recent), 'unused file')} younger than {GRACE_S / 60:.0f} minutes: "
+                "an import may still be writing it. Run --repair again later to remove it.")
+        for item in report.not_removed:
+            say(f"Could not remove {item['file']}: {item['error']}.")
+        for item in report.damaged:
+            say(f"Damaged: {display_name(item['name'])}: {item['problem']}. {item['fix']}")
+        if report.ok and not (report.removed_orphans or report.removed_temp_files or report.kept_recent):
+            say("Nothing to repair.")
+    if report.ok:
+        return
+    if report.database != "ok":
+        raise RegistryError(f"The registry database {reg.db_path} is damaged: {report.database}.",
+                            DAMAGED_DB_HINT)
+    if report.damaged:
+        names = ", ".join(display_name(item["name"]) for item in report.damaged[:10])
+        raise RegistryError(f"{_n(len(report.damaged), 'entry', 'entries')} could not be repaired: {names}.",
+                            "For each: `textinv rm NAME`, then add it again from where it came "
+                            "(the report says where).")
+    raise RegistryError(f"{_n(len(report.not_removed), 'unused file')} in {reg.blob_dir} could not be removed.",
+                        "Check the folder's permissions, then run `textinv list --repair` again.")
+
+
+def _n(count: int, one: str, many: str | None = None) -> str:
+    return f"{count} {one if count == 1 else (many or one + 's')}"

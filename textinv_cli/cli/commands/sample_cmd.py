@@ -1,0 +1,159 @@
+"""textinv sample PROMPT: generate images, loading every registered token in the prompt.
+
+Everything that can be refused without a model is refused first (options, unknown
+`<tokens>`, an embedding of another model family), so a typo costs no model load.
+The backend yields events; this module renders them (progress bar, or --json lines).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ...engine.checks import PRECISIONS, SCHEDULERS
+
+# The option rules are engine/checks.py's (check_sample_request), checked before any work.
+
+
+def sample(
+    prompt: str = typer.Argument(..., help='e.g. "A <cat-toy> backpack"; registered tokens in it are loaded.'),
+    n: int = typer.Option(1, "-n", "--num-images", help="How many images (image i uses seed + i)."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Images rendered at once (default: up to 8 at 512x512, fewer for larger "
+                                   "sizes); image i is the same picture (up to float rounding) in any batch."),
+    steps: int = typer.Option(30, "--steps", help="Denoising steps per image."),
+    scheduler: str = typer.Option("ddim", "--scheduler", help=f"{', '.join(SCHEDULERS)} (jax: ddim, dpm++)."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (CFG)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first image."),
+    size: Optional[str] = typer.Option(None, "--size", help="512 (square) or WIDTHxHEIGHT such as 768x512 (default: the model's)."),
+    negative: str = typer.Option("", "--negative", help="Negative prompt (registered tokens in it are loaded too)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny)."),
+    out: Path = typer.Option(Path("samples"), "-o", "--output", help="Folder for the PNGs (numbered after existing files)."),
+    precision: str = typer.Option("fp32", "--precision", help=f"{', '.join(PRECISIONS)} (fp16: CUDA only)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="torch or jax (default: the first usable one)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON event per line instead of a progress bar."),
+) -> None:
+    """Sample images with registered embeddings (PNG info as A1111 writes it)."""
+    from ...engine.checks import check_sample_request, parse_size
+    from ...errors import TextinvError
+    from ...engine.prompt_tokens import check_families, embeddings_in_prompt
+    from ...registry.store import Registry
+    from ...engine.spec import EmbeddingRef, SampleRequest
+
+    width = height = None
+    more = []
+    if size is not None:
+        try:
+            width, height = parse_size(size)
+        except ValueError as e:
+            more.append(str(e))
+    request = SampleRequest(
+        prompt=prompt, model=model or "tiny", out_dir=str(out.expanduser().absolute()), negative=negative, n=n,
+        steps=steps, scheduler=scheduler, guidance=guidance, seed=seed, width=width, height=height,
+        precision=precision, batch_size=batch_size)
+    check_sample_request(request, more=more)  # every out-of-range option at once, before any work
+    if not prompt.strip():
+        raise TextinvError("The prompt is empty.", 'Pass one, e.g. textinv sample "A <cat-toy> backpack".')
+    registry = Registry()
+    entries = embeddings_in_prompt(prompt, negative, registry.entries())
+
+    from ...models.resolve import model_family, resolve_model
+    from ...engine.plugins import require_backend
+
+    chosen = require_backend(backend)
+    check_sample_request(request, chosen)  # and what this backend cannot do
+    resolved = resolve_model(model, backend=getattr(chosen, "name", None))
+    model_name = Path(resolved).name if Path(resolved).is_dir() else resolved
+    check_families(entries, model_name, model_family(resolved))
+    refs = []
+    for entry in entries:
+        emb = registry.load(entry)
+        refs.append(EmbeddingRef(token=emb.token, vectors=emb.vectors, short_hash=_short_hash(entry), name=entry.name))
+    request.model, request.embeddings = resolved, refs
+    events = chosen.sample(request)
+    try:
+        if json_out:
+            _render_json(events)
+        else:
+            _render_rich(events, model_name)
+    finally:
+        # On Ctrl-C or an error, close the backend's generator now (not at garbage
+        # collection), so it stops its work after the current denoising step.
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+
+
+def _short_hash(entry) -> str:
+    """A1111's short hash: the first 12 hex of the embedding *file's* sha256, so it matches
+    what A1111 writes for the same file; the registry blob's own sha256 when there is no file."""
+    full = entry.meta.get("file_sha256") or entry.origin.get("file_sha256") or entry.sha256
+    return str(full)[:12]
+
+
+def _render_json(events) -> None:
+    from ..console import print_json_line
+
+    for event in events:
+        print_json_line(event.to_json())
+
+
+def _render_rich(events, model_name: str) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    from ..console import console
+
+    written: list[str] = []
+    progress = None
+    task = None
+    out_dir = None
+    try:
+        stream = iter(events)
+        # the first event comes once the model is loaded; Text: a str status is parsed as markup
+        with console.status(Text(f"Loading {model_name}…")):
+            first = next(stream, None)
+        for event in _chain(first, stream):
+            data = event.data
+            if event.kind == "started":
+                out_dir = data.get("out_dir")
+                used = ", ".join(e["token"] for e in data.get("embeddings", [])) or "no embeddings"
+                at_once = f", {data['batch_size']} at a time" if data.get("batch_size", 1) > 1 else ""
+                console.print(f"Sampling {data['images']} image(s){at_once} with {data['model']} on {data['device']} "
+                              f"({data['sampler']}, {data['steps']} steps; {used})", markup=False)
+                progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(),
+                                    TimeRemainingColumn(),
+                                    console=console, transient=False)
+                progress.start()
+                task = progress.add_task("image 1", total=data.get("total"), rate="")
+            elif event.kind == "progress" and progress is not None:
+                speed = progress.tasks[0].speed
+                progress.update(task, completed=data["done"], description=_images_label(data),
+                                rate=f"{speed:.2f} it/s" if speed else "")
+            elif event.kind == "sample":
+                written.append(data["path"])
+                (progress.console if progress else console).print(f"Wrote {data['path']}", markup=False)
+            elif event.kind == "warning":
+                (progress.console if progress else console).print(f"Warning: {data.get('message', data)}", markup=False)
+    finally:
+        if progress is not None:
+            progress.stop()
+    if written:
+        console.print(f"{len(written)} image(s) in {out_dir or Path(written[0]).parent}", markup=False)
+
+
+def _images_label(data: dict) -> str:
+    """"image 3/8" for one image at a time, "images 1-8/8" for a batch (its rate counts image-steps)."""
+    first, count = data["image"] + 1, data.get("batch", 1)
+    if count <= 1:
+        return f"image {first}/{data['images']}"
+    return f"images {first}-{first + count - 1}/{data['images']}"
+
+
+def _chain(first, rest):
+    if first is not None:
+        yield first
+    yield from rest

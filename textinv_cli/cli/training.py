@@ -1,0 +1,157 @@
+"""Drive a backend's training generator from the CLI: render events, register the result.
+
+The backend yields events and never prints; this module turns them into a rich progress
+bar (or JSON lines with --json), and when the run finishes registers the embedding
+(source=trained, origin = the run and its config). Nothing is registered unless the run
+finished: an interrupted or failed run leaves only its run folder and checkpoints.
+
+Data-parallel runs: a launcher (torchrun, `accelerate launch --multi_gpu`, or
+engine/launch.py for `textinv train --num-processes N`) starts one copy of the
+command per process with RANK / WORLD_SIZE set. Rank 0 renders and registers; the other
+ranks train in step silently (the backend keeps them in step and lets only rank 0 write).
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import numpy as np
+
+from .console import console, err_console, print_json_line
+from ..errors import Interrupted
+from ..engine.launch import process_rank
+from ..engine.spec import Event, TrainSpec
+
+
+def _jsonable(data: dict) -> dict:
+    """Events may carry numpy vectors (finished); JSON lines carry their shapes instead."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and any(isinstance(x, np.ndarray) for x in v.values()):
+            out[k] = {s: list(a.shape) for s, a in v.items()}
+        elif isinstance(v, np.ndarray):
+            out[k] = list(v.shape)
+        else:
+            out[k] = v
+    return out
+
+
+def run_training(backend, spec: TrainSpec, *, resume: Path | None, name: str, json_out: bool) -> dict:
+    """Iterate the backend's events to the end; return the registry entry as JSON."""
+    events = backend.train(spec, resume)
+    if process_rank() != 0:
+        return _follow(events)
+    if json_out:
+        finished = None
+        for ev in events:
+            print_json_line(_jsonable(ev.to_json()))
+            if ev.kind == "finished":
+                finished = ev
+            elif ev.kind == "interrupted":
+                raise _interrupted(ev, spec)
+        return _register(finished, spec, name, json_out=True)
+    return _render(events, spec, name)
+
+
+def _follow(events) -> dict:
+    """Ranks other than 0: train in step, print nothing, register nothing. Rank 0 owns the
+    outcome; on Ctrl-C the others leave with 0 once everyone agreed to stop, so a launcher
+    that kills the group when one process fails (torchrun does) never kills rank 0 while it
+    writes the checkpoint."""
+    for ev in events:
+        if ev.kind == "interrupted":
+            break
+    return {}
+
+
+def _render(events, spec: TrainSpec, name: str) -> dict:
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    from ..untrusted import escape
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:.2f} it/s" if task.speed else "- it/s")
+
+    progress = Progress(
+        # markup=False: the description is the token, which `resume` reads back from a run folder
+        TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}", markup=False), TextColumn("lr {task.fields[lr]}", markup=False),
+        Rate(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=err_console, transient=False,
+    )
+    finished = None
+    with progress:
+        task = None
+        for ev in events:
+            d = ev.data
+            if ev.kind == "started":
+                progress.console.print(f"Run folder: {d.get('run_dir')}", markup=False)
+                resumed = f", resumed from step {d['start_step']}" if d.get("start_step") else ""
+                procs = f" x {d['processes']} processes" if d.get("processes", 1) > 1 else ""
+                progress.console.print(f"Training {spec.token} on {d.get('model', spec.model)} ({d.get('family', '?')}) "
+                                       f"on {d.get('device', '?')}{procs}: {d.get('images', '?')} images{resumed}",
+                                       markup=False)
+                # escaped here, not only by the console: the column is sized before it renders
+                task = progress.add_task(escape(spec.token), total=d.get("total_steps", spec.steps),
+                                         completed=d.get("start_step", 0), loss="-", lr="-")
+            elif ev.kind == "progress" and task is not None:
+                fields = {"lr": f"{d['lr']:.2e}"} if "lr" in d else {}
+                if "loss" in d:
+                    fields["loss"] = f"{d['loss']:.4f}"
+                progress.update(task, completed=d["step"], **fields)
+            elif ev.kind == "warning":
+                progress.console.print(f"Warning: {d.get('message')}", markup=False, style="yellow")
+            elif ev.kind == "checkpoint":
+                progress.console.print(f"Checkpoint at step {d['step']}: {d['path']}", markup=False, style="dim")
+            elif ev.kind == "snapshot":
+                progress.console.print(f"Embedding snapshot at step {d['step']}: {d['path']}", markup=False, style="dim")
+            elif ev.kind == "validation":
+                progress.console.print(f"Validation images at step {d['step']}: " + ", ".join(map(str, d.get("paths", []))),
+                                       markup=False, style="dim")
+            elif ev.kind == "interrupted":
+                progress.stop()
+                raise _interrupted(ev, spec)
+            elif ev.kind == "finished":
+                finished = ev
+    return _register(finished, spec, name, json_out=False)
+
+
+def _interrupted(ev: Event, spec: TrainSpec) -> Interrupted:
+    d = ev.data
+    saved = f"checkpoint saved in {d['checkpoint']}" if d.get("checkpoint") else "no checkpoint was written"
+    return Interrupted(f"Interrupted at step {d.get('step')}; {saved}.",
+                       f"Resume with: textinv resume {shlex.quote(str(spec.run_dir))}")
+
+
+def _register(finished: Event | None, spec: TrainSpec, name: str, *, json_out: bool) -> dict:
+    from ..embedding import Embedding
+    from ..errors import BackendError
+    from ..registry.store import Registry
+    from ..engine.runs import crash_point
+
+    if finished is None:
+        raise BackendError("The backend stopped without finishing the run; nothing was registered.",
+                           f"Look at {spec.run_dir}/events.jsonl, then `textinv resume {spec.run_dir}`.")
+    d = finished.data
+    meta = {"learnable_property": spec.property, "base_model": spec.model, "step": str(d.get("step", spec.steps)),
+            "backend": spec.backend, **{k: str(v) for k, v in (d.get("meta") or {}).items()}}
+    emb = Embedding(d.get("token", spec.token), d["vectors"], meta)
+    crash_point("before-register")  # test hook (runs.CRASH_ENV): the final file is written, not yet registered
+    origin = {"run": str(Path(spec.run_dir).resolve()), "config": spec.to_json(),
+              "embedding_path": str(d.get("embedding_path", ""))}
+    entry, created = Registry().add(emb, name=name, source="trained", origin=origin)
+    if json_out:
+        print_json_line({"event": "registered", "created": created, "entry": entry.to_json()})
+    else:
+        console.print(f"Embedding: {d.get('embedding_path')}", markup=False)
+        verb = "Registered" if created else "Already registered (identical content)"
+        console.print(f"{verb} as {entry.name} ({entry.token}, {entry.family}, {entry.n_vectors} vector(s)). "
+                      f'Try: textinv sample "a photo of {entry.token}"', markup=False)
+    return entry.to_json()
+
+
+# -- `--num-processes N`: start N copies of the command, as torchrun would --------------------

@@ -1,0 +1,115 @@
+"""The files every backend's training run writes: the run's embeddings (snapshots and the
+final one, in the diffusers format), the run folder's check before the first write, and the
+event log. The run engine (engine/loop.py) calls them; the option checks are engine/checks.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OutputExistsError, TextinvError
+
+EVENTS = "events.jsonl"
+
+
+# -- embeddings the run writes: snapshots and the final one ---------------------------------
+
+def embedding_meta(spec, family: str, step: int, backend: str | None = None) -> dict[str, str]:
+    """What the file and the registry keep about where the embedding came from."""
+    return {"token": spec.token, "step": str(step), "base_model": str(spec.model), "family": family,
+            "learnable_property": spec.property, "vectors": str(spec.vectors), "trained_with": f"textinv {backend or spec.backend}"}
+
+
+def write_vectors(path: Path, vectors: dict, spec, family: str, step: int, backend: str | None = None) -> Path:
+    """The diffusers format at `path` (X.safetensors: {token: [n, w]}); SDXL also writes
+    X_2.safetensors beside it, the pair diffusers' SDXL script writes. Returns `path`."""
+    from ..embedding import Embedding
+    from ..formats import write_embedding
+    from ..formats.folders import SDXL_FIRST, SDXL_SECOND, sdxl_pair_files
+    from ..fsutil import atomic_write_bytes
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Through Embedding: the same checks (NaN, shapes) and metadata as every other writer.
+    emb = Embedding(token=spec.token, vectors=vectors, meta=embedding_meta(spec, family, step, backend))
+    if family == "sdxl":
+        files = sdxl_pair_files(emb)  # the bytes diffusers' SDXL script writes, under our names
+        atomic_write_bytes(path.with_name(path.stem + "_2" + path.suffix), files[SDXL_SECOND], force=True)
+        atomic_write_bytes(path, files[SDXL_FIRST], force=True)
+        return path
+    write_embedding(emb, path, "safetensors", force=True)
+    return path
+
+
+# -- the run folder ----------------------------------------------------------------------
+
+def check_new_run_dir(run: Path) -> None:
+    """A new run needs an absent or empty folder in a writable place; checked before any work."""
+    if run.is_dir():
+        _drop_unstarted_leftovers(run)
+    if run.exists() and (not run.is_dir() or any(run.iterdir())):
+        raise OutputExistsError(f"The run folder {run} already exists and is not empty.",
+                                f"Continue it with `textinv resume {run}`, or pick another folder.")
+    parent = run
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TextinvError(f"Cannot create the run folder {run}: {parent} is not writable.",
+                           "Pick a writable place for the run (--run-dir / --output).")
+
+
+def _drop_unstarted_leftovers(run: Path) -> None:
+    """A run killed while writing its first file (spec.json) left only that temp file: the
+    folder never held a run, so it counts as empty rather than blocking `train --run-dir`."""
+    from .runs import is_leftover_file
+
+    entries = list(run.iterdir())
+    if entries and all(p.is_file() and is_leftover_file(p.name) for p in entries):
+        for p in entries:
+            p.unlink(missing_ok=True)
+
+
+def record_event(run: Path, event) -> object:
+    """Append the event to run/events.jsonl; numpy arrays are left out (shapes stay).
+
+    Not fsynced (a log, written every step); a process or machine that died mid-line leaves
+    a torn last line, which the next append cuts off so every line stays one JSON object."""
+    def plain(v):
+        if isinstance(v, np.ndarray):
+            return list(v.shape)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+
+    line = json.dumps({"time": round(time.time(), 3), **plain(event.to_json())}) + "\n"
+    with open(run / EVENTS, "a+b") as f:
+        _cut_torn_line(f)
+        f.write(line.encode("utf-8"))
+    return event
+
+
+def _cut_torn_line(f) -> None:
+    """Truncate a file opened for appending after its last newline, if it does not end in one."""
+    end = f.seek(0, os.SEEK_END)
+    if end == 0:
+        return
+    f.seek(end - 1)
+    if f.read(1) == b"\n":
+        return
+    pos = end
+    while pos > 0:  # walk back in blocks to the last newline (or the start of the file)
+        start = max(0, pos - 65536)
+        f.seek(start)
+        nl = f.read(pos - start).rfind(b"\n")
+        if nl >= 0:
+            f.truncate(start + nl + 1)
+            return
+        pos = start
+    f.truncate(0)

@@ -1,0 +1,185 @@
+"""A training run on disk, the same for every backend.
+
+    run/
+      spec.json                 the TrainSpec: all `textinv resume` needs
+      events.jsonl              what happened, one JSON event per line
+      checkpoints/step-000500/  written as .step-000500.tmp, renamed, then `complete` added
+      snapshots/step-000250.safetensors
+      samples/                  validation images
+      learned_embeds.safetensors   the final embedding (diffusers format)
+
+A checkpoint counts only when it is a folder named step-<digits> holding a `complete`
+marker: a stray `checkpoint-foo`, a leftover .tmp or a folder without the marker is never
+picked. Retention deletes the oldest complete ones only after a newer one is complete and
+on disk for good (files, folder and rename fsynced), and first renames each one out of the
+step-N pattern, so a process killed mid-delete never leaves a half-deleted folder that still
+counts. `tidy_for_resume` sweeps what a killed process left behind when a run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "complete"
+FINAL = "learned_embeds.safetensors"
+_STEP_DIR = re.compile(r"step-(\d+)\Z")
+_LEFTOVER_DIR = re.compile(r"\.step-\d+\.(tmp|old)\Z")  # a write or a delete that a kill cut short
+# fsutil.atomic_write_bytes' temp files (.NAME.<random>.tmp) for the files a run writes
+_LEFTOVER_FILE = re.compile(r"\.(learned_embeds(_2)?\.safetensors|spec\.json|step-\d+(_2)?\.safetensors)\.\w+\.tmp\Z")
+# Test hook: tests/test_kill_training.py sets this to "<stage>" or "<stage>:<step>" to SIGKILL
+# the process at that point of a checkpoint (or the final) write, to prove a kill there
+# loses nothing. Stages: temp-partial, before-rename, after-rename, after-complete,
+# during-retention (here) and before-register (textinv_cli.cli.training). Unset in normal use.
+CRASH_ENV = "TEXTINV_CHECKPOINT_CRASH_AT"
+
+
+def is_leftover_file(name: str) -> bool:
+    """Whether `name` is the temp file of a run file (spec, final embedding, snapshot) whose
+    write a kill cut short."""
+    return bool(_LEFTOVER_FILE.match(name))
+
+
+def crash_point(stage: str, step: int | None = None) -> None:
+    want = os.environ.get(CRASH_ENV)
+    if not want:
+        return
+    name, _, at = want.partition(":")
+    if name == stage and (not at or at == str(step)):
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def checkpoint_dir(run: Path, step: int) -> Path:
+    return Path(run) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def complete_checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    root = Path(run) / CHECKPOINTS
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and p.is_dir() and (p / COMPLETE).is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run: Path) -> tuple[int, Path] | None:
+    found = complete_checkpoints(run)
+    return found[-1] if found else None
+
+
+def write_checkpoint(run: Path, step: int, files: dict[str, bytes], keep: int) -> Path:
+    """run/checkpoints/step-NNNNNN/ holding `files` (name -> bytes), written so that a kill
+    at any moment leaves either the complete folder or nothing that counts; then retention."""
+    tmp = begin_checkpoint(run, step)
+    try:
+        for i, (name, data) in enumerate(files.items()):
+            if i:
+                crash_point("temp-partial", step)
+            (tmp / name).write_bytes(data)  # commit_checkpoint fsyncs each before the rename
+    except BaseException:  # e.g. the disk is full: leave nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_checkpoint(run, tmp, step, keep)
+
+
+def begin_checkpoint(run: Path, step: int) -> Path:
+    """A fresh temp folder to write a checkpoint into; `commit_checkpoint` makes it count."""
+    root = Path(run) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".step-{step:06d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(run: Path, tmp: Path, step: int, keep: int) -> Path:
+    """fsync, rename into place, mark complete, then apply retention (newest `keep`).
+
+    The order is what makes a kill harmless: the files and their folder are on disk before
+    the rename, the rename before the marker, the marker before any older checkpoint goes."""
+    final, renamed = checkpoint_dir(run, step), False
+    try:
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        crash_point("before-rename", step)
+        if final.exists():  # an earlier attempt at this step that a kill cut short before its marker
+            _discard(final)
+        os.replace(tmp, final)
+        renamed = True
+        _fsync(final.parent)
+        crash_point("after-rename", step)
+        with open(final / COMPLETE, "w") as f:
+            f.write(json.dumps({"step": step, "time": time.time()}))
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(final)
+    except BaseException:  # an error, not a kill: take back what counts, or might (a torn marker)
+        shutil.rmtree(final if renamed else tmp, ignore_errors=True)
+        raise
+    crash_point("after-complete", step)
+    if keep > 0:
+        for _, old in complete_checkpoints(run)[:-keep]:
+            _discard(old, retention_step=step)
+    return final
+
+
+def tidy_for_resume(run: Path, keep: int) -> list[str]:
+    """Remove what killed writes left behind: in run/checkpoints temp folders, folders renamed
+    but never marked complete, half-deleted old ones, and complete ones beyond the newest
+    `keep` (a kill between a marker and retention); in the run and its snapshots the temp
+    files of the final embedding, spec and snapshots. Returns their names. Only names that
+    textinv writes: anything else a user put there stays. Called when a run resumes, after
+    its checkpoint is loaded and before it writes anything, by the one process that writes."""
+    run, gone = Path(run), []
+    root = run / CHECKPOINTS
+    for _, old in complete_checkpoints(run)[:-keep] if keep > 0 else []:
+        _discard(old)
+        gone.append(old.name)
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        ours = _LEFTOVER_DIR.match(p.name) or (_STEP_DIR.match(p.name) and not (p / COMPLETE).is_file())
+        if ours and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p.name)
+    for folder in (run, run / "snapshots"):
+        for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if is_leftover_file(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                gone.append(p.name)
+    return gone
+
+
+def _discard(folder: Path, retention_step: int | None = None) -> None:
+    """Delete a checkpoint folder: renamed out of the step-N pattern first (atomic), so from
+    that moment it no longer counts, however much of it a kill leaves behind."""
+    gone = folder.with_name(f".{folder.name}.old")
+    if gone.exists():
+        shutil.rmtree(gone, ignore_errors=True)
+    os.replace(folder, gone)
+    _fsync(folder.parent)
+    if retention_step is not None:
+        crash_point("during-retention", retention_step)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

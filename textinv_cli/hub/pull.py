@@ -1,0 +1,187 @@
+"""textinv pull: embeddings from a Hugging Face Hub repo into the local registry.
+
+All network work is done by the huggingface_hub client, so the user's cache, HF_TOKEN or
+saved login, HF_ENDPOINT and HF_HUB_OFFLINE behave as in every other Hugging Face tool;
+we only look at the access token to say "you are not logged in" and to scrub it out of
+any text we print.
+This module decides which files of a repo are an embedding (layout.py), downloads only
+those, reads them with textinv's own safe readers, registers them, and turns the client's
+exceptions into messages that say what to do next (client.py).
+
+Imports of huggingface_hub stay inside functions: `import textinv_cli` must stay fast.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import HubError, RegistryError, TextinvError
+from .client import (DEFAULT_REVISION, TOKEN_FILE, TYPE_FILE, hub_errors, hub_token, offline, quiet_progress,
+                     repo_id_from, unreachable)
+from .layout import Unit, choose_units, clean_listing, find_units
+from ..redact import looks_like_token
+
+
+
+@dataclass
+class Pulled:
+    entry: object          # registry.Entry
+    created: bool
+    unit: Unit
+
+
+@dataclass
+class PullResult:
+    repo: str
+    revision: str
+    commit: str
+    cache_reason: str | None    # "offline" / "unreachable": listed and read from the local HF cache
+    pulled: list[Pulled] = field(default_factory=list)
+    others: list[str] = field(default_factory=list)   # further embeddings in the repo, not taken
+    # Listed paths never used (`..`, absolute, control characters...): "escaped path: why", one each
+    skipped: list[str] = field(default_factory=list)
+
+
+# -- pull ------------------------------------------------------------------------------------
+
+def pull(repo: str, *, revision: str | None = None, file: str | None = None, take_all: bool = False,
+         name: str | None = None, token: str | None = None) -> PullResult:
+    """Download the embedding(s) of a Hub repo into the registry (source="pulled")."""
+    from ..registry.store import Registry
+
+    repo_id = repo_id_from(repo)
+    rev = revision or DEFAULT_REVISION
+    if file and take_all:
+        raise TextinvError("--file and --all exclude each other.", "Pick one file, or take them all.")
+    if token and (looks_like_token(token) or token == hub_token()):
+        raise TextinvError("--token is the placeholder word the embedding is typed as, and that value looks "
+                           "like a Hugging Face access token; it was not used.",
+                           "To authenticate, set HF_TOKEN or run `hf auth login`; --token takes e.g. '<cat-toy>'.")
+    with hub_errors(repo_id, rev, "download from"):
+        listing, cache_reason = _listing(repo_id, rev)
+    listing, skipped = clean_listing(listing)  # before anything joins a listed path to a folder
+    units, too_big = find_units(listing)
+    chosen, others = choose_units(units, listing, too_big, repo=f"{repo_id}@{rev}", file=file, take_all=take_all)
+    if len(chosen) > 1 and (name or token):
+        raise TextinvError(f"--name and --token apply to one embedding; this pull takes {len(chosen)}.",
+                           "Pull them one at a time with --file, or drop --name/--token.")
+    with hub_errors(repo_id, rev, "download from"):
+        folder = _download(repo_id, rev, chosen)
+    embeddings = [(u, _read_unit(folder, u, token, repo_id)) for u in chosen]  # all read before any is registered
+    registry = Registry()
+    _check_names(registry, embeddings, name)
+    # Files named after a pulled token are that embedding in other formats (A1111's convention: the
+    # file name is the token), e.g. what `textinv push --format a1111` adds; not worth a mention.
+    words = {emb.token.strip().strip("<>") for _, emb in embeddings}
+    others = [u.primary for u in others if posixpath.splitext(posixpath.basename(u.primary))[0] not in words]
+    result = PullResult(repo_id, rev, folder.name, cache_reason, others=others, skipped=skipped)
+    for unit, emb in embeddings:
+        origin = {"repo": repo_id, "revision": rev, "commit": folder.name, "file": unit.primary,
+                  "file_sha256": _sha256(folder / unit.primary)}
+        if len(unit.files) > 1:
+            origin["files"] = {p: _sha256(folder / p) for p in unit.files}
+        entry, created = registry.add(emb, name=name, source="pulled", origin=origin)
+        result.pulled.append(Pulled(entry, created, unit))
+    return result
+
+
+def _listing(repo_id: str, rev: str) -> tuple[dict[str, int | None], str | None]:
+    """{path: size} at `rev`, from the Hub; offline or unreachable: from the cache's last listing."""
+    from huggingface_hub import HfApi, get_cached_repo_tree
+
+    if not offline():
+        try:
+            info = HfApi().model_info(repo_id, revision=rev, files_metadata=True)
+            return {s.rfilename: s.size for s in info.siblings or []}, None
+        except Exception as e:  # noqa: BLE001 - only "cannot reach the Hub" falls back to the cache
+            if not unreachable(e):
+                raise
+    # The same fallback the client's own downloads use. get_cached_repo_tree raises
+    # CachedRepoTreeNotFoundError when this revision was never pulled: hub_errors says so.
+    listing = {f.path: f.size for f in get_cached_repo_tree(repo_id, revision=rev)}
+    return listing, "offline" if offline() else "unreachable"
+
+
+def _download(repo_id: str, rev: str, units: list[Unit]) -> Path:
+    """Only these units' files, into the user's HF cache; returns the snapshot folder (named by commit)."""
+    from huggingface_hub import snapshot_download
+
+    wanted = sorted({p for u in units for p in u.all_files})
+    # allow_patterns are fnmatch patterns: escape the exact paths so "[" or "*" in a name stays literal.
+    patterns = [re.sub(r"([\[\]*?])", r"[\1]", p) for p in wanted]
+    with quiet_progress():
+        folder = Path(snapshot_download(repo_id, revision=rev, allow_patterns=patterns))
+    missing = [p for p in wanted if not (folder / p).is_file()]
+    if missing:  # the branch moved between listing and download, or the cache is partial
+        raise HubError(f"{repo_id}@{rev} changed while pulling, or the cached copy is incomplete "
+                       f"(missing {', '.join(missing)}).", "Run the command again (online).")
+    return folder
+
+
+def _read_unit(folder: Path, unit: Unit, token: str | None, repo_id: str):
+    """The embedding through textinv's readers (pickles: the safe reader, never torch.load)."""
+    from dataclasses import replace
+
+    from ..formats import read_embedding
+
+    path = folder / unit.primary
+    try:
+        emb = read_embedding(path, token=token)
+        named = _text(folder / unit.extra(TOKEN_FILE)) if unit.extra(TOKEN_FILE) else None
+        kind = _text(folder / unit.extra(TYPE_FILE)) if unit.extra(TYPE_FILE) else None
+    except TextinvError as e:  # name the file as the Hub knows it, not as a cache path
+        raise type(e)(e.message.replace(str(path), f"{repo_id}/{unit.primary}"), e.hint) from None
+    # sd-concepts-library: token_identifier.txt is what the concept page tells people to type.
+    if named and not token:
+        emb = replace(emb, token=named, meta={k: v for k, v in emb.meta.items() if k != "token_source"})
+    if kind:
+        emb.meta["learnable_property"] = kind
+    if (named or kind) and emb.meta.get("format") == "diffusers":
+        emb.meta["format"] = "sd-concepts"
+    return emb
+
+
+def _text(path: Path, cap: int = 4096) -> str | None:
+    """A side file's word, read up to cap+1 bytes (never trusting st_size) through fsutil's one
+    rule for opening a file (a regular file, the cache's own blob). Whether the word may be a
+    token is Registry.add's rule (registry_names.check_token: no access token, no control
+    characters), applied before anything is registered."""
+    from ..fsutil import read_head
+
+    data = read_head(path, cap + 1, within=path.parent)
+    if len(data) > cap:  # a word, not a book (the same cap as the folder reader)
+        raise HubError(f"{path.name} holds more than {cap} bytes; it should hold a single word.")
+    try:
+        return data.decode("utf-8-sig").strip() or None
+    except UnicodeDecodeError:
+        raise HubError(f"{path.name} is not UTF-8 text.") from None
+
+
+def _check_names(registry, embeddings, name: str | None) -> None:
+    """Refuse a name clash before registering anything, so --all registers all or none."""
+    from ..registry.names import check_name, check_token, rm_command
+
+    seen: dict[str, str] = {}
+    known = {e.sha256 for e in registry.entries()}
+    for _, emb in embeddings:
+        sha = emb.content_sha256()
+        if sha in known:
+            continue  # registry.add will say "already registered"
+        check_token(emb.token)  # the order Registry.add checks in: --token fixes both
+        n = check_name(name if name is not None else emb.token)
+        existing = registry.get(n)
+        if (existing is not None and existing.sha256 != sha) or seen.get(n, sha) != sha:
+            how = ("Pull them one at a time with --file and --name" if len(embeddings) > 1 else
+                   "Pass --name to register it under another name")
+            raise RegistryError(f"The name {n!r} is already taken by a different embedding.",
+                                f"{how}, or `{rm_command(n)}` first.")
+        seen[n] = sha
+
+
+def _sha256(path: Path) -> str:
+    from ..formats import file_sha256
+
+    return file_sha256(path)

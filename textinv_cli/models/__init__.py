@@ -1,0 +1,1 @@
+"""Base models: names resolved to folders, the built-in tiny models, nearest vocabulary tokens."""

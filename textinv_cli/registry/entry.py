@@ -1,0 +1,52 @@
+"""A registered embedding as the registry reports it: one row of registry.db, decoded.
+
+Apart from the store so that `textinv list --repair` (repair.py) reads rows the same way
+without importing the store that calls it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import asdict, dataclass
+
+from . import db as registry_db
+from .names import display_name, rm_command
+
+
+@dataclass
+class Entry:
+    name: str
+    token: str
+    family: str
+    n_vectors: int
+    widths: dict           # {slot: width}
+    sha256: str            # of the blob, = Embedding.content_sha256()
+    source: str            # trained / pulled / imported
+    origin: dict           # {"path", "file_sha256"} | {"repo", "commit"} | {"run", "config"}
+    meta: dict             # the embedding's meta dict
+    tags: list
+    created: str           # ISO 8601 UTC, e.g. 2024-05-01T12:34:56Z
+    # What is wrong with the row it was read from (registry_db.decode_row), or None. A damaged
+    # entry is listed and can be removed, but never loaded.
+    damaged: str | None = None
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        if out["damaged"] is None:
+            del out["damaged"]
+        return out
+
+    @property
+    def damage_note(self) -> str:
+        """One line for `list`: which entry is damaged, why, and the command that removes it."""
+        return f"{display_name(self.name)} is damaged ({self.damaged}): remove it with `{rm_command(self.name)}`."
+
+    @property
+    def short_sha(self) -> str:
+        return self.sha256[:12]
+
+
+def entry_from_row(row: sqlite3.Row) -> Entry:
+    """Never raises: a damaged row becomes an Entry with `damaged` set (see db.decode_row)."""
+    values, damaged = registry_db.decode_row(row)
+    return Entry(**values, damaged=damaged)
