@@ -1,13 +1,12 @@
 """The torch backend trains end to end on the tiny models: events, run folder, final file;
 SD 2.x (v-prediction, clip_h) and SDXL (clip_l + clip_g, the diffusers pair); exact resume
-(plain, with gradient accumulation, after Ctrl-C); stray checkpoints ignored; bad input
+(plain, with gradient accumulation; Ctrl-C is in test_backend_contract); stray checkpoints ignored; bad input
 refused before a run folder exists. Everything runs on the CPU, offline, in seconds.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 
@@ -25,12 +24,11 @@ from textinv_cli.errors import TextinvError  # noqa: E402
 from textinv_cli.formats import read_embedding  # noqa: E402
 from textinv_cli.engine.spec import TrainSpec  # noqa: E402
 from textinv_torch.backend import TorchBackend  # noqa: E402
-from textinv_cli.models.demo_images import write_demo_images  # noqa: E402
-from textinv_torch.tiny import write_tiny_model  # noqa: E402
+from tests.support.training import (TOKEN, assert_same, crash_after, final_vectors,  # noqa: E402
+                                    run_all as run_on, train_spec)
 from textinv_cli.engine.loop import is_log_step  # noqa: E402
 from textinv_cli.engine.stop import StopFlag  # noqa: E402
 
-TOKEN = "<cat-toy>"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,33 +42,17 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tiny-train")
-    data = write_demo_images(base / "data", n=4, size=64)
-    return {"data": data, **{f: write_tiny_model(base / f, f) for f in ("sd1", "sd2", "sdxl")}}
+def tiny(tiny_model, demo_images):
+    return {"data": demo_images, **{f: tiny_model(f) for f in ("sd1", "sd2", "sdxl")}}
 
 
 def make_spec(tiny, tmp_path, family="sd1", name="run", **kw) -> TrainSpec:
-    base = dict(data_dir=str(tiny["data"]), token=TOKEN, init=["toy"], model=str(tiny[family]),
-                run_dir=str(tmp_path / name), steps=6, checkpoint_every=0, seed=3, deterministic=True, lr=5e-2,
-                extra={"device": "cpu"})  # bit-exact resume is promised on the CPU, also where a GPU is
-    base.update(kw)
-    return TrainSpec(**base)
+    # bit-exact resume is promised on the CPU, also where a GPU is
+    return train_spec(tiny["data"], tiny[family], tmp_path / name, **{"deterministic": True, "device": "cpu", **kw})
 
 
 def run_all(spec, resume=None):
-    return list(TorchBackend().train(spec, resume))
-
-
-def final_vectors(events):
-    assert events[-1].kind == "finished", [e.kind for e in events]
-    return events[-1].data["vectors"]
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for slot in a:
-        assert a[slot].dtype == np.float32 and np.array_equal(a[slot], b[slot]), slot  # bit-identical
+    return run_on(TorchBackend(), spec, resume)
 
 
 @pytest.fixture(scope="module")
@@ -148,19 +130,10 @@ def test_sdxl_trains_both_encoders_and_writes_the_pair(tiny, tmp_path):
     assert snaps == ["step-000002.safetensors", "step-000002_2.safetensors"]  # the same pair, per snapshot
 
 
-def crash_after(spec, step):
-    """Run until the checkpoint at `step` is written, then drop the generator (a crash)."""
-    gen = TorchBackend().train(spec)
-    for ev in gen:
-        if ev.kind == "checkpoint" and ev.data["step"] == step:
-            break
-    gen.close()
-
-
 @pytest.mark.parametrize("accum", [1, 2])
 def test_resume_is_bit_identical(tiny, tmp_path, reference, accum):
     spec = make_spec(tiny, tmp_path, grad_accum=accum, checkpoint_every=3)
-    crash_after(spec, 3)
+    crash_after(TorchBackend(), spec, 3)
     run = tmp_path / "run"
     assert not (run / runs.FINAL).exists()
     if accum == 1:  # things resume must never pick
@@ -185,25 +158,6 @@ def test_resume_is_bit_identical(tiny, tmp_path, reference, accum):
     at_3 = load_file(runs.checkpoint_dir(run, 3) / "state.safetensors")["rows.clip_l"]
     assert not np.array_equal(at_3, final_vectors(events)["clip_l"])
     assert not np.array_equal(final_vectors(reference[1])["clip_l"], final_vectors(reference[2])["clip_l"])
-
-
-def test_ctrl_c_checkpoints_then_resume_matches(tiny, tmp_path, reference):
-    spec = make_spec(tiny, tmp_path)  # checkpoint_every=0: the interrupt writes the only checkpoint
-    before = signal.getsignal(signal.SIGINT)
-    events = []
-    for ev in TorchBackend().train(spec):
-        events.append(ev)
-        if ev.kind == "progress" and ev.data["step"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-    assert [e.kind for e in events][-2:] == ["progress", "interrupted"]
-    run = tmp_path / "run"
-    assert events[-1].data == {"step": 3, "checkpoint": str(runs.checkpoint_dir(run, 3))}
-    assert runs.latest_checkpoint(run) == (3, runs.checkpoint_dir(run, 3))
-    assert signal.getsignal(signal.SIGINT) is before  # our handler is gone
-    assert not (run / runs.FINAL).exists()
-    resumed = run_all(spec, resume=run)
-    assert resumed[0].data["start_step"] == 3
-    assert_same(final_vectors(resumed), final_vectors(reference[1]))
 
 
 @pytest.mark.parametrize("change", [{"gradient_checkpointing": True}, {"precision": "bf16"}])

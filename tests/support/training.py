@@ -13,10 +13,10 @@ import numpy as np
 TOKEN = "<cat-toy>"
 
 
-def train_spec(data, model, run_dir, **kw):
+def train_spec(data, model, run_dir, /, **kw):
     """A TrainSpec for a tiny run of `model` on the images in `data`, written to `run_dir`:
     6 steps at a learning rate high enough to move the rows visibly, a fixed seed and no
-    checkpoints unless asked. Keywords override any field (backend, steps, device, ...)."""
+    checkpoints unless asked. Keywords override any field (model and data_dir too)."""
     from textinv_cli.engine.spec import TrainSpec
 
     base = dict(data_dir=str(data), token=TOKEN, init=["toy"], model=str(model), run_dir=str(run_dir),
