@@ -1,6 +1,6 @@
 """The JAX backend trains, resumes and samples on the tiny models, on the CPU, offline:
 events, run folder and files as the torch backend writes them; bit-identical resume (plain,
-with gradient accumulation, after Ctrl-C); stray checkpoints ignored; SD 2.x (v-prediction,
+with gradient accumulation; Ctrl-C is in test_backend_contract); stray checkpoints ignored; SD 2.x (v-prediction,
 clip_h); DDIM and DPM-Solver++ 2M sampling with a multi-vector embedding; bad input refused
 before a run folder exists; and `textinv train/sample --backend jax` through the CLI.
 
@@ -12,7 +12,6 @@ for the module: they would double every compile to speed up steps these tests ba
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 
@@ -33,11 +32,10 @@ from textinv_cli.formats.safetensors_io import load_safetensors  # noqa: E402
 from textinv_cli.registry.store import Registry  # noqa: E402
 from textinv_cli.engine.spec import EmbeddingRef, SampleRequest, TrainSpec  # noqa: E402
 from textinv_jax.backend import JaxBackend  # noqa: E402
+from tests.support.training import (TOKEN, assert_same, crash_after, final_vectors,  # noqa: E402
+                                    run_all as run_on, train_spec)
 from textinv_cli.engine.loop import is_log_step  # noqa: E402
 from textinv_cli.engine.stop import StopFlag  # noqa: E402
-
-TOKEN = "<cat-toy>"
-
 
 @pytest.fixture(scope="module", autouse=True)
 def fast_compiles():
@@ -58,25 +56,11 @@ def tiny(tiny_model, demo_images, tmp_path_factory):
 
 
 def make_spec(tiny, tmp_path, family="sd1", name="run", **kw) -> TrainSpec:
-    base = dict(data_dir=str(tiny["data"]), token=TOKEN, init=["toy"], model=str(tiny[family]),
-                run_dir=str(tmp_path / name), backend="jax", steps=6, checkpoint_every=0, seed=3, lr=5e-2)
-    base.update(kw)
-    return TrainSpec(**base)
+    return train_spec(tiny["data"], tiny[family], tmp_path / name, **{"backend": "jax", **kw})
 
 
 def run_all(spec, resume=None):
-    return list(JaxBackend().train(spec, resume))
-
-
-def final_vectors(events):
-    assert events[-1].kind == "finished", [e.kind for e in events]
-    return events[-1].data["vectors"]
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for slot in a:
-        assert a[slot].dtype == np.float32 and np.array_equal(a[slot], b[slot]), slot  # bit-identical
+    return run_on(JaxBackend(), spec, resume)
 
 
 @pytest.fixture(scope="module")
@@ -133,19 +117,10 @@ def test_sd1_end_to_end(tiny, tmp_path):
     assert lines[-1]["vectors"] == {"clip_l": [1, 32]}
 
 
-def crash_after(spec, step):
-    """Run until the checkpoint at `step` is written, then drop the generator (a crash)."""
-    gen = JaxBackend().train(spec)
-    for ev in gen:
-        if ev.kind == "checkpoint" and ev.data["step"] == step:
-            break
-    gen.close()
-
-
 @pytest.mark.parametrize("accum", [1, 2])
 def test_resume_is_bit_identical(tiny, tmp_path, reference, accum):
     spec = make_spec(tiny, tmp_path, grad_accum=accum, checkpoint_every=3)
-    crash_after(spec, 3)
+    crash_after(JaxBackend(), spec, 3)
     run = tmp_path / "run"
     assert not (run / runs.FINAL).exists()
     if accum == 1:  # things resume must never pick
@@ -163,24 +138,6 @@ def test_resume_is_bit_identical(tiny, tmp_path, reference, accum):
     state, _ = load_safetensors((runs.checkpoint_dir(run, 3) / "state.safetensors").read_bytes())
     assert not np.array_equal(state["rows.clip_l"], final_vectors(events)["clip_l"])
     assert not np.array_equal(final_vectors(reference[1])["clip_l"], final_vectors(reference[2])["clip_l"])
-
-
-def test_ctrl_c_checkpoints_then_resume_matches(tiny, tmp_path, reference):
-    spec = make_spec(tiny, tmp_path)  # checkpoint_every=0: the interrupt writes the only checkpoint
-    before = signal.getsignal(signal.SIGINT)
-    events = []
-    for ev in JaxBackend().train(spec):
-        events.append(ev)
-        if ev.kind == "progress" and ev.data["step"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-    run = tmp_path / "run"
-    assert [e.kind for e in events][-2:] == ["progress", "interrupted"]
-    assert events[-1].data == {"step": 3, "checkpoint": str(runs.checkpoint_dir(run, 3))}
-    assert signal.getsignal(signal.SIGINT) is before
-    assert not (run / runs.FINAL).exists()
-    resumed = run_all(spec, resume=run)
-    assert resumed[0].data["start_step"] == 3
-    assert_same(final_vectors(resumed), final_vectors(reference[1]))
 
 
 def test_sd2_trains_two_clip_h_vectors_with_v_prediction(tiny, tmp_path):
