@@ -1,12 +1,12 @@
 """results.json -> a Markdown fragment for bench/RESULTS.md: one table of every row as
-measured, then issue 6's targets, each checked against this run's own rows."""
+measured, then the throughput targets (bench/README.md), each checked against this run's own rows."""
 
 from __future__ import annotations
 
 import math
 
 # Issue 6's targets (same machine, same run, same model).
-DIFFUSERS_BEST = 53.6   # diffusers' script, best batch, samples/s (issue 6; its own row wins if measured)
+DIFFUSERS_BEST = 53.6   # diffusers' script, best batch, samples/s (its own row wins if measured)
 DIFFUSERS_B1 = 6.7      # diffusers' script, batch 1 fp32
 GB4_IN_GIB = 4e9 / 2**30
 

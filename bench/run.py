@@ -1,6 +1,6 @@
 """textinv's benchmark: `python -m bench.run --gpu` (SD 1.5 shapes) or `--cpu` (tiny model, smoke).
 
-One run measures everything issue 6 asks, in priority order, inside a time budget (one
+One run measures every throughput target, in priority order, inside a time budget (one
 device call): the bf16 matrix-product peak, FLOPs per training sample, textinv's train
 samples/s and peak memory per batch and precision, sampling beside diffusers'
 StableDiffusionPipeline, the seed recipe as a timed `textinv train` process, the JAX
@@ -9,7 +9,7 @@ would not fit the time left is recorded as skipped, not half-run.
 
 Results are written after every measurement (a run cut short still reports what it
 measured) to OUT/results.json and OUT/results.md (a table fragment for bench/RESULTS.md,
-with the issue's targets checked). No speed is asserted anywhere.
+with the targets checked). No speed is asserted anywhere.
 """
 
 from __future__ import annotations

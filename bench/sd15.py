@@ -1,5 +1,5 @@
-"""The SD 1.5-shaped model with random weights that the GPU benchmarks train and sample on
-(DESIGN §7). Throughput does not depend on the weights' values, only on their shapes.
+"""The SD 1.5-shaped model with random weights that the GPU benchmarks train and sample on.
+Throughput does not depend on the weights' values, only on their shapes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A read-only or full disk (issue 7): every command that writes says so in one or two lines
+"""A read-only or full disk: every command that writes says so in one or two lines
 (exit 1, no traceback, no "Internal error"), leaves nothing half-written where it writes and
 registers nothing. The faults come from tests/support/disk_faults.py (real chmod where it stops this
 process, injected errors otherwise).

@@ -2,7 +2,7 @@
 
 The mean over the fused batch is the mean of the micro-steps' means (equal sizes), so the
 loss and the gradient are those of the accumulated step up to float rounding, while each
-step makes one UNet pass instead of grad_accum (issue 6: larger batches with gradient
+step makes one UNet pass instead of grad_accum (larger batches, with gradient
 accumulation semantics kept).
 """
 
@@ -11,9 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.support.training import train_spec
 from textinv_cli.engine.spec import TrainSpec
-
-TOKEN = "<cat-toy>"
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +21,9 @@ def tiny(tiny_model, demo_images):
 
 
 def spec(tiny, tmp_path, name, backend, **kw) -> TrainSpec:
-    base = dict(data_dir=str(tiny["data"]), token=TOKEN, init=["toy"], model=str(tiny["sd1"]),
-                run_dir=str(tmp_path / name), backend=backend, steps=4, checkpoint_every=0, seed=3, lr=5e-2,
-                grad_accum=2)
-    if backend == "torch":
-        base["extra"] = {"device": "cpu", "threads": 1}
-    base.update(kw)
-    return TrainSpec(**base)
+    on_cpu = {"device": "cpu", "threads": 1} if backend == "torch" else {}
+    return train_spec(tiny["data"], tiny["sd1"], tmp_path / name, **{"backend": backend, "steps": 4, "grad_accum": 2,
+                                                                    **on_cpu, **kw})
 
 
 def train(backend_name, s):

@@ -1,4 +1,4 @@
-"""Names, paths and folders from hostile files (issue 11, classes 1, 2 and part of 10).
+"""Names, paths and folders from hostile files.
 
 - A name taken from a file (a token, a registry name) is one plain file name: never ".", "..",
   empty, a path, nor holding control/bidi/surrogate characters (embedding.safe_name), so

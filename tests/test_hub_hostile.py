@@ -1,4 +1,4 @@
-"""Hostile Hub repos and secrets on their way out (issue 11, classes 2 and 10).
+"""Hostile Hub repos and secrets on their way out (README, "Guarantees").
 
 - A repo listing `../`, absolute, backslashed, control-character or over-long file names: pull
   never downloads, reads or writes them (never outside the cache), never crashes, and names

@@ -1,4 +1,4 @@
-"""The JAX CLIP text encoder equals transformers' on the same weights (issue 4's parity bar).
+"""The JAX CLIP text encoder equals transformers' on the same weights (the JAX backend's parity bar).
 
 Each family's tiny model (sd1 quick_gelu, sd2 gelu, sdxl's second encoder with a
 projection) and one differently shaped model saved straight from transformers (more

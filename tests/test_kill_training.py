@@ -1,4 +1,4 @@
-"""kill -9 during training (issue 7): a run SIGKILLed at ten moments -- inside checkpoint
+"""kill -9 during training: a run SIGKILLed at ten moments -- inside checkpoint
 writes (through the runs.CRASH_ENV hook), at random times measured from its --json events,
 between the final write and registration, and inside the registry's write -- and resumed
 each time, ends with the same embedding as an uninterrupted run, bit for bit.

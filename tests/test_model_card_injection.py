@@ -1,4 +1,4 @@
-"""The model card quotes the token for each language it lands in (issue 11, class 7).
+"""The model card quotes the token for each language it lands in.
 
 A crafted token closed the Python string in the card's snippet (running `__import__("os")`),
 expanded in the bash snippet, and broke out of the markdown code spans into raw HTML. For random

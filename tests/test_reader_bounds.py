@@ -1,4 +1,4 @@
-"""Every reader's time and peak memory are O(input size), with small constants (issue 11, class 5).
+"""Every reader's time and peak memory are O(input size), with small constants.
 
 Hostile inputs of growing size for each reader (safetensors headers, torch pickles, A1111
 PNG and WebP images, embedding folders), their shape drawn by hypothesis, are read by

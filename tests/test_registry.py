@@ -1,4 +1,4 @@
-"""The registry (DESIGN §5): API behaviour, integrity checks, and real multi-process writes."""
+"""The registry (ARCHITECTURE.md, "Registry"): API behaviour, integrity checks, and real multi-process writes."""
 
 from __future__ import annotations
 

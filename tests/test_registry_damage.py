@@ -1,5 +1,5 @@
-"""A tampered registry.db row never breaks `list`, `rm` or `list --repair` (issue 11, class 10),
-and what may be registered at all (classes 2 and 6): names and tokens with control, bidi or
+"""A tampered registry.db row never breaks `list`, `rm` or `list --repair`,
+and what may be registered at all: names and tokens with control, bidi or
 invalid characters, lone surrogates, access tokens.
 
 Rows are written straight into sqlite, the way an attacker (or a bad disk, or a hand edit) would:

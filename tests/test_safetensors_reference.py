@@ -1,4 +1,4 @@
-"""Our safetensors reader against the reference `safetensors` library (issue 11, class 9).
+"""Our safetensors reader against the reference `safetensors` library.
 
 The rule: where the library refuses a file, we refuse it; where it accepts one, we read the
 same names, shapes, metadata and values (BF16 widened to float32), or refuse it for one of

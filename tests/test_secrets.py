@@ -1,4 +1,4 @@
-"""The access token never shows (issue 7): not printed, logged, written, uploaded, nor in an
+"""The access token never shows: not printed, logged, written, uploaded, nor in an
 error, a --json answer or a TEXTINV_DEBUG=1 traceback, whatever the command.
 
 Three recognisable fake tokens are configured at once, the three ways huggingface_hub finds

@@ -1,5 +1,5 @@
-"""What textinv prints cannot act on the terminal, whatever a file or the Hub holds (issue 11,
-classes 3 and 6).
+"""What textinv prints cannot act on the terminal, whatever a file or the Hub holds
+(README, "Guarantees").
 
 A token, a metadata key or value, a tensor key quoted in an error, a registry row or a Hub file
 name is chosen by whoever made the file. The rule (textinv_cli/cli/console.py, untrusted.py):

@@ -1,4 +1,4 @@
-"""Data-parallel training (issue 3, "Many GPUs") on the CPU with 2 gloo processes.
+"""Data-parallel training on the CPU with 2 gloo processes.
 
 2 processes at --batch-size 1 see exactly the samples 1 process sees at --batch-size 2
 (the batch plan numbers samples globally), and the rows' gradients are averaged across

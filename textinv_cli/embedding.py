@@ -1,8 +1,8 @@
 """The Embedding value type: a token, its vectors per text-encoder slot, and metadata.
 
-Slots are named after the text encoder they feed (DESIGN §3): clip_l (768, SD 1.x and
-SDXL's first encoder), clip_h (1024, SD 2.x), clip_g (1280, SDXL's second). The model
-family follows from the slots.
+Slots are named after the text encoder they feed (ARCHITECTURE.md, "Embedding"): clip_l
+(768, SD 1.x and SDXL's first encoder), clip_h (1024, SD 2.x), clip_g (1280, SDXL's second).
+The model family follows from the slots.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Make a folder read-only or full, for the disk-fault tests (issue 7).
+"""Make a folder read-only or full, for the disk-fault tests.
 
 The real thing is used where this machine allows it: a folder chmod'ed 0o500 refuses writes,
 except to root (the tests often run as root), so `read_only` checks whether a probe write is

@@ -1,4 +1,4 @@
-"""A local stand-in for the Hugging Face Hub, for the pull/push tests (issue 5).
+"""A local stand-in for the Hugging Face Hub, for the pull/push tests.
 This module holds its state and the fixtures; tests/support/hub_routes.py speaks HTTP.
 
 The unmodified `huggingface_hub` client talks to it over real HTTP, the way it talks to

@@ -7,7 +7,7 @@ when it was trained here, the validation images, and the sha256 of every file.
 Nothing local leaks into a public card: no folder paths, no data set location.
 
 The token comes from a file or the Hub, and the card puts it into five languages: YAML, markdown,
-Python, bash and file names. Each gets its own quoting (issue 11: a crafted token closed the
+Python, bash and file names. Each gets its own quoting (a crafted token once closed the
 Python string and ran code in the snippet, and broke out of the code fence):
     YAML      _yaml(): a double-quoted scalar, every non-printable character escaped
     markdown  _code() / _cell(): an inline code span fenced with more backticks than the text

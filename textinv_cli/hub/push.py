@@ -9,7 +9,7 @@ What goes into the repo (all built in memory, uploaded with one create_commit):
   samples/*.png                                                    a trained run's validation images
   README.md                                                        the model card (model_card.py)
 
-Nothing that holds an access token is ever pushed (issue 11: a token_identifier.txt linked to
+Nothing that holds an access token is ever pushed (once, a token_identifier.txt linked to
 ~/.cache/huggingface/token was imported, then pushed in three places). Registration refuses such
 tokens and drops such metadata, but the user's tokens may have changed since, or registry.db been
 edited: no_secrets() checks everything about to leave, token, metadata, every file and the commit

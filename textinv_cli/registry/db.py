@@ -83,7 +83,7 @@ _EMPTY = {"widths": dict, "origin": dict, "meta": dict, "tags": list}
 
 def decode_row(row) -> tuple[dict, str | None]:
     """The row as Entry's field values, and what is wrong with it (None: nothing). Never raises:
-    a damaged row must still list, and `textinv rm` must still remove it (issue 11).
+    a damaged row must still list, and `textinv rm` must still remove it.
 
     A damaged column gets a harmless stand-in (text as text, {} / [] / 0 for the rest), so
     callers can show the entry; Registry.load refuses a damaged entry."""
