@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.support.training import train_spec
 from textinv_cli.engine import plugins
 from textinv_cli.engine import runs
 from textinv_cli.engine import checks
@@ -90,9 +91,9 @@ def images(tmp_path):
 
 
 def make_spec(images, tmp_path, name="run", **kw) -> TrainSpec:
-    base = dict(data_dir=str(images), token=TOKEN, init=["toy"], model="numpy", run_dir=str(tmp_path / name),
-                backend="numpy", steps=6, checkpoint_every=2, keep_checkpoints=1, lr=0.25, save_every=3)
-    return TrainSpec(**{**base, **kw})
+    return train_spec(images, "numpy", tmp_path / name, **{"token": TOKEN, "backend": "numpy", "seed": 0,
+                                                           "checkpoint_every": 2, "keep_checkpoints": 1, "lr": 0.25,
+                                                           "save_every": 3, **kw})
 
 
 def test_the_engine_drives_a_session_through_the_whole_protocol(images, tmp_path):

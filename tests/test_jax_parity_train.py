@@ -35,8 +35,7 @@ from textinv_torch import tokens as ttokens  # noqa: E402
 from textinv_torch import sampling as tsampling  # noqa: E402
 from textinv_torch import step as ttrainer  # noqa: E402
 from textinv_torch.backend import TorchBackend  # noqa: E402
-
-TOKEN = "<cat-toy>"
+from tests.support.training import TOKEN, train_spec  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,10 +56,8 @@ def tiny(tiny_model, demo_images):
 
 def make_spec(tiny, root: Path, name: str, **kw) -> TrainSpec:
     # batch 1 x 2 micro-steps: the accumulation path, with the shapes test_jax_train compiles
-    base = dict(data_dir=str(tiny["data"]), token=TOKEN, init=["toy"], model=str(tiny["sd1"]),
-                run_dir=str(root / name), steps=3, grad_accum=2, checkpoint_every=0, seed=3, lr=5e-2,
-                deterministic=True, extra={"device": "cpu"})
-    return TrainSpec(**{**base, **kw})
+    return train_spec(tiny["data"], tiny["sd1"], root / name, **{"steps": 3, "grad_accum": 2, "deterministic": True,
+                                                                "device": "cpu", **kw})
 
 
 def torch_first_step(spec: TrainSpec) -> tuple[float, np.ndarray]:
