@@ -1,4 +1,4 @@
-"""`textinv list --repair` (registry_repair.py): debris that crashes leave goes, damage is
+"""`textinv list --repair` (textinv_cli/registry/repair.py): debris that crashes leave goes, damage is
 reported with what to do, and an import running at the same moment is never hurt."""
 
 from __future__ import annotations

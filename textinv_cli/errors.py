@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 
-# What a failed write's errno means to a person (app.report and hub.py say it in these words).
+# What a failed write's errno means to a person (cli/app.report and hub/client.py say it in these words).
 DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
              errno.EFBIG: "the file is too large for this file system"}
 DISK_READ_ONLY = {errno.EROFS: "the file system is read-only"}

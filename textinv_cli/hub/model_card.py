@@ -63,7 +63,7 @@ def base_model(entry, emb) -> str | None:
 def check_token(token: str) -> str:
     """The token's file-name form, if the token can go into a card; else InvalidEmbeddingError.
 
-    Registration applies the same rule (registry_names); this is the last check before an upload,
+    Registration applies the same rule (registry/names.py); this is the last check before an upload,
     for entries registered before it or written into registry.db by hand."""
     bad = unsafe_chars(token)
     if bad:

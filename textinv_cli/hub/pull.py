@@ -147,7 +147,7 @@ def _read_unit(folder: Path, unit: Unit, token: str | None, repo_id: str):
 def _text(path: Path, cap: int = 4096) -> str | None:
     """A side file's word, read up to cap+1 bytes (never trusting st_size) through fsutil's one
     rule for opening a file (a regular file, the cache's own blob). Whether the word may be a
-    token is Registry.add's rule (registry_names.check_token: no access token, no control
+    token is Registry.add's rule (registry.names.check_token: no access token, no control
     characters), applied before anything is registered."""
     from ..fsutil import read_head
 

@@ -1,9 +1,9 @@
 """The registry's SQLite side: schema, connections, transactions, and sqlite's errors turned
-into RegistryErrors a person can act on. registry.py holds the rules; this holds the plumbing.
+into RegistryErrors a person can act on. store.py holds the rules; this holds the plumbing.
 
 Every write is one `BEGIN IMMEDIATE` transaction in WAL mode with a busy timeout, so
 writers queue for the one write lock instead of failing or deadlocking on a read->write
-upgrade (see the invariants at the top of registry.py).
+upgrade (see the invariants at the top of store.py).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def connect(db_path: Path) -> sqlite3.Connection:
     conn.row_factory = sqlite3.Row
     # A tampered database can hold bytes that are not UTF-8 in a TEXT column; sqlite3's default
     # would fail the whole query. Decoded this way they come back as lone surrogates, which
-    # decode_row reports as damage (and `textinv rm` can still match: registry_names).
+    # decode_row reports as damage (and `textinv rm` can still match: names.py).
     conn.text_factory = _text
     conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     return conn
@@ -71,7 +71,7 @@ COLUMNS = ("name", "token", "family", "n_vectors", "widths", "sha256", "source",
 JSON_COLUMNS = ("widths", "origin", "meta", "tags")
 SOURCES = ("trained", "pulled", "imported")
 FAMILIES = ("sd1", "sd2", "sdxl")  # embedding.FAMILY_SLOTS' keys, without importing numpy here
-# textinv writes a few KB per column (registry_names caps metadata at 512K characters). The
+# textinv writes a few KB per column (names.py caps metadata at 512K characters). The
 # caps bound what a tampered row can cost: json.loads is ~25x its input in memory for `[[],[],..`
 # and recursive, so it runs only on text under MAX_JSON_CHARS and RecursionError is damage too.
 MAX_JSON_CHARS = 1 << 20
@@ -179,7 +179,7 @@ def sql_text(text: str) -> str | None:
 
 def find_row(conn: sqlite3.Connection, name: str):
     """The row named `name`, else the one row whose name is shown as `name` (escaped, maybe cut:
-    registry_names.display_name), so a row with an untypeable name can still be named. None if
+    names.display_name), so a row with an untypeable name can still be named. None if
     there is no such row; RegistryError if several rows show the same."""
     from .names import matches_shown
     from ..untrusted import quoted

@@ -26,7 +26,7 @@ class Entry:
     meta: dict             # the embedding's meta dict
     tags: list
     created: str           # ISO 8601 UTC, e.g. 2024-05-01T12:34:56Z
-    # What is wrong with the row it was read from (registry_db.decode_row), or None. A damaged
+    # What is wrong with the row it was read from (db.decode_row), or None. A damaged
     # entry is listed and can be removed, but never loaded.
     damaged: str | None = None
 

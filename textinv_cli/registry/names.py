@@ -11,7 +11,7 @@ rule to both, before anything is written:
 - never an access token: shaped like one, or one of the user's own (embedding.holds_credential).
   Such a value is refused without being quoted; a metadata value like that is dropped instead.
 
-Rows written before these rules, or by hand, can still hold anything: registry_db.decode_row
+Rows written before these rules, or by hand, can still hold anything: db.decode_row
 marks them damaged, and `display_name` / `rm_command` give a form of the name that prints
 safely and that `textinv rm` accepts back (Registry._find_row), so such a row can always go.
 """

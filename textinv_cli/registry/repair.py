@@ -1,6 +1,6 @@
 """`textinv list --repair`: clean what crashes leave in the registry, and report real damage.
 
-A kill -9 at any moment leaves the registry consistent (see registry.py), but it can leave
+A kill -9 at any moment leaves the registry consistent (see store.py), but it can leave
 debris in blobs/: an orphan blob (written, its row never committed; or a row deleted and
 its blob not yet), or a temp file from a blob write cut short. Neither is ever served:
 only rows lead to blobs, and temp files never have a blob's name. They only take space.
@@ -74,7 +74,7 @@ def repair(reg, *, grace_s: float = GRACE_S) -> RepairReport:
 
 
 def _check_rows(reg, rows, report: RepairReport) -> set[str]:
-    """Every row must decode (registry_db.decode_row: never raises, however the row was tampered
+    """Every row must decode (db.decode_row: never raises, however the row was tampered
     with) and its blob must exist and hash to the row's sha256. Returns the shas rows use: a
     damaged row's blob is no orphan either (`textinv rm` removes the row, then the blob)."""
     from .db import SHA_RE

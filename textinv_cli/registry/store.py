@@ -230,7 +230,7 @@ class Registry:
         return entry
 
     def repair(self, *, grace_s: float | None = None):
-        """Remove what crashes leave behind and report damage; see registry_repair.py."""
+        """Remove what crashes leave behind and report damage; see repair.py."""
         from .repair import GRACE_S, repair
 
         return repair(self, grace_s=GRACE_S if grace_s is None else grace_s)

@@ -32,7 +32,7 @@ def pull(
                                    for p in r.pulled],
                     "others": r.others, "skipped": r.skipped})
         return
-    for line in r.skipped:  # listed paths that could leave the cache folder (hub_layout.clean_listing)
+    for line in r.skipped:  # listed paths that could leave the cache folder (hub/layout.py clean_listing)
         err_console.print(f"Skipped {line}.", markup=False)
     if r.cache_reason:
         why = "HF_HUB_OFFLINE is set" if r.cache_reason == "offline" else "the Hub could not be reached"
