@@ -2,7 +2,7 @@
 
 The mean over the fused batch is the mean of the micro-steps' means (equal sizes), so the
 loss and the gradient are those of the accumulated step up to float rounding, while each
-step makes one UNet pass instead of grad_accum (issue 6: larger batches with gradient
+step makes one UNet pass instead of grad_accum (larger batches, with gradient
 accumulation semantics kept).
 """
 
