@@ -35,7 +35,7 @@ _MAX_READ = 64 << 20  # one os.read at most (a sparse file's st_size can be 2**6
 _SPECIAL_ROOTS = ("/proc", "/sys")
 
 
-# -- --max-size ------------------------------------------------------------------------------
+# -- --max-size (its typer callback: cli/options.py) ------------------------------------------
 
 def max_bytes_from_mib(mib: float | None) -> int:
     """The byte cap for `--max-size MIB` (None: the default). The one check of that option:
@@ -46,17 +46,6 @@ def max_bytes_from_mib(mib: float | None) -> int:
         raise TextinvError(f"--max-size must be a number of MiB above 0 and at most {MAX_SIZE_LIMIT_MIB}, not {mib}.",
                            "Pass e.g. --max-size 200 to accept files up to 200 MiB.")
     return max(1, int(mib * 2**20))
-
-
-def max_size_option(value: float | None) -> float | None:
-    """typer callback for every --max-size option: a bad value is a usage error (exit 2)."""
-    import typer
-
-    try:
-        max_bytes_from_mib(value)
-    except TextinvError as e:
-        raise typer.BadParameter(e.message) from None
-    return value
 
 
 # -- writing ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ...fsutil import max_size_option
+from ..options import max_size_option
 
 
 def import_embedding(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ...fsutil import max_size_option
+from ..options import max_size_option
 
 # meta keys shown in their own fields rather than under "metadata"
 _SHOWN = {"format", "container", "dtype", "file_sha256"}
