@@ -22,22 +22,15 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 
 from textinv_jax import clip  # noqa: E402
-from textinv_torch.tiny import write_tiny_model  # noqa: E402
 
 TOL = 1e-4
 APPLY = jax.jit(clip.apply_clip, static_argnums=1, static_argnames="dtype")
 ENCODERS = [("sd1", "text_encoder"), ("sd2", "text_encoder"), ("sdxl", "text_encoder_2"), ("custom", "text_encoder")]
 
 
-def tiny(tmp_path_factory, family):
-    # Under the session's base temp dir, so test_jax_vae.py reuses the same build
-    # (write_tiny_model returns an existing identical model untouched).
-    return write_tiny_model(tmp_path_factory.getbasetemp() / "jax-tiny" / family, family)
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    out = {f: tiny(tmp_path_factory, f) for f in ("sd1", "sd2", "sdxl")}
+def models(tiny_model, tmp_path_factory):
+    out = {f: tiny_model(f) for f in ("sd1", "sd2", "sdxl")}  # the session's, built once for every test file
     # A shape the tiny factory never makes: gelu, 5 layers, 2 heads, 24 positions, and the
     # legacy eos_token_id == 2 (pool at the largest id), saved by transformers 5 itself.
     cfg = transformers.CLIPTextConfig(vocab_size=101, hidden_size=24, intermediate_size=40, num_hidden_layers=5,

@@ -27,7 +27,6 @@ import jax.numpy as jnp  # noqa: E402
 
 from textinv_cli.errors import TextinvError  # noqa: E402
 from textinv_jax import nn, unet, weights  # noqa: E402
-from textinv_torch.tiny import write_tiny_model  # noqa: E402
 
 TOL = 1e-4
 APPLY = jax.jit(unet.apply_unet, static_argnums=1, static_argnames=("dtype", "attention"))
@@ -75,9 +74,8 @@ def _sdxl_unet():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    # The shared base temp dir: the CLIP and VAE tests build the same tiny models there.
-    out = {f: write_tiny_model(tmp_path_factory.getbasetemp() / "jax-tiny" / f, f) for f in ("sd1", "sd2")}
+def models(tiny_model, tmp_path_factory):
+    out = {f: tiny_model(f) for f in ("sd1", "sd2")}  # the session's, built once for every test file
     for name, build in (("custom", _custom_unet), ("sdxl", _sdxl_unet)):
         folder = tmp_path_factory.mktemp(f"{name}-unet")
         build().save_pretrained(folder / "unet", safe_serialization=True)

@@ -24,7 +24,6 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from textinv_cli.errors import NotFoundError, TextinvError  # noqa: E402
 from textinv_jax import nn, vae, weights  # noqa: E402
-from textinv_torch.tiny import write_tiny_model  # noqa: E402
 
 TOL = 1e-4
 ENCODE = jax.jit(vae.apply_vae_encoder, static_argnums=1, static_argnames="dtype")
@@ -32,9 +31,8 @@ DECODE = jax.jit(vae.apply_vae_decoder, static_argnums=1, static_argnames="dtype
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    # The shared base temp dir: test_jax_clip.py builds the same tiny model there.
-    out = {f: write_tiny_model(tmp_path_factory.getbasetemp() / "jax-tiny" / f, f) for f in ("sd1",)}
+def models(tiny_model, tmp_path_factory):
+    out = {"sd1": tiny_model("sd1")}  # the session's, built once for every test file
     torch.manual_seed(11)
     custom = diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=6, layers_per_block=2, norm_num_groups=8,

@@ -20,7 +20,6 @@ from textinv_cli.engine.quiet_libraries import quiet  # noqa: E402
 from textinv_torch import loading as M  # noqa: E402
 from textinv_torch import tokens as R  # noqa: E402
 from textinv_cli.engine import run_files as S  # noqa: E402
-from textinv_torch.tiny import write_tiny_model  # noqa: E402
 from textinv_torch.step import Batch, encode_text, forward_loss  # noqa: E402
 
 TOKEN = "<cat-toy>"
@@ -36,9 +35,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tiny-rows")
-    return {f: write_tiny_model(base / f, f) for f in ("sd1", "sd2", "sdxl")}
+def model_dirs(tiny_model):
+    return {f: tiny_model(f) for f in ("sd1", "sd2", "sdxl")}
 
 
 def load(path, image_side=True):
