@@ -24,10 +24,11 @@ import sys
 import numpy as np
 import pytest
 
+from textinv_cli.engine.spec import TrainSpec
+
 jax = pytest.importorskip("jax")
 pytest.importorskip("optax")
 
-from textinv_cli.engine.spec import TrainSpec  # noqa: E402
 from textinv_jax.backend import JaxBackend, wants_distributed  # noqa: E402
 
 SCRIPT = r"""

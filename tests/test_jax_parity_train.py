@@ -15,14 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.support.training import TOKEN, train_spec
+from textinv_cli.engine.captions import captions_for, find_images
+from textinv_cli.engine.quiet_libraries import quiet
+from textinv_cli.engine.spec import EmbeddingRef, SampleRequest, TrainSpec
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 jax = pytest.importorskip("jax")
 pytest.importorskip("optax")
 
-from textinv_cli.engine.captions import captions_for, find_images  # noqa: E402
-from textinv_cli.engine.spec import EmbeddingRef, SampleRequest, TrainSpec  # noqa: E402
-from textinv_cli.engine.quiet_libraries import quiet  # noqa: E402
 from textinv_jax import loading as jloading  # noqa: E402
 from textinv_jax import sampling as jsampling  # noqa: E402
 from textinv_jax import step as jstep  # noqa: E402
@@ -35,7 +37,6 @@ from textinv_torch import tokens as ttokens  # noqa: E402
 from textinv_torch import sampling as tsampling  # noqa: E402
 from textinv_torch import step as ttrainer  # noqa: E402
 from textinv_torch.backend import TorchBackend  # noqa: E402
-from tests.support.training import TOKEN, train_spec  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from textinv_cli.engine.spec import SampleRequest
 
 jax = pytest.importorskip("jax")
 pytest.importorskip("transformers")
 
-from PIL import Image  # noqa: E402
-
-from textinv_cli.engine.spec import SampleRequest  # noqa: E402
 from textinv_jax.backend import JaxBackend  # noqa: E402
 
 # Batched kernels round differently from single-image ones; on the CPU the 8-bit pixels of the

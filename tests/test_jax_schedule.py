@@ -16,13 +16,14 @@ import math
 import numpy as np
 import pytest
 
+from textinv_cli.errors import TextinvError
+
 jax = pytest.importorskip("jax")
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 import jax.numpy as jnp  # noqa: E402
 
-from textinv_cli.errors import TextinvError  # noqa: E402
 from textinv_jax import noise_schedule as S  # noqa: E402
 from textinv_jax import samplers  # noqa: E402
 

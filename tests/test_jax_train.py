@@ -17,25 +17,26 @@ import signal
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from tests.support.training import (TOKEN, assert_same, crash_after, final_vectors,
+                                    run_all as run_on, train_spec)
+from textinv_cli.engine import plugins
+from textinv_cli.engine import runs
+from textinv_cli.engine.loop import is_log_step
+from textinv_cli.engine.spec import EmbeddingRef, SampleRequest, TrainSpec
+from textinv_cli.engine.stop import StopFlag
+from textinv_cli.errors import TextinvError
+from textinv_cli.formats import read_embedding
+from textinv_cli.formats.safetensors_io import load_safetensors
+from textinv_cli.registry.store import Registry
 
 jax = pytest.importorskip("jax")
 pytest.importorskip("optax")
 pytest.importorskip("transformers")
 
-from PIL import Image  # noqa: E402
-
-from textinv_cli.engine import plugins
-from textinv_cli.engine import runs  # noqa: E402
-from textinv_cli.errors import TextinvError  # noqa: E402
-from textinv_cli.formats import read_embedding  # noqa: E402
-from textinv_cli.formats.safetensors_io import load_safetensors  # noqa: E402
-from textinv_cli.registry.store import Registry  # noqa: E402
-from textinv_cli.engine.spec import EmbeddingRef, SampleRequest, TrainSpec  # noqa: E402
 from textinv_jax.backend import JaxBackend  # noqa: E402
-from tests.support.training import (TOKEN, assert_same, crash_after, final_vectors,  # noqa: E402
-                                    run_all as run_on, train_spec)
-from textinv_cli.engine.loop import is_log_step  # noqa: E402
-from textinv_cli.engine.stop import StopFlag  # noqa: E402
+
 
 @pytest.fixture(scope="module", autouse=True)
 def fast_compiles():

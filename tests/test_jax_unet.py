@@ -19,13 +19,14 @@ import json
 import numpy as np
 import pytest
 
+from textinv_cli.errors import TextinvError
+
 jax = pytest.importorskip("jax")
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 import jax.numpy as jnp  # noqa: E402
 
-from textinv_cli.errors import TextinvError  # noqa: E402
 from textinv_jax import nn, unet, weights  # noqa: E402
 
 TOL = 1e-4

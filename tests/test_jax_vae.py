@@ -14,15 +14,16 @@ import shutil
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
+
+from textinv_cli.errors import NotFoundError, TextinvError
 
 jax = pytest.importorskip("jax")
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 import jax.numpy as jnp  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from textinv_cli.errors import NotFoundError, TextinvError  # noqa: E402
 from textinv_jax import nn, vae, weights  # noqa: E402
 
 TOL = 1e-4

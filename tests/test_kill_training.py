@@ -29,17 +29,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
+
+from textinv_cli.engine import runs
+from textinv_cli.engine.run_files import EVENTS, record_event
+from textinv_cli.engine.spec import Event
+from textinv_cli.registry.store import CRASH_ENV as REGISTRY_CRASH_ENV
+from textinv_cli.registry.store import Registry
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from safetensors.numpy import load_file  # noqa: E402
-
-from textinv_cli.engine import runs  # noqa: E402
-from textinv_cli.registry.store import CRASH_ENV as REGISTRY_CRASH_ENV  # noqa: E402
-from textinv_cli.registry.store import Registry  # noqa: E402
-from textinv_cli.engine.run_files import EVENTS, record_event  # noqa: E402
-from textinv_cli.engine.spec import Event  # noqa: E402
 
 TOKEN, NAME = "<cat-toy>", "cat-toy"
 STEPS, EVERY = 36, 2  # room for eight kills that each move the run on by up to two checkpoints

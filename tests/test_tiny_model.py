@@ -12,21 +12,22 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from textinv_cli.engine.captions import OBJECT_TEMPLATES, STYLE_TEMPLATES
+from textinv_cli.errors import OutputExistsError, TextinvError
+from textinv_cli.models.demo_images import write_demo_images
+from textinv_cli.models.tiny import FAMILIES, TINY_WIDTHS, read_tiny_info
+from textinv_cli.models.tiny_tokenizer import INIT_WORDS
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
-from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-from textinv_cli.errors import OutputExistsError, TextinvError  # noqa: E402
-from textinv_cli.engine.captions import OBJECT_TEMPLATES, STYLE_TEMPLATES  # noqa: E402
-from textinv_cli.models.demo_images import write_demo_images  # noqa: E402
-from textinv_cli.models.tiny import FAMILIES, TINY_WIDTHS, read_tiny_info  # noqa: E402
-from textinv_cli.models.tiny_tokenizer import INIT_WORDS  # noqa: E402
 from textinv_torch.tiny import write_tiny_model  # noqa: E402
 
 PIPELINES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}

@@ -18,14 +18,15 @@ import textwrap
 import numpy as np
 import pytest
 
+from textinv_cli.engine import plugins
+from textinv_cli.formats.safetensors_io import load_file
+from textinv_cli.models.resolve import make_tiny_model
+from textinv_cli.models.tiny import FAMILIES, read_tiny_info
+
 pytest.importorskip("jax")
 pytest.importorskip("optax")
 pytest.importorskip("transformers")
 
-from textinv_cli.engine import plugins  # noqa: E402
-from textinv_cli.formats.safetensors_io import load_file  # noqa: E402
-from textinv_cli.models.resolve import make_tiny_model  # noqa: E402
-from textinv_cli.models.tiny import FAMILIES, read_tiny_info  # noqa: E402
 from textinv_jax.clip import load_clip, read_clip_config  # noqa: E402
 from textinv_jax.tiny import write_tiny_model  # noqa: E402
 from textinv_jax.unet import load_unet, read_unet_config  # noqa: E402

@@ -23,6 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
+
+from textinv_cli.engine import runs
+from textinv_cli.engine import launch as training
+from textinv_cli.engine.spec import TrainSpec
+from textinv_cli.errors import TextinvError
+from textinv_cli.registry.store import Registry
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -30,13 +37,6 @@ pytest.importorskip("accelerate")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-from safetensors.numpy import load_file  # noqa: E402
-
-from textinv_cli.engine import runs
-from textinv_cli.engine import launch as training  # noqa: E402
-from textinv_cli.errors import TextinvError  # noqa: E402
-from textinv_cli.registry.store import Registry  # noqa: E402
-from textinv_cli.engine.spec import TrainSpec  # noqa: E402
 from textinv_torch import distributed  # noqa: E402
 from textinv_torch.backend import TorchBackend  # noqa: E402
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from textinv_cli.engine.batch_sizes import encode_batch_size
+from textinv_cli.engine.captions import find_images
+from textinv_cli.engine.spec import TrainSpec
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from textinv_cli.engine.batch_sizes import encode_batch_size  # noqa: E402
-from textinv_cli.engine.captions import find_images  # noqa: E402
-from textinv_cli.engine.spec import TrainSpec  # noqa: E402
 from textinv_torch import data as datamod  # noqa: E402
 from textinv_torch.backend import TorchBackend  # noqa: E402
 from textinv_torch.loading import load_image_side, load_text_side  # noqa: E402

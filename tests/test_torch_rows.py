@@ -9,17 +9,18 @@ import copy
 
 import pytest
 
+from textinv_cli.engine import run_files as S
+from textinv_cli.engine.quiet_libraries import quiet
+from textinv_cli.engine.spec import TrainSpec
+from textinv_cli.errors import TextinvError
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
 
-from textinv_cli.errors import TextinvError  # noqa: E402
-from textinv_cli.engine.spec import TrainSpec  # noqa: E402
-from textinv_cli.engine.quiet_libraries import quiet  # noqa: E402
 from textinv_torch import loading as M  # noqa: E402
 from textinv_torch import tokens as R  # noqa: E402
-from textinv_cli.engine import run_files as S  # noqa: E402
 from textinv_torch.step import Batch, encode_text, forward_loss  # noqa: E402
 
 TOKEN = "<cat-toy>"

@@ -12,21 +12,22 @@ import threading
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from textinv_cli.embedding import Embedding
+from textinv_cli.engine import plugins
+from textinv_cli.engine.batch_sizes import batches, pick_batch_size
+from textinv_cli.engine.spec import EmbeddingRef, SampleRequest
+from textinv_cli.errors import TextinvError
+from textinv_cli.models.tiny import TINY_WIDTHS
+from textinv_cli.registry.store import Registry
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from textinv_cli.engine import plugins  # noqa: E402
-from textinv_cli.embedding import Embedding  # noqa: E402
-from textinv_cli.errors import TextinvError  # noqa: E402
-from textinv_cli.registry.store import Registry  # noqa: E402
-from textinv_cli.engine.batch_sizes import batches, pick_batch_size  # noqa: E402
-from textinv_cli.engine.spec import EmbeddingRef, SampleRequest  # noqa: E402
 from textinv_torch import sampling, tokens  # noqa: E402
-from textinv_cli.models.tiny import TINY_WIDTHS  # noqa: E402
 from textinv_torch.tiny import write_tiny_model  # noqa: E402
 
 SLOTS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}

@@ -12,23 +12,22 @@ import signal
 
 import numpy as np
 import pytest
+from PIL import Image
+from safetensors.numpy import load_file
+
+from tests.support.training import (TOKEN, assert_same, crash_after, final_vectors,
+                                    run_all as run_on, train_spec)
+from textinv_cli.engine import runs
+from textinv_cli.engine.loop import is_log_step
+from textinv_cli.engine.spec import TrainSpec
+from textinv_cli.engine.stop import StopFlag
+from textinv_cli.errors import TextinvError
+from textinv_cli.formats import read_embedding
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from PIL import Image  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
-
-from textinv_cli.engine import runs  # noqa: E402
-from textinv_cli.errors import TextinvError  # noqa: E402
-from textinv_cli.formats import read_embedding  # noqa: E402
-from textinv_cli.engine.spec import TrainSpec  # noqa: E402
 from textinv_torch.backend import TorchBackend  # noqa: E402
-from tests.support.training import (TOKEN, assert_same, crash_after, final_vectors,  # noqa: E402
-                                    run_all as run_on, train_spec)
-from textinv_cli.engine.loop import is_log_step  # noqa: E402
-from textinv_cli.engine.stop import StopFlag  # noqa: E402
-
 
 
 @pytest.fixture(scope="module", autouse=True)
