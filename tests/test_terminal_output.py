@@ -165,13 +165,19 @@ def test_the_consoles_escape_whatever_they_render(s):
     from textinv_cli.cli.console import console, err_console
 
     for con in (console, err_console):
-        with con.capture() as cap:
-            con.print(f"token {s} end")
-            con.print(Text(f"text {s}", style="bold"))
-            table = Table("name", box=None)
-            table.add_row(s)
-            table.add_row(Text(s))
-            con.print(table, width=4000)
+        # wide enough for every escaped cell: a narrower table cuts a long cell with "…" by design
+        # (print(width=) cannot widen past the console's own width, 80 under pytest)
+        saved, con.width = con._width, 4000
+        try:
+            with con.capture() as cap:
+                con.print(f"token {s} end")
+                con.print(Text(f"text {s}", style="bold"))
+                table = Table("name", box=None)
+                table.add_row(s)
+                table.add_row(Text(s))
+                con.print(table)
+        finally:
+            con._width = saved
         out = cap.get()
         assert_terminal_safe(out, "a console")
         lines = out.splitlines()

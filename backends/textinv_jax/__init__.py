@@ -1,6 +1,6 @@
-"""textinv's JAX/Flax backend (entry point `jax` in the textinv.backends group).
+"""textinv's JAX backend (entry point `jax` in the textinv.backends group).
 
-It brings its own Flax ports of the Stable Diffusion parts (CLIP text encoder, UNet,
+It brings its own JAX ports of the Stable Diffusion parts (CLIP text encoder, UNet,
 AutoencoderKL), since diffusers and transformers no longer ship Flax models, and imports
 weights from the same diffusers folders the torch backend reads, without torch.
 

@@ -54,7 +54,7 @@ class JaxBackend(Backend):
         except ImportError as e:
             return BackendInfo(self.name, available=False, reason=f"jax is not installed ({e.name or e})")
         details: dict[str, str] = {}
-        for lib in ("jaxlib", "flax", "optax", "transformers"):
+        for lib in ("jaxlib", "optax", "transformers"):
             try:
                 details[lib] = __import__(lib).__version__
             except Exception:  # noqa: BLE001 - a missing or broken optional library is just absent

@@ -1,4 +1,4 @@
-"""Layers shared by the Flax ports (CLIP, VAE, UNet), as pure functions of params.
+"""Layers shared by the JAX ports (CLIP, VAE, UNet), as pure functions of params.
 
 Every function takes the params of one PyTorch module in the layout `weights.to_params`
 produces (kernel / bias / scale / embedding leaves) and returns the module's output.

@@ -4,7 +4,7 @@ A diffusers folder keeps one component per subfolder (`text_encoder/`, `vae/`, `
 each with a `config.json` and its weights in safetensors. We read those with the core's
 strict, numpy-only safetensors reader and never unpickle a `.bin` (a pickle can run code).
 
-Torch layouts differ from JAX's, so the converters here are shared by every Flax port:
+Torch layouts differ from JAX's, so the converters here are shared by every JAX port:
   conv    torch OIHW            -> HWIO   (lax.conv_general_dilated with NHWC inputs)
   linear  torch [out, in]       -> [in, out]  (x @ kernel)
 `to_params` applies them to a whole state dict, turning dotted names into nested dicts,

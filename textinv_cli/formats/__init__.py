@@ -1,4 +1,4 @@
-"""Read and write every embedding format (DESIGN §4). The public API of textinv_cli.formats.
+"""Read and write every embedding format (ARCHITECTURE.md, "Formats"). The public API of textinv_cli.formats.
 
     read_embedding(path)                  file or folder -> Embedding (format detected by content)
     write_embedding(emb, out, fmt)        Embedding -> file/folder in one of WRITERS

@@ -1,4 +1,4 @@
-"""Dict-of-tensors layouts <-> Embedding: diffusers, A1111, kohya (DESIGN §4).
+"""Dict-of-tensors layouts <-> Embedding: diffusers, A1111, kohya (ARCHITECTURE.md, "Formats").
 
 Reading recognises the layout from the keys and shapes, never from the file name.
 Writing builds exactly the dict each tool expects, because each tool is picky:

@@ -27,7 +27,7 @@ from .pickle_values import (MAX_DEPTH, Storage, decode, decoded_cost, describe, 
 from .pickle_allowlist import (MAX_OPS, UNSAFE_HINT, AllowedGlobal, looks_like_legacy_tar,
                                looks_like_raw_pickle, looks_like_torch_zip, refuse_unsafe, resolve_name,
                                tar_members)
-from .torch_zip import _CORRUPT_HINT, open_archive, read_member
+from .torch_zip import CORRUPT_HINT, open_archive, read_member
 
 __all__ = ["load_torch_pickle", "looks_like_torch_zip", "looks_like_raw_pickle", "looks_like_legacy_tar"]
 
@@ -57,7 +57,7 @@ def load_torch_pickle(data: bytes, *, source: str) -> object:
             refuse_unsafe(data, source, "this raw (non-zip) pickle")
             raise FormatError(f"{source} is a legacy (non-zip) pickle; textinv does not read those.",
                               _LEGACY_HINT)
-        raise FormatError(f"{source} is not a torch file (no zip archive inside).", _CORRUPT_HINT)
+        raise FormatError(f"{source} is not a torch file (no zip archive inside).", CORRUPT_HINT)
     try:
         zf, members, prefix = open_archive(data, source)
         order = read_member(zf, members["byteorder"], source).strip() if "byteorder" in members else b"little"
@@ -69,7 +69,7 @@ def load_torch_pickle(data: bytes, *, source: str) -> object:
         def storage_bytes(key: str) -> bytes:
             if f"data/{key}" not in members:
                 raise FormatError(f"{source}: data.pkl refers to storage {prefix}/data/{key}, which the "
-                                  "archive does not contain.", _CORRUPT_HINT)
+                                  "archive does not contain.", CORRUPT_HINT)
             return read_member(zf, members[f"data/{key}"], source)
 
         budget = Budget(len(data), source)  # one budget for the whole read, _plain included
@@ -80,7 +80,7 @@ def load_torch_pickle(data: bytes, *, source: str) -> object:
     except RecursionError:
         raise FormatError(f"{source}: the pickle nests too deeply to be tensor data.") from None
     except Exception as e:  # any slip on hostile bytes is still "corrupt", never a crash
-        raise FormatError(f"{source} is truncated or corrupt ({_brief(e)}).", _CORRUPT_HINT) from None
+        raise FormatError(f"{source} is truncated or corrupt ({_brief(e)}).", CORRUPT_HINT) from None
 
 
 # -- the interpreter ---------------------------------------------------------------------
@@ -104,7 +104,7 @@ class _Interpreter:
         self.keep: list = []                  # keeps those ids from being reused
 
     def fail(self, what: str):
-        raise FormatError(f"{self.source}: {what}", _CORRUPT_HINT)
+        raise FormatError(f"{self.source}: {what}", CORRUPT_HINT)
 
     def run(self):
         stack: list = []

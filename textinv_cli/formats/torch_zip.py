@@ -22,7 +22,7 @@ from ..errors import FormatError
 
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_PICKLE_BYTES = 32 * 2**20  # data.pkl of a whole SD checkpoint is a few hundred KB
-_CORRUPT_HINT = "The file is truncated or corrupt; download or copy it again."
+CORRUPT_HINT = "The file is truncated or corrupt; download or copy it again."
 
 # The records torch.save (1.6 .. 2.13) writes inside the archive's one top-level folder.
 _MEMBER = re.compile(r"(data\.pkl|data/\d+|version|\.data/version|\.data/serialization_id"
@@ -38,7 +38,7 @@ def open_archive(data: bytes, source: str):
         shift = zf.start_dir - zipfile._EndRecData(zf.fp)[zipfile._ECD_OFFSET]
     except Exception:
         raise FormatError(f"{source} is truncated or corrupt: its zip directory cannot be read.",
-                          _CORRUPT_HINT) from None
+                          CORRUPT_HINT) from None
     if shift:
         raise FormatError(f"{source}: its zip directory describes an archive that starts {shift} bytes "
                           "into the file (archives joined together?); torch would read other data from it.",
@@ -97,4 +97,4 @@ def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> byte
     except Exception:
         pass
     raise FormatError(f"{source}: the archive member {info.filename[:120]!r} is truncated or corrupt.",
-                      _CORRUPT_HINT)
+                      CORRUPT_HINT)
