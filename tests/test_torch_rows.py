@@ -11,6 +11,7 @@ import pytest
 
 from textinv_cli.engine import run_files as S
 from textinv_cli.engine.quiet_libraries import quiet
+from textinv_cli.engine.captions import placeholder_names
 from textinv_cli.engine.spec import TrainSpec
 from textinv_cli.errors import TextinvError
 
@@ -164,7 +165,7 @@ def test_splice_keeps_rows_fp32_under_a_low_precision_encoder(model_dirs):
 
 
 def test_placeholder_names_and_expansion():
-    assert R.placeholder_names("<x>", 3) == ["<x>", "<x>_1", "<x>_2"]
+    assert placeholder_names("<x>", 3) == ["<x>", "<x>_1", "<x>_2"]
     assert R.expand_placeholder("a <x> and <x>", "<x>", 2) == "a <x> <x>_1 and <x> <x>_1"
     assert R.expand_placeholder("a <x>_1", "<x>", 2) == "a <x>_1"
     assert R.expand_placeholder("a <x>", "<x>", 1) == "a <x>"

@@ -14,18 +14,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InvalidEmbeddingError
+from .families import FAMILY_NAMES, FAMILY_SLOTS, SLOT_WIDTHS  # noqa: F401 - FAMILY_NAMES: callers import it from here
 
-SLOT_WIDTHS = {"clip_l": 768, "clip_h": 1024, "clip_g": 1280}
 WIDTH_SLOTS = {w: s for s, w in SLOT_WIDTHS.items()}
 # The built-in tiny models (textinv_cli.models.tiny) stand in 32 / 48 / 64 for 768 / 1024 / 1280,
 # so a tiny SD2 embedding read back from a file is still SD2. 64 only ever occurs beside 32.
 WIDTH_SLOTS[48] = "clip_h"
-FAMILY_SLOTS = {
-    "sd1": ("clip_l",),
-    "sd2": ("clip_h",),
-    "sdxl": ("clip_l", "clip_g"),
-}
-FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 
 # safe_name: the one rule for a name taken from a file (a token, a registry name) that becomes
 # a file, folder or registry name. Never a path on any OS (POSIX "/", Windows "\\", drive and

@@ -121,7 +121,7 @@ def print_traceback(exc: BaseException) -> None:
     message (which may quote a file's key) is one line, its newlines shown as \\x0a."""
     import traceback
 
-    from .cli.console import escape_lines
+    from .untrusted import escape_lines
     from .untrusted import escape
 
     out = []
@@ -157,7 +157,7 @@ def install() -> None:
     plain_format = warnings.formatwarning
 
     def formatwarning(message, category, filename, lineno, line=None):
-        from .cli.console import escape_lines
+        from .untrusted import escape_lines
         from .untrusted import escape
 
         # the message escaped whole (one line); the rest ("file:line: Category: ..." and the

@@ -5,6 +5,7 @@ whoever made the file. Printed raw, ESC/OSC sequences drive the terminal (OSC 52
 clipboard), a newline forges an output line, bidi overrides reorder what the reader sees,
 a lone surrogate crashes the encoder, and a 100 KB key floods the screen. So:
 
+    escape_lines(text)    escape() line by line, the line breaks kept (tracebacks, child output)
     escape(text)          every control, format (bidi, zero-width), separator and surrogate
                           character as a visible escape (\\x1b, \\u202e, \\ud800); the rest as is
     shown(text, limit)    escape() and cut to `limit` characters: for quoting inside a message
@@ -42,6 +43,12 @@ def _visible(m: re.Match) -> str:
 def escape(text) -> str:
     """`text` with every character that could act on a terminal made visible."""
     return _UNSAFE.sub(_visible, str(text))
+
+
+def escape_lines(text) -> str:
+    """escape() each line of `text`, keeping its line breaks: for what is multi-line by nature
+    (a traceback, a formatted warning, a child process's output)."""
+    return "\n".join(escape(line) for line in str(text).split("\n"))
 
 
 def shown(text, limit: int = QUOTE_LIMIT) -> str:

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from textinv_cli.engine.runs import STATE_INFO, STATE_TENSORS, STATE_VERSION, read_checkpoint
 from textinv_cli.errors import TextinvError
 from textinv_cli.formats.safetensors_io import dump_safetensors, load_safetensors
 
-TENSORS = "state.safetensors"
-INFO = "state.json"
-VERSION = 1  # textinv_torch.state.VERSION: the same format
+TENSORS, INFO, VERSION = STATE_TENSORS, STATE_INFO, STATE_VERSION  # engine/runs.py: one format
 
 
 def checkpoint_files(step: int, rows: dict[str, np.ndarray], mu: dict[str, np.ndarray], nu: dict[str, np.ndarray],
@@ -50,16 +49,7 @@ def checkpoint_files(step: int, rows: dict[str, np.ndarray], mu: dict[str, np.nd
 
 def load_checkpoint(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     """(info, tensors) of a complete checkpoint folder."""
-    try:
-        info = json.loads((Path(folder) / INFO).read_text("utf-8"))
-        tensors, _ = load_safetensors((Path(folder) / TENSORS).read_bytes(), str(Path(folder) / TENSORS))
-    except Exception as e:  # noqa: BLE001 - OSError, JSON and format errors all mean "damaged"
-        raise TextinvError(f"The checkpoint {folder} cannot be read: {e}",
-                           "Delete that checkpoint folder to resume from the one before it.") from None
-    if info.get("version") != VERSION:
-        raise TextinvError(f"The checkpoint {folder} has format version {info.get('version')!r}; "
-                           f"this textinv reads version {VERSION}.")
-    return info, tensors
+    return read_checkpoint(folder, lambda path: load_safetensors(path.read_bytes(), str(path))[0])
 
 
 def restore(info: dict, tensors: dict[str, np.ndarray], shapes: dict[str, tuple], token: str,

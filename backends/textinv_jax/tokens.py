@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from textinv_cli.engine.captions import expand_placeholder, init_token_ids, placeholder_names
+from textinv_cli.engine.captions import add_placeholder_tokens, expand_placeholder, init_token_ids
 from textinv_cli.errors import TextinvError
 
 from .loading import TextSide
@@ -29,19 +29,6 @@ def init_rows(tokenizer, table: np.ndarray, words: list[str], n: int, label: str
     """Start vectors [n, width] (fp32) from the embeddings of the --init words' tokens
     (which tokens: `captions.init_token_ids`, shared with the torch backend)."""
     return np.asarray(table, np.float32)[init_token_ids(tokenizer, words, n, label)].copy()
-
-
-def add_placeholder_tokens(tokenizer, token: str, n: int, label: str = "clip_l tokenizer") -> int:
-    """Add `token`'s n names; returns the first id (the others follow it)."""
-    names = placeholder_names(token, n)
-    taken = [t for t in names[1:] if t in tokenizer.get_vocab()]
-    if taken:
-        raise TextinvError(f"The {label} already has {taken[0]!r}.", "Pick another --token.")
-    first = len(tokenizer)
-    added = tokenizer.add_tokens(names)
-    if added != n or tokenizer.convert_tokens_to_ids(names) != list(range(first, first + n)):
-        raise TextinvError(f"Could not add {token!r} to the {label} as {n} new tokens.", "Pick another --token.")
-    return first
 
 
 def to_model_ids(ids: np.ndarray, first: int, vocab_rows: int) -> np.ndarray:

@@ -23,11 +23,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from textinv_cli.engine.batch_plan import BatchPlan
-from textinv_cli.engine.captions import captions_for, find_images
+from textinv_cli.engine.captions import add_placeholder_tokens, captions_for, find_images
 from textinv_cli.engine.checks import check_token, is_int
 from textinv_cli.engine.contract import Session
 from textinv_cli.engine.stop import StopFlag
 from textinv_cli.errors import TextinvError
+from textinv_cli.families import FAMILY_SLOTS
 from textinv_cli.engine.spec import TrainSpec
 
 from . import state
@@ -35,7 +36,7 @@ from .data import check_resolution, latent_cache
 from .loading import (ImageSide, TextSide, compute_dtype, load_image_side, load_text_side, model_family,
                       model_folder)
 from .step import StepConfig, opt_state, train_step
-from .tokens import add_placeholder_tokens, init_rows, tokenize_captions
+from .tokens import init_rows, tokenize_captions
 from .validation import validation_images
 
 
@@ -106,7 +107,7 @@ def prepare(spec: TrainSpec, mesh: Mesh | None = None, dtype=None, images: list 
         captions = captions_for(images, spec.token, spec.property, spec.captions)
     folder = model_folder(spec.model)
     family = model_family(folder)
-    slot = {"sd1": "clip_l", "sd2": "clip_h"}[family]
+    (slot,) = FAMILY_SLOTS[family]  # SD 1.x / 2.x: one text encoder (SDXL was refused above)
     text = load_text_side(folder)
     label = f"{slot} tokenizer"
     check_token(spec.token, text.tokenizer, label)

@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
+from textinv_cli.engine.runs import STATE_INFO, STATE_TENSORS, STATE_VERSION, read_checkpoint
 from textinv_cli.errors import TextinvError
 
-TENSORS = "state.safetensors"
-INFO = "state.json"
-VERSION = 1
+TENSORS, INFO, VERSION = STATE_TENSORS, STATE_INFO, STATE_VERSION  # engine/runs.py: one format
 
 
 def checkpoint_files(step: int, rows: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -55,16 +54,7 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(info, tensors) of a complete checkpoint folder, on the CPU."""
     from safetensors.torch import load_file
 
-    try:
-        info = json.loads((Path(folder) / INFO).read_text("utf-8"))
-        tensors = load_file(str(Path(folder) / TENSORS))
-    except Exception as e:  # noqa: BLE001 - OSError, JSON and safetensors' own error all mean "damaged"
-        raise TextinvError(f"The checkpoint {folder} cannot be read: {e}",
-                           "Delete that checkpoint folder to resume from the one before it.") from None
-    if info.get("version") != VERSION:
-        raise TextinvError(f"The checkpoint {folder} has format version {info.get('version')!r}; "
-                           f"this textinv reads version {VERSION}.")
-    return info, tensors
+    return read_checkpoint(folder, lambda path: load_file(str(path)))
 
 
 def restore(info: dict, tensors: dict[str, torch.Tensor], rows: dict[str, torch.Tensor],

@@ -19,25 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from textinv_cli.engine.captions import expand_placeholder, init_token_ids, placeholder_names
+from textinv_cli.engine.captions import add_placeholder_tokens, expand_placeholder, init_token_ids
 from textinv_cli.engine.checks import check_token
 from textinv_cli.errors import TextinvError
 from textinv_cli.engine.quiet_libraries import quiet
-
-
-def add_placeholder_tokens(tokenizer, token: str, n: int, label: str = "tokenizer") -> int:
-    """Add the n placeholder tokens; returns the id of the first (the rest follow it)."""
-    check_token(token, tokenizer, label)
-    names = placeholder_names(token, n)
-    taken = [t for t in names[1:] if t in tokenizer.get_vocab()]
-    if taken:
-        raise TextinvError(f"The {label} already has {taken[0]!r}.", "Pick another --token.")
-    first = len(tokenizer)
-    added = tokenizer.add_tokens(names)
-    ids = tokenizer.convert_tokens_to_ids(names)
-    if added != n or ids != list(range(first, first + n)):
-        raise TextinvError(f"Could not add {token!r} to the {label} as {n} new tokens.", "Pick another --token.")
-    return first
 
 
 def init_rows(tokenizer, weight: torch.Tensor, words: list[str], n: int, label: str = "tokenizer") -> torch.Tensor:

@@ -32,13 +32,7 @@ from rich.console import Console
 from rich.segment import Segment
 from rich.text import Span, Text
 
-from ..untrusted import escape
-
-
-def escape_lines(text: str) -> str:
-    """escape() each line of `text`, keeping its line breaks: for what is multi-line by nature
-    (a traceback, a formatted warning, a child process's output)."""
-    return "\n".join(escape(line) for line in str(text).split("\n"))
+from ..untrusted import escape, escape_lines
 
 
 def escaped_text(text: Text) -> Text:

@@ -108,6 +108,20 @@ def placeholder_names(token: str, n: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, n)]
 
 
+def add_placeholder_tokens(tokenizer, token: str, n: int, label: str = "tokenizer") -> int:
+    """Add `token`'s n placeholder names to a Hugging Face tokenizer (both backends use one);
+    returns the id of the first, the others follow it. check_token ran before."""
+    names = placeholder_names(token, n)
+    taken = [t for t in names[1:] if t in tokenizer.get_vocab()]
+    if taken:
+        raise TextinvError(f"The {label} already has {taken[0]!r}.", "Pick another --token.")
+    first = len(tokenizer)
+    added = tokenizer.add_tokens(names)
+    if added != n or tokenizer.convert_tokens_to_ids(names) != list(range(first, first + n)):
+        raise TextinvError(f"Could not add {token!r} to the {label} as {n} new tokens.", "Pick another --token.")
+    return first
+
+
 def expand_placeholder(text: str, token: str, n: int) -> str:
     """`<tok>` -> `<tok> <tok>_1 ... <tok>_{n-1}`, what diffusers' maybe_convert_prompt does.
 

@@ -29,6 +29,8 @@ from pathlib import Path
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete"
 FINAL = "learned_embeds.safetensors"
+# A checkpoint's own files, one format for every backend (a torch run resumes on JAX and back)
+STATE_TENSORS, STATE_INFO, STATE_VERSION = "state.safetensors", "state.json", 1
 _STEP_DIR = re.compile(r"step-(\d+)\Z")
 _LEFTOVER_DIR = re.compile(r"\.step-\d+\.(tmp|old)\Z")  # a write or a delete that a kill cut short
 # fsutil.atomic_write_bytes' temp files (.NAME.<random>.tmp) for the files a run writes
@@ -89,6 +91,25 @@ def write_checkpoint(run: Path, step: int, files: dict[str, bytes], keep: int) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return commit_checkpoint(run, tmp, step, keep)
+
+
+def read_checkpoint(folder: Path, read_tensors) -> tuple[dict, dict]:
+    """(info, tensors) of a complete checkpoint folder; `read_tensors(path)` is the backend's
+    safetensors loader. A damaged or newer checkpoint says which folder to delete."""
+    from ..errors import TextinvError
+
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / STATE_INFO).read_text("utf-8"))
+        tensors = read_tensors(folder / STATE_TENSORS)
+    except Exception as e:  # noqa: BLE001 - OSError, JSON and the loader's own errors all mean "damaged"
+        raise TextinvError(f"The checkpoint {folder} cannot be read: {e}",
+                           "Delete that checkpoint folder to resume from the one before it.") from None
+    if not isinstance(info, dict) or info.get("version") != STATE_VERSION:
+        version = info.get("version") if isinstance(info, dict) else None
+        raise TextinvError(f"The checkpoint {folder} has format version {version!r}; "
+                           f"this textinv reads version {STATE_VERSION}.")
+    return info, tensors
 
 
 def begin_checkpoint(run: Path, step: int) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..embedding import FAMILY_NAMES, Embedding, holds_credential, safe_name
 from ..errors import FormatError, InvalidEmbeddingError, NotFoundError, OutputExistsError, UnsupportedFormatError
+from ..families import FAMILIES, SINGLE_SLOT_FAMILIES
 from ..fsutil import DEFAULT_MAX_BYTES, atomic_write_bytes, atomic_write_dir, check_writable_target, hash_file
 from ..untrusted import quoted
 from . import layouts
@@ -30,8 +31,8 @@ class FormatInfo:
     families: frozenset[str]    # which of sd1/sd2/sdxl it can hold
 
 
-_SINGLE = frozenset({"sd1", "sd2"})
-_ALL = frozenset({"sd1", "sd2", "sdxl"})
+_SINGLE = frozenset(SINGLE_SLOT_FAMILIES)
+_ALL = frozenset(FAMILIES)
 WRITERS: dict[str, FormatInfo] = {i.name: i for i in (
     FormatInfo("safetensors", "diffusers safetensors {token: [n, w]}", ".safetensors", _SINGLE),
     FormatInfo("bin", "diffusers .bin (torch pickle) {token: [n, w]}", ".bin", _SINGLE),

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import OutputExistsError, TextinvError
+from ..families import FAMILIES
 from .tiny_tokenizer import EOS, token_ids, write_tokenizer
 
-FAMILIES = ("sd1", "sd2", "sdxl")
 TINY_WIDTHS = {"clip_l": 32, "clip_h": 48, "clip_g": 64}  # stand-ins for 768 / 1024 / 1280
 MARKER = "textinv-tiny.json"  # written last into the temp folder: its presence means complete
 RECIPE = 1  # bump when the recipe changes what a backend writes

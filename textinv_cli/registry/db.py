@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import RegistryError
+from ..families import FAMILIES
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
@@ -70,7 +71,6 @@ COLUMNS = ("name", "token", "family", "n_vectors", "widths", "sha256", "source",
            "meta", "tags", "created")
 JSON_COLUMNS = ("widths", "origin", "meta", "tags")
 SOURCES = ("trained", "pulled", "imported")
-FAMILIES = ("sd1", "sd2", "sdxl")  # embedding.FAMILY_SLOTS' keys, without importing numpy here
 # textinv writes a few KB per column (names.py caps metadata at 512K characters). The
 # caps bound what a tampered row can cost: json.loads is ~25x its input in memory for `[[],[],..`
 # and recursive, so it runs only on text under MAX_JSON_CHARS and RecursionError is damage too.

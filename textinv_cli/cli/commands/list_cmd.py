@@ -6,13 +6,11 @@ from enum import Enum
 
 import typer
 
+from ...families import FAMILIES
 from ...registry.repair import GRACE_S  # stdlib only: keeps `textinv` light
 
 
-class Family(str, Enum):
-    sd1 = "sd1"
-    sd2 = "sd2"
-    sdxl = "sdxl"
+Family = Enum("Family", {f: f for f in FAMILIES}, type=str)  # --family's choices: the one vocabulary
 
 
 class Source(str, Enum):
