@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import math
 import os
@@ -246,12 +247,13 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _special_devices() -> set[int]:
+@functools.lru_cache(maxsize=1)  # two stats per file opened otherwise; mounts do not move mid-run
+def _special_devices() -> frozenset[int]:
     devs = set()
     for root in _SPECIAL_ROOTS:
         with contextlib.suppress(OSError):
             devs.add(os.stat(root).st_dev)
-    return devs
+    return frozenset(devs)
 
 
 def _refuse(path: Path, what: str) -> FormatError:

@@ -137,17 +137,23 @@ def _entries(path: Path):
 
 
 def _read_text(folder: Path, name: str) -> str | None:
-    """token_identifier.txt / type_of_concept.txt: a member (folder_member), at most TEXT_CAP bytes read."""
+    """token_identifier.txt / type_of_concept.txt of a folder on disk (folder_member), or None."""
     path = folder_member(folder, name)
-    if path is None:
-        return None
-    data = read_head(path, TEXT_CAP + 1, within=folder)
+    return None if path is None else read_word(path, within=folder)
+
+
+def read_word(path: Path, *, within: Path, label: str | None = None) -> str | None:
+    """An sd-concepts side file's word (token_identifier.txt, type_of_concept.txt), read as a
+    member of `within` and at most TEXT_CAP bytes (never trusting st_size); None when empty.
+    The folder reader and `pull` (the Hub's copy of the same files) both read them here."""
+    label = label or str(path)
+    data = read_head(path, TEXT_CAP + 1, within=within)
     if len(data) > TEXT_CAP:
-        raise FormatError(f"{path} is over {TEXT_CAP} bytes; it should hold a single word.")
+        raise FormatError(f"{label} is over {TEXT_CAP} bytes; it should hold a single word.")
     try:
         text = data.decode("utf-8-sig").strip()
     except UnicodeDecodeError:
-        raise FormatError(f"{path} is not UTF-8 text.") from None
+        raise FormatError(f"{label} is not UTF-8 text.") from None
     return text or None
 
 

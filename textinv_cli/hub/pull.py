@@ -130,8 +130,7 @@ def _read_unit(folder: Path, unit: Unit, token: str | None, repo_id: str):
     path = folder / unit.primary
     try:
         emb = read_embedding(path, token=token)
-        named = _text(folder / unit.extra(TOKEN_FILE)) if unit.extra(TOKEN_FILE) else None
-        kind = _text(folder / unit.extra(TYPE_FILE)) if unit.extra(TYPE_FILE) else None
+        named, kind = (_side_word(folder, unit.extra(name)) for name in (TOKEN_FILE, TYPE_FILE))
     except TextinvError as e:  # name the file as the Hub knows it, not as a cache path
         raise type(e)(e.message.replace(str(path), f"{repo_id}/{unit.primary}"), e.hint) from None
     # sd-concepts-library: token_identifier.txt is what the concept page tells people to type.
@@ -144,20 +143,16 @@ def _read_unit(folder: Path, unit: Unit, token: str | None, repo_id: str):
     return emb
 
 
-def _text(path: Path, cap: int = 4096) -> str | None:
-    """A side file's word, read up to cap+1 bytes (never trusting st_size) through fsutil's one
-    rule for opening a file (a regular file, the cache's own blob). Whether the word may be a
-    token is Registry.add's rule (registry.names.check_token: no access token, no control
-    characters), applied before anything is registered."""
-    from ..fsutil import read_head
+def _side_word(folder: Path, rel: str | None) -> str | None:
+    """A side file's word, read as the folder reader reads it (formats.folders.read_word: the
+    cache's own blob, capped). Whether the word may be a token is Registry.add's rule
+    (registry.names.check_token), applied before anything is registered."""
+    if not rel:
+        return None
+    from ..formats.folders import read_word
 
-    data = read_head(path, cap + 1, within=path.parent)
-    if len(data) > cap:  # a word, not a book (the same cap as the folder reader)
-        raise HubError(f"{path.name} holds more than {cap} bytes; it should hold a single word.")
-    try:
-        return data.decode("utf-8-sig").strip() or None
-    except UnicodeDecodeError:
-        raise HubError(f"{path.name} is not UTF-8 text.") from None
+    path = folder / rel
+    return read_word(path, within=path.parent, label=rel)
 
 
 def _check_names(registry, embeddings, name: str | None) -> None:
