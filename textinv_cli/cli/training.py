@@ -44,14 +44,60 @@ def run_training(backend, spec: TrainSpec, *, resume: Path | None, name: str, js
         return _follow(events)
     if json_out:
         finished = None
+        out = _Stdout(spec)
         for ev in events:
-            print_json_line(_jsonable(ev.to_json()))
+            out.line(_jsonable(ev.to_json()))
             if ev.kind == "finished":
                 finished = ev
             elif ev.kind == "interrupted":
                 raise _interrupted(ev, spec)
-        return _register(finished, spec, name, json_out=True)
+        return _register(finished, spec, name, json_out=True, out=out)
     return _render(events, spec, name)
+
+
+class _Stdout:
+    """JSON lines on stdout that survive their reader leaving.
+
+    `textinv train --json | tee log` and Ctrl-C: the whole pipeline gets SIGINT, tee dies
+    first, and the next line would raise BrokenPipeError; a `jq` that quits does the same.
+    Elsewhere BrokenPipeError means "the reader left, stop quietly" (app.report), but here
+    stopping would drop the run without a checkpoint. So the training goes on: stdout goes to
+    /dev/null, stderr says so once, and the run ends as it would have (registered when it
+    finishes; on Ctrl-C, its checkpoint and the resume command on stderr). Every event is
+    still in the run folder's events.jsonl."""
+
+    def __init__(self, spec: TrainSpec):
+        self.spec, self.gone = spec, False
+
+    def line(self, obj: dict) -> None:
+        if self.gone:
+            return
+        try:
+            print_json_line(obj)
+        except (BrokenPipeError, ValueError):  # ValueError: stdout already closed
+            self.gone = True
+            _silence_stdout()
+            err_console.print(f"Warning: standard output was closed (its reader left); training goes on. "
+                              f"Every event is in {Path(self.spec.run_dir) / 'events.jsonl'}.",
+                              markup=False, style="yellow")
+
+
+def _silence_stdout() -> None:
+    """Point stdout (the fd and Python's buffer) at /dev/null, so the unflushed rest of the
+    buffer and later prints go nowhere instead of raising again at exit."""
+    import os
+    import sys
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    try:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    except OSError:
+        pass
 
 
 def _follow(events) -> dict:
@@ -127,7 +173,8 @@ def _interrupted(ev: Event, spec: TrainSpec) -> Interrupted:
                        f"Resume with: textinv resume {shlex.quote(str(spec.run_dir))}")
 
 
-def _register(finished: Event | None, spec: TrainSpec, name: str, *, json_out: bool) -> dict:
+def _register(finished: Event | None, spec: TrainSpec, name: str, *, json_out: bool,
+              out: _Stdout | None = None) -> dict:
     from ..embedding import Embedding
     from ..errors import BackendError
     from ..registry.store import Registry
@@ -145,7 +192,10 @@ def _register(finished: Event | None, spec: TrainSpec, name: str, *, json_out: b
               "embedding_path": str(d.get("embedding_path", ""))}
     entry, created = Registry().add(emb, name=name, source="trained", origin=origin)
     if json_out:
-        print_json_line({"event": "registered", "created": created, "entry": entry.to_json()})
+        out = out or _Stdout(spec)
+        out.line({"event": "registered", "created": created, "entry": entry.to_json()})
+        if out.gone:  # the reader never saw the outcome: say it where someone may
+            err_console.print(f"Registered as {entry.name} ({entry.token}).", markup=False)
     else:
         console.print(f"Embedding: {d.get('embedding_path')}", markup=False)
         verb = "Registered" if created else "Already registered (identical content)"
