@@ -78,6 +78,28 @@ def check_train_spec(spec: "TrainSpec", backend: Any = None) -> None:
         check_train_backend(spec, backend)
 
 
+def train_warnings(spec: "TrainSpec", *, sidecars: int | None = None, on_gpu: bool | None = None) -> list[str]:
+    """Options that are valid but do nothing, or not what was meant: said before the run starts.
+
+    `sidecars`: how many images have a .txt caption (for --captions both); `on_gpu`: whether
+    the backend trains on an accelerator (None: unknown, nothing said about precision)."""
+    notes = []
+    if spec.validate_every and not spec.validate:
+        notes.append(f"--validate-every {spec.validate_every} makes no images without --validate PROMPT.")
+    for prompt in spec.validate:
+        if spec.token not in prompt:
+            notes.append(f"The validation prompt {prompt!r} does not contain {spec.token}: "
+                         "its images will not show what is being learned.")
+    if spec.warmup_steps > spec.steps:
+        notes.append(f"--warmup-steps {spec.warmup_steps} is more than --steps {spec.steps}: "
+                     f"the learning rate never reaches --lr.")
+    if spec.captions == "both" and sidecars == 0:
+        notes.append("--captions both, but no image has a .txt caption beside it: only the templates are used.")
+    if on_gpu is False and spec.precision != "fp32":
+        notes.append(f"--precision {spec.precision} on a CPU only saves memory: it is slower than fp32 there.")
+    return notes
+
+
 def check_train_backend(spec: "TrainSpec", backend: Any) -> None:
     """What `backend` (a contract.Backend: name, attention, multi_process) declares it
     cannot do, refused by name."""

@@ -53,6 +53,16 @@ def make_tiny_model(out: Path, family: str = "sd1", seed: int = 0, backend: str 
                        + (f" ({'; '.join(tried)})." if tried else " (none is installed)."), f"Install one — {hints}.")
 
 
+def model_notes(name: str | None) -> list[str]:
+    """What to tell the user about the model before a run or a sample starts: the default tiny
+    model has random weights (its images are noise-like, its embeddings useless elsewhere)."""
+    if (name or DEFAULT_MODEL) not in TINY:
+        return []
+    shown = name or f"{DEFAULT_MODEL} (the default)"
+    return [f"Model: {shown}, a built-in tiny {TINY[name or DEFAULT_MODEL].upper()} model with random weights: "
+            "for trying textinv out, not for real images. Pass --model with a diffusers folder or a Hub id."]
+
+
 def resolve_model(name: str | None, backend: str | None = None) -> str:
     """A local folder path (tiny models are built here on first use, by `backend` where it
     can) or a Hub id, unchanged."""

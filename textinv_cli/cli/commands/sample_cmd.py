@@ -29,7 +29,8 @@ def sample(
     seed: int = typer.Option(0, "--seed", help="Seed of the first image."),
     size: Optional[str] = typer.Option(None, "--size", help="512 (square) or WIDTHxHEIGHT such as 768x512 (default: the model's)."),
     negative: str = typer.Option("", "--negative", help="Negative prompt (registered tokens in it are loaded too)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny, a random-weight "
+                                                                    "model for trying textinv out, not for real images)."),
     out: Path = typer.Option(Path("samples"), "-o", "--output", help="Folder for the PNGs (numbered after existing files)."),
     precision: str = typer.Option("fp32", "--precision", help=f"{', '.join(PRECISIONS)} (fp16: CUDA only)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="torch or jax (default: the first usable one)."),
@@ -59,7 +60,7 @@ def sample(
     registry = Registry()
     entries = embeddings_in_prompt(prompt, negative, registry.entries())
 
-    from ...models.resolve import model_family, resolve_model
+    from ...models.resolve import model_family, model_notes, resolve_model
     from ...engine.plugins import require_backend
 
     chosen = require_backend(backend)
@@ -72,6 +73,10 @@ def sample(
         emb = registry.load(entry)
         refs.append(EmbeddingRef(token=emb.token, vectors=emb.vectors, short_hash=_short_hash(entry), name=entry.name))
     request.model, request.embeddings = resolved, refs
+    from ..console import err_console
+
+    for note in model_notes(model):  # on stderr: --json's stdout stays events only
+        err_console.print(f"Note: {note}", markup=False, style="dim")
     events = chosen.sample(request)
     try:
         if json_out:

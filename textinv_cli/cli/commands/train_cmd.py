@@ -29,7 +29,8 @@ def train(
     token: str = typer.Option(..., "--token", help='The new placeholder token, e.g. "<cat-toy>".'),
     init: str = typer.Option(..., "--init", help='Word(s) the new vectors start from, e.g. "toy" or "toy figure".'),
     backend: Optional[str] = typer.Option(None, "--backend", help="torch or jax (default: the first usable one)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny, a random-weight "
+                                                                    "model for trying textinv out, not for real images)."),
     name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the token without brackets)."),
     vectors: int = typer.Option(1, "--vectors", help=f"Vectors per token, 1 to {VECTORS_MAX} (multi-vector embedding)."),
     prop: str = typer.Option("object", "--property", help="object or style: which caption templates to use."),
@@ -71,7 +72,9 @@ def train(
     """Train a Textual Inversion embedding."""
     from ...engine.captions import captions_for, find_images
     from ...embedding import safe_name
-    from ...engine.checks import check_train_backend, check_train_spec
+    from ...engine.checks import check_train_backend, check_train_spec, train_warnings
+    from ...engine.launch import process_rank
+    from ...models.resolve import model_notes
     from ...errors import TextinvError
     from ...engine.plugins import require_backend
     from ...registry.store import Registry
@@ -110,6 +113,7 @@ def train(
                           markup=False, style="yellow")
     images, _ignored = find_images(data_dir)
     captions_for(images, token, prop, captions)  # checks the placeholder is in every caption
+    sidecars = sum(1 for img in images if img.with_suffix(".txt").is_file()) if captions == "both" else None
 
     reg_name = safe_name(name or token)
     existing = Registry().get(reg_name)
@@ -121,6 +125,9 @@ def train(
 
     chosen = require_backend(backend)
     check_train_backend(spec, chosen)
+    if process_rank() == 0 and not (processes > 1 and world == 1):  # said once, by the process that trains as rank 0
+        on_gpu = None if precision == "fp32" else _on_accelerator(chosen)
+        _say_before_start([*train_warnings(spec, sidecars=sidecars, on_gpu=on_gpu), *model_notes(model)])
     run = run_dir or _planned_run_dir(reg_name)
     check_new_run_dir(run)
     if processes > 1 and world == 1:  # start the processes; each runs this command again
@@ -142,6 +149,23 @@ def train(
     from ..training import run_training
 
     run_training(chosen, spec, resume=None, name=reg_name, json_out=json_out)
+
+
+def _say_before_start(notes: list[str]) -> None:
+    from ..console import err_console
+
+    for note in notes:
+        err_console.print(("Note: " if note.startswith("Model:") else "Warning: ") + note, markup=False,
+                          style="dim" if note.startswith("Model:") else "yellow")
+
+
+def _on_accelerator(backend) -> bool | None:
+    """Whether the backend trains on a GPU/TPU here (None when it cannot say)."""
+    try:
+        devices = backend.probe().devices
+    except Exception:  # noqa: BLE001 - only decides whether a warning is worth printing
+        return None
+    return any(not str(d).lower().startswith("cpu") for d in devices)
 
 
 def _child_args(ctx: typer.Context, run: Path) -> list[str]:
