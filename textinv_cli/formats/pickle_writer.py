@@ -1,24 +1,32 @@
 """Write `torch.save`-format files without torch.
 
-The output mirrors what torch 2.x writes for a dict of tensors, so torch's loader (with
-weights_only=True) and A1111 / diffusers accept it:
+The output is what torch 2.x writes for a dict of tensors, less the records that
+AUTOMATIC1111's safe unpickler refuses, so torch's loader (weights_only=True), A1111,
+ComfyUI and diffusers all accept it:
 
 - a zip archive laid out like torch's miniz writer: one folder, every member stored
   uncompressed with its data aligned to 64 bytes (an "FB" padding extra field) and
   followed by a data descriptor, zeroed timestamps;
-- members data.pkl, .format_version, .storage_alignment, byteorder, data/0..N, version,
-  .data/serialization_id, in that order (torch's own order; with `.format_version` 1 torch
-  may compute storage offsets from this exact layout instead of reading the directory);
+- members data.pkl, data/0..N, version, in that order, and nothing else. A1111
+  (modules/safe.py, check_zip_filenames; on unless --disable-safe-unpickle) refuses an
+  archive holding any member other than `<dir>/data.pkl`, `<dir>/data/<n>`,
+  `<dir>/version` (later releases also allow `<dir>/byteorder` and
+  `<dir>/.data/serialization_id`): torch's own `.format_version`, `.storage_alignment`,
+  `byteorder` and `.data/serialization_id` are left out (tests/test_a1111_interop.py checks it).
+  torch reads such a file as torch 1.x files are read: without `.format_version` it takes
+  each storage's offset from the zip directory (never computes it from the layout), and
+  without `byteorder` it reads the data as little-endian (torch/serialization.py, the
+  default load endianness), which is how it is written here;
 - data.pkl is a protocol-2 pickle that only uses the globals torch's weights-only loader
-  allows: tensors as `torch._utils._rebuild_tensor_v2` over a typed-storage persistent id
-  ('storage', torch.FloatStorage, key, 'cpu', numel), hooks as `collections.OrderedDict`.
+  and A1111's unpickler allow: tensors as `torch._utils._rebuild_tensor_v2` over a
+  typed-storage persistent id ('storage', torch.FloatStorage, key, 'cpu', numel), hooks as
+  `collections.OrderedDict`.
 
-The same input always gives the same bytes (the serialization id is a content hash).
+The same input always gives the same bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import struct
 import zlib
@@ -40,12 +48,8 @@ def dump_torch_pickle(obj, *, archive_name: str = "archive") -> bytes:
         raise ValueError(f"archive_name must be one plain folder name, not {archive_name!r}")
     pickler = _Pickler()
     pkl = pickler.dump(obj)
-    records = [("data.pkl", pkl), (".format_version", b"1"), (".storage_alignment", b"64"),
-               ("byteorder", b"little")]
-    records += [(f"data/{i}", raw) for i, raw in enumerate(pickler.storages)]
-    digest = hashlib.sha256(b"".join(hashlib.sha256(r).digest() for _, r in records)).digest()
-    serial_id = str(int.from_bytes(digest[:16], "big")).zfill(40)[:40].encode()  # 40 digits, like torch
-    records += [("version", b"3\n"), (".data/serialization_id", serial_id)]
+    records = [("data.pkl", pkl)] + [(f"data/{i}", raw) for i, raw in enumerate(pickler.storages)]
+    records.append(("version", b"3\n"))  # torch's file format version 3, as torch 1.6+ writes it
     return _zip([(f"{archive_name}/{name}", data) for name, data in records])
 
 
