@@ -134,6 +134,28 @@ def check_writable_target(path: Path, force: bool, *, members=None) -> None:
                            "Pick another -o.")
 
 
+def check_new_folder(path: Path, what: str, hint: str) -> None:
+    """A folder `what` is to be created at `path` (with its parents): refuse, before any work,
+    what would fail halfway -- a file where a folder is needed (`out` itself or a parent:
+    `tiny-model afile/x`), a kernel file system, a place that is not writable -- in words.
+    An existing folder is left to the caller (empty or not is its own rule)."""
+    path = Path(os.path.abspath(path))
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise OutputExistsError(f"{path} is a file; {what} is a folder.", hint)
+    parent = path
+    try:
+        while not os.path.lexists(parent):
+            parent = parent.parent
+    except (OSError, ValueError) as e:
+        raise TextinvError(f"{path} cannot be used for {what}: {getattr(e, 'strerror', None) or e}.", hint) from None
+    if on_special_fs(parent):
+        raise TextinvError(f"{path} is on a kernel file system (/proc, /sys); nothing can be written there.", hint)
+    if not os.path.isdir(parent):
+        raise TextinvError(f"{parent} is a file, so {what} cannot be created under it at {path}.", hint)
+    if parent != path and not os.access(parent, os.W_OK | os.X_OK):
+        raise TextinvError(f"Cannot create {what} at {path}: {parent} is not writable.", hint)
+
+
 @contextlib.contextmanager
 def errors_name(path: Path):
     """OSErrors name the destination: the user knows that path, not a temp file or folder

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OutputExistsError, TextinvError
+from ..errors import OutputExistsError
+from ..fsutil import check_new_folder
 
 EVENTS = "events.jsonl"
 
@@ -55,12 +56,7 @@ def check_new_run_dir(run: Path) -> None:
     if run.exists() and (not run.is_dir() or any(run.iterdir())):
         raise OutputExistsError(f"The run folder {run} already exists and is not empty.",
                                 f"Continue it with `textinv resume {run}`, or pick another folder.")
-    parent = run
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TextinvError(f"Cannot create the run folder {run}: {parent} is not writable.",
-                           "Pick a writable place for the run (--run-dir / --output).")
+    check_new_folder(run, "the run folder", "Pick a writable place for the run (--run-dir).")
 
 
 def _drop_unstarted_leftovers(run: Path) -> None:

@@ -231,7 +231,10 @@ def publish_tiny_model(out: Path, family: str, seed: int, build: Callable[[Path,
 
 def refuse_occupied(out: Path, what: str) -> None:
     """Refuse a non-empty `out`, naming the tiny model in it if it holds one."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    from ..fsutil import check_new_folder
+
+    check_new_folder(out, what, "Pick a new or empty folder.")
+    if out.is_dir() and any(out.iterdir()):
         info = read_tiny_info(out)
         found = (f"the tiny {info['family']} model with seed {info.get('seed')} (recipe {info.get('recipe')})"
                  if info else "other files")

@@ -125,11 +125,11 @@ def train(
 
     chosen = require_backend(backend)
     check_train_backend(spec, chosen)
+    run = run_dir or _planned_run_dir(reg_name)
+    check_new_run_dir(run)
     if process_rank() == 0 and not (processes > 1 and world == 1):  # said once, by the process that trains as rank 0
         on_gpu = None if precision == "fp32" else _on_accelerator(chosen)
         _say_before_start([*train_warnings(spec, sidecars=sidecars, on_gpu=on_gpu), *model_notes(model)])
-    run = run_dir or _planned_run_dir(reg_name)
-    check_new_run_dir(run)
     if processes > 1 and world == 1:  # start the processes; each runs this command again
         from ...engine.launch import launch_processes
 
