@@ -17,7 +17,7 @@ import sys
 import typer
 from typer.core import TyperGroup
 
-from .commands import (backends_cmd, convert_cmd, hub_cmd, import_cmd, inspect_cmd, list_cmd,
+from .commands import (backends_cmd, convert_cmd, export_cmd, hub_cmd, import_cmd, inspect_cmd, list_cmd,
                        resume_cmd, rm_cmd, sample_cmd, tiny_model_cmd, train_cmd)
 
 class _ErrorMappingGroup(TyperGroup):
@@ -60,6 +60,7 @@ app.command("push")(hub_cmd.push)
 app.command("list")(list_cmd.list_embeddings)
 app.command("rm")(rm_cmd.rm)
 app.command("import")(import_cmd.import_embedding)
+app.command("export")(export_cmd.export)
 app.command("backends")(backends_cmd.backends)
 app.command("tiny-model")(tiny_model_cmd.tiny_model)
 

@@ -23,6 +23,8 @@ def list_embeddings(
     family: Family = typer.Option(None, "--family", help="Only this model family."),
     source: Source = typer.Option(None, "--source", help="Only embeddings that were trained, pulled or imported."),
     json_out: bool = typer.Option(False, "--json", help="Print the entries as a JSON list."),
+    uis: bool = typer.Option(False, "--uis", help="Also show which UIs each entry can be exported to "
+                             "(`textinv export NAME --for UI DIR`); in JSON: a \"uis\" list."),
     repair: bool = typer.Option(False, "--repair", help="Check every stored copy; remove orphan blobs and "
                                 "temp files that crashed imports left (once they are "
                                 f"{GRACE_S / 60:.0f} minutes old)."),
@@ -37,17 +39,17 @@ def list_embeddings(
     from ...untrusted import shown
 
     if repair:
-        if family or source:
+        if family or source or uis:
             from ...errors import TextinvError
 
-            raise TextinvError("--repair checks the whole registry; it does not take --family or --source.",
+            raise TextinvError("--repair checks the whole registry; it does not take --family, --source or --uis.",
                                "Run `textinv list --repair` on its own.")
         _repair(Registry(), json_out=json_out)
         return
     entries = Registry().entries(family=family.value if family else None,
                                  source=source.value if source else None)
     if json_out:
-        print_json([e.to_json() for e in entries])
+        print_json([{**e.to_json(), "uis": _uis(e)} if uis else e.to_json() for e in entries])
         return
     if not entries:
         if family or source:
@@ -62,8 +64,9 @@ def list_embeddings(
     from rich.table import Table
 
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col, justify in (("name", "left"), ("token", "left"), ("family", "left"), ("vectors", "right"),
-                         ("source", "left"), ("sha256", "left"), ("created", "left")):
+    columns = (("name", "left"), ("token", "left"), ("family", "left"), ("vectors", "right"),
+               ("source", "left"), ("sha256", "left"), ("created", "left")) + ((("exports to", "left"),) if uis else ())
+    for col, justify in columns:
         # names and tokens fold rather than get cut: a user copies them into other commands
         table.add_column(col, justify=justify, no_wrap=col in ("name", "token", "sha256", "created"),
                          overflow="fold" if col in ("name", "token") else "ellipsis")
@@ -71,13 +74,21 @@ def list_embeddings(
         # plain str cells: the console shows them as typed (no markup) and escaped before the
         # table measures them (console.py), so a hostile name neither styles nor breaks the table
         # (a tampered row may hold anything: names as `rm` accepts them, the rest cut short)
-        table.add_row(*(str(v) for v in (display_name(e.name), shown(e.token, 200), shown(e.family), e.n_vectors,
-                                         shown(e.source), shown(e.short_sha), _minutes(shown(e.created)))))
+        cells = (display_name(e.name), shown(e.token, 200), shown(e.family), e.n_vectors,
+                 shown(e.source), shown(e.short_sha), _minutes(shown(e.created)))
+        table.add_row(*(str(v) for v in cells + ((" ".join(_uis(e)) or "-",) if uis else ())))
     console.print(table)
     console.print(f"{len(entries)} embedding{'s' if len(entries) != 1 else ''}", style="dim")
     for e in entries:
         if e.damaged:
             console.print(e.damage_note, markup=False)
+
+
+def _uis(entry) -> list[str]:
+    """The UIs `textinv export` can write this entry for (textinv_cli/export.py's table)."""
+    from ...export import uis_for
+
+    return [] if entry.damaged else uis_for(entry.family)
 
 
 def _minutes(created: str) -> str:
