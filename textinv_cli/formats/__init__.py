@@ -39,6 +39,12 @@ def read_embedding(path: Path, *, token: str | None = None, key: str | None = No
     path = Path(path)
     if not _exists(path):
         raise NotFoundError(f"{path} does not exist.")
+    if not path.is_dir():  # a LoRA bundling embeddings: its header and one bundle are read, never its body
+        from .lora_bundle import read_bundled
+
+        if (bundled := read_bundled(path, key=key, token=token, max_bytes=max_bytes)) is not None:
+            _refuse_credentials(path, bundled.token, bundled.meta)
+            return bundled
     extra: dict[str, str] = {}
     named: str | None = None
     if path.is_dir():

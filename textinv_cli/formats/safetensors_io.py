@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import FormatError, UnsupportedFormatError
 from ..untrusted import quoted, shown
 
-_DTYPES = {
+DTYPES = {  # a header's dtype tag -> the numpy dtype its bytes are read as
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
     "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
@@ -70,7 +70,7 @@ def load_tagged(data: bytes, source: str = "file") -> tuple[dict[str, np.ndarray
     _same_as_reference(spans, [(name, info["dtype"], info["shape"]) for name, info in reference], source)
     tensors = {}
     for name, info in reference:  # the reference's bytes: the values are its values
-        dtype, raw = _DTYPES[info["dtype"]], info.pop("data")
+        dtype, raw = DTYPES[info["dtype"]], info.pop("data")
         tensors[name] = _array(raw, dtype, info["shape"], info["dtype"], name, source)
     return tensors, meta, {name: info["dtype"] for name, info in reference}
 
@@ -140,7 +140,7 @@ def _check_spans(header: dict, data_len: int, source) -> list[tuple]:
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise FormatError(f"{source}: tensor {quoted(name)} has a malformed header entry.", _CORRUPT)
         tag, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        dtype = _DTYPES.get(tag) if isinstance(tag, str) else None  # a list or dict is unhashable
+        dtype = DTYPES.get(tag) if isinstance(tag, str) else None  # a list or dict is unhashable
         if dtype is None:
             raise FormatError(f"{source}: tensor {quoted(name)} has unsupported dtype {quoted(tag, 40)}.",
                               "textinv reads F64/F32/F16/BF16 and integer tensors.")
@@ -228,7 +228,11 @@ def dump_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | 
     return struct.pack("<Q", len(head)) + head + b"".join(chunks)
 
 
-# -- large files (a text encoder's weights): the header, then one tensor by seeking ------------
+# -- large files (a text encoder's weights, a LoRA): the header, then tensors by seeking -------
+
+# A stored tag as a dtype name (what `inspect` prints; BF16 is named before it is widened).
+DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
 
 def read_header(path) -> dict:
     """The validated header of a (possibly multi-GB) safetensors file, without reading the data.
@@ -248,8 +252,16 @@ def read_header(path) -> dict:
         head = f.read(n)
     if len(head) != n:
         raise FormatError(f"{shown(path)} is truncated.", _CORRUPT)
+    return check_header(head, size.st_size, path)
+
+
+def check_header(head: bytes, file_size: int, path) -> dict:
+    """read_header's checks on a header already read (the n bytes after the length): for a
+    caller that read it from a file descriptor it holds (formats/lora_bundle.py). The
+    length must already be within MAX_HEADER and the file; the reference opens `path`."""
+    n = len(head)
     header, _ = parse_header(head, 0, n, path)
-    spans = _check_spans(header, size.st_size - 8 - n, path)
+    spans = _check_spans(header, file_size - 8 - n, path)
     _same_as_reference(spans, _reference_header(path), path)
     header["__header_len__"] = n
     return header
@@ -268,17 +280,46 @@ def _reference_header(path) -> list[tuple]:
 
 def read_tensor(path, name: str) -> np.ndarray:
     """One tensor from a large safetensors file (e.g. a text encoder), seeking to its bytes."""
-    header = read_header(path)
-    info = header.get(name)
-    if not isinstance(info, dict):
-        raise FormatError(f"{shown(path)} has no tensor {quoted(name)}.")
-    begin, end = info["data_offsets"]  # validated by read_header: in the file, sized to the shape
-    with open(path, "rb") as f:
-        f.seek(8 + header["__header_len__"] + begin)
-        raw = f.read(end - begin)
-    if len(raw) != end - begin:
-        raise FormatError(f"{shown(path)} is truncated.", _CORRUPT)
-    return _array(raw, _DTYPES[info["dtype"]], info["shape"], info["dtype"], name, path)
+    return read_tensors(path, read_header(path), [name])[name]
+
+
+def read_tensors(path, header: dict, names, *, fd: int | None = None) -> dict[str, np.ndarray]:
+    """Several tensors of a large file with one header read (`header` from read_header or
+    check_header), each read by its offsets alone: nothing else of the file is read. `fd`: a
+    descriptor the caller opened (fsutil.open_regular) and keeps; else `path` is opened here.
+    The caller bounds what it asks for: each tensor costs its size in memory."""
+    start = 8 + header["__header_len__"]
+    wanted = []
+    for name in names:
+        info = header.get(name) if name != "__header_len__" else None
+        if not isinstance(info, dict):
+            raise FormatError(f"{shown(path)} has no tensor {quoted(name)}.")
+        wanted.append((name, info))
+    f = open(path, "rb") if fd is None else None
+    try:
+        out = {}
+        for name, info in wanted:
+            begin, end = info["data_offsets"]  # validated with the header: in the file, sized to the shape
+            raw = _pread(f.fileno() if f else fd, end - begin, start + begin)
+            if len(raw) != end - begin:
+                raise FormatError(f"{shown(path)} is truncated.", _CORRUPT)
+            out[name] = _array(raw, DTYPES[info["dtype"]], info["shape"], info["dtype"], name, path)
+        return out
+    finally:
+        if f is not None:
+            f.close()
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset` (fewer only at the end of the file); one pread may return less."""
+    chunks, got = [], 0
+    while got < size:
+        chunk = os.pread(fd, min(size - got, 1 << 26), offset + got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
 
 
 def load_file(path) -> dict[str, np.ndarray]:
@@ -296,6 +337,6 @@ def load_file(path) -> dict[str, np.ndarray]:
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             for name, info in header.items():
                 begin, end = info["data_offsets"]
-                tensors[name] = _array(mm[start + begin:start + end], _DTYPES[info["dtype"]], info["shape"],
+                tensors[name] = _array(mm[start + begin:start + end], DTYPES[info["dtype"]], info["shape"],
                                        info["dtype"], name, path)
     return tensors
