@@ -270,8 +270,13 @@ def _listed(names: list[str]) -> str:
 
 
 def _example(names: list[str]) -> str:
-    """` (e.g. --key WORD)` with a name that is safe to be a token, quoted for the shell; such a
-    name has no control characters, so the hint stays one line and types that name."""
+    word = key_word(names)
+    return f" (e.g. --key {word})" if word else ""
+
+
+def key_word(names) -> str | None:
+    """The shortest name that can be a token (embedding.safe_name), quoted for the shell: such a
+    name has no control characters, so a hint stays one line and types that name. None if none."""
     usable = []
     for n in names:
         try:
@@ -280,6 +285,6 @@ def _example(names: list[str]) -> str:
         except InvalidEmbeddingError:
             pass
     if not usable:
-        return ""
+        return None
     word = shlex.quote(min(usable, key=lambda n: (len(n), n)))
-    return f" (e.g. --key {word})" if len(word) <= QUOTE_LIMIT else ""
+    return word if len(word) <= QUOTE_LIMIT else None

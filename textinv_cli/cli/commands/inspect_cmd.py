@@ -9,8 +9,11 @@ import typer
 from ..options import max_size_option
 
 # meta keys shown in their own fields rather than under "metadata"
-_SHOWN = {"format", "container", "dtype", "file_sha256"}
+_SHOWN = {"format", "container", "dtype", "file_sha256", "family_source"}
 _KEY_LIMIT, _VALUE_LIMIT = 80, 240  # characters of a metadata key / value in the text output
+# A LoRA can bundle thousands of embeddings (a hostile one, ~30k: the header's item cap): list a few.
+_BUNDLES_TEXT, _BUNDLES_JSON = 20, 500
+_NO_HASH = "not computed for a bundled embedding: it would read the whole LoRA (sha256sum FILE does)"
 
 
 def inspect(
@@ -26,8 +29,16 @@ def inspect(
     from ..console import print_json
     from ...sources import load_source
 
+    lora = _scan_lora(src, max_size)
+    if lora is not None and key is None and len(lora.bundles) != 1:
+        # several embeddings and none chosen: the LoRA itself is described (no token, no vectors)
+        report = describe_lora(lora, max_size)
+        print_json(report) if json_out else _print_lora(report)
+        return
     source = load_source(src, token=token, key=key, max_mib=max_size)
     report = describe(source)
+    if lora is not None:
+        report["lora"] = describe_lora(lora, max_size)["lora"]
     if model is not None:
         from ...models.nearest import nearest_tokens
 
@@ -52,6 +63,8 @@ def describe(source) -> dict:
         for k in ("format", "container", "file_sha256"):
             if k in meta:
                 meta[f"original_{k}"] = meta.pop(k)
+    elif meta.get("format") == "lora-bundle":
+        sha = ""  # the file is the LoRA: hashing it would read all of it
     else:
         sha = meta.get("file_sha256") or (file_sha256(source.path) if source.path else "")
     slots = {}
@@ -71,6 +84,7 @@ def describe(source) -> dict:
         "token": emb.token,
         "family": emb.family,
         "family_name": FAMILY_NAMES[emb.family],
+        **({"family_source": meta["family_source"]} if meta.get("family_source") else {}),
         "vectors": emb.n_vectors,
         "slots": slots,
         "dtype": meta.get("dtype", "float32"),
@@ -92,20 +106,30 @@ def _print(r: dict) -> None:
     p(f"{r['source']}")
     p(f"  format      {r['format']}" + (f" ({r['container']})" if r["container"] else ""))
     p(f"  token       {r['token']}")
-    p(f"  family      {r['family']} ({r['family_name']})")
+    a1111 = r["metadata"].get("a1111_name")
+    if a1111 is not None and a1111 != r["token"]:
+        # helper A's reader keeps the file's internal `name` when the token (the file stem, as
+        # A1111 shows it) differs: say both, A1111 users type the file name
+        p(f"  A1111 name  {shown(a1111, _VALUE_LIMIT)} (inside the file; A1111 uses the file name)")
+    how = f", from {shown(r['family_source'])}" if r.get("family_source") else ""
+    p(f"  family      {r['family']} ({r['family_name']}{how})")
     p(f"  vectors     {r['vectors']}   dtype {r['dtype']}   finite: {'yes' if r['finite'] else 'NO'}")
-    p(f"  sha256      {r['sha256']}")
-    p(f"  short hash  {r['short_hash']}")
+    p(f"  sha256      {r['sha256'] or _NO_HASH}")
+    if r["short_hash"]:
+        p(f"  short hash  {r['short_hash']}")
+    if "lora" in r:
+        _print_bundles(r["lora"], p)
     for slot, s in r["slots"].items():
         p(f"  {slot} (width {s['width']})")
         for i, (n, lo, hi, mu) in enumerate(zip(s["norm"], s["min"], s["max"], s["mean"])):
             p(f"    vector {i}: norm {n:.4f}  min {lo:+.4f}  max {hi:+.4f}  mean {mu:+.5f}")
             for slot_near in r.get("nearest", {}).get(slot, [])[i:i + 1]:
                 p("      nearest: " + ", ".join(f"{t['token']} ({t['similarity']:.3f})" for t in slot_near))
-    if r["metadata"]:
-        # a file's metadata is the file maker's text: shown escaped (the console) and cut, so a
-        # 100 KB value cannot flood the terminal; --json has every value whole
-        items = [(k, v, shown(k, _KEY_LIMIT), shown(v, _VALUE_LIMIT)) for k, v in r["metadata"].items()]
+    # a file's metadata is the file maker's text: shown escaped (the console) and cut, so a
+    # 100 KB value cannot flood the terminal; --json has every value whole
+    items = [(k, v, shown(k, _KEY_LIMIT), shown(v, _VALUE_LIMIT)) for k, v in r["metadata"].items()
+             if k != "a1111_name" or a1111 == r["token"]]  # a differing a1111_name has its own line
+    if items:
         cut = any(sk != escape(k) or sv != escape(v) for k, v, sk, sv in items)
         p("  metadata" + ("   (long values cut; --json shows them whole)" if cut else ""))
         for _, _, sk, sv in items:
@@ -113,3 +137,76 @@ def _print(r: dict) -> None:
     if "registry" in r:
         e = r["registry"]
         p(f"  registry    {e.get('name')} — source {e.get('source')}, added {e.get('created')}")
+
+
+# -- a LoRA that bundles embeddings (formats/lora_bundle.py) -----------------------------------
+
+def _scan_lora(src: str, max_size: float | None):
+    """The LoRA's header and bundles when SRC is such a file, else None (nothing else is read)."""
+    from ...formats.lora_bundle import scan
+    from ...fsutil import max_bytes_from_mib
+
+    path = Path(src).expanduser()
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # a name too long to look up, a NUL: maybe a registry name
+        return None
+    return scan(path, max_bytes_from_mib(max_size)) if is_file else None
+
+
+def describe_lora(lora, max_size: float | None) -> dict:
+    """The LoRA's own report: its other tensors and its bundled embeddings (a few hundred at most)."""
+    from ...formats.lora_bundle import describe as describe_bundle
+    from ...fsutil import max_bytes_from_mib
+
+    max_bytes = max_bytes_from_mib(max_size)
+    names = sorted(lora.bundles)
+    return {
+        "source": str(lora.path),
+        "kind": "file",
+        "format": "lora",
+        "container": "safetensors",
+        "lora": {
+            "tensors": lora.other,
+            "size": lora.size,
+            "bundled_total": len(names),
+            "bundled": [describe_bundle(lora, n, max_bytes) for n in names[:_BUNDLES_JSON]],
+            "malformed_keys": lora.malformed,  # bundle_emb.* keys that name no part (A1111 fails on them)
+        },
+    }
+
+
+def _print_lora(r: dict) -> None:
+    import shlex
+
+    from ..console import console
+    from ...formats.lora_bundle import key_word
+
+    p = lambda s: console.print(s, markup=False)  # noqa: E731 - file content is never markup
+    p(f"{r['source']}")
+    p(f"  format      LoRA ({r['container']})")
+    _print_bundles(r["lora"], p)
+    word = key_word(b["name"] for b in r["lora"]["bundled"] if b["problem"] is None)
+    if word:
+        p(f"  one of them: textinv inspect {shlex.quote(r['source'])} --key {word}"
+          "   (convert and import take --key NAME too)")
+
+
+def _print_bundles(lora: dict, p) -> None:
+    from ...embedding import FAMILY_NAMES
+    from ...untrusted import shown
+
+    total = lora["bundled_total"]
+    p(f"  LoRA        {lora['tensors']} other tensors, {total} bundled embedding{'s' if total != 1 else ''}"
+      + (f", {lora['malformed_keys']} bundle_emb keys naming no embedding" if lora["malformed_keys"] else ""))
+    for b in lora["bundled"][:_BUNDLES_TEXT]:
+        name = shown(b["name"], 40)
+        if b["problem"]:
+            p(f"    {name}: cannot be read: {shown(b['problem'], 160)}")
+            continue
+        slots = ", ".join(f"{s} {w}" for s, w in b["slots"].items())
+        family = FAMILY_NAMES.get(b["family"], b["family"])
+        vectors = f"{b['vectors']} vector{'s' if b['vectors'] != 1 else ''}"
+        p(f"    {name}: {vectors}, {slots}, {b['family']} ({family}), {b['dtype']}")
+    if total > _BUNDLES_TEXT:
+        p(f"    ... and {total - _BUNDLES_TEXT} more (--json lists {min(total, _BUNDLES_JSON)})")
