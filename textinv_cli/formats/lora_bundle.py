@@ -223,8 +223,8 @@ def _check(lora: LoraFile, name: str, parts: dict[str, str], max_bytes: int | No
     for part, k in sorted(parts.items()):
         info = lora.header[k]
         shape = info["shape"]
-        if not 1 <= len(shape) <= 2 or shape[0] > (MAX_VECTORS if len(shape) == 2 else MAX_WIDTH) \
-                or shape[-1] > MAX_WIDTH:
+        if not 1 <= len(shape) <= 2 or 0 in shape or shape[-1] > MAX_WIDTH \
+                or (len(shape) == 2 and shape[0] > MAX_VECTORS):
             raise FormatError(f"{where}: {quoted(part)} has shape {shown(shape, 60)}; a bundled embedding is "
                               f"[vectors, width] with at most {MAX_VECTORS} vectors of {MAX_WIDTH} numbers.")
         total += DTYPES[info["dtype"]].itemsize * math.prod(shape)
