@@ -7,25 +7,19 @@ Imports of huggingface_hub stay inside functions: `import textinv_cli` must stay
 from __future__ import annotations
 
 import contextlib
-import re
 
 from ..errors import DISK_FULL, DISK_PROBLEMS, HubError, TextinvError
 
 DEFAULT_REVISION = "main"
 TOKEN_FILE, TYPE_FILE = "token_identifier.txt", "type_of_concept.txt"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
 def repo_id_from(text: str) -> str:
-    """OWNER/NAME; a pasted https://.../OWNER/NAME[/tree/...] URL is accepted too."""
-    rid = text.strip()
-    m = re.match(r"^https?://[^/]+/(?:models/)?([^/]+/[^/?#]+)", rid)
-    if m:
-        rid = m.group(1)
-    if not _REPO_ID.match(rid) or ".." in rid or rid.endswith((".git", ".")):
-        raise HubError(f"{scrub(text)!r} is not a Hub repository id.",
-                       "Use OWNER/NAME as in the repo's URL, e.g. sd-concepts-library/cat-toy.")
-    return rid
+    """OWNER/NAME; a pasted Hub URL (https://huggingface.co/OWNER/NAME[/tree/...]) is accepted too,
+    any other URL is refused with what to do (hub/urls.py)."""
+    from .urls import parse_repo
+
+    return parse_repo(text).repo_id
 
 
 def scrub(text: str) -> str:
@@ -139,11 +133,9 @@ def _translate(e: BaseException, repo_id: str, rev: str | None, action: str) -> 
         return HubError(f"{repo_id} has no revision {rev!r}.",
                         "Pass --revision with an existing branch, tag or full commit hash.")
     if isinstance(e, (he.LocalEntryNotFoundError, he.CachedRepoTreeNotFoundError, he.OfflineModeIsEnabled)):
-        if offline():
-            return HubError(f"{at} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set.",
-                            "Go online (unset HF_HUB_OFFLINE) and pull it once; later pulls work offline.")
-        return HubError(f"Could not reach the Hub at {endpoint()}, and {at} is not in the local cache.",
-                        "Check your connection or proxy (and HF_ENDPOINT), then try again.")
+        from .cache import not_cached
+
+        return not_cached(at)
     if isinstance(e, he.RemoteEntryNotFoundError):
         return HubError(f"A file listed in {at} could not be found on the server.", "Run the command again.")
     if isinstance(e, he.HfHubHTTPError) and e.response is not None:

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import HubError, RegistryError, TextinvError
-from .client import (DEFAULT_REVISION, TOKEN_FILE, TYPE_FILE, hub_errors, hub_token, offline, quiet_progress,
-                     repo_id_from, unreachable)
-from .layout import Unit, choose_units, clean_listing, find_units
+from .urls import parse_repo
+from .client import DEFAULT_REVISION, TOKEN_FILE, TYPE_FILE, hub_errors, hub_token, offline, quiet_progress, unreachable
+from .layout import Unit, choose_units, clean_listing, find_units, path_problem
 from ..redact import looks_like_token
-
+from ..untrusted import quoted
 
 
 @dataclass
@@ -39,6 +39,9 @@ class PullResult:
     revision: str
     commit: str
     cache_reason: str | None    # "offline" / "unreachable": listed and read from the local HF cache
+    # from the cache: "tree" (the repo's listing, as snapshot_download left it) or "files" (no
+    # listing: the snapshot folder's own files, as hf_hub_download left them); None online
+    cache_listing: str | None = None
     pulled: list[Pulled] = field(default_factory=list)
     others: list[str] = field(default_factory=list)   # further embeddings in the repo, not taken
     # Listed paths never used (`..`, absolute, control characters...): "escaped path: why", one each
@@ -52,8 +55,13 @@ def pull(repo: str, *, revision: str | None = None, file: str | None = None, tak
     """Download the embedding(s) of a Hub repo into the registry (source="pulled")."""
     from ..registry.store import Registry
 
-    repo_id = repo_id_from(repo)
-    rev = revision or DEFAULT_REVISION
+    ref = parse_repo(repo)
+    repo_id = ref.repo_id
+    rev = _one_of("--revision", revision, "revision", ref.revision) or DEFAULT_REVISION
+    file = _one_of("--file", file, "file", ref.path)
+    if path_problem(rev):  # it becomes a path in the cache (refs/REV)
+        raise HubError(f"{quoted(rev)} is not a revision name.",
+                       "Pass --revision with a branch, tag or full commit hash.")
     if file and take_all:
         raise TextinvError("--file and --all exclude each other.", "Pick one file, or take them all.")
     if token and (looks_like_token(token) or token == hub_token()):
@@ -61,15 +69,23 @@ def pull(repo: str, *, revision: str | None = None, file: str | None = None, tak
                            "like a Hugging Face access token; it was not used.",
                            "To authenticate, set HF_TOKEN or run `hf auth login`; --token takes e.g. '<cat-toy>'.")
     with hub_errors(repo_id, rev, "download from"):
-        listing, cache_reason = _listing(repo_id, rev)
+        listing, cache_reason, cached = _listing(repo_id, rev)
     listing, skipped = clean_listing(listing)  # before anything joins a listed path to a folder
+    skipped = (cached.skipped if cached else []) + skipped
     units, too_big = find_units(listing)
-    chosen, others = choose_units(units, listing, too_big, repo=f"{repo_id}@{rev}", file=file, take_all=take_all)
+    try:
+        chosen, others = choose_units(units, listing, too_big, repo=f"{repo_id}@{rev}", file=file, take_all=take_all)
+    except HubError as e:  # what was skipped may be why nothing is found: say it
+        if not skipped:
+            raise
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        raise HubError(f"{e.message} Skipped: {'; '.join(skipped[:3])}{more}.", e.hint) from None
     if len(chosen) > 1 and (name or token):
         raise TextinvError(f"--name and --token apply to one embedding; this pull takes {len(chosen)}.",
                            "Pull them one at a time with --file, or drop --name/--token.")
     with hub_errors(repo_id, rev, "download from"):
-        folder = _download(repo_id, rev, chosen)
+        folder = _download(repo_id, rev, chosen) if cached is None else _from_cache(cached, repo_id, rev, chosen)
+    _check_files(folder, chosen, repo_id)
     embeddings = [(u, _read_unit(folder, u, token, repo_id)) for u in chosen]  # all read before any is registered
     registry = Registry()
     _check_names(registry, embeddings, name)
@@ -77,7 +93,8 @@ def pull(repo: str, *, revision: str | None = None, file: str | None = None, tak
     # file name is the token), e.g. what `textinv push --format a1111` adds; not worth a mention.
     words = {emb.token.strip().strip("<>") for _, emb in embeddings}
     others = [u.primary for u in others if posixpath.splitext(posixpath.basename(u.primary))[0] not in words]
-    result = PullResult(repo_id, rev, folder.name, cache_reason, others=others, skipped=skipped)
+    result = PullResult(repo_id, rev, folder.name, cache_reason, cached and ("tree" if cached.from_tree else "files"),
+                        others=others, skipped=skipped)
     for unit, emb in embeddings:
         origin = {"repo": repo_id, "revision": rev, "commit": folder.name, "file": unit.primary,
                   "file_sha256": _sha256(folder / unit.primary)}
@@ -88,21 +105,56 @@ def pull(repo: str, *, revision: str | None = None, file: str | None = None, tak
     return result
 
 
-def _listing(repo_id: str, rev: str) -> tuple[dict[str, int | None], str | None]:
-    """{path: size} at `rev`, from the Hub; offline or unreachable: from the cache's last listing."""
-    from huggingface_hub import HfApi, get_cached_repo_tree
+def _one_of(option: str, given: str | None, what: str, from_url: str | None) -> str | None:
+    """An option, or what the URL said; both, and different: refused (which one did the user mean?)."""
+    if given and from_url and given.strip().strip("/") != from_url:
+        raise TextinvError(f"The URL names the {what} {quoted(from_url)}, and {option} says {quoted(given)}.",
+                           f"Drop {option}, or give the repo as OWNER/NAME.")
+    return given or from_url
+
+
+def _listing(repo_id: str, rev: str):
+    """({path: size} at `rev`, None, None) from the Hub; offline or unreachable: (the cache's
+    listing, "offline" / "unreachable", the CachedSnapshot it came from)."""
+    from huggingface_hub import HfApi
+
+    from .cache import cached_snapshot
 
     if not offline():
         try:
             info = HfApi().model_info(repo_id, revision=rev, files_metadata=True)
-            return {s.rfilename: s.size for s in info.siblings or []}, None
+            return {s.rfilename: s.size for s in info.siblings or []}, None, None
         except Exception as e:  # noqa: BLE001 - only "cannot reach the Hub" falls back to the cache
             if not unreachable(e):
                 raise
-    # The same fallback the client's own downloads use. get_cached_repo_tree raises
-    # CachedRepoTreeNotFoundError when this revision was never pulled: hub_errors says so.
-    listing = {f.path: f.size for f in get_cached_repo_tree(repo_id, revision=rev)}
-    return listing, "offline" if offline() else "unreachable"
+    # Like the client's own downloads: the cache. Its listing when snapshot_download left one,
+    # else the files some other download left (hub/cache.py); HubError when neither is there.
+    cached = cached_snapshot(repo_id, rev)
+    return cached.listing, "offline" if offline() else "unreachable", cached
+
+
+def _from_cache(cached, repo_id: str, rev: str, units: list[Unit]) -> Path:
+    """The cached snapshot folder, when it holds every file of `units`."""
+    from .cache import missing_files
+
+    missing = missing_files(repo_id, cached.commit, sorted({p for u in units for p in u.all_files}))
+    if missing:
+        raise HubError(f"The local Hugging Face cache holds {repo_id}@{rev} only in part (missing "
+                       f"{', '.join(map(quoted, missing[:5]))}).",
+                       "Pull it once online (unset HF_HUB_OFFLINE) to complete it.")
+    return cached.folder
+
+
+def _check_files(folder: Path, units: list[Unit], repo_id: str) -> None:
+    """Every file about to be read is the snapshot's own (a file, or a link into the cache's blobs):
+    the cache is a folder anything on the machine may have written into."""
+    from .cache import member
+
+    for p in sorted({p for u in units for p in u.all_files}):
+        found = member(folder, p)
+        if isinstance(found, str):
+            raise HubError(f"{repo_id}/{quoted(p)} in the Hugging Face cache cannot be used: {found}.",
+                           f"Remove {folder} (the cached copy), then pull again online.")
 
 
 def _download(repo_id: str, rev: str, units: list[Unit]) -> Path:
@@ -151,7 +203,11 @@ def _side_word(folder: Path, rel: str | None) -> str | None:
         return None
     from ..formats.folders import read_word
 
-    path = folder / rel
+    from .cache import member
+
+    path = member(folder, rel)  # checked by _check_files; the store file when Xet's shared store holds it
+    if isinstance(path, str):
+        raise HubError(f"{quoted(rel)} in the Hugging Face cache cannot be used: {path}.")
     return read_word(path, within=path.parent, label=rel)
 
 

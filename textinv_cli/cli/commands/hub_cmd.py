@@ -6,7 +6,9 @@ import typer
 
 
 def pull(
-    repo_id: str = typer.Argument(..., metavar="REPO_ID", help="OWNER/NAME on the Hub, e.g. sd-concepts-library/cat-toy."),
+    repo_id: str = typer.Argument(..., metavar="REPO_ID",
+                                  help="OWNER/NAME on the Hub, e.g. sd-concepts-library/cat-toy, or its huggingface.co "
+                                       "URL (a file's URL picks that file and revision)."),
     revision: str = typer.Option(None, "--revision", "-r", metavar="REV", help="Branch, tag or commit hash (default: main)."),
     file: str = typer.Option(None, "--file", metavar="PATH", help="The embedding file (or folder) to take when the repo has several."),
     take_all: bool = typer.Option(False, "--all", help="Take every embedding in the repo."),
@@ -28,6 +30,7 @@ def pull(
     if json_out:
         print_json({"repo": r.repo, "revision": r.revision, "commit": r.commit,
                     "from_cache": r.cache_reason is not None, "cache_reason": r.cache_reason,
+                    "cache_listing": r.cache_listing,
                     "embeddings": [{"created": p.created, "file": p.unit.primary, "entry": p.entry.to_json()}
                                    for p in r.pulled],
                     "others": r.others, "skipped": r.skipped})
@@ -37,6 +40,9 @@ def pull(
     if r.cache_reason:
         why = "HF_HUB_OFFLINE is set" if r.cache_reason == "offline" else "the Hub could not be reached"
         err_console.print(f"Using the local Hugging Face cache ({why}).", markup=False)
+        if r.cache_listing == "files":  # hub/cache.py: no listing of the repo was cached
+            err_console.print("It holds no listing of the repo (another tool, e.g. diffusers, downloaded it), so "
+                              "only the files downloaded then were looked at.", markup=False)
     for p in r.pulled:
         e = p.entry
         if p.created:
