@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .families import FAMILIES, FAMILY_NAMES
+from .families import FAMILY_NAMES
 
 UIS = ("a1111", "forge", "comfyui", "invokeai", "diffusers")
 UI_NAMES = {"a1111": "AUTOMATIC1111", "forge": "Forge", "comfyui": "ComfyUI", "invokeai": "InvokeAI",
@@ -127,7 +127,3 @@ def how_to_load(ui: str, path: str, token: str, writer: str) -> str:
                 "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer), then the same with "
                 "learned_embeds_2.safetensors, pipe.text_encoder_2 and pipe.tokenizer_2.")
     return f"pipe.load_textual_inversion({path!r})"
-
-
-def known_families() -> tuple[str, ...]:
-    return FAMILIES

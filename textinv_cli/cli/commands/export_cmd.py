@@ -30,10 +30,10 @@ def export(
     or a file could not be written. With --all, embeddings the UI cannot load are skipped
     as expected (exit 0); other problems still exit 1.
     """
-    from ...errors import TextinvError
+    from ...errors import OptionError
 
     if bool(names) == all_entries:
-        raise TextinvError("Give either NAMEs or --all.", "E.g. `textinv export cat-toy --for a1111 DIR`, "
+        raise OptionError("Give either NAMEs or --all.", "E.g. `textinv export cat-toy --for a1111 DIR`, "
                            "or `textinv export --all --for a1111 DIR`.")
     _run(list(names or []), ui.value, Path(folder), all_entries=all_entries, force=force, json_out=json_out)
 
