@@ -8,6 +8,7 @@ writer holds, needs its row in EXPECTED (test_every_writer_and_family_has_an_exp
 
 from __future__ import annotations
 
+import io
 import pickle
 import zipfile
 from collections import OrderedDict
@@ -90,13 +91,15 @@ def _decode(path: Path):
     obj = d.obj
     if d.container == "safetensors":
         obj = dict(sorted(obj.items()))
-    problem = None
+    problem, parameters = None, False
     if d.container == "pickle":
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
             pkl = [n for n in names if lf.A1111_DATA_PKL.match(n)]
-            problem = lf.a1111_pickle_problem(names, z.read(pkl[0]) if len(pkl) == 1 else b"")
-    return obj, d.container, problem
+            data_pkl = z.read(pkl[0]) if len(pkl) == 1 else b""
+        problem = lf.a1111_pickle_problem(names, data_pkl)
+        parameters = ("torch._utils", "_rebuild_parameter") in lf.pickle_globals(data_pkl)
+    return obj, d.container, problem, parameters
 
 
 def _outcome(loaded: lf.Loaded, emb: Embedding, trigger: str) -> str:
@@ -119,11 +122,12 @@ def _run_tool(tool: str, path: Path, emb: Embedding) -> str:
             second = path / lf.DIFFUSERS_SDXL_SECOND
             loaded = lf.diffusers_load(first, family=family, second=_decode(second)[0] if second.exists() else None)
             return _outcome(loaded, emb, emb.token)
-        obj, container, problem = _decode(path)
+        obj, container, problem, parameters = _decode(path)
         if tool == "a1111":
-            return _outcome(lf.a1111_load(obj, path.name, model=family, pickle_problem=problem), emb, STEM)
+            got = lf.a1111_load(obj, path.name, model=family, pickle_problem=problem, parameters=parameters)
+            return _outcome(got, emb, STEM)
         if tool == "forge":
-            return _outcome(lf.forge_load(obj, path.name, model=family), emb, STEM)
+            return _outcome(lf.forge_load(obj, path.name, model=family, parameters=parameters), emb, STEM)
         if tool == "comfyui":
             return _outcome(lf.comfyui_load(obj, path.name, model=family), emb, f"embedding:{STEM}")
         if tool == "invokeai":
@@ -178,6 +182,11 @@ def test_pickles_load_in_torch_weights_only(written):
             assert _arrays(obj, torch) == _arrays(read_decoded(p).obj, torch), (w, f)
             checked += 1
     assert checked >= 3  # bin, a1111, kohya-pt (and sd-concepts' learned_embeds.bin)
+    # what torch.save itself writes is what A1111 refuses (byteorder, .format_version, ...):
+    # the rule above has teeth
+    buf = io.BytesIO()
+    torch.save({"string_to_param": {"*": torch.zeros(1, 768)}}, buf)
+    assert lf.a1111_zip_problem(zipfile.ZipFile(buf).namelist())
 
 
 def _arrays(obj, torch) -> list[bytes]:
@@ -201,7 +210,7 @@ def test_a1111_trigger_is_the_same_word_for_every_container(written):
     for (w, f), (path, emb) in written.items():
         if path.is_dir():
             continue
-        obj, _, problem = _decode(path)
+        obj = _decode(path)[0]
         try:
             words[w] = lf.forge_load(obj, path.name, model=f).trigger
         except Refused:
@@ -254,9 +263,11 @@ V4096 = np.full((2, 4096), 3, np.float32)
 
 
 def test_a1111_zip_member_rule():
-    ok = ["arc/data.pkl", "arc/data/0", "arc/data/12", "arc/version", "arc/byteorder", "arc/.data/serialization_id"]
+    ok = ["arc/data.pkl", "arc/data/0", "arc/data/12", "arc/version"]
     assert lf.a1111_zip_problem(ok) is None
-    for extra in ("arc/.format_version", "arc/.storage_alignment", "arc/data/x", "data.pkl", "a/b/data.pkl"):
+    newer = ["arc/byteorder", "arc/.data/serialization_id"]  # torch >= 2.1: refused by A1111, not by reForge
+    assert lf.a1111_zip_problem(ok + newer, rule=lf.A1111_ZIP_MEMBER_RELAXED) is None
+    for extra in newer + ["arc/.format_version", "arc/.storage_alignment", "arc/data/x", "data.pkl", "a/b/data.pkl"]:
         assert "bad file" in lf.a1111_zip_problem(ok + [extra]), extra
     assert lf.a1111_zip_problem(["arc/data/0", "arc/version"])          # no data.pkl
     assert lf.a1111_zip_problem(["a/data.pkl", "b/data.pkl"])          # two
@@ -292,6 +303,9 @@ def test_a1111_load_rules():
     with pytest.raises(Refused, match="safe unpickler"):
         lf.a1111_load(a1111, "x.pt", model="sd1", pickle_problem="bad file inside: a/.format_version")
     assert lf.forge_load(a1111, "x.pt", model="sd1").trigger == "x"  # Forge: no safe.py
+    with pytest.raises(Refused, match="Parameter"):
+        lf.a1111_load({"tok": V768}, "x.bin", model="sd1", parameters=True)
+    assert lf.a1111_load({"string_to_param": {"*": V768}}, "x.pt", model="sd1", parameters=True).vectors
     assert lf.a1111_load(a1111, "pic.png", model="sd1").trigger == "inside"  # images: `name`
     with pytest.raises(Refused, match="preview"):
         lf.a1111_load(a1111, "pic.preview.png", model="sd1")

@@ -54,13 +54,16 @@ def _stem_suffix(file_name: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------
 # AUTOMATIC1111 (and Forge)
 #
-# modules/safe.py (A1111 >= 1.8, same in reForge's copy): with the safe unpickler on (the
-# default), every zip member must match ^([^/]+)/((data/\d+)|version|byteorder|
-# .data/serialization_id|(data\.pkl))$ (the "." before data is unescaped upstream; we keep the
-# literal meaning, which is what torch writes), exactly one <dir>/data.pkl must exist, and
-# the pickle may name only the globals below; persistent ids must start with 'storage'.
-# Anything else: "bad file inside ...", the embedding is not loaded.
-A1111_ZIP_MEMBER = re.compile(r"^([^/]+)/((data/\d+)|version|byteorder|\.data/serialization_id|(data\.pkl))$")
+# modules/safe.py (AUTOMATIC1111/stable-diffusion-webui): with the safe unpickler on (the
+# default), every zip member must match ^([^/]+)/((data/\d+)|version|(data\.pkl))$ and exactly
+# one <dir>/data.pkl must exist; the pickle may name only the globals below, and persistent
+# ids must start with 'storage'. Anything else: "bad file inside ...", nothing is loaded.
+# torch >= 2.1 also writes <dir>/byteorder and <dir>/.data/serialization_id, which A1111
+# refuses (its issue #14261, "Update safe.py to handle extra pytorch 2.x metadata", is open);
+# reForge's copy of safe.py allows those two (A1111_ZIP_MEMBER_RELAXED). We hold files to the
+# strict rule: it is what every A1111 in use accepts.
+A1111_ZIP_MEMBER = re.compile(r"^([^/]+)/((data/\d+)|version|(data\.pkl))$")
+A1111_ZIP_MEMBER_RELAXED = re.compile(r"^([^/]+)/((data/\d+)|version|byteorder|\.data/serialization_id|(data\.pkl))$")
 A1111_DATA_PKL = re.compile(r"^([^/]+)/data\.pkl$")
 # modules/safe.py RestrictedUnpickler.find_class (pytorch_lightning's two names left out:
 # no embedding needs them)
@@ -85,10 +88,10 @@ A1111_EXPECTED_SHAPE = {"sd1": 768, "sd2": 1024, "sdxl": 768 + 1280}
 A1111_SINGLE_SLOT = {"sd1": "clip_l", "sd2": "clip_h"}
 
 
-def a1111_zip_problem(members: list[str]) -> str | None:
+def a1111_zip_problem(members: list[str], *, rule: re.Pattern = A1111_ZIP_MEMBER) -> str | None:
     """None when A1111's check_pt accepts the archive's member names, else its complaint."""
     for name in members:
-        if not A1111_ZIP_MEMBER.match(name):
+        if not rule.match(name):
             return f"bad file inside: {name}"
     pkls = [n for n in members if A1111_DATA_PKL.match(n)]
     if len(pkls) != 1:
@@ -125,11 +128,13 @@ def a1111_pickle_problem(members: list[str], data_pkl: bytes) -> str | None:
 
 
 def a1111_load(obj, file_name: str, *, model: str, pickle_problem: str | None = None,
-               safe_unpickle: bool = True) -> Loaded:
+               safe_unpickle: bool = True, parameters: bool = False) -> Loaded:
     """What A1111 registers for this file when a `model` (sd1/sd2/sdxl) checkpoint is loaded.
 
     pickle_problem: a1111_pickle_problem() of the file when it is a torch zip (A1111's
     safe.py runs before torch.load). Forge: safe_unpickle=False (its modules/safe.py is a stub).
+    parameters: the pickle rebuilds torch.nn.Parameters (torch._utils._rebuild_parameter):
+    the one-tensor branch tests type(value) == torch.Tensor, which a Parameter is not.
     """
     stem, suffix = _stem_suffix(file_name)
     ext = suffix.upper()
@@ -166,6 +171,8 @@ def a1111_load(obj, file_name: str, *, model: str, pickle_problem: str | None = 
     elif obj and _is_tensor(next(iter(obj.values()))):
         if len(obj) != 1:
             raise Refused("embedding file has multiple terms in it")
+        if parameters:
+            raise Refused("its tensor is an nn.Parameter, not a torch.Tensor: not identified")
         vecs = {"": _matrix(next(iter(obj.values())))}
         shape = vecs[""].shape[-1]
     else:
@@ -177,11 +184,11 @@ def a1111_load(obj, file_name: str, *, model: str, pickle_problem: str | None = 
     return Loaded(trigger=str(name), vectors=vecs)
 
 
-def forge_load(obj, file_name: str, *, model: str) -> Loaded:
+def forge_load(obj, file_name: str, *, model: str, parameters: bool = False) -> Loaded:
     """Forge: the same rules (backend/text_processing/textual_inversion.py and
     modules/textual_inversion/textual_inversion.py create_embedding_from_data), no safe.py check
     (lllyasviel/stable-diffusion-webui-forge modules/safe.py is a stub)."""
-    return a1111_load(obj, file_name, model=model, safe_unpickle=False)
+    return a1111_load(obj, file_name, model=model, safe_unpickle=False, parameters=parameters)
 
 
 # ---------------------------------------------------------------------------------------
