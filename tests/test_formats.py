@@ -15,9 +15,10 @@ from textinv_cli.embedding import Embedding, safe_name
 from textinv_cli.errors import AmbiguousEmbeddingError, FormatError
 from textinv_cli.formats.safetensors_io import dump_safetensors, load_safetensors
 
+from .support.family_embeddings import family_embedding
 from .support.helpers import random_embedding
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 CASES = [(fmt, fam) for fmt, info in formats.WRITERS.items() for fam in FAMILIES if fam in info.families]
 
 # What each writer's output is detected as, and which metadata it can carry.
@@ -31,11 +32,23 @@ EXPECTED = {
     "a1111-png": ("a1111-png", "png"),
     "a1111-webp": ("a1111-webp", "webp"),
     "sd-concepts": ("sd-concepts", "folder"),
+    # the layout is read as the tool whose spelling it has: t5xxl ComfyUI, t5 / emp_params
+    # OneTrainer; clip_l / clip_h / clip_g alone are kohya's keys too
+    "comfyui": ("kohya", "safetensors"),
+    "onetrainer": ("onetrainer", "safetensors"),
 }
-KEEPS_STEP = {"safetensors", "diffusers-sdxl", "a1111", "kohya", "a1111-png", "a1111-webp"}
+KEEPS_STEP = {"safetensors", "diffusers-sdxl", "a1111", "kohya", "a1111-png", "a1111-webp", "comfyui", "onetrainer"}
 # kohya-pt is {"emb_params": ...} and nothing else (A1111 asserts a single key), so the
 # token can only come from the file name, as in A1111.
 TOKEN_FROM_NAME = {"kohya-pt"}
+
+
+def _expected(fmt: str, family: str) -> tuple[str, str]:
+    if fmt == "comfyui" and family in ("sd3", "flux"):
+        return ("comfyui", "safetensors")
+    if fmt == "onetrainer" and family == "sdxl":
+        return ("kohya", "safetensors")
+    return EXPECTED[fmt]
 
 
 def _same_vectors(a: Embedding, b: Embedding) -> bool:
@@ -46,7 +59,7 @@ def _same_vectors(a: Embedding, b: Embedding) -> bool:
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("fmt,family", CASES)
 def test_every_writer_round_trips(tmp_path, fmt, family, n):
-    emb = random_embedding("<cat-toy>", family, n=n, seed=n,
+    emb = family_embedding("<cat-toy>", family, n=n, seed=n,
                            meta={"step": "1500", "learnable_property": "style", "sd_checkpoint": "a9263745"})
     out = tmp_path / formats.default_output_name(emb, fmt).rstrip("/")
     written = formats.write_embedding(emb, out, fmt)
@@ -57,7 +70,8 @@ def test_every_writer_round_trips(tmp_path, fmt, family, n):
     assert back.family == family and back.n_vectors == n
     assert _same_vectors(back, emb)
     assert back.token == (safe_name(emb.token) if fmt in TOKEN_FROM_NAME else "<cat-toy>")
-    assert (back.meta["format"], back.meta["container"]) == EXPECTED[fmt]
+    assert (back.meta["format"], back.meta["container"]) == _expected(fmt, family)
+    assert back.content_sha256() == (emb.content_sha256() if fmt not in TOKEN_FROM_NAME else back.content_sha256())
     assert back.meta["dtype"] == "float32"
     assert back.meta["file_sha256"] == formats.file_sha256(out)
     assert back.meta.get("step") == ("1500" if fmt in KEEPS_STEP else None)
@@ -83,10 +97,14 @@ def test_default_output_names():
     names = {fmt: formats.default_output_name(emb, fmt) for fmt in formats.WRITERS}
     assert names == {"safetensors": "cat-toy.safetensors", "bin": "cat-toy.bin", "diffusers-sdxl": "cat-toy-sdxl/",
                      "a1111": "cat-toy.pt", "kohya": "cat-toy.safetensors", "kohya-pt": "cat-toy.pt",
-                     "a1111-png": "cat-toy.png", "a1111-webp": "cat-toy.webp", "sd-concepts": "cat-toy/"}
+                     "a1111-png": "cat-toy.png", "a1111-webp": "cat-toy.webp", "sd-concepts": "cat-toy/",
+                     "comfyui": "cat-toy.safetensors", "onetrainer": "cat-toy.safetensors"}
     assert set(formats.WRITERS) == set(names) and all(i.name == k for k, i in formats.WRITERS.items())
     assert formats.WRITERS["kohya"].families == frozenset({"sd1", "sd2", "sdxl"})
     assert formats.WRITERS["safetensors"].families == frozenset({"sd1", "sd2"})
+    for fmt in ("comfyui", "onetrainer"):
+        assert formats.WRITERS[fmt].families == frozenset(FAMILIES)
+    assert {f for f, i in formats.WRITERS.items() if "sd3" in i.families} == {"comfyui", "onetrainer"}
 
 
 def test_folder_sha256_covers_its_embedding_files_in_order(tmp_path):
@@ -157,7 +175,7 @@ def test_widths_choose_slots_and_tiny_widths_are_clip_l(tmp_path):
 
 def test_registry_canonical_blob_reads_back(tmp_path):
     for family in FAMILIES:
-        emb = random_embedding("<cat-toy>", family)
+        emb = family_embedding("<cat-toy>", family)
         blob = tmp_path / f"{emb.content_sha256()}.safetensors"  # stem says nothing: token from metadata
         blob.write_bytes(emb.canonical_bytes())
         back = formats.read_embedding(blob)
@@ -309,10 +327,12 @@ def test_diffusers_sdxl_script_output(tmp_path):
         emb = formats.read_embedding(path)
         assert emb.family == "sdxl" and emb.token == "<cat-toy>" and emb.meta["format"] == "diffusers-sdxl"
         assert np.array_equal(emb.vectors["clip_l"], l.numpy()) and np.array_equal(emb.vectors["clip_g"], g.numpy())
-    # a sibling with another token is not the other half: read the file alone
+    # a sibling with another token is not the other half, nor is the file alone SD 1.x (issue
+    # #13: never half of a pair read silently): the error names the partner
     st.save_file({"<other>": g}, str(tmp_path / "learned_embeds_2.safetensors"))
-    alone = formats.read_embedding(tmp_path / "learned_embeds.safetensors")
-    assert alone.family == "sd1" and alone.meta["format"] == "diffusers"
+    with pytest.raises(FormatError) as e:
+        formats.read_embedding(tmp_path / "learned_embeds.safetensors")
+    assert "learned_embeds_2.safetensors" in str(e.value)
 
 
 def test_a1111_sdxl_dict_in_a_pt(tmp_path):

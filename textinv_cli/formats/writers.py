@@ -21,21 +21,28 @@ class FormatInfo:
     name: str
     description: str
     suffix: str                 # "" for folders
-    families: frozenset[str]    # which of sd1/sd2/sdxl it can hold
+    families: frozenset[str]    # which families (families.FAMILIES) it can hold
 
 
 _SINGLE = frozenset(SINGLE_SLOT_FAMILIES)
 _ALL = frozenset(FAMILIES)
+# kohya sd-scripts trains textual inversion for SD 1.x/2.x (train_textual_inversion.py) and
+# SDXL (sdxl_train_textual_inversion.py) only: it has no SD3/Flux layout to follow.
+_KOHYA = frozenset({"sd1", "sd2", "sdxl"})
 WRITERS: dict[str, FormatInfo] = {i.name: i for i in (
     FormatInfo("safetensors", "diffusers safetensors {token: [n, w]}", ".safetensors", _SINGLE),
     FormatInfo("bin", "diffusers .bin (torch pickle) {token: [n, w]}", ".bin", _SINGLE),
     FormatInfo("diffusers-sdxl", "diffusers SDXL folder (learned_embeds + learned_embeds_2)", "", frozenset({"sdxl"})),
     FormatInfo("a1111", "AUTOMATIC1111 .pt (string_to_param)", ".pt", _SINGLE),
-    FormatInfo("kohya", "kohya sd-scripts safetensors (emb_params / clip_l + clip_g)", ".safetensors", _ALL),
-    FormatInfo("kohya-pt", "kohya sd-scripts .pt (emb_params / clip_l + clip_g)", ".pt", _ALL),
+    FormatInfo("kohya", "kohya sd-scripts safetensors (emb_params / clip_l + clip_g)", ".safetensors", _KOHYA),
+    FormatInfo("kohya-pt", "kohya sd-scripts .pt (emb_params / clip_l + clip_g)", ".pt", _KOHYA),
     FormatInfo("a1111-png", "AUTOMATIC1111 PNG embedding (sd-ti-embedding chunk)", ".png", _SINGLE),
     FormatInfo("a1111-webp", "AUTOMATIC1111 WebP embedding", ".webp", _SINGLE),
     FormatInfo("sd-concepts", "sd-concepts-library folder (learned_embeds.bin + token_identifier.txt)", "", _SINGLE),
+    FormatInfo("comfyui", "ComfyUI / Forge safetensors keyed by encoder (clip_l / clip_h / clip_g / t5xxl)",
+               ".safetensors", _ALL),
+    FormatInfo("onetrainer", "OneTrainer / diffusers safetensors (emp_params / clip_l / clip_g / t5)",
+               ".safetensors", _ALL),
 )}
 
 def write_embedding(emb: Embedding, out: Path, fmt: str, *, force: bool = False) -> list[Path]:
@@ -72,6 +79,9 @@ def _encode(emb: Embedding, fmt: str) -> bytes | dict[str, bytes]:
         return dump_safetensors(layouts.diffusers_dict(emb), layouts.diffusers_metadata(emb))
     if fmt == "kohya":
         return dump_safetensors(layouts.kohya_dict(emb), layouts.kohya_metadata(emb))
+    if fmt in ("comfyui", "onetrainer"):
+        tensors = layouts.comfyui_dict(emb) if fmt == "comfyui" else layouts.onetrainer_dict(emb)
+        return dump_safetensors(tensors, layouts.slot_keyed_metadata(emb))
     if fmt in ("a1111-png", "a1111-webp"):
         from . import a1111_image_writer as writer
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import OutputExistsError, TextinvError
-from ..families import FAMILIES
+from ..families import TRAINABLE_FAMILIES as FAMILIES  # tiny models exist only for what textinv trains
 from .tiny_tokenizer import EOS, token_ids, write_tokenizer
 
 TINY_WIDTHS = {"clip_l": 32, "clip_h": 48, "clip_g": 64}  # stand-ins for 768 / 1024 / 1280

@@ -171,7 +171,7 @@ class Registry:
 
     def load(self, name_or_entry) -> Embedding:
         """The embedding from its blob, after checking the blob still has the recorded sha256."""
-        from ..embedding import Embedding
+        from ..embedding import FAMILY_META, Embedding
         from ..errors import TextinvError
         from ..formats.safetensors_io import load_safetensors
 
@@ -193,8 +193,9 @@ class Registry:
                 f"expected {entry.sha256[:12]} ({path}).", fix)
         try:
             tensors, meta = load_safetensors(data, source=str(path))
+            # The blob (hash-checked) holds the family where the slots do not say it
             return Embedding(token=meta.get("textinv.token", entry.token), vectors=tensors,
-                             meta=dict(entry.meta))
+                             meta=dict(entry.meta), family_declared=meta.get(FAMILY_META) or None)
         except TextinvError as e:  # hash matched, so only a bug could get here; say where
             raise RegistryError(f"The stored copy of '{display_name(entry.name)}' cannot be read: {e.message}",
                                 fix) from None
