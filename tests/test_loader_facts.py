@@ -303,6 +303,11 @@ def test_a1111_load_rules():
     with pytest.raises(Refused, match="safe unpickler"):
         lf.a1111_load(a1111, "x.pt", model="sd1", pickle_problem="bad file inside: a/.format_version")
     assert lf.forge_load(a1111, "x.pt", model="sd1").trigger == "x"  # Forge: no safe.py
+    assert set(lf.forge_load({"clip_l": V768}, "f.safetensors", model="flux").vectors) == {"clip_l"}
+    with pytest.raises(Refused, match="multiple terms"):  # Forge's Flux: no T5 rows
+        lf.forge_load({"clip_l": V768, "t5xxl": V4096}, "f.safetensors", model="flux")
+    with pytest.raises(Refused, match="shape"):
+        lf.a1111_load({"clip_l": V768}, "f.safetensors", model="flux")
     with pytest.raises(Refused, match="Parameter"):
         lf.a1111_load({"tok": V768}, "x.bin", model="sd1", parameters=True)
     assert lf.a1111_load({"string_to_param": {"*": V768}}, "x.pt", model="sd1", parameters=True).vectors

@@ -30,6 +30,8 @@ class Target:
 
 _CLIP_ONLY = ("{ui} loads SD 1.x, 2.x and XL embeddings only (one tensor, string_to_param, "
               "or clip_l + clip_g); it has no loader for the {fam} text encoders")
+_FORGE = ("Forge loads SD 1.x, 2.x and XL embeddings, and of a Flux embedding only a file holding CLIP-L "
+          "alone (its T5 encoder takes none); it has no loader for these {fam} text encoders")
 _NO_T5 = ("diffusers' load_textual_inversion loads CLIP text encoders only; a {fam} embedding's T5 part "
           "has no loader there (use --for comfyui)")
 
@@ -42,7 +44,7 @@ EXPORTS: dict[str, dict[str, Target]] = {
     "a1111": {"sd1": Target("kohya"), "sd2": Target("kohya"), "sdxl": Target("kohya"),
               "sd3": Target(None, _CLIP_ONLY), "flux": Target(None, _CLIP_ONLY)},
     "forge": {"sd1": Target("kohya"), "sd2": Target("kohya"), "sdxl": Target("kohya"),
-              "sd3": Target(None, _CLIP_ONLY), "flux": Target(None, _CLIP_ONLY)},
+              "sd3": Target(None, _FORGE), "flux": Target(None, _FORGE)},
     # SD3/Flux: ComfyUI looks for clip_l / clip_g / t5xxl (a T5 part keyed `t5` is dropped)
     "comfyui": {"sd1": Target("kohya"), "sd2": Target("kohya"), "sdxl": Target("kohya"),
                 "sd3": Target("comfyui"), "flux": Target("comfyui")},

@@ -85,7 +85,11 @@ A1111_SAFETENSORS_SUFFIXES = (".SAFETENSORS",)
 # shape is clip_l's width + clip_g's (768 + 1280). An embedding of another shape is
 # "skipped" (listed, never used).
 A1111_EXPECTED_SHAPE = {"sd1": 768, "sd2": 1024, "sdxl": 768 + 1280}
-A1111_SINGLE_SLOT = {"sd1": "clip_l", "sd2": "clip_h"}
+A1111_SINGLE_SLOT = {"sd1": "clip_l", "sd2": "clip_h", "flux": "clip_l"}
+# Forge (backend/diffusion_engine/*.py): the same shapes per engine (sd15 768, sd20 1024,
+# sdxl 2048 for both CLIP branches), and Flux's CLIP-L branch takes 768-wide embeddings while
+# its T5 engine (T5TextProcessingEngine) takes none: only a file holding CLIP-L alone loads.
+FORGE_EXPECTED_SHAPE = {**A1111_EXPECTED_SHAPE, "flux": 768}
 
 
 def a1111_zip_problem(members: list[str], *, rule: re.Pattern = A1111_ZIP_MEMBER) -> str | None:
@@ -128,7 +132,8 @@ def a1111_pickle_problem(members: list[str], data_pkl: bytes) -> str | None:
 
 
 def a1111_load(obj, file_name: str, *, model: str, pickle_problem: str | None = None,
-               safe_unpickle: bool = True, parameters: bool = False) -> Loaded:
+               safe_unpickle: bool = True, parameters: bool = False,
+               shapes: dict[str, int] = A1111_EXPECTED_SHAPE) -> Loaded:
     """What A1111 registers for this file when a `model` (sd1/sd2/sdxl) checkpoint is loaded.
 
     pickle_problem: a1111_pickle_problem() of the file when it is a torch zip (A1111's
@@ -177,8 +182,8 @@ def a1111_load(obj, file_name: str, *, model: str, pickle_problem: str | None = 
         shape = vecs[""].shape[-1]
     else:
         raise Refused("Couldn't identify it as neither textual inversion embedding nor diffuser concept")
-    if A1111_EXPECTED_SHAPE.get(model) != shape:
-        raise Refused(f"skipped: shape {shape} does not fit a {model} model ({A1111_EXPECTED_SHAPE.get(model)})")
+    if shapes.get(model) != shape:
+        raise Refused(f"skipped: shape {shape} does not fit a {model} model ({shapes.get(model)})")
     if "" in vecs:
         vecs = {A1111_SINGLE_SLOT[model]: vecs[""]}
     return Loaded(trigger=str(name), vectors=vecs)
@@ -188,7 +193,8 @@ def forge_load(obj, file_name: str, *, model: str, parameters: bool = False) -> 
     """Forge: the same rules (backend/text_processing/textual_inversion.py and
     modules/textual_inversion/textual_inversion.py create_embedding_from_data), no safe.py check
     (lllyasviel/stable-diffusion-webui-forge modules/safe.py is a stub)."""
-    return a1111_load(obj, file_name, model=model, safe_unpickle=False, parameters=parameters)
+    return a1111_load(obj, file_name, model=model, safe_unpickle=False, parameters=parameters,
+                      shapes=FORGE_EXPECTED_SHAPE)
 
 
 # ---------------------------------------------------------------------------------------
