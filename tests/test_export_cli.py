@@ -163,3 +163,18 @@ def test_export_never_imports_torch_or_jax(tmp_path, entries):  # writes both fi
     loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
     assert sorted(os.listdir(tmp_path)) == ["cat-toy.safetensors", "xl.safetensors"]  # it did the work
     assert not {m for m in loaded if m.split(".")[0] in ("torch", "jax", "jaxlib")}
+
+
+def test_a_declared_family_decides_where_an_entry_goes(cli, tmp_path):
+    """A Flux embedding of CLIP-L alone looks like SD 1.x by its slots; its declared family
+    keeps it out of A1111 and sends it to ComfyUI's Flux encoders."""
+    if "flux" not in FAMILY_SLOTS:
+        pytest.skip("this textinv has no Flux family")
+    _add(Embedding("<f>", {"clip_l": np.full((1, 768), 0.5, np.float32)}, {}, "flux"))
+    assert Registry().get("f").family == "flux"
+    r = cli("export", "f", "--for", "a1111", tmp_path)
+    assert r.exit_code == 1 and "Skipped f (flux)" in r.stdout
+    r = cli("export", "f", "--for", "comfyui", tmp_path)
+    assert r.exit_code == 0 and "type embedding:f" in r.stdout, r.output
+    got = lf.comfyui_load(read_decoded(tmp_path / "f.safetensors").obj, "f.safetensors", model="flux")
+    assert set(got.vectors) == {"clip_l"}

@@ -254,6 +254,24 @@ def test_export_table_writes_what_the_ui_loads(tmp_path, ui, family):
         assert typed == emb.token
 
 
+@pytest.mark.parametrize("family,slots", [("sd3", ("clip_l", "clip_g")), ("sd3", ("clip_l",)), ("flux", ("clip_l",)),
+                                          ("sd3", ("t5",)), ("flux", ("t5",))])
+def test_export_of_partial_sd3_flux_embeddings_loads_every_slot_it_has(tmp_path, family, slots):
+    """An SD3/Flux embedding may lack the encoders that were not trained (declared family):
+    where the table sends it, each slot it has reaches its encoder."""
+    if family not in FAMILY_SLOTS:
+        pytest.skip(f"this textinv has no {family} family")
+    full = _embedding(family)
+    emb = Embedding(TOKEN, {s: full.vectors[s] for s in slots}, {}, family)  # declared, as --family does
+    assert emb.family == family
+    for ui in export.uis_for(family):
+        writer = export.target(ui, family).writer
+        path = tmp_path / ui / export.file_name(ui, STEM, writer).rstrip("/")
+        path.parent.mkdir()
+        write_embedding(emb, path, writer)
+        assert _run_tool(ui, path, emb) == "full", (ui, writer)
+
+
 # -- the facts themselves, on hand-built files ------------------------------------------------
 
 V768 = np.ones((2, 768), np.float32)
