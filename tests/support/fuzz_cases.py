@@ -1,7 +1,7 @@
 """Inputs and checks for fuzzing the format readers (tests/test_fuzz_readers.py).
 
 - `seed_files(root)`: a valid file or folder of every format, written by our own writers,
-  for SD1/SD2/SDXL as each format allows, at real widths (768/1024/1280) and at the tiny
+  for every family each format allows (SD1/SD2/SDXL/SD3/Flux), at real widths (768/1024/1280) and at the tiny
   test widths (32/48/64: structure bytes are then a larger share of the file).
 - `mutated(blob)`: a hypothesis strategy of byte-level mutations of a blob.
 - `GIANTS`: small files that claim huge sizes; each must be refused before allocating.
@@ -31,10 +31,11 @@ from hypothesis import strategies as st
 from textinv_cli import formats
 from textinv_cli.formats import a1111_image, a1111_image_writer, layouts
 from textinv_cli.embedding import Embedding
+from textinv_cli.families import FAMILIES, family_can_hold
 from textinv_cli.errors import TextinvError
 
 from . import malicious_pickles as mp
-from .helpers import random_embedding
+from .family_embeddings import family_embedding
 
 CORPUS = Path(__file__).parent.parent / "fuzz_corpus"
 MANIFEST = CORPUS / "cases.json"
@@ -43,7 +44,9 @@ PEAK_BYTES = 64 * 2**20  # what reading one small hostile file may allocate at m
 FOLDER_FORMATS = ("sd-concepts", "diffusers-sdxl")
 IMAGE_WRITERS = {"a1111-png": a1111_image_writer.dump_png_embedding,
                  "a1111-webp": a1111_image_writer.dump_webp_embedding}
-TINY_WIDTHS = {"sd1": {"clip_l": 32}, "sd2": {"clip_h": 48}, "sdxl": {"clip_l": 32, "clip_g": 64}}
+# t5 has no tiny model; 96 stands in (slot-keyed files trust the key, whatever the width)
+TINY_WIDTHS = {"sd1": {"clip_l": 32}, "sd2": {"clip_h": 48}, "sdxl": {"clip_l": 32, "clip_g": 64},
+               "sd3": {"clip_l": 32, "clip_g": 64, "t5": 96}, "flux": {"clip_l": 32, "t5": 96}}
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -125,7 +128,8 @@ def check_outcome(path: Path, **options) -> Embedding | TextinvError:
             assert "\n" not in e.message and "\n" not in (e.hint or ""), repr(str(e))
             return e
     assert isinstance(emb, Embedding)
-    assert emb.family in ("sd1", "sd2", "sdxl") and emb.token.strip()
+    assert emb.family in FAMILIES and emb.token.strip()
+    assert family_can_hold(emb.family, emb.vectors)  # the family always fits the slots
     for arr in emb.vectors.values():
         assert arr.dtype == np.float32 and arr.ndim == 2 and arr.size and np.isfinite(arr).all()
     return emb
@@ -159,7 +163,7 @@ def seed_files(root: Path) -> dict[str, tuple[str, bytes | dict[str, bytes]]]:
     out = {}
     for fmt, info in formats.WRITERS.items():
         for family in sorted(info.families):
-            for size, emb in (("real", random_embedding("<fuzz>", family, n=1)), ("tiny", _tiny_embedding(family))):
+            for size, emb in (("real", family_embedding("<fuzz>", family, n=1)), ("tiny", _tiny_embedding(family))):
                 path = root / f"{fmt}-{family}-{size}"
                 if size == "tiny" and fmt in IMAGE_WRITERS:  # a 16 px preview: 1-2 KB, fast to decode
                     path.write_bytes(IMAGE_WRITERS[fmt](layouts.a1111_dict(emb), caption=emb.token,
