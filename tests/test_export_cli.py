@@ -178,3 +178,28 @@ def test_a_declared_family_decides_where_an_entry_goes(cli, tmp_path):
     assert r.exit_code == 0 and "type embedding:f" in r.stdout, r.output
     got = lf.comfyui_load(read_decoded(tmp_path / "f.safetensors").obj, "f.safetensors", model="flux")
     assert set(got.vectors) == {"clip_l"}
+
+
+def test_two_entries_with_one_trigger_are_not_both_written(cli, tmp_path):
+    _add(random_embedding("<Cat>", "sd1", seed=1), name="one")
+    _add(random_embedding("cat", "sd1", seed=2), name="two")  # a folded-case file system holds one file
+    r = cli("export", "--all", "--for", "a1111", tmp_path)
+    assert r.exit_code == 1 and "one is exported as Cat.safetensors already" in r.stdout, r.output
+    assert os.listdir(tmp_path) == ["Cat.safetensors"]
+
+
+@pytest.mark.parametrize("damage", [("family", "sd9\x1b[31m"), ("widths", '{"clip_l": -1}')])
+def test_a_damaged_entry_is_not_exported_and_the_rest_are(cli, tmp_path, textinv_home, damage):
+    import sqlite3
+
+    entry, _ = Registry().add(random_embedding("<good>"), source="imported", origin={"path": "/x/good.pt"})
+    row = {k: (json.dumps(v) if k in ("widths", "origin", "meta", "tags") else v) for k, v in entry.to_json().items()}
+    row.update(name="bad", **dict([damage]))
+    conn = sqlite3.connect(textinv_home / "registry.db")
+    conn.execute("PRAGMA ignore_check_constraints = ON")
+    conn.execute(f"INSERT INTO embeddings ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+    conn.commit()
+    conn.close()
+    r = cli("export", "--all", "--for", "comfyui", tmp_path)
+    assert r.exit_code == 1 and "Not written: bad: bad is damaged" in r.stdout, r.output
+    assert "\x1b" not in r.stdout + r.stderr and os.listdir(tmp_path) == ["good.safetensors"]

@@ -44,7 +44,7 @@ def _run(names: list[str], ui: str, folder: Path, *, all_entries: bool, force: b
     from ... import export as table
     from ...errors import OutputExistsError, TextinvError
     from ...registry.store import Registry, display_name
-    from ...untrusted import escape
+    from ...untrusted import escape, shown
     from ..console import console, print_json
 
     reg = Registry()
@@ -61,6 +61,9 @@ def _run(names: list[str], ui: str, folder: Path, *, all_entries: bool, force: b
     for entry in entries:
         name = display_name(entry.name)
         row = {"name": entry.name, "family": entry.family}
+        if entry.damaged:  # its family may be anything: say what is wrong, never "cannot load"
+            failed.append({**row, "reason": entry.damage_note})
+            continue
         cell = table.target(ui, entry.family)
         if cell.writer is None:
             skipped.append({**row, "reason": cell.why + ".", "expected": all_entries})
@@ -72,8 +75,9 @@ def _run(names: list[str], ui: str, folder: Path, *, all_entries: bool, force: b
             if problem:
                 raise TextinvError(f"its token's name {stem!r}: {problem}.")
             fname = table.file_name(ui, stem, cell.writer)
-            if fname in taken:  # two entries, one trigger: the second would replace the first
-                raise TextinvError(f"{taken[fname]} is exported as {fname} already, and {ui} would see one trigger.")
+            if fname.lower() in taken:  # two entries, one trigger (or one file where case is folded)
+                raise TextinvError("{} is exported as {} already; ".format(*taken[fname.lower()]) +
+                                   f"{table.UI_NAMES[ui]} would see one of them.")
             path = folder / fname.rstrip("/")
             from ...formats import write_embedding
 
@@ -84,7 +88,7 @@ def _run(names: list[str], ui: str, folder: Path, *, all_entries: bool, force: b
         except TextinvError as e:
             failed.append({**row, "reason": e.message + (f" {e.hint}" if e.hint else "")})
             continue
-        taken[fname] = name
+        taken[fname.lower()] = (name, fname)
         written.append({**row, "token": emb.token, "file": str(path), "format": cell.writer,
                         "type": table.trigger(ui, stem, emb.token), "vectors": emb.n_vectors,
                         "load": table.how_to_load(ui, str(path), emb.token, cell.writer)})
@@ -95,7 +99,7 @@ def _run(names: list[str], ui: str, folder: Path, *, all_entries: bool, force: b
         for w in written:
             say(f"Wrote {escape(w['file'])} ({w['family']}, {w['vectors']} vector(s)): type {escape(w['type'])}")
         for s in skipped:
-            say(f"Skipped {display_name(s['name'])} ({s['family']}): {s['reason']}")
+            say(f"Skipped {display_name(s['name'])} ({shown(s['family'])}): {s['reason']}")
         for f in failed:
             say(f"Not written: {display_name(f['name'])}: {escape(f['reason'])}")
         if written:
@@ -104,6 +108,8 @@ def _run(names: list[str], ui: str, folder: Path, *, all_entries: bool, force: b
     if failed or unexpected:
         ways = (["pass --force to replace the files already there"] if any(f.get("exists") for f in failed) else [])
         ways += (["`textinv list --uis` shows which UIs each embedding can go to"] if unexpected else [])
+        ways += (["export the others one at a time into another folder"]
+                 if any(not f.get("exists") for f in failed) else [])
         raise TextinvError(f"{len(failed) + len(unexpected)} of {len(entries)} embedding(s) not exported "
                            f"for {table.UI_NAMES[ui]} (see above).",
                            (("; ".join(ways)).capitalize() + ".") if ways else None)
