@@ -57,9 +57,10 @@ EXPORTS: dict[str, dict[str, Target]] = {
 }
 
 # Characters a trigger may hold where the UI parses the prompt: ComfyUI splits the prompt on
-# spaces and reads "(", ")" and ":" as weights (comfy/sd1_clip.py); InvokeAI finds <name>
+# spaces, reads ( ) as weights (\ escapes them) and strips trailing commas from the name
+# (comfy/sd1_clip.py token_weights, SDTokenizer._try_get_embedding); InvokeAI finds <name>
 # with [a-zA-Z0-9., _-]+ (invokeai/app/util/ti_utils.py).
-_TYPEABLE = {"comfyui": re.compile(r"[^\s():,\\]+"), "invokeai": re.compile(r"[a-zA-Z0-9., _-]+")}
+_TYPEABLE = {"comfyui": re.compile(r"[^\s()\\]*[^\s()\\,]"), "invokeai": re.compile(r"[a-zA-Z0-9., _-]+")}
 
 
 def target(ui: str, family: str) -> Target:
@@ -101,7 +102,8 @@ def typeable_problem(ui: str, stem: str) -> str | None:
     if rule is None or rule.fullmatch(stem):
         return None
     if ui == "comfyui":
-        return "ComfyUI splits prompts on spaces and reads ( ) : , as weights, so it cannot be typed there"
+        return ("ComfyUI splits prompts on spaces, reads ( ) as weights and drops a trailing comma, "
+                "so it cannot be typed there")
     return "InvokeAI triggers hold only letters, digits and . , space _ -"
 
 

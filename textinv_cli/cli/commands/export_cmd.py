@@ -43,6 +43,7 @@ def _run(names: list[str], ui: str, folder: Path, *, all_entries: bool, force: b
 
     from ... import export as table
     from ...errors import OutputExistsError, TextinvError
+    from ...formats import write_embedding
     from ...registry.store import Registry, display_name
     from ...untrusted import escape, shown
     from ..console import console, print_json
@@ -79,8 +80,6 @@ def _run(names: list[str], ui: str, folder: Path, *, all_entries: bool, force: b
                 raise TextinvError("{} is exported as {} already; ".format(*taken[fname.lower()]) +
                                    f"{table.UI_NAMES[ui]} would see one of them.")
             path = folder / fname.rstrip("/")
-            from ...formats import write_embedding
-
             write_embedding(emb, path, cell.writer, force=force)
         except OutputExistsError as e:  # its hint names convert's -o; here the way out is --force
             failed.append({**row, "reason": e.message + " Pass --force to replace it.", "exists": True})
