@@ -13,18 +13,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..embedding import Embedding, holds_credential, safe_name
+from ..embedding import Embedding, holds_credential
 from ..errors import FormatError, InvalidEmbeddingError, NotFoundError
 from ..fsutil import DEFAULT_MAX_BYTES, hash_file
 from ..untrusted import quoted
 from . import layouts  # noqa: F401 - callers reach layouts through the package
-from .folders import embedding_files, pair_parts, read_folder, read_part, sdxl_partner, sha256_of_files
+from .a1111_names import A1111_NAME, FROM_FILE_NAME, a1111_word, token_for_a1111_file, usable_stem
+from .folders import (EMBEDS, SDXL_FIRST, Part, embedding_files, first_half_name, is_first_half, pair_parts,
+                      read_folder, read_part, sdxl_partner, sdxl_partner_name, sha256_of_files)
+from .layouts import TOKEN_META
 from .writers import WRITERS, FormatInfo, default_output_name, write_embedding
-
-
-# Stems that name a tool's convention, not a concept: never guess a token from them.
-_GENERIC_STEMS = frozenset({"learned_embeds", "learned_embeds_2", "embedding", "embeddings", "model",
-                            "pytorch_model", "diffusion_pytorch_model", "last", "image", "preview"})
 
 __all__ = ["FormatInfo", "WRITERS", "read_embedding", "write_embedding", "default_output_name", "file_sha256"]
 
@@ -47,30 +45,35 @@ def read_embedding(path: Path, *, token: str | None = None, key: str | None = No
             return bundled
     extra: dict[str, str] = {}
     named: str | None = None
+    by_file_name = False
     if path.is_dir():
         parts, fmt, extra, named, sha = read_folder(path, key=key, token=token, max_bytes=max_bytes)
         container = "folder"
     else:
         part = read_part(path, key=key, token=token, max_bytes=max_bytes)
         parts, fmt, container, sha = [part], part.decoded.image_format or part.parsed.fmt, part.decoded.container, part.sha256
-        partner = sdxl_partner(path) if part.parsed.fmt == "diffusers" else None
-        if partner is not None:
-            pair = pair_parts(part, read_part(partner, key=key, token=token, max_bytes=max_bytes, within=path.parent))
-            if pair is not None:
-                parts, fmt = list(pair), "diffusers-sdxl"
-                extra["paired_with"] = partner.name
+        pair = _sdxl_pair(path, part, key=key, token=token, max_bytes=max_bytes)
+        if pair is not None:
+            parts, fmt = list(pair), "diffusers-sdxl"
+            extra["paired_with"] = pair[1].path.name if pair[0] is part else pair[0].path.name
+        named, by_file_name = _file_token(path, part)
     vectors = {slot: arr for p in parts for slot, arr in p.parsed.vectors.items()}
     if set(vectors) == {"clip_g"}:
+        partner = first_half_name(path) if not path.is_dir() else None
         raise FormatError(
-            f"{path} holds only SDXL's second text encoder (1280 wide).",
-            "It is half of a diffusers SDXL pair: read the folder, or learned_embeds.safetensors beside it.")
+            f"{path} holds only SDXL's second text encoder (1280 wide), half of a diffusers SDXL pair; "
+            + (f"its first file {quoted(partner)} is not beside it." if partner else
+               f"its first file ({SDXL_FIRST} or {EMBEDS}-steps-N.safetensors) is not beside it."),
+            "Put both files of the pair in one folder and read either of them.")
     meta: dict[str, str] = {}
     for p in parts:
         meta.update(p.parsed.meta)
     meta.update(extra)
     tok = token or named or parts[0].parsed.token or _token_from_name(path)
-    if not (token or named or parts[0].parsed.token):
-        meta["token_source"] = "file name"
+    if not token and (by_file_name or not (named or parts[0].parsed.token)):
+        meta["token_source"] = FROM_FILE_NAME
+    if by_file_name and not token and parts[0].parsed.token:  # A1111's internal name, when not the token
+        meta[A1111_NAME] = parts[0].parsed.token
     _refuse_credentials(path, tok, meta)
     meta.update(format=fmt, container=container, dtype=_stored_dtype(parts), file_sha256=sha)
     try:
@@ -100,22 +103,56 @@ def _refuse_credentials(path: Path, tok: str, meta: dict) -> None:
         del meta[k]
 
 
+def _sdxl_pair(path: Path, part: Part, **kw) -> tuple[Part, Part] | None:
+    """The diffusers SDXL pair `path` is one file of (folders.sdxl_partner), or None when it
+    is a file of its own. Never half of a pair: a first file whose folder holds the script's
+    second files but not its partner, or a partner that names another token, is refused."""
+    if part.parsed.fmt != "diffusers" or len(part.parsed.vectors) != 1:
+        return None
+    partner = sdxl_partner(path)
+    if partner is None:
+        if is_first_half(path) and set(part.parsed.vectors) != {"clip_g"}:
+            raise FormatError(f"{path} is the first file of a diffusers SDXL pair, and its partner "
+                              f"{quoted(sdxl_partner_name(path))} is not beside it.",
+                              "Put both files in one folder and read either of them.")
+        return None
+    other = read_part(partner, within=path.parent, **kw)
+    pair = pair_parts(part, other)
+    if pair is None and other.parsed.fmt == "diffusers" and len(other.parsed.vectors) == 1:
+        (va,), (vb,) = part.parsed.vectors.values(), other.parsed.vectors.values()
+        if va.shape[1] != vb.shape[1]:  # the two encoders' halves, but of different tokens
+            raise FormatError(f"{path} and its SDXL partner {partner.name} name different tokens "
+                              f"({quoted(part.parsed.token)} and {quoted(other.parsed.token)}); "
+                              "diffusers writes one token into both, so neither is read as half a pair.",
+                              "Put each file with its own partner (or rename one) and read it again.")
+    return pair
+
+
+def _file_token(path: Path, part: Part) -> tuple[str | None, bool]:
+    """(token, taken from the file name) for a single file, by container (a1111_names):
+    A1111's .pt/.bin take the word A1111 shows (the file stem); A1111 images keep their
+    `name` (textinv's images carry the exact token beside the bare name, under
+    textinv.token); (None, False): the layout's own token."""
+    name = part.parsed.token
+    if part.parsed.fmt != "a1111":
+        return None, False
+    if part.decoded.image_format:
+        exact = part.decoded.obj.get(TOKEN_META) if isinstance(part.decoded.obj, dict) else None
+        if isinstance(exact, str) and exact.strip() and name and a1111_word(exact) == name:
+            return exact, False
+        return None, False
+    tok = token_for_a1111_file(path, name)
+    return tok, tok is not None and tok != name
+
+
 def _token_from_name(path: Path) -> str:
     """A1111 uses the file name as the prompt word when a file names no token; so do we."""
-    stem = path.name if path.is_dir() else path.stem
-    usable = stem and not stem.startswith(".") and stem not in _GENERIC_STEMS and not _is_hex_digest(stem)
-    if usable:
-        try:
-            safe_name(stem)
-            return stem
-        except InvalidEmbeddingError:
-            pass
-    raise FormatError(f"{path} does not say which token it is for, and its name {quoted(stem)} is not one.",
+    stem = usable_stem(path)
+    if stem is not None:
+        return stem
+    shown_stem = path.name if path.is_dir() else path.stem
+    raise FormatError(f"{path} does not say which token it is for, and its name {quoted(shown_stem)} is not one.",
                       "Pass --token, e.g. --token '<my-concept>'.")
-
-
-def _is_hex_digest(s: str) -> bool:
-    return len(s) == 64 and all(c in "0123456789abcdef" for c in s)
 
 
 def _stored_dtype(parts) -> str:

@@ -2,6 +2,12 @@
 
 The layout (text chunk, pixel side band) is described in a1111_image, which reads it; the
 writer checks its own output with that reader's band decoder before returning any bytes.
+
+A1111 takes an image embedding's prompt word from its `name` field, and its own images carry
+bare names (a1111_names): the `name` written is the bare word (`<cat-toy>` -> `cat-toy`), the
+same word A1111 takes from the stem of every other file textinv writes. The exact token goes
+beside it under `textinv.token` (A1111 reads only the fields it knows), so reading the image
+back gives the token it was written with.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin, features
 
 from ..errors import FormatError, UnsupportedFormatError
+from .layouts import TOKEN_META
 from . import a1111_image as reading
+from .a1111_names import a1111_word
 from .a1111_image import TENSOR_KEY, TEXT_KEY, extract_side_band, inflate_band, lcg_key
 
 _MIN_PREVIEW_HEIGHT = 16  # the band is h rows tall; tiny heights make very wide, fragile bands
@@ -24,6 +32,7 @@ _MIN_PREVIEW_HEIGHT = 16  # the band is h rows tall; tiny heights make very wide
 
 def dump_png_embedding(data: dict, *, caption: str, preview=None) -> bytes:
     """A PNG carrying the embedding twice, like A1111's image embeddings: text chunk + side band."""
+    data, caption = _bare_name(data), a1111_word(caption)
     payload = _to_json(data).encode("ascii")
     img = _embed_side_band(_preview_array(preview, caption), payload, data)
     info = PngImagePlugin.PngInfo()
@@ -37,6 +46,7 @@ def dump_webp_embedding(data: dict, *, caption: str, preview=None) -> bytes:
     """A lossless WebP carrying the embedding in its side band (WebP has no text chunks)."""
     if not features.check("webp"):
         raise UnsupportedFormatError("This Pillow build cannot write WebP.", "Write a PNG instead.")
+    data, caption = _bare_name(data), a1111_word(caption)
     payload = _to_json(data).encode("ascii")
     img = _embed_side_band(_preview_array(preview, caption), payload, data)
     buf = io.BytesIO()
@@ -47,6 +57,15 @@ def dump_webp_embedding(data: dict, *, caption: str, preview=None) -> bytes:
             raise UnsupportedFormatError("This Pillow's WebP encoder altered the pixels.",
                                          "Write a PNG instead.")
     return out
+
+
+def _bare_name(data):
+    """`data` with the bare word as `name` and the exact token under textinv.token when the
+    two differ (see the module docstring); anything else unchanged."""
+    name = data.get("name") if isinstance(data, dict) else None
+    if not isinstance(name, str) or a1111_word(name) == name:
+        return data
+    return {**data, "name": a1111_word(name), TOKEN_META: name}
 
 
 def _to_json(data: dict) -> str:

@@ -1,5 +1,13 @@
 """Embeddings that live in more than one file: sd-concepts-library folders and the diffusers
-SDXL pair (`learned_embeds.safetensors` + `learned_embeds_2.safetensors`).
+SDXL pair.
+
+diffusers' examples/textual_inversion/textual_inversion_sdxl.py writes the pair as
+`learned_embeds.safetensors` + `learned_embeds_2.safetensors` at the end of training and,
+with --save_steps N, `learned_embeds-steps-N.safetensors` + `learned_embeds_2-steps-N.safetensors`
+along the way (the same token key in both files). Either file of a pair reads as the pair
+(sdxl_partner), never as half of it. A folder reads as its final pair; a folder holding only
+step pairs reads as its one pair, and with several it names them and asks for a file (never
+mixes two steps' halves).
 
 File names matter here only to find the parts of a folder (that is how these tools lay
 them out); what each part holds is still recognised by content.
@@ -10,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import heapq
 import os
+import re
+import shlex
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +27,7 @@ from typing import NamedTuple
 
 from ..errors import FormatError
 from ..fsutil import DEFAULT_MAX_BYTES, folder_member, hash_file, read_capped, read_head
-from ..untrusted import shown
+from ..untrusted import escape, shown
 from .detect import Decoded, decode
 from .layouts import Parsed, parse_layout
 
@@ -26,6 +36,10 @@ SDXL_FIRST, SDXL_SECOND = f"{EMBEDS}.safetensors", f"{EMBEDS}_2.safetensors"
 CONCEPT_BIN, CONCEPT_SAFE = f"{EMBEDS}.bin", f"{EMBEDS}.safetensors"
 TOKEN_FILE, TYPE_FILE = "token_identifier.txt", "type_of_concept.txt"
 EMBEDDING_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".png", ".webp")
+# diffusers' SDXL checkpoint names: learned_embeds-steps-500 / learned_embeds_2-steps-500
+# (any base name: the step suffix follows the `_2`).
+_STEP_STEM = re.compile(r"(?P<base>.*?)(?P<two>_2)?(?P<steps>-steps-(?P<n>[0-9]{1,12}))\Z")
+_STEP_PAIR_LIMIT = 4096  # folder entries looked at for step pairs (a training run keeps tens)
 TEXT_CAP = 4096  # token_identifier.txt / type_of_concept.txt hold a word, not a book
 # What textinv writes as each folder format: the only members `convert --force` may replace.
 FOLDER_MEMBERS = {"sd-concepts": (CONCEPT_BIN, TOKEN_FILE, TYPE_FILE), "diffusers-sdxl": (SDXL_FIRST, SDXL_SECOND)}
@@ -62,14 +76,55 @@ def read_part(path: Path, *, key: str | None, token: str | None, max_bytes: int 
     return Part(path, decoded, parsed, data)
 
 
-def sdxl_partner(path: Path) -> Path | None:
-    """X.safetensors -> X_2.safetensors and back: the names diffusers' SDXL script writes.
-    The partner is a member of the file's folder, under folder_member's rule."""
+def sdxl_partner_name(path: Path) -> str | None:
+    """The name of the file that completes an SDXL pair with `path`, the way diffusers names
+    them: X.safetensors <-> X_2.safetensors, X-steps-N.safetensors <-> X_2-steps-N.safetensors."""
     if path.suffix != ".safetensors":
         return None
     stem = path.stem
-    other = stem[:-2] + path.suffix if stem.endswith("_2") else f"{stem}_2{path.suffix}"
-    return folder_member(path.parent, other)
+    if m := _STEP_STEM.fullmatch(stem):
+        return m["base"] + ("" if m["two"] else "_2") + m["steps"] + path.suffix
+    return (stem[:-2] if stem.endswith("_2") else f"{stem}_2") + path.suffix
+
+
+def first_half_name(path: Path) -> str | None:
+    """The first file's name when `path` is named as a pair's second file (X_2, X_2-steps-N)."""
+    m = _STEP_STEM.fullmatch(path.stem)
+    named_second = (m and m["two"]) or (not m and path.stem.endswith("_2"))
+    return sdxl_partner_name(path) if named_second and path.suffix == ".safetensors" else None
+
+
+def sdxl_partner(path: Path) -> Path | None:
+    """The partner file (sdxl_partner_name) when it is there, a member of the file's folder
+    under folder_member's rule; else None."""
+    name = sdxl_partner_name(path)
+    return None if name is None else folder_member(path.parent, name)
+
+
+def is_first_half(path: Path) -> bool:
+    """True when `path` is named as the first file of a diffusers SDXL pair whose folder holds
+    second halves (`*_2.safetensors` / `*_2-steps-N.safetensors` of the same base name): read
+    alone, it would be half of an SDXL embedding (a lone first file is also what the SD 1.x
+    script writes, so without such neighbours it is read as it is)."""
+    if path.suffix != ".safetensors":
+        return False
+    m = _STEP_STEM.fullmatch(path.stem)
+    base = m["base"] if m else path.stem
+    if (m and m["two"]) or (not m and base.endswith("_2")):
+        return False
+    seconds = re.compile(re.escape(base) + r"_2(-steps-[0-9]{1,12})?\.safetensors\Z")
+    return any(seconds.match(name) for name in _names(path.parent))
+
+
+def _names(folder: Path):
+    try:
+        with os.scandir(folder) as it:
+            for i, e in enumerate(it):
+                if i >= _STEP_PAIR_LIMIT:
+                    return
+                yield e.name
+    except OSError:
+        return
 
 
 def pair_parts(first: Part, second: Part) -> tuple[Part, Part] | None:
@@ -96,16 +151,16 @@ def pair_parts(first: Part, second: Part) -> tuple[Part, Part] | None:
 def read_folder(path: Path, *, key: str | None, token: str | None,
                 max_bytes: int | None = DEFAULT_MAX_BYTES) -> FolderRead:
     """What the folder on disk holds. Every member is read under folder_member's rule."""
-    first, second = folder_member(path, SDXL_FIRST), folder_member(path, SDXL_SECOND)
-    if first and second:
-        parts = [read_part(p, key=key, token=token, max_bytes=max_bytes, within=path) for p in (first, second)]
+    pair = sdxl_pair_in(path)
+    if pair is not None:
+        parts = [read_part(p, key=key, token=token, max_bytes=max_bytes, within=path) for p in pair]
         sha = _sha_of_parts(parts)  # before pair_parts orders them by slot: the hash is in file order
-        pair = pair_parts(*parts)
-        if pair is None:
+        ordered = pair_parts(*parts)
+        if ordered is None:
             raise FormatError(
-                f"{path} has {SDXL_FIRST} and {SDXL_SECOND} but they are not one SDXL embedding "
+                f"{path} has {pair[0].name} and {pair[1].name} but they are not one SDXL embedding "
                 "(they need the same token key and widths 768 and 1280).")
-        return FolderRead(list(pair), "diffusers-sdxl", {}, None, sha)
+        return FolderRead(list(ordered), "diffusers-sdxl", {}, None, sha)
     embeds = folder_member(path, CONCEPT_SAFE) or folder_member(path, CONCEPT_BIN)
     if embeds is None:
         found = heapq.nsmallest(8, (e.name for e in _entries(path) if os.path.splitext(e.name)[1] in EMBEDDING_SUFFIXES))
@@ -113,6 +168,11 @@ def read_folder(path: Path, *, key: str | None, token: str | None,
             f"{path} is a folder without {CONCEPT_BIN} or {CONCEPT_SAFE}.",
             ("Give the embedding file itself: " + ", ".join(shown(n, 40) for n in found) + ".") if found else
             "An embedding folder is an sd-concepts-library concept or a diffusers training output.")
+    if embeds.name == CONCEPT_SAFE and is_first_half(embeds):
+        raise FormatError(f"{path} has {CONCEPT_SAFE} but not {SDXL_SECOND}, while it holds other steps' "
+                          f"{EMBEDS}_2 files: the SDXL embedding's second half is missing.",
+                          f"Copy {SDXL_SECOND} into the folder, or give one step's file, e.g. "
+                          f"textinv inspect {_example(path)}.")
     part = read_part(embeds, key=key, token=token, max_bytes=max_bytes, within=path)
     extra: dict[str, str] = {}
     named = _read_text(path, TOKEN_FILE)
@@ -122,6 +182,56 @@ def read_folder(path: Path, *, key: str | None, token: str | None,
     # sd-concepts-library: token_identifier.txt is what the concept page tells people to type.
     fmt = "sd-concepts" if (named or kind) and part.parsed.fmt == "diffusers" else part.parsed.fmt
     return FolderRead([part], fmt, extra, named, part.sha256)
+
+
+def sdxl_pair_in(path: Path) -> tuple[Path, Path] | None:
+    """The SDXL pair a folder reads as: the final learned_embeds(_2).safetensors; in a folder
+    without final files (no learned_embeds.safetensors/.bin), its one complete
+    learned_embeds(_2)-steps-N pair; else None. Several step pairs and no final file: a
+    FormatError naming them (which step is meant is the user's choice)."""
+    first, second = folder_member(path, SDXL_FIRST), folder_member(path, SDXL_SECOND)
+    if first and second:
+        return first, second
+    if first or folder_member(path, CONCEPT_BIN):
+        return None
+    steps = _step_pairs(path)
+    if len(steps) == 1:
+        ((n, pair),) = steps.items()
+        return pair
+    if steps:
+        listed = ", ".join(str(n) for n in sorted(steps)[-8:])
+        latest = steps[max(steps)][0]
+        raise FormatError(f"{path} holds diffusers SDXL checkpoints of {len(steps)} steps ({listed}) and no final "
+                          f"{SDXL_FIRST}; textinv does not guess which one you mean.",
+                          f"Give either file of one step's pair, e.g. textinv inspect {_quote(latest)}")
+    return None
+
+
+def _step_pairs(path: Path) -> dict[int, tuple[Path, Path]]:
+    """step -> (learned_embeds-steps-N, learned_embeds_2-steps-N) for each complete pair."""
+    firsts, seconds = set(), set()
+    for name in _names(path):
+        m = re.fullmatch(re.escape(EMBEDS) + r"(_2)?-steps-([0-9]{1,12})\.safetensors", name)
+        if m:
+            (seconds if m[1] else firsts).add(int(m[2]))
+    pairs = {}
+    for n in sorted(firsts & seconds):
+        a = folder_member(path, f"{EMBEDS}-steps-{n}.safetensors")
+        b = folder_member(path, f"{EMBEDS}_2-steps-{n}.safetensors")
+        if a and b:  # names with leading zeros are not what diffusers writes: skipped
+            pairs[n] = (a, b)
+    return pairs
+
+
+def _example(path: Path) -> str:
+    steps = sorted(int(m[1]) for name in _names(path)
+                   if (m := re.fullmatch(re.escape(EMBEDS) + r"-steps-([0-9]{1,12})\.safetensors", name)))
+    return _quote(path / (f"{EMBEDS}-steps-{steps[-1]}.safetensors" if steps else CONCEPT_SAFE))
+
+
+def _quote(path: Path) -> str:
+    """A path as one shell word, escaped for the terminal."""
+    return escape(shlex.quote(str(path)))
 
 
 def _sha_of_parts(parts: list[Part]) -> str:
@@ -160,13 +270,17 @@ def read_word(path: Path, *, within: Path, label: str | None = None) -> str | No
 def embedding_files(path: Path) -> list[Path]:
     """The files of a folder that hold its embedding, sorted (what its sha256 covers).
 
-    The same choice read_folder makes: the SDXL pair, else learned_embeds.safetensors,
-    else learned_embeds.bin; a folder with none of them falls back to every regular file
-    that could be an embedding (no link, no hidden file), so the hash still means something.
+    The same choice read_folder makes: the SDXL pair (sdxl_pair_in), else
+    learned_embeds.safetensors, else learned_embeds.bin; a folder with none of them (or with
+    several step pairs) falls back to every regular file that could be an embedding (no link,
+    no hidden file), so the hash still means something.
     """
-    first, second = folder_member(path, SDXL_FIRST), folder_member(path, SDXL_SECOND)
-    if first and second:
-        return [first, second]
+    try:
+        pair = sdxl_pair_in(path)
+    except FormatError:
+        pair = None
+    if pair is not None:
+        return list(pair)
     for name in (CONCEPT_SAFE, CONCEPT_BIN):
         if found := folder_member(path, name):
             return [found]

@@ -24,6 +24,7 @@ def convert(
 ) -> None:
     """Convert an embedding between diffusers, A1111, kohya, PNG and sd-concepts formats."""
     from ... import formats
+    from ...formats import a1111_names
     from ..console import console, print_json
     from ...errors import TextinvError
     from ...sources import load_source
@@ -36,13 +37,23 @@ def convert(
     target = _target_path(out, source, emb, to)
     written = formats.write_embedding(emb, target, to, force=force)
     info = formats.WRITERS[to]
+    # what A1111/Forge users type for the written file, and whether the token is the source's file
+    # name rather than its internal name (formats/a1111_names.py has both rules)
+    trigger = a1111_names.trigger(to, emb.family, emb.token, written[0])
+    renamed = a1111_names.renamed_from(emb.meta)
     if json_out:
         print_json({"written": [str(p) for p in written], "format": to, "token": emb.token,
-                    "family": emb.family, "vectors": emb.n_vectors})
+                    "family": emb.family, "vectors": emb.n_vectors, "a1111_trigger": trigger,
+                    "a1111_name": renamed})
         return
     for p in written:  # a path may hold a name that is not UTF-8, a token anything: shown escaped
         console.print(f"Wrote {escape(p)}", markup=False)
     console.print(f"  {info.description}: {escape(emb.token)}, {emb.family}, {emb.n_vectors} vector(s)", markup=False)
+    if renamed is not None:
+        console.print(f"  Token {quoted(emb.token)} is the source's file name, as A1111 shows it; "
+                      f"its internal name is {quoted(renamed)}.", markup=False)
+    if trigger is not None:
+        console.print(f"  In A1111/Forge type: {escape(trigger)}", markup=False)
 
 
 def _target_path(out: str | None, source, emb, fmt: str) -> Path:
