@@ -315,7 +315,8 @@ def invokeai_load(obj, file_name: str, *, model: str) -> Loaded:
     trigger = f"<{stem}>"
     if not INVOKE_TRIGGER.fullmatch(trigger):
         raise Refused(f"{trigger} cannot be typed: a trigger holds only letters, digits and . , space _ -")
-    # invokeai/backend/textual_inversion.py TextualInversionModelRaw.from_checkpoint
+    # invokeai/backend/textual_inversion.py TextualInversionModelRaw.from_checkpoint; for SDXL
+    # each text encoder takes the tensor of its width (model_patcher.py _get_ti_embedding)
     if "string_to_param" in obj:
         vecs = {"": next(iter(obj["string_to_param"].values()))}
     elif "emb_params" in obj:
