@@ -70,6 +70,30 @@ def test_one_bundle_reads_with_its_name_as_token(tmp_path, parts, family, slots)
     assert "file_sha256" not in emb.meta  # hashing would read the whole LoRA
 
 
+T5 = RNG.standard_normal((2, 4096)).astype(np.float32)
+
+
+def test_onetrainer_sd3_and_flux_bundles(tmp_path, cli):
+    """OneTrainer's SD3 saver: clip_l + clip_g + t5 (+ _out outputs); its LoRA metadata names the
+    model (resources/sd_model_spec/flux_dev_1.0-lora.json: "Flux.1-dev/lora"), which decides the
+    family of a bundle whose slots do not (clip_l alone: an untrained T5)."""
+    sd3 = write_lora(tmp_path / "sd3.safetensors", {"<embedding>": {"clip_l": CL, "clip_g": CG, "t5": T5,
+                                                                    "clip_l_out": CL}})
+    emb = formats.read_embedding(sd3)
+    assert emb.family == "sd3" and set(emb.vectors) == {"clip_l", "clip_g", "t5"}
+    assert "clip_l_out" in emb.meta["output_embeddings"]
+    flux_meta = {"modelspec.architecture": "Flux.1-dev/lora", "ss_tag_frequency": "{...}"}
+    flux = write_lora(tmp_path / "flux.safetensors", {"a": {"clip_l": CL}, "b": {"t5": T5}}, meta=flux_meta)
+    a = formats.read_embedding(flux, key="a")
+    assert a.family == "flux" and a.meta["family_source"] == "file metadata"
+    assert not any(k.startswith(("ss_", "modelspec")) for k in a.meta)  # the LoRA's metadata stays behind
+    assert formats.read_embedding(flux, key="b").family == "flux"
+    r = cli("inspect", flux)
+    assert "a: 2 vectors, clip_l 768, flux (FLUX.1, from file metadata)" in r.output
+    r = cli("inspect", sd3)
+    assert "family      sd3" in r.output and "output embeddings clip_l_out not read" in r.output
+
+
 def test_f16_and_bf16_bundles_read_and_say_their_dtype(tmp_path):
     path = write_lora(tmp_path / "l.safetensors", {"x": {"clip_l": CL.astype(np.float16)}})
     emb = formats.read_embedding(path)
@@ -258,7 +282,7 @@ def test_inspect_lists_the_bundles(cli, three):
     r = cli("inspect", three)
     assert r.exit_code == 0, r.output
     assert "LoRA" in r.output and "4 other tensors, 3 bundled embeddings" in r.output
-    assert "<embedding>: 2 vectors, clip_g 1280, clip_l 768, sdxl" in r.output
+    assert "<embedding>: 2 vectors, clip_g 1280, clip_l 768, sdxl (Stable Diffusion XL, from slots)" in r.output
     assert "dog: 2 vectors, clip_h 1024, sd2" in r.output
     assert f"textinv inspect {three} --key cat" in r.output
     j = json.loads(cli("inspect", three, "--json").stdout)
@@ -266,7 +290,7 @@ def test_inspect_lists_the_bundles(cli, three):
     by_name = {b["name"]: b for b in j["lora"]["bundled"]}
     assert by_name["<embedding>"]["slots"] == {"clip_g": 1280, "clip_l": 768}
     assert by_name["cat"] == {"name": "cat", "vectors": 1, "slots": {"clip_l": 768}, "family": "sd1",
-                              "dtype": "float32", "tensors": 1, "problem": None}
+                              "family_source": "slots", "dtype": "float32", "tensors": 1, "problem": None}
 
 
 def test_inspect_one_bundle_shows_the_embedding_and_the_lora(cli, three):

@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..embedding import Embedding, family_of, safe_name
+from ..embedding import FAMILY_META, Embedding, family_of, safe_name
 from ..errors import AmbiguousEmbeddingError, FormatError, InvalidEmbeddingError, TextinvError
 from ..fsutil import open_regular
 from ..untrusted import QUOTE_LIMIT, quoted, shown
@@ -64,6 +63,10 @@ class LoraFile:
     bundles: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {part: file key}
     other: int = 0                                          # tensors that are not bundled embeddings
     malformed: int = 0                                      # bundle_emb.* keys naming no part
+    # The LoRA's modelspec.architecture: OneTrainer writes e.g. "Flux.1-dev/lora"
+    # (resources/sd_model_spec/*-lora.json, through DtypeModelSaverMixin). A bundle is for the
+    # LoRA's model, so it says the family where the slots do not (a Flux bundle of clip_l alone).
+    architecture: str | None = None
 
 
 # -- the hook in formats.read_embedding, and inspect's listing --------------------------------
@@ -101,20 +104,23 @@ def describe(lora: LoraFile, name: str, max_bytes: int | None = None) -> dict:
     """What a bundle holds, from the header alone: name, vectors, slots {slot: width}, family,
     dtype, and `problem` (why it cannot be extracted) or None."""
     parts = lora.bundles[name]
-    out = {"name": name, "vectors": None, "slots": {}, "family": None,
+    out = {"name": name, "vectors": None, "slots": {}, "family": None, "family_source": None,
            "dtype": _dtype(lora, parts), "tensors": len(parts), "problem": None}
     try:
         _check(lora, name, parts, max_bytes)
         # zero-size views with the header's shapes: the layout rules see the real shapes, no data
         lazy = {k: np.broadcast_to(np.zeros((), DTYPES[lora.header[k]["dtype"]]), lora.header[k]["shape"])
                 for k in parts.values()}
-        parsed = parse_layout(_as_dict(lora, name, parts, lazy), source=_source(lora, name), metadata={})
+        parsed = _parse(lora, name, parts, lazy)
         counts = {int(v.shape[0]) for v in parsed.vectors.values()}
         out["slots"] = {s: int(v.shape[1]) for s, v in sorted(parsed.vectors.items())}
         out["vectors"] = counts.pop() if len(counts) == 1 else None
         if counts:
             raise FormatError("its text-encoder slots hold different numbers of vectors")
-        out["family"] = family_of(list(parsed.vectors))
+        out["family"] = parsed.meta.get(FAMILY_META) or family_of(list(parsed.vectors))
+        out["family_source"] = parsed.meta.get("family_source")
+        if parsed.meta.get("output_embeddings"):
+            out["output_embeddings"] = parsed.meta["output_embeddings"]
     except TextinvError as e:
         out["problem"] = _reason(e.message, lora, name)
     return out
@@ -163,7 +169,9 @@ def _probe(fd: int, st: os.stat_result, path: Path, max_bytes: int | None) -> Lo
     raw = _read(fd, n)
     if len(raw) != n or raw[:1] != b"{" or not (large or _MARK in raw):
         return None
-    lora = LoraFile(path, st.st_size, check_header(raw, st.st_size, path))
+    metadata: dict[str, str] = {}
+    lora = LoraFile(path, st.st_size, check_header(raw, st.st_size, path, metadata=metadata),
+                    architecture=metadata.get("modelspec.architecture"))
     for k in lora.header:
         if k == "__header_len__":
             continue
@@ -202,7 +210,7 @@ def _extract(fd: int, lora: LoraFile, name: str, *, token: str | None, max_bytes
     if token is None:  # the name becomes the token, and from it file and registry names
         safe_name(name, "Pass --token with a plain word such as cat-toy to name it.")
     arrays = read_tensors(lora.path, lora.header, list(parts.values()), fd=fd)
-    parsed = parse_layout(_as_dict(lora, name, parts, arrays), source=_source(lora, name), metadata={})
+    parsed = _parse(lora, name, parts, arrays)
     meta = dict(parsed.meta)
     if token is None:
         meta["token_source"] = "bundle name"
@@ -231,6 +239,14 @@ def _check(lora: LoraFile, name: str, parts: dict[str, str], max_bytes: int | No
     if max_bytes is not None and total > max_bytes:
         raise FormatError(f"{where} is {total / 2**20:.1f} MiB; an embedding is normally a few KB.",
                           f"If this really is an embedding, pass --max-size {total // 2**20 + 1} (MiB).")
+
+
+def _parse(lora: LoraFile, name: str, parts: dict[str, str], arrays: dict):
+    """The bundle through layouts.parse_layout. Of the LoRA's metadata only its architecture
+    goes in, as a family declaration (textinv.family takes a modelspec id too): the rest
+    (ss_* training settings, the LoRA's own title) describes the LoRA, not the embedding."""
+    declared = {FAMILY_META: lora.architecture} if lora.architecture else {}
+    return parse_layout(_as_dict(lora, name, parts, arrays), source=_source(lora, name), metadata=declared)
 
 
 def _as_dict(lora: LoraFile, name: str, parts: dict[str, str], arrays: dict) -> dict:
@@ -286,5 +302,7 @@ def key_word(names) -> str | None:
             pass
     if not usable:
         return None
+    import shlex  # here: read_embedding imports this module for every file it reads
+
     word = shlex.quote(min(usable, key=lambda n: (len(n), n)))
     return word if len(word) <= QUOTE_LIMIT else None

@@ -255,12 +255,15 @@ def read_header(path) -> dict:
     return check_header(head, size.st_size, path)
 
 
-def check_header(head: bytes, file_size: int, path) -> dict:
+def check_header(head: bytes, file_size: int, path, *, metadata: dict | None = None) -> dict:
     """read_header's checks on a header already read (the n bytes after the length): for a
     caller that read it from a file descriptor it holds (formats/lora_bundle.py). The
-    length must already be within MAX_HEADER and the file; the reference opens `path`."""
+    length must already be within MAX_HEADER and the file; the reference opens `path`.
+    `metadata`: a dict that receives the file's __metadata__."""
     n = len(head)
-    header, _ = parse_header(head, 0, n, path)
+    header, meta = parse_header(head, 0, n, path)
+    if metadata is not None:
+        metadata.update(meta)
     spans = _check_spans(header, file_size - 8 - n, path)
     _same_as_reference(spans, _reference_header(path), path)
     header["__header_len__"] = n

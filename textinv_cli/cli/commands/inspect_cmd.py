@@ -206,7 +206,9 @@ def _print_bundles(lora: dict, p) -> None:
             continue
         slots = ", ".join(f"{s} {w}" for s, w in b["slots"].items())
         family = FAMILY_NAMES.get(b["family"], b["family"])
+        how = f", from {b['family_source']}" if b.get("family_source") else ""
         vectors = f"{b['vectors']} vector{'s' if b['vectors'] != 1 else ''}"
-        p(f"    {name}: {vectors}, {slots}, {b['family']} ({family}), {b['dtype']}")
+        outputs = f", output embeddings {b['output_embeddings']} not read" if b.get("output_embeddings") else ""
+        p(f"    {name}: {vectors}, {slots}, {b['family']} ({family}{how}), {b['dtype']}{outputs}")
     if total > _BUNDLES_TEXT:
         p(f"    ... and {total - _BUNDLES_TEXT} more (--json lists {min(total, _BUNDLES_JSON)})")
