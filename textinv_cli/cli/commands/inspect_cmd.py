@@ -100,17 +100,18 @@ def describe(source) -> dict:
 
 def _print(r: dict) -> None:
     from ..console import console
+    from ...formats.a1111_names import A1111_NAME, renamed_from
     from ...untrusted import escape, shown
 
     p = lambda s: console.print(s, markup=False)  # noqa: E731 - file content is never markup
     p(f"{r['source']}")
     p(f"  format      {r['format']}" + (f" ({r['container']})" if r["container"] else ""))
     p(f"  token       {r['token']}")
-    a1111 = r["metadata"].get("a1111_name")
+    a1111 = renamed_from(r["metadata"])
     if a1111 is not None and a1111 != r["token"]:
-        # helper A's reader keeps the file's internal `name` when the token (the file stem, as
-        # A1111 shows it) differs: say both, A1111 users type the file name
-        p(f"  A1111 name  {shown(a1111, _VALUE_LIMIT)} (inside the file; A1111 uses the file name)")
+        # an A1111 file whose internal `name` is not its file stem: the token is the stem, as
+        # A1111 shows it (formats/a1111_names.py); the name the file carries is said beside it
+        p(f"  file's name {shown(a1111, _VALUE_LIMIT)} (A1111 ignores it and uses the file name)")
     how = f", from {shown(r['family_source'])}" if r.get("family_source") else ""
     p(f"  family      {r['family']} ({r['family_name']}{how})")
     p(f"  vectors     {r['vectors']}   dtype {r['dtype']}   finite: {'yes' if r['finite'] else 'NO'}")
@@ -128,7 +129,7 @@ def _print(r: dict) -> None:
     # a file's metadata is the file maker's text: shown escaped (the console) and cut, so a
     # 100 KB value cannot flood the terminal; --json has every value whole
     items = [(k, v, shown(k, _KEY_LIMIT), shown(v, _VALUE_LIMIT)) for k, v in r["metadata"].items()
-             if k != "a1111_name" or a1111 == r["token"]]  # a differing a1111_name has its own line
+             if k != A1111_NAME or a1111 == r["token"]]  # a differing one has its own line
     if items:
         cut = any(sk != escape(k) or sv != escape(v) for k, v, sk, sv in items)
         p("  metadata" + ("   (long values cut; --json shows them whole)" if cut else ""))

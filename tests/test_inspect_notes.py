@@ -1,0 +1,31 @@
+"""inspect's notes on how a token and a family were decided (meta family_source, a1111_name)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from textinv_cli import formats
+from tests.support.helpers import random_embedding
+
+
+def test_inspect_says_how_the_family_was_decided(cli, tmp_path):
+    path = tmp_path / "x.safetensors"
+    formats.write_embedding(random_embedding("<x>", "sdxl"), path, "kohya")
+    r = cli("inspect", path)
+    assert r.exit_code == 0 and "family      sdxl (Stable Diffusion XL, from slots)" in r.output
+    j = json.loads(cli("inspect", path, "--json").stdout)
+    assert j["family_source"] == "slots" and "family_source" not in j["metadata"]
+
+
+def test_inspect_names_an_a1111_files_internal_name_once(cli, tmp_path):
+    src = tmp_path / "charturner.pt"
+    formats.write_embedding(random_embedding("charturner", "sd1"), src, "a1111")
+    renamed = tmp_path / "turner.pt"
+    shutil.copy(src, renamed)
+    r = cli("inspect", renamed)
+    assert r.exit_code == 0, r.output
+    assert "token       turner" in r.output
+    assert "file's name charturner (A1111 ignores it and uses the file name)" in r.output
+    assert "a1111_name" not in r.output  # said once, in its own line
+    assert "file's name" not in cli("inspect", src).output
