@@ -5,9 +5,12 @@ No network: a tiny CLIPTextModel (1 layer) and a CLIPTokenizer built from a mini
 valid byte-level BPE vocabulary (the 256 byte symbols, their `</w>` forms, the two special
 tokens, no merges) written into tmp.
 
+SDXL: diffusers loads a pair one encoder at a time (load_textual_inversion with that
+encoder's text_encoder and tokenizer), as its SDXL script's docs do; the pair files, under
+both the final and the --save_steps names, are loaded that way into two tiny encoders.
+
 Not covered: a1111-png / a1111-webp, because diffusers cannot read image embeddings (its
-loader only calls safetensors / torch.load), and the SDXL writers, because diffusers' SDXL
-loading needs a two-encoder pipeline and is called per encoder with a state dict.
+loader only calls safetensors / torch.load).
 """
 
 from __future__ import annotations
@@ -125,3 +128,28 @@ def test_diffusers_loads_a_file_we_converted_from_a1111(tmp_path, tokenizer_dir)
     pipe = make_pipeline(tokenizer_dir, 768)
     pipe.load_textual_inversion(str(out))
     np.testing.assert_array_equal(loaded_rows(pipe, "charturner", 2), vec.numpy())
+
+
+def test_sdxl_pair_reads_as_diffusers_loads_it_and_our_folder_loads_the_same(tmp_path, tokenizer_dir):
+    """diffusers' textual_inversion_sdxl.py output (learned_embeds[_2][-steps-N].safetensors, one
+    token key in both): textinv reads either file as the pair diffusers loads per encoder, and
+    the diffusers-sdxl folder textinv writes loads into each encoder with the same rows."""
+    from textinv_cli.formats.safetensors_io import dump_safetensors
+
+    rng = np.random.default_rng(11)
+    l, g = rng.standard_normal((2, 768)).astype(np.float32), rng.standard_normal((2, 1280)).astype(np.float32)
+    # the --save_steps names here; the folder textinv writes has the final names
+    first, second = tmp_path / "learned_embeds-steps-500.safetensors", tmp_path / "learned_embeds_2-steps-500.safetensors"
+    first.write_bytes(dump_safetensors({"<cat-toy>": l}))
+    second.write_bytes(dump_safetensors({"<cat-toy>": g}))
+    for given in (first, second):
+        emb = formats.read_embedding(given)
+        assert emb.family == "sdxl" and emb.token == "<cat-toy>"
+    out = tmp_path / "out"
+    formats.write_embedding(emb, out, "diffusers-sdxl")
+    for files in ((first, second), (out / "learned_embeds.safetensors", out / "learned_embeds_2.safetensors")):
+        for path, width, expect in zip(files, (768, 1280), (l, g)):
+            pipe = make_pipeline(tokenizer_dir, width)
+            pipe.load_textual_inversion(str(path), text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+            np.testing.assert_array_equal(loaded_rows(pipe, "<cat-toy>", 2), expect)
+            np.testing.assert_array_equal(emb.vectors["clip_l" if width == 768 else "clip_g"], expect)
