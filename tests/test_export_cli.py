@@ -16,6 +16,7 @@ from tests.support import loader_facts as lf
 from tests.support.helpers import random_embedding
 from textinv_cli.embedding import Embedding
 from textinv_cli.families import FAMILY_SLOTS, SLOT_WIDTHS
+from textinv_cli.formats.a1111_names import a1111_word
 from textinv_cli.formats.detect import read_decoded
 from textinv_cli.registry.store import Registry
 
@@ -47,7 +48,8 @@ def test_export_for_a1111_writes_files_a1111_loads_under_the_token(cli, tmp_path
         path = out / f"{name}.safetensors"
         loaded = lf.a1111_load(read_decoded(path).obj, path.name, model=family)
         want = Registry().load(name).vectors
-        assert loaded.trigger == name and set(loaded.vectors) == set(want)
+        assert loaded.trigger == name == a1111_word(Registry().get(name).token)  # convert's word too
+        assert set(loaded.vectors) == set(want)
         assert all(np.array_equal(loaded.vectors[s], want[s]) for s in want)
 
 
