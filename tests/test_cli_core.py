@@ -33,7 +33,8 @@ def test_import_and_help_do_not_import_ml_frameworks(code):
 
 
 @pytest.mark.parametrize("args", [["convert", "x", "--to", "kohya"], ["inspect", "x"], ["list"], ["list", "--repair"],
-                                  ["pull", "a/b"], ["push", "a", "--repo", "a/b"], ["rm", "x"]])
+                                  ["pull", "a/b"], ["push", "a", "--repo", "a/b"], ["rm", "x"], ["import", "x"],
+                                  ["export", "x", "--for", "a1111", "d"], ["list", "--uis"]])
 def test_light_commands_never_import_torch_or_jax(args, tmp_path):
     code = textwrap.dedent(f"""
         from textinv_cli.cli.app import main
@@ -43,7 +44,7 @@ def test_light_commands_never_import_torch_or_jax(args, tmp_path):
             pass
     """)
     loaded = _modules_after(code)
-    assert not {m for m in loaded if m.split(".")[0] in ("torch", "jax", "jaxlib")}
+    assert not {m for m in loaded if m.split(".")[0] in ("torch", "jax", "jaxlib", "textinv_torch", "textinv_jax")}
 
 
 def test_usage_error_exits_2(cli):
