@@ -19,7 +19,8 @@ class Source:
 
 def load_source(src: str, *, token: str | None = None, key: str | None = None,
                 max_mib: float | None = None) -> Source:
-    """A path that exists wins; otherwise the registry is asked by name or token.
+    """A path that exists wins; then a URL is refused with what to do (hub/urls.py: pull a Hub
+    repo, download anything else); otherwise the registry is asked by name or token.
 
     `max_mib` is --max-size, checked by fsutil.max_bytes_from_mib (nan, inf, 1e308 refused).
     """
@@ -31,6 +32,9 @@ def load_source(src: str, *, token: str | None = None, key: str | None = None,
     if _exists(path):
         emb = formats.read_embedding(path, token=token, key=key, max_bytes=max_bytes)
         return Source(emb, "folder" if path.is_dir() else "file", path)
+    from .hub.urls import refuse_url_source
+
+    refuse_url_source(src)  # a registry name never holds "://" or a host/path
     from .registry.store import Registry
 
     reg = Registry()

@@ -20,7 +20,7 @@ import posixpath
 import re
 import shlex
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import HubError, NotFoundError, TextinvError
 from ..redact import redact
@@ -124,18 +124,23 @@ def _host(url: str) -> str:
 # -- what is safe to print ---------------------------------------------------------------
 
 def display_url(url: str) -> str:
-    """`url` without credentials: no user:password@, secret-looking query values as ***, no #fragment.
-    Whatever else it holds is kept, so a link shown in a hint still works (with *** filled back in)."""
+    """`url` without credentials: no user[:password]@, secret-looking query values as ***, no
+    #fragment (it may hold an OAuth token). Everything else is kept byte for byte, so a link shown
+    in a hint still works (with *** filled back in)."""
     try:
         parts = urlsplit(_absolute(url))
-        host = parts.hostname or ""
-        port = parts.port
     except ValueError:
         return redact(url.split("?", 1)[0].split("#", 1)[0].rsplit("@", 1)[-1])
-    netloc = (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
-    query = [(k, MASKED if _SECRET_PARAM.search(k) else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    safe_query = urlencode(query, safe="/:*", quote_via=quote)
-    return redact(urlunsplit((parts.scheme, netloc, parts.path, safe_query, "")))
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = "&".join(_mask_param(p) for p in parts.query.split("&")) if parts.query else ""
+    return redact(urlunsplit((parts.scheme, netloc, parts.path, query, "")))
+
+
+def _mask_param(param: str) -> str:
+    from urllib.parse import unquote_plus
+
+    key, eq, _ = param.partition("=")
+    return f"{key}={MASKED}" if eq and _SECRET_PARAM.search(unquote_plus(key)) else param
 
 
 def _masked(url: str) -> bool:

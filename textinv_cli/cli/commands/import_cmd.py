@@ -11,7 +11,8 @@ from ..options import max_size_option
 
 
 def import_embedding(
-    path: Path = typer.Argument(..., metavar="FILE", help="Embedding file or folder (any format textinv reads)."),
+    # a str, not a Path: Path("https://x/y") collapses "//" and the URL could no longer be recognised
+    src: str = typer.Argument(..., metavar="FILE", help="Embedding file or folder (any format textinv reads)."),
     name: str = typer.Option(None, "--name", metavar="NAME", help="Registry name (default: the token without brackets)."),
     token: str = typer.Option(None, "--token", metavar="TOKEN", help="Use this token instead of the one in the file."),
     key: str = typer.Option(None, "--key", metavar="KEY", help="Which tensor to take when the file holds several."),
@@ -32,8 +33,11 @@ def import_embedding(
     from ...registry.store import Registry
     from ...untrusted import escape
 
-    path = path.expanduser()
+    from ...hub.urls import refuse_url_source
+
+    path = Path(src).expanduser()
     if not os.path.lexists(path):  # (Path.exists raises for a name too long to look up)
+        refuse_url_source(src, "import")  # a URL: say how to get the file (or pull it from the Hub)
         raise NotFoundError(f"{path} does not exist.", "Check the path; `textinv import` takes a file or folder.")
     emb = read_embedding(path, token=token, key=key, max_bytes=max_bytes_from_mib(max_size))
     # the reader records the file's (or folder's embedding files') sha256 in meta
