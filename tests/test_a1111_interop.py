@@ -217,6 +217,16 @@ def test_the_sd1_scripts_step_file_still_reads_alone(tmp_path):
     assert emb.family == "sd1" and emb.token == "<cat-toy>"
 
 
+def test_unrelated_files_named_x_and_x_2_read_alone(tmp_path):
+    """Only SDXL's two halves (768 + 1280) make a pair, or the refusal of a mismatched one."""
+    from textinv_cli.formats.safetensors_io import dump_safetensors
+
+    (tmp_path / "style.safetensors").write_bytes(dump_safetensors({"<a>": np.ones((1, 1024), np.float32)}))
+    (tmp_path / "style_2.safetensors").write_bytes(dump_safetensors({"<b>": np.ones((1, 768), np.float32)}))
+    assert formats.read_embedding(tmp_path / "style.safetensors").family == "sd2"
+    assert formats.read_embedding(tmp_path / "style_2.safetensors").family == "sd1"
+
+
 def test_a_folder_of_step_pairs_never_mixes_them(tmp_path):
     sdxl_script_files(tmp_path, 500, seed=1)
     sdxl_script_files(tmp_path, 1000, seed=2)

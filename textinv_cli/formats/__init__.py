@@ -119,8 +119,8 @@ def _sdxl_pair(path: Path, part: Part, **kw) -> tuple[Part, Part] | None:
     other = read_part(partner, within=path.parent, **kw)
     pair = pair_parts(part, other)
     if pair is None and other.parsed.fmt == "diffusers" and len(other.parsed.vectors) == 1:
-        (va,), (vb,) = part.parsed.vectors.values(), other.parsed.vectors.values()
-        if va.shape[1] != vb.shape[1]:  # the two encoders' halves, but of different tokens
+        # SDXL's two encoders' halves (by width), but of different tokens
+        if {*part.parsed.vectors, *other.parsed.vectors} == {"clip_l", "clip_g"}:
             raise FormatError(f"{path} and its SDXL partner {partner.name} name different tokens "
                               f"({quoted(part.parsed.token)} and {quoted(other.parsed.token)}); "
                               "diffusers writes one token into both, so neither is read as half a pair.",

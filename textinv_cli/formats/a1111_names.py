@@ -13,7 +13,10 @@ the images it writes (a1111_image_writer). Reading an A1111 .pt/.bin, the token 
 stem, as A1111 shows it, unless the stem is a tool's generic name (learned_embeds, ...) or
 no usable name; the internal `name` stays in meta["name"] and, when it is not the token, in
 meta["a1111_name"] (inspect and convert say so). A file textinv wrote under its
-default name gives back its token unchanged (`<cat-toy>` in cat-toy.pt stays `<cat-toy>`).
+default name gives back its token unchanged (`<cat-toy>` in cat-toy.pt stays `<cat-toy>`),
+except kohya-pt, which has no field for a token (A1111 asserts a one-tensor dict holds one key,
+and turns every value of a clip_l + clip_g dict into a tensor): its token is the file stem,
+the word A1111 uses.
 """
 
 from __future__ import annotations
