@@ -11,7 +11,8 @@ The layout (huggingface_hub 2.4: file_download.py `_hf_hub_download_to_cache_dir
                                                          holding "1\\n"); the repo's blobs/<etag> is then
                                                          a relative link to it
 
-and, unlike snapshot_download, no trees/<commit>.json listing.
+and, unlike snapshot_download, no trees/<commit>.json listing (`tree=True` adds one, written by the
+client's own writer, as snapshot_download leaves it).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _link(target: Path, at: Path) -> None:
 
 
 def hf_download_cache(cache: Path, repo_id: str, files: dict[str, bytes], *, commit: str | None = None,
-                      ref: str | None = "main", xet: bool = False, copies: bool = False) -> tuple[Path, str]:
+                      ref: str | None = "main", xet: bool = False, copies: bool = False,
+                      tree: bool = False) -> tuple[Path, str]:
     """Lay `files` out as hf_hub_download(repo_id, path) for each would; returns (snapshot folder, commit).
 
     xet: the blobs live in the cache-wide shared store. copies: no links at all (a file system
@@ -68,6 +70,11 @@ def hf_download_cache(cache: Path, repo_id: str, files: dict[str, bytes], *, com
             _link(blob, snapshot / path)
     if ref:
         write_ref(cache, repo_id, ref, commit.encode())
+    if tree:
+        from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
+        write_tree_cache(str(repo), commit, {p: TreeCacheEntry(size=len(d), blob_id=hashlib.sha1(d).hexdigest())
+                                             for p, d in files.items()})
     return snapshot, commit
 
 

@@ -189,6 +189,12 @@ def member(folder: Path, rel: str) -> Path | str:
     from ..fsutil import folder_member
 
     path = folder / rel
+    for parent in list(Path(rel).parents)[:-1]:  # a linked folder on the way would lead anywhere
+        try:
+            if not stat.S_ISDIR(os.lstat(folder / parent).st_mode):
+                return f"in {shown(str(parent))}, which is not a folder of the snapshot (a link?)"
+        except OSError:
+            return "gone while listed"
     shared = _shared_store_file(path)
     if shared is not None:
         return shared
