@@ -228,3 +228,13 @@ def test_a_linked_folder_in_the_snapshot(cache, cli, tmp_path, tree):
     r = cli("pull", "me/sub", "--file", "b/y.safetensors")
     assert r.exit_code == 1 and Registry().entries() == []
     assert ("which is not a folder of the snapshot" if tree else "has no file 'b/y.safetensors'") in r.output
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_a_snapshot_folder_that_is_a_link(cache, cli, tmp_path, tree):
+    snapshot, commit = hf_download_cache(cache, "me/cat", {"cat.safetensors": safetensors()}, tree=tree)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "cat.safetensors").write_bytes(safetensors("<other>", 9))
+    os.rename(snapshot, tmp_path / "moved")
+    os.symlink(tmp_path / "elsewhere", snapshot)
+    failed(cli("pull", "me/cat"), "me/cat@main is not in the local Hugging Face cache")

@@ -110,7 +110,7 @@ def test_repo_with_several_embeddings(hub, hubcli):
 
 
 def test_one_embedding_in_two_formats_is_one_embedding(hub, hubcli):
-    emb = random_embedding("<easy-negative>", seed=5)
+    emb = random_embedding("<EasyNegative>", seed=5)  # A1111 takes the .pt file stem as the token
     hub.seed("someone/easynegative", {"EasyNegative.safetensors": dump_safetensors(layouts.diffusers_dict(emb)),
                                       "EasyNegative.pt": dump_torch_pickle(layouts.a1111_dict(emb))})
     (e,) = pulled(hubcli("pull", "someone/easynegative", "--json"))

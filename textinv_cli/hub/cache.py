@@ -117,14 +117,14 @@ def cached_snapshot(repo_id: str, rev: str) -> CachedSnapshot:
     if commit is None:
         raise not_cached(at)
     folder = repo_folder(repo_id) / "snapshots" / commit
+    if not _real_dir(folder):  # the client makes it a folder; a link there would lead anywhere
+        raise not_cached(at)
     try:
         tree = {f.path: f.size for f in get_cached_repo_tree(repo_id, revision=commit)}
     except CachedRepoTreeNotFoundError:
         tree = None
     if tree is not None:
         return CachedSnapshot(folder, commit, tree, from_tree=True)
-    if not _real_dir(folder):
-        raise not_cached(at)
     listing, skipped = snapshot_listing(folder)
     return CachedSnapshot(folder, commit, listing, from_tree=False, skipped=skipped)
 

@@ -21,7 +21,8 @@ def pull(
     """Download an embedding from the Hugging Face Hub into the registry.
 
     Only the embedding's files are downloaded (never model weights), into the usual Hugging Face
-    cache; HF_TOKEN or `hf auth login`, HF_ENDPOINT and HF_HUB_OFFLINE are honoured.
+    cache; HF_TOKEN or `hf auth login`, HF_ENDPOINT and HF_HUB_OFFLINE are honoured. Offline (or
+    with the Hub unreachable) the cache is used, whatever downloaded the repo (e.g. diffusers).
     """
     from ..console import console, err_console, print_json
     from ...hub.pull import pull as do_pull
