@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from tests.support.helpers import random_embedding
+from tests.support.hub_cache import offline_cache  # noqa: F401 - fixture
 from tests.support.hub_cache import fake_commit, hf_download_cache, repo_dir, write_ref
-from tests.support.hub_server import client_env, concept_repo, use_client_env
+from tests.support.hub_server import concept_repo
 from textinv_cli.formats import layouts
 from textinv_cli.formats.folders import sdxl_pair_files
 from textinv_cli.formats.safetensors_io import dump_safetensors
@@ -23,12 +24,8 @@ REPO = "sd-concepts-library/cat-toy"
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """HF_HUB_OFFLINE=1 and an empty HF cache in tmp: the client's constants point there."""
-    hf_home = tmp_path / "hf-home"
-    use_client_env(monkeypatch, client_env(None, hf_home, offline=True))
-    (hf_home / "hub").mkdir(parents=True)
-    return hf_home / "hub"
+def cache(offline_cache):
+    return offline_cache
 
 
 def ok(r) -> dict:

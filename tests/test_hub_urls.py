@@ -10,6 +10,7 @@ import shlex
 import pytest
 
 from tests.support.helpers import random_embedding
+from tests.support.hub_cache import offline_cache  # noqa: F401 - fixture
 from tests.support.hub_cache import hf_download_cache
 from tests.support.hub_server import client_env, use_client_env
 from textinv_cli.formats import layouts, write_embedding
@@ -21,11 +22,8 @@ SECRETS = ("s3cret-pass", "civitaiKEY123", "hf_FAKEtokenABCDEF123456", "AMZSIGNA
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    hf_home = tmp_path / "hf-home"
-    use_client_env(monkeypatch, client_env(None, hf_home, offline=True))
-    (hf_home / "hub").mkdir(parents=True)
-    return hf_home / "hub"
+def cache(offline_cache):
+    return offline_cache
 
 
 def refused(r) -> str:

@@ -21,6 +21,27 @@ import hashlib
 import os
 from pathlib import Path
 
+import pytest
+
+# huggingface_hub gives its root logger a StreamHandler on sys.stderr when its logging module is
+# first imported. Imported first inside a CliRunner call, that handler keeps the runner's stream,
+# closed once the call ends, and every later test logging through it prints "--- Logging error ---".
+# Import it here, at collection, where sys.stderr is the real one (hub_server's fixtures do the same
+# by importing the client before any call).
+import huggingface_hub.utils.logging  # noqa: E402,F401
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 and an empty Hugging Face cache in tmp (the client's constants point
+    there); returns the cache folder (HF_HUB_CACHE). No server: nothing answers."""
+    from tests.support.hub_server import client_env, use_client_env
+
+    hf_home = tmp_path / "hf-home"
+    use_client_env(monkeypatch, client_env(None, hf_home, offline=True))
+    (hf_home / "hub").mkdir(parents=True)
+    return hf_home / "hub"
+
 
 def fake_commit(seed: str) -> str:
     return hashlib.sha1(seed.encode()).hexdigest()
