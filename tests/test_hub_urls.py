@@ -12,7 +12,7 @@ import pytest
 from tests.support.helpers import random_embedding
 from tests.support.hub_cache import offline_cache  # noqa: F401 - fixture
 from tests.support.hub_cache import hf_download_cache
-from tests.support.hub_server import client_env, use_client_env
+from tests.support.hub_server import client_env, concept_repo, hub, hubcli, use_client_env  # noqa: F401 - fixtures
 from textinv_cli.formats import layouts, write_embedding
 from textinv_cli.formats.safetensors_io import dump_safetensors
 from textinv_cli.hub.urls import RepoRef, parse_repo
@@ -163,3 +163,15 @@ def test_an_existing_path_wins_over_a_url_look(cli, tmp_path, monkeypatch):
     r = cli("import", "civitai.com/models/cat.safetensors")
     assert r.exit_code == 0, r.output
     assert cli("inspect", "civitai.com/models/cat.safetensors").exit_code == 0
+
+
+def test_pull_by_url_from_the_hub(hub, hubcli):
+    """Online: huggingface.co URLs and URLs on HF_ENDPOINT's host pull from the endpoint in use."""
+    commit = hub.seed("sd-concepts-library/cat-toy", concept_repo()[1])
+    r = hubcli("pull", "https://huggingface.co/sd-concepts-library/cat-toy/blob/main/learned_embeds.bin", "--json")
+    assert r.exit_code == 0, r.output
+    (e,) = json.loads(r.stdout)["embeddings"]
+    assert e["entry"]["origin"]["commit"] == commit and e["file"] == "learned_embeds.bin"
+    r = hubcli("pull", f"{hub.endpoint}/sd-concepts-library/cat-toy", "--json")
+    assert r.exit_code == 0, r.output
+    assert not json.loads(r.stdout)["embeddings"][0]["created"]  # the same one

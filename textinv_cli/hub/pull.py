@@ -6,7 +6,9 @@ we only look at the access token to say "you are not logged in" and to scrub it 
 any text we print.
 This module decides which files of a repo are an embedding (layout.py), downloads only
 those, reads them with textinv's own safe readers, registers them, and turns the client's
-exceptions into messages that say what to do next (client.py).
+exceptions into messages that say what to do next (client.py). The repo may be given as a
+huggingface.co URL (urls.py); offline, or with the Hub unreachable, the local cache is used,
+whichever tool filled it (cache.py).
 
 Imports of huggingface_hub stay inside functions: `import textinv_cli` must stay fast.
 """
