@@ -14,7 +14,7 @@ import pytest
 from tests.support.helpers import random_embedding
 from tests.support.hub_cache import offline_cache  # noqa: F401 - fixture
 from tests.support.hub_cache import fake_commit, hf_download_cache, repo_dir, write_ref
-from tests.support.hub_server import concept_repo
+from tests.support.hub_server import client_env, concept_repo, use_client_env
 from textinv_cli.formats import layouts
 from textinv_cli.formats.folders import sdxl_pair_files
 from textinv_cli.formats.safetensors_io import dump_safetensors
@@ -235,3 +235,18 @@ def test_a_snapshot_folder_that_is_a_link(cache, cli, tmp_path, tree):
     os.rename(snapshot, tmp_path / "moved")
     os.symlink(tmp_path / "elsewhere", snapshot)
     failed(cli("pull", "me/cat"), "me/cat@main is not in the local Hugging Face cache")
+
+
+def test_hub_unreachable_uses_what_hf_hub_download_left(cache, cli, monkeypatch, tmp_path):
+    """Online mode, but nothing answers (a closed local port): the same fallback as offline."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    use_client_env(monkeypatch, client_env(f"http://127.0.0.1:{port}", cache.parent, offline=False))
+    _, commit = hf_download_cache(cache, "me/toy", {"learned_embeds.safetensors": safetensors("<toy>", 4)})
+    r = cli("pull", "me/toy", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert (out["cache_reason"], out["cache_listing"], out["commit"]) == ("unreachable", "files", commit)
