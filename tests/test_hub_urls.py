@@ -57,6 +57,7 @@ def hinted_command(out: str, start: str) -> list[str]:
     ("https://huggingface.co/me/toy/blob/refs%2Fpr%2F3/x.pt", RepoRef("me/toy", "refs/pr/3", "x.pt")),
     ("hf://me/toy@v1/x.pt", RepoRef("me/toy", "v1", "x.pt")),
     ("https://user:s3cret-pass@huggingface.co/me/toy", RepoRef("me/toy")),
+    ("https://WWW.HuggingFace.co/me/toy/tree/v3", RepoRef("me/toy", "v3")),
 ])
 def test_hub_urls_name_the_repo_file_and_revision(text, ref):
     assert parse_repo(text) == ref

@@ -85,16 +85,19 @@ def parse_repo(text: str) -> RepoRef:
 def hub_ref(url: str) -> RepoRef | None:
     """The repo (revision, path) a Hugging Face URL names; None when the URL is not the Hub's."""
     from huggingface_hub import constants, parse_hf_uri
-    from huggingface_hub.errors import HfUriError, HFValidationError
 
     url = _absolute(url)
-    if not (url.lower().startswith(constants.HF_PROTOCOL) or _host(url) in _hub_hosts()):
+    host = _host(url)
+    if host.startswith("www.") and host[4:] in constants.HF_URL_HOSTS:  # the client knows no www. alias
+        url = re.sub(r"(?i)^([a-z][a-z0-9+.-]*://(?:[^/@]*@)?)www\.", r"\1", url)
+        host = host[4:]
+    if not (url.lower().startswith(constants.HF_PROTOCOL) or host in _hub_hosts()):
         return None
     loc = None
     try:
         loc = parse_hf_uri(url, endpoint=constants.ENDPOINT)
-    except (HfUriError, HFValidationError, ValueError):
-        pass  # raised below, outside the except: the client's message quotes the raw URL (and its credentials)
+    except Exception:  # noqa: BLE001 - HfUriError, HFValidationError, ValueError: refused below, outside
+        pass           # the except, so no traceback chain carries the client's message (it quotes the raw URL)
     if loc is None:
         raise HubError(f"{shown(display_url(url))} is a Hugging Face page, not a repository or a file in one.",
                        "Give the repo as OWNER/NAME, or its URL (https://huggingface.co/OWNER/NAME).")
