@@ -1,5 +1,6 @@
-"""What AUTOMATIC1111 (and Forge, which keeps its loader) accepts, written as facts from its
-code, checked against every file textinv writes.
+"""What AUTOMATIC1111 accepts, written as facts from its code, checked against every file
+textinv writes. Forge's load_from_file names embeddings by the same rule (read in
+lllyasviel/stable-diffusion-webui-forge, modules/textual_inversion/textual_inversion.py).
 
 Facts (AUTOMATIC1111/stable-diffusion-webui, read at file level; no code copied):
 - modules/safe.py check_zip_filenames: with the safe unpickler on (the default), a .pt/.bin

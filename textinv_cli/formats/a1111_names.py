@@ -1,8 +1,8 @@
-"""The word AUTOMATIC1111 (and Forge, which keeps its loader) users type for an embedding,
-and the token textinv takes from A1111's own files: one place for both rules.
+"""The word AUTOMATIC1111 and Forge users type for an embedding, and the token textinv takes
+from A1111's own files: one place for both rules.
 
-Facts (AUTOMATIC1111/stable-diffusion-webui modules/textual_inversion/textual_inversion.py,
-load_from_file): the prompt word is the file name without its extension for .pt, .bin and
+Facts (AUTOMATIC1111/stable-diffusion-webui and lllyasviel/stable-diffusion-webui-forge,
+modules/textual_inversion/textual_inversion.py, load_from_file): the prompt word is the file name without its extension for .pt, .bin and
 .safetensors files (an internal `name` field is ignored), and the embedded `name` field for
 .png/.webp images (the file name when it has none). A1111 builds names from letters, digits
 and "._- " only (create_embedding), so its own images carry a bare name such as `cat-toy`.
