@@ -132,6 +132,10 @@ def test_files_without_bundles_take_the_ordinary_path(tmp_path):
     assert lora_bundle.scan(bare, 1 << 26) is None
     with pytest.raises(AmbiguousEmbeddingError, match="candidate tensors"):
         formats.read_embedding(bare)
+    fifo = tmp_path / "f.safetensors"  # never opened for reading by the hook (it would block)
+    os.mkfifo(fifo)
+    with pytest.raises(FormatError, match="regular files only"):
+        formats.read_embedding(fifo)
     # "bundle_emb." only in metadata: an ordinary file
     meta_only = tmp_path / "m.safetensors"
     meta_only.write_bytes(dump_safetensors({"emb_params": CL}, {"note": '"bundle_emb.x.clip_l'}))
