@@ -176,3 +176,12 @@ def test_pull_by_url_from_the_hub(hub, hubcli):
     r = hubcli("pull", f"{hub.endpoint}/sd-concepts-library/cat-toy", "--json")
     assert r.exit_code == 0, r.output
     assert not json.loads(r.stdout)["embeddings"][0]["created"]  # the same one
+
+
+@pytest.mark.parametrize("url", ["https://e.com/" + "a" * 100_000 + ".pt", "https://e.com/x.pt?" + "a=b&" * 20_000,
+                                 "https://[::1/x.pt", "http://a:99999/x.pt", "https://\x1b[31m.com/x\u202e.pt",
+                                 "ftp://e.com/x.pt", "hf://", "https://huggingface.co/" + "a/" * 5000])
+@pytest.mark.parametrize("command", ["pull", "import", "inspect"])
+def test_hostile_urls_get_a_short_escaped_answer(cli, url, command):
+    out = refused(cli(command, url))
+    assert "\x1b" not in out and "\u202e" not in out and len(out) < 2000

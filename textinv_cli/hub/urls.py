@@ -39,6 +39,7 @@ _SECRET_PARAM = re.compile(r"(?i)token|key|secret|pass|pwd|auth|sig|credential|s
 _FILE_EXTS = (".safetensors", ".pt", ".bin", ".ckpt", ".png", ".webp")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MASKED = "***"
+MAX_HINT_URL = 1000   # longer URLs are not repeated in a hint (app.report cuts lines at its limit)
 
 
 @dataclass(frozen=True)
@@ -168,15 +169,22 @@ def download_hint(url: str, command: str | None) -> str:
     """How to get the file and hand it to textinv: a command that works as printed (quoted for a
     POSIX shell), except where a credential had to be masked out of the URL."""
     shown_url = display_url(url)
-    parts = urlsplit(shown_url)
-    host = (parts.hostname or "").lower()
     importing = command in ("pull", "import")
+    try:
+        parts = urlsplit(shown_url)
+        host = (parts.hostname or "").lower()
+    except ValueError:  # "[" outside an IPv6 host, a port past 65535: no curl command for it
+        then = "textinv import the downloaded file" if importing else "give textinv the downloaded file"
+        return f"Download it (in a browser, or with curl -fLOJ and the URL), then {then}."
     if (host == "civitai.com" or host.endswith(".civitai.com")) and not parts.path.startswith("/api/"):
         # A model page (civitai.com/models/ID/...), not a file: the file is behind its Download button.
         then = "textinv import PATH-OF-THE-DOWNLOADED-FILE" if importing else "give textinv the downloaded file"
         return f"Download the file with the Download button on that page, then {then}."
-    link = _raw_github(shown_url) or shown_url
-    name = _file_name(link)
+    link = _raw_github(parts) or shown_url
+    if len(link) > MAX_HINT_URL:  # cut short by the error printer, it would not work as printed: not repeated
+        then = "textinv import the downloaded file" if importing else "give textinv the downloaded file"
+        return f"Download it (in a browser, or with curl -fLOJ and the URL), then {then}."
+    name = _file_name(urlsplit(link).path)
     fill = f" (put your own value back in place of {MASKED})" if _masked(url) else ""
     if name:
         cmd = f"curl -fL -o {shlex.quote(name)} {shlex.quote(link)}"
@@ -188,10 +196,9 @@ def download_hint(url: str, command: str | None) -> str:
     return f"Download it (in a browser, or: curl -fLOJ {shlex.quote(link)}{fill}), then {then}."
 
 
-def _raw_github(url: str) -> str | None:
+def _raw_github(parts) -> str | None:
     """github.com/OWNER/REPO/blob/REF/PATH shows an HTML page; its bytes are at
     raw.githubusercontent.com/OWNER/REPO/REF/PATH (GitHub's raw host)."""
-    parts = urlsplit(url)
     if (parts.hostname or "").lower() not in ("github.com", "www.github.com"):
         return None
     m = re.match(r"^/([^/]+)/([^/]+)/(?:blob|raw)/(.+)$", parts.path)
@@ -201,11 +208,11 @@ def _raw_github(url: str) -> str | None:
                        parts.query, ""))
 
 
-def _file_name(url: str) -> str | None:
-    """The URL's last path part when it is a plain embedding file name (else None: no guessing)."""
+def _file_name(url_path: str) -> str | None:
+    """The URL path's last part when it is a plain embedding file name (else None: no guessing)."""
     from urllib.parse import unquote
 
-    base = posixpath.basename(unquote(urlsplit(url).path))
+    base = posixpath.basename(unquote(url_path))
     if base.lower().endswith(_FILE_EXTS) and _SAFE_NAME.match(base):
         return base
     return None
@@ -221,7 +228,8 @@ def refuse_url_source(src: str, command: str | None = None) -> None:
     if src.strip().lower().startswith("file://"):
         from urllib.parse import unquote
 
-        path = unquote(urlsplit(src.strip()).path)
+        path = unquote(src.strip()[len("file://"):].split("?", 1)[0].split("#", 1)[0])
+        path = path[path.index("/"):] if "/" in path else path  # file://HOST/PATH: the path
         raise NotFoundError(f"{shown(path)} does not exist.",
                             f"textinv takes the path itself, not a file:// URL: {shlex.quote(path)}")
     ref = hub_ref(src)
