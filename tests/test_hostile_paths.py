@@ -130,7 +130,7 @@ def test_default_output_name_never_leaves_its_folder(token):
 
 def _dot_sources(tmp_path: Path) -> dict[str, Path]:
     """Three ways a file says its token is '.': an A1111 name, token_identifier.txt, a key."""
-    a1111 = tmp_path / "dot.pt"
+    a1111 = tmp_path / "embedding.pt"  # a generic stem: A1111's internal name gives the token
     a1111.write_bytes(a1111_pt("."))
     key = tmp_path / "dot.safetensors"
     key.write_bytes(dump_safetensors({".": np.ones((1, WIDTH), np.float32)}))
@@ -365,7 +365,7 @@ def _file_holding(root: Path, place: str, secret: str) -> Path:
         folder = concept_folder(root / "c", b"<fine>")
         (folder / "type_of_concept.txt").write_text(secret)
         return folder
-    path = root / ("f.pt" if place == "a1111-name" else f"{secret}.pt" if place == "file-name" else "f.safetensors")
+    path = root / ("embedding.pt" if place == "a1111-name" else f"{secret}.pt" if place == "file-name" else "f.safetensors")
     if place == "a1111-name":
         path.write_bytes(a1111_pt(secret))
     elif place == "file-name":  # kohya .pt holds no token: A1111's rule takes the file name
@@ -421,7 +421,7 @@ def _env(values: dict):
        fmt=st.sampled_from(["a1111-png", "a1111-webp", "sd-concepts", "safetensors", "a1111"]))
 def test_a_token_with_a_lone_surrogate_is_a_clear_error(cli, tmp_path_factory, before, bad, after, fmt):
     root = tmp_path_factory.mktemp("surrogate")
-    src = root / "s.pt"
+    src = root / "embedding.pt"  # a generic stem: the internal name is the token
     src.write_bytes(a1111_pt(before + bad + after))
     out = failed(cli("convert", src, "--to", fmt, "-o", root / "out"))
     assert "surrogate" in out

@@ -350,7 +350,7 @@ def test_hostile_hub_file_names_are_shown_escaped(hub):
     def check(names):
         seen.append(names)
         repo = f"me/hostile-{len(seen)}"
-        files = {"good.pt": dump_torch_pickle(layouts.a1111_dict(random_embedding("<good-toy>")))}
+        files = {"good-toy.pt": dump_torch_pickle(layouts.a1111_dict(random_embedding("<good-toy>")))}
         files.update({f"x{n}.pt": dump_torch_pickle(layouts.a1111_dict(random_embedding("<other-toy>", seed=i + 1)))
                       for i, n in enumerate(names)})
         hub.seed(repo, files)
