@@ -144,6 +144,8 @@ def test_private_flag_never_publishes_into_an_existing_public_repo(hub, hubcli):
 @pytest.mark.parametrize("args, message", [
     (["--format", "png"], "--format takes: safetensors, a1111, kohya"),
     (["--repo", "no-namespace"], "is not a Hub repository id"),
+    (["--repo", "https://civitai.com/models/3036/charturner"], "is not on the Hugging Face Hub: textinv pushes only"),
+    (["--repo", "https://huggingface.co/datasets/me/x"], "is a dataset repository"),
 ])
 def test_bad_push_arguments(hub, hubcli, args, message):
     Registry().add(random_embedding("<cat-toy>", seed=1), source="imported", origin={})

@@ -14,12 +14,12 @@ DEFAULT_REVISION = "main"
 TOKEN_FILE, TYPE_FILE = "token_identifier.txt", "type_of_concept.txt"
 
 
-def repo_id_from(text: str) -> str:
+def repo_id_from(text: str, command: str = "pull") -> str:
     """OWNER/NAME; a pasted Hub URL (https://huggingface.co/OWNER/NAME[/tree/...]) is accepted too,
     any other URL is refused with what to do (hub/urls.py)."""
     from .urls import parse_repo
 
-    return parse_repo(text).repo_id
+    return parse_repo(text, command).repo_id
 
 
 def scrub(text: str) -> str:

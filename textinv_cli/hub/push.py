@@ -46,7 +46,7 @@ def push(name: str, repo: str, *, private: bool = False, branch: str | None = No
     from .model_card import render_card
     from ..registry.store import Registry
 
-    repo_id = repo_id_from(repo)
+    repo_id = repo_id_from(repo, "push")
     branch = branch or DEFAULT_REVISION
     unknown = [f for f in formats if f not in PUSH_FORMATS]
     if unknown:

@@ -69,13 +69,16 @@ def _absolute(text: str) -> str:
     return t if _SCHEME.match(t) else "https://" + t
 
 
-def parse_repo(text: str) -> RepoRef:
+def parse_repo(text: str, command: str = "pull") -> RepoRef:
     """OWNER/NAME, or a Hub URL; any other URL is refused with what to do instead."""
     rid = text.strip()
     if is_url(rid, any_host=True):
         ref = hub_ref(rid)
+        if ref is None and command == "push":
+            raise HubError(f"{shown(display_url(rid), 120)} is not on the Hugging Face Hub: textinv pushes only to "
+                           "the Hub.", "Give --repo as OWNER/NAME (or its huggingface.co URL).")
         if ref is None:
-            raise not_the_hub(rid, "pull")
+            raise not_the_hub(rid, command)
         return ref
     if not _REPO_ID.match(rid) or ".." in rid or rid.endswith((".git", ".")):
         raise HubError(f"{quoted(redact(text))} is not a Hub repository id.",
@@ -103,7 +106,7 @@ def hub_ref(url: str) -> RepoRef | None:
         raise HubError(f"{shown(display_url(url))} is a Hugging Face page, not a repository or a file in one.",
                        "Give the repo as OWNER/NAME, or its URL (https://huggingface.co/OWNER/NAME).")
     if loc.type != "model":
-        raise HubError(f"{shown(display_url(url))} is a {loc.type} repository; textinv pulls embeddings from "
+        raise HubError(f"{shown(display_url(url))} is a {loc.type} repository; textinv pulls and pushes embeddings in "
                        "model repositories.", "Give a model repo (https://huggingface.co/OWNER/NAME).")
     if not _REPO_ID.match(loc.id):
         raise HubError(f"{shown(display_url(url))} does not name a Hub repository.",
