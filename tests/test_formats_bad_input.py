@@ -309,9 +309,8 @@ def test_ambiguous_file_names_its_keys_and_the_option(tmp_path):
 # -- names, sizes, overwriting --------------------------------------------------------------------
 
 def test_token_with_path_traversal_is_refused_as_an_output_name(tmp_path):
-    path = tmp_path / "evil.pt"
-    path.write_bytes(dump_torch_pickle({"string_to_token": {"*": 265}, "string_to_param":
-                                        {"*": np.ones((1, 768), np.float32)}, "name": "../../etc/evil"}))
+    path = tmp_path / "evil.safetensors"  # diffusers' layout: the key is the token
+    path.write_bytes(dump_safetensors({"../../etc/evil": np.ones((1, 768), np.float32)}))
     emb = formats.read_embedding(path)  # reading is fine: the token is just a string
     assert emb.token == "../../etc/evil"
     for fmt in formats.WRITERS:

@@ -42,7 +42,8 @@ def test_import_registers_a_file(cli, tmp_path, textinv_home):
 
 def test_reimporting_identical_content_in_another_format_says_where_it_is(cli, tmp_path):
     assert cli("import", _write(tmp_path, "cat.safetensors")).exit_code == 0
-    r = cli("import", _write(tmp_path, "cat.pt", fmt="a1111"))  # same vectors, same token
+    # same vectors, same token (kohya keeps it in metadata; an A1111 .pt's token is its file stem)
+    r = cli("import", _write(tmp_path, "cat-kohya.safetensors", fmt="kohya"))
     assert r.exit_code == 0, r.output
     sha = random_embedding().content_sha256()
     assert r.stdout.startswith(f"Already registered as cat-toy (sha256 {sha[:12]}")
