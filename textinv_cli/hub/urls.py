@@ -243,7 +243,8 @@ def refuse_url_source(src: str, command: str | None = None) -> None:
         hint = f"Pull it instead (it is registered like an import): {pull}"
     else:
         hint = f"Pull it into the registry first, then use its registry name: {pull}"
-    reads = "textinv import reads local files" if command == "import" else "textinv reads local files and registry names"
+    reads = ("textinv import reads local files" if command == "import"
+             else "textinv reads local files and registry names")
     raise NotFoundError(f"{shown(display_url(src), 120)} is on the Hugging Face Hub; {reads}, and does not "
                         "download.", hint)
 
