@@ -250,3 +250,21 @@ def test_hub_unreachable_uses_what_hf_hub_download_left(cache, cli, monkeypatch,
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert (out["cache_reason"], out["cache_listing"], out["commit"]) == ("unreachable", "files", commit)
+
+
+def test_a_fresh_process_configured_only_by_the_environment(cache, tmp_path):
+    """`python -m textinv_cli pull` as a user runs it: HF_HOME and HF_HUB_OFFLINE from the environment."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    emb, files = concept_repo()
+    _, commit = hf_download_cache(cache, REPO, {"learned_embeds.bin": files["learned_embeds.bin"]})
+    env = {**os.environ, **client_env(None, cache.parent, offline=True), "TEXTINV_HOME": str(tmp_path / "home")}
+    env.pop("HF_ENDPOINT", None)
+    out = subprocess.run([sys.executable, "-m", "textinv_cli", "pull", "https://huggingface.co/" + REPO, "--json"],
+                         capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent, timeout=60,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    (e,) = json.loads(out.stdout)["embeddings"]
+    assert e["entry"]["origin"]["commit"] == commit and e["entry"]["token"] == "<cat_toy_v0>"
