@@ -306,3 +306,14 @@ def test_training_families_stay_sd1_sd2_sdxl():
         with pytest.raises(TextinvError, match="Unknown model family") as e:
             make_tiny_model("/nonexistent/tiny", family)
         assert "sd1, sd2, sdxl" in e.value.hint
+
+
+def test_one_tensor_layouts_never_flatten_sd3_or_flux():
+    """Hub push and export build these dicts directly: an SD3 clip_l alone must not become SD 1.x."""
+    from textinv_cli.formats import layouts
+
+    for emb in (family_embedding("<s>", "sd3", slots=("clip_l",)), family_embedding("<f>", "flux")):
+        for build in (layouts.diffusers_dict, layouts.a1111_dict, layouts.kohya_dict):
+            with pytest.raises(UnsupportedFormatError) as e:
+                build(emb)
+            assert e.value.hint == "Formats that can: comfyui, onetrainer."

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..embedding import FAMILY_META, SLOT_WIDTHS, Embedding, slot_for_width
-from ..errors import AmbiguousEmbeddingError, FormatError
+from ..errors import AmbiguousEmbeddingError, FormatError, UnsupportedFormatError
 from ..families import FAMILIES, default_family, family_can_hold
 from ..untrusted import QUOTE_LIMIT, quoted
 
@@ -280,15 +280,29 @@ def portable_meta(emb: Embedding) -> dict[str, str]:
     return {k: v for k, v in emb.meta.items() if k not in READ_ONLY_META and v != ""}
 
 
+def _one_encoder(emb: Embedding, layout: str) -> np.ndarray:
+    """The vectors of an SD 1.x/2.x embedding. Any other family is refused, never flattened to
+    one tensor: an SD3/Flux clip_l alone written this way would read back as SD 1.x."""
+    if emb.family not in ("sd1", "sd2"):
+        from ..families import FAMILY_NAMES
+        from .writers import WRITERS
+
+        able = [n for n, i in WRITERS.items() if emb.family in i.families]
+        raise UnsupportedFormatError(
+            f"The {layout} layout holds one SD 1.x/2.x text encoder, not a {FAMILY_NAMES[emb.family]} "
+            f"embedding ({', '.join(emb.widths)}).", "Formats that can: " + ", ".join(able) + ".")
+    (vec,) = emb.vectors.values()
+    return vec
+
+
 def diffusers_dict(emb: Embedding) -> dict[str, np.ndarray]:
     """{token: [n, w]}: diffusers' loader takes a single-key dict's key as the token."""
-    (vec,) = emb.vectors.values()
-    return {emb.token: vec}
+    return {emb.token: _one_encoder(emb, "diffusers")}
 
 
 def a1111_dict(emb: Embedding) -> dict:
     """The dict A1111's Embedding.save writes; `name` doubles as diffusers' token."""
-    (vec,) = emb.vectors.values()
+    vec = _one_encoder(emb, "A1111")
     meta = emb.meta
     step = meta.get("step")
     return {
@@ -304,8 +318,7 @@ def a1111_dict(emb: Embedding) -> dict:
 def kohya_dict(emb: Embedding) -> dict[str, np.ndarray]:
     if emb.family == "sdxl":
         return {"clip_l": emb.vectors["clip_l"], "clip_g": emb.vectors["clip_g"]}
-    (vec,) = emb.vectors.values()
-    return {"emb_params": vec}
+    return {"emb_params": _one_encoder(emb, "kohya")}
 
 
 # The key each tool looks up per slot. ComfyUI (comfy/sd1_clip.py load_embed: string_to_param,
@@ -326,8 +339,7 @@ def comfyui_dict(emb: Embedding) -> dict[str, np.ndarray]:
 def onetrainer_dict(emb: Embedding) -> dict[str, np.ndarray]:
     """OneTrainer's spelling: `emp_params` for SD 1.x/2.x, else one key per encoder (T5 as `t5`)."""
     if emb.family in ("sd1", "sd2"):
-        (vec,) = emb.vectors.values()
-        return {ONETRAINER_SD_KEY: vec}
+        return {ONETRAINER_SD_KEY: _one_encoder(emb, "OneTrainer SD")}
     return {ONETRAINER_KEYS[s]: v for s, v in sorted(emb.vectors.items())}
 
 
