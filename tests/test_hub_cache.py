@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,8 +90,6 @@ def test_shared_xet_store_and_copied_files(cache, cli, layout):
     assert e["entry"]["origin"]["commit"] == commit
 
 
-@pytest.mark.xfail(strict=True, reason="fsutil._is_member (the folder-member rule the SDXL partner is read under) "
-                                       "does not yet follow a link into Xet's shared store <cache>/blobs/XX/HASH")
 def test_sdxl_pair_in_the_shared_xet_store(cache, cli):
     emb = random_embedding("<xl>", family="sdxl", n=2, seed=1)
     hf_download_cache(cache, "me/xl", sdxl_pair_files(emb), xet=True)
@@ -268,3 +267,32 @@ def test_a_fresh_process_configured_only_by_the_environment(cache, tmp_path):
     assert out.returncode == 0, out.stderr
     (e,) = json.loads(out.stdout)["embeddings"]
     assert e["entry"]["origin"]["commit"] == commit and e["entry"]["token"] == "<cat_toy_v0>"
+
+
+@pytest.mark.parametrize("damage", ["no marker", "wrong prefix", "store is a link"])
+def test_the_shared_store_is_followed_only_where_it_is_one(cache, cli, damage, tmp_path):
+    """A snapshot member may resolve into <cache>/blobs/XX/HASH only when that is
+    huggingface_hub's marked store and the path has the store's own shape."""
+    import shutil
+
+    emb = random_embedding("<xl>", family="sdxl", n=2, seed=1)
+    hf_download_cache(cache, "me/xl", sdxl_pair_files(emb), xet=True)
+    store = Path(cache) / "blobs"
+    assert (store / ".huggingface-shared-blobs").is_file() and list(store.glob("??/*"))
+    if damage == "no marker":
+        (store / ".huggingface-shared-blobs").unlink()
+    elif damage == "wrong prefix":
+        for payload in [p for p in store.glob("??/*") if p.is_file()]:
+            moved = store / ("00" if payload.parent.name != "00" else "11") / payload.name
+            moved.parent.mkdir(exist_ok=True)
+            payload.rename(moved)
+            for link in Path(cache).glob("models--*/blobs/*"):
+                if link.is_symlink() and os.readlink(link).endswith(payload.name):
+                    link.unlink()
+                    link.symlink_to(os.path.relpath(moved, link.parent))
+    else:
+        elsewhere = tmp_path / "elsewhere-store"
+        shutil.move(str(store), str(elsewhere))
+        store.symlink_to(elsewhere)
+    r = cli("pull", "me/xl", "--json")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output

@@ -247,7 +247,10 @@ def _is_member(folder: Path, real: str) -> bool:
     """Whether the resolved path `real` is a file of `folder`: directly in it, or (the one
     layout whose members are links by design) in huggingface_hub's cache, where
     <repo>/snapshots/<commit id>/NAME links to <repo>/blobs/<hash>: then it must be in that
-    repo's own blobs folder (a real folder, not a link), never anywhere else."""
+    repo's own blobs folder (a real folder, not a link), or in the cache-wide store of Xet
+    files that current clients link those blobs on to (<cache>/blobs/<2 hex>/<64 hex>, a
+    real folder marked .huggingface-shared-blobs: huggingface_hub.utils._shared_blobs),
+    never anywhere else."""
     home = os.path.realpath(folder)
     parent = os.path.dirname(real)
     if parent == home:
@@ -256,8 +259,21 @@ def _is_member(folder: Path, real: str) -> bool:
     for i in range(len(parts) - 2, 0, -1):
         if parts[i] == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", parts[i + 1]):
             blobs = os.path.join(*parts[:i], "blobs")
-            return parent == blobs and os.path.isdir(blobs) and not os.path.islink(blobs)
+            if parent == blobs:
+                return os.path.isdir(blobs) and not os.path.islink(blobs)
+            return i >= 2 and _in_shared_store(os.path.join(*parts[:i - 1]), real)
     return False
+
+
+def _in_shared_store(cache: str, real: str) -> bool:
+    """`real` is <cache>/blobs/XX/HASH in huggingface_hub's shared Xet store (XX: HASH[:2])."""
+    store = os.path.join(cache, "blobs")
+    name = os.path.basename(real)
+    return (re.fullmatch(r"[0-9a-f]{64}", name) is not None
+            and os.path.dirname(real) == os.path.join(store, name[:2])
+            and os.path.isdir(store) and not os.path.islink(store)
+            and not os.path.islink(os.path.dirname(real))
+            and os.path.isfile(os.path.join(store, ".huggingface-shared-blobs")))
 
 
 def _kind(mode: int) -> str:
