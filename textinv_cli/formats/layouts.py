@@ -21,6 +21,7 @@ from ..embedding import FAMILY_META, SLOT_WIDTHS, Embedding, slot_for_width
 from ..errors import AmbiguousEmbeddingError, FormatError, UnsupportedFormatError
 from ..families import FAMILIES, default_family, family_can_hold
 from ..untrusted import QUOTE_LIMIT, quoted
+from .a1111_names import A1111_NAME
 
 # Keys of the registry's canonical blob (Embedding.canonical_bytes) and of SDXL files.
 SLOT_KEYS = frozenset(SLOT_WIDTHS)
@@ -41,9 +42,10 @@ _INPUT_KEYS = frozenset(KEY_SLOTS) | {KOHYA_KEY, ONETRAINER_SD_KEY}
 # Where textinv keeps the token in formats that have metadata but no token field.
 TOKEN_META = "textinv.token"
 # Read-side facts about a file: they describe the source, not the embedding, so writers skip
-# them. A1111's `name` is the token under another name; the token itself is written instead.
+# them. A1111's `name` is the token under another name (a1111_name: the internal name of a
+# file whose token is its stem, formats/a1111_names.py); the token itself is written instead.
 READ_ONLY_META = frozenset({"format", "container", "dtype", "file_sha256", "paired_with", "token_source",
-                            "name", TOKEN_META, "family_source", "output_embeddings", FAMILY_META})
+                            "name", A1111_NAME, TOKEN_META, "family_source", "output_embeddings", FAMILY_META})
 A1111_FIELDS = ("step", "sd_checkpoint", "sd_checkpoint_name")
 
 # kohya sd-scripts library/sai_model_spec.py: architecture ids, adapter suffix, implementation.
