@@ -90,6 +90,23 @@ def test_sdxl_pair(hub, hubcli):
         np.testing.assert_array_equal(loaded.vectors[slot], emb.vectors[slot])
 
 
+def test_sdxl_step_checkpoints_pull_as_pairs(hub, hubcli):
+    """diffusers' SDXL script with --save_steps: learned_embeds(_2)-steps-N, one pair per step;
+    pulling either file of a step brings its partner."""
+    files = {}
+    for step, seed in ((500, 1), (1000, 2)):
+        pair = sdxl_pair_files(random_embedding("<xl-toy>", family="sdxl", n=2, seed=seed))
+        files.update({name.replace(".safetensors", f"-steps-{step}.safetensors"): data for name, data in pair.items()})
+    hub.seed("me/xl-steps", files)
+    (e,) = pulled(hubcli("pull", "me/xl-steps", "--file", "learned_embeds-steps-500.safetensors", "--json"))
+    assert e["entry"]["family"] == "sdxl"
+    assert set(e["entry"]["origin"]["files"]) == {"learned_embeds-steps-500.safetensors",
+                                                   "learned_embeds_2-steps-500.safetensors"}
+    (later,) = pulled(hubcli("pull", "me/xl-steps", "--file", "learned_embeds_2-steps-1000.safetensors",
+                             "--name", "xl-toy-1000", "--json"))  # either file names the pair
+    assert later["entry"]["family"] == "sdxl" and later["entry"]["sha256"] != e["entry"]["sha256"]
+
+
 def test_repo_with_several_embeddings(hub, hubcli):
     a, b = random_embedding("<bad-hands>", seed=2), random_embedding("<bad-prompt>", seed=3)
     hub.seed("someone/negatives", {"embeddings/bad-hands.pt": dump_torch_pickle(layouts.a1111_dict(a)),

@@ -5,7 +5,8 @@ bigger than an embedding can be) are never fetched. The rules:
 - A folder with diffusers' names is one embedding: the SDXL pair (learned_embeds.safetensors
   + learned_embeds_2.safetensors), else learned_embeds.safetensors or learned_embeds.bin
   (sd-concepts-library; both present = one embedding in two formats), with
-  token_identifier.txt / type_of_concept.txt beside it.
+  token_identifier.txt / type_of_concept.txt beside it. diffusers' SDXL script checkpoints
+  (learned_embeds-steps-N + learned_embeds_2-steps-N) are one embedding per step.
 - Other .safetensors / .pt / .bin files are one embedding per name: EasyNegative.safetensors
   and EasyNegative.pt are the same one in two formats (safetensors preferred: no pickle).
 - A listed path that could leave the cache folder or cannot be a file name (`..`, `.`, an
@@ -23,10 +24,11 @@ import functools
 import posixpath
 import re
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 from ..errors import HubError
 from ..untrusted import quoted, shown, unsafe_chars
-from ..formats.folders import CONCEPT_BIN, CONCEPT_SAFE, SDXL_FIRST, SDXL_SECOND
+from ..formats.folders import CONCEPT_BIN, CONCEPT_SAFE, SDXL_FIRST, SDXL_SECOND, first_half_name, sdxl_partner_name
 from ..fsutil import DEFAULT_MAX_BYTES
 
 CANDIDATES = (".safetensors", ".pt", ".bin")                 # what pull considers by itself
@@ -142,6 +144,11 @@ def find_units(listing: dict[str, int | None], cap: int = DEFAULT_MAX_BYTES) -> 
             if found:
                 units.append(Unit(found[:1], texts, found[1:]))
                 rest -= set(found)
+        for p in sorted(rest):  # diffusers' SDXL checkpoints, learned_embeds(_2)-steps-N: one unit each
+            partner = _step_partner(p)
+            if partner in rest and p in rest:
+                units.append(Unit([p, partner]))
+                rest -= {p, partner}
         by_stem: dict[str, list[str]] = {}
         for p in rest:
             by_stem.setdefault(posixpath.splitext(p)[0], []).append(p)
@@ -149,6 +156,17 @@ def find_units(listing: dict[str, int | None], cap: int = DEFAULT_MAX_BYTES) -> 
             group.sort(key=lambda p: _PREFERENCE[posixpath.splitext(p)[1]])
             units.append(Unit(group[:1], [], group[1:]))
     return units, sorted(too_big)
+
+
+def _step_partner(path: str) -> str | None:
+    """The second file of an SDXL step pair whose first file is `path` (X-steps-N.safetensors ->
+    X_2-steps-N.safetensors), as formats.folders names them; None for anything else. Only step
+    pairs: plain X / X_2 files may be unrelated embeddings, and the reader pairs those itself."""
+    p = PurePosixPath(path)
+    if "-steps-" not in p.stem or first_half_name(p) is not None:
+        return None
+    name = sdxl_partner_name(p)
+    return None if name is None else _join(posixpath.dirname(path), name)
 
 
 def choose_units(units: list[Unit], listing: dict[str, int | None], too_big: list[str], *, repo: str,
