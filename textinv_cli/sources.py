@@ -18,11 +18,12 @@ class Source:
 
 
 def load_source(src: str, *, token: str | None = None, key: str | None = None,
-                max_mib: float | None = None) -> Source:
+                max_mib: float | None = None, family: str | None = None) -> Source:
     """A path that exists wins; then a URL is refused with what to do (hub/urls.py: pull a Hub
     repo, download anything else); otherwise the registry is asked by name or token.
 
-    `max_mib` is --max-size, checked by fsutil.max_bytes_from_mib (nan, inf, 1e308 refused).
+    `max_mib` is --max-size, checked by fsutil.max_bytes_from_mib (nan, inf, 1e308 refused);
+    `family` is --family (formats.read_embedding; for a registry entry, Embedding.with_family).
     """
     from . import formats
     from .fsutil import max_bytes_from_mib
@@ -30,7 +31,7 @@ def load_source(src: str, *, token: str | None = None, key: str | None = None,
     max_bytes = max_bytes_from_mib(max_mib)
     path = Path(src).expanduser()
     if _exists(path):
-        emb = formats.read_embedding(path, token=token, key=key, max_bytes=max_bytes)
+        emb = formats.read_embedding(path, token=token, key=key, max_bytes=max_bytes, family=family)
         return Source(emb, "folder" if path.is_dir() else "file", path)
     from .hub.urls import refuse_url_source
 
@@ -48,6 +49,8 @@ def load_source(src: str, *, token: str | None = None, key: str | None = None,
     emb = reg.load(entry)
     if token:
         emb = Embedding(token, emb.vectors, emb.meta)
+    if family:
+        emb = emb.with_family(family)
     return Source(emb, "registry", reg.blob_path(entry.sha256), entry)
 
 

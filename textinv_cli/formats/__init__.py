@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..embedding import Embedding, holds_credential
+from ..embedding import FAMILY_META, Embedding, holds_credential
 from ..errors import FormatError, InvalidEmbeddingError, NotFoundError
 from ..fsutil import DEFAULT_MAX_BYTES, hash_file
 from ..untrusted import quoted
@@ -28,8 +28,10 @@ __all__ = ["FormatInfo", "WRITERS", "read_embedding", "write_embedding", "defaul
 
 
 def read_embedding(path: Path, *, token: str | None = None, key: str | None = None,
-                   max_bytes: int | None = DEFAULT_MAX_BYTES) -> Embedding:
-    """Read any supported file or folder. `token` renames; `key` picks among several tensors.
+                   max_bytes: int | None = DEFAULT_MAX_BYTES, family: str | None = None) -> Embedding:
+    """Read any supported file or folder. `token` renames; `key` picks among several tensors;
+    `family` (--family) declares the family where the file does not say it (an SD3/Flux
+    embedding holding only some encoders: a lone t5, clip_l or clip_g).
 
     Every file is read through fsutil.open_regular/read_capped (regular files, bounded, a
     folder's members inside it); an access token is never taken as the token or metadata.
@@ -42,7 +44,7 @@ def read_embedding(path: Path, *, token: str | None = None, key: str | None = No
 
         if (bundled := read_bundled(path, key=key, token=token, max_bytes=max_bytes)) is not None:
             _refuse_credentials(path, bundled.token, bundled.meta)
-            return bundled
+            return bundled.with_family(family) if family else bundled
     extra: dict[str, str] = {}
     named: str | None = None
     by_file_name = False
@@ -58,7 +60,7 @@ def read_embedding(path: Path, *, token: str | None = None, key: str | None = No
             extra["paired_with"] = pair[1].path.name if pair[0] is part else pair[0].path.name
         named, by_file_name = _file_token(path, part)
     vectors = {slot: arr for p in parts for slot, arr in p.parsed.vectors.items()}
-    if set(vectors) == {"clip_g"}:
+    if set(vectors) == {"clip_g"} and family != "sd3" and parts[0].parsed.meta.get(FAMILY_META) != "sd3":
         partner = first_half_name(path) if not path.is_dir() else None
         raise FormatError(
             f"{path} holds only SDXL's second text encoder (1280 wide), half of a diffusers SDXL pair; "
@@ -76,8 +78,10 @@ def read_embedding(path: Path, *, token: str | None = None, key: str | None = No
         meta[A1111_NAME] = parts[0].parsed.token
     _refuse_credentials(path, tok, meta)
     meta.update(format=fmt, container=container, dtype=_stored_dtype(parts), file_sha256=sha)
+    if family:
+        meta["family_source"] = "--family"
     try:
-        return Embedding(token=tok, vectors=vectors, meta=meta)
+        return Embedding(token=tok, vectors=vectors, meta=meta, family_declared=family)
     except InvalidEmbeddingError as e:  # say which file, keep the advice
         raise InvalidEmbeddingError(f"{path}: {e.message}", e.hint) from None
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ..options import max_size_option
+from ..options import FAMILY_HELP, family_option, max_size_option
 
 
 def convert(
@@ -17,6 +17,7 @@ def convert(
                             help="Output file/folder, or a folder to write into (an existing one, or any path ending in /)."),
     token: str = typer.Option(None, "--token", help="Use this token instead of the one in the file."),
     key: str = typer.Option(None, "--key", help="Which tensor to take when the file holds several."),
+    family: str = typer.Option(None, "--family", metavar="FAMILY", callback=family_option, help=FAMILY_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output (a file, or a folder this format wrote)."),
     max_size: float = typer.Option(None, "--max-size", callback=max_size_option,
                                    help="Accept input files up to this many MiB (default 64)."),
@@ -32,7 +33,7 @@ def convert(
 
     if to not in formats.WRITERS:
         raise TextinvError(f"Unknown format {quoted(to)}.", "Choose one of: " + ", ".join(formats.WRITERS) + ".")
-    source = load_source(src, token=token, key=key, max_mib=max_size)
+    source = load_source(src, token=token, key=key, max_mib=max_size, family=family)
     emb = source.embedding
     target = _target_path(out, source, emb, to)
     written = formats.write_embedding(emb, target, to, force=force)

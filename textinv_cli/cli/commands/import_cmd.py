@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ..options import max_size_option
+from ..options import FAMILY_HELP, family_option, max_size_option
 
 
 def import_embedding(
@@ -16,6 +16,7 @@ def import_embedding(
     name: str = typer.Option(None, "--name", metavar="NAME", help="Registry name (default: the token without brackets)."),
     token: str = typer.Option(None, "--token", metavar="TOKEN", help="Use this token instead of the one in the file."),
     key: str = typer.Option(None, "--key", metavar="KEY", help="Which tensor to take when the file holds several."),
+    family: str = typer.Option(None, "--family", metavar="FAMILY", callback=family_option, help=FAMILY_HELP),
     tag: list[str] = typer.Option(None, "--tag", metavar="TAG", help="A tag to store with the entry (repeatable)."),
     max_size: float = typer.Option(None, "--max-size", metavar="MIB", callback=max_size_option,
                                    help="Accept input files up to this many MiB (default 64)."),
@@ -39,7 +40,7 @@ def import_embedding(
     if not os.path.lexists(path):  # (Path.exists raises for a name too long to look up)
         refuse_url_source(src, "import")  # a URL: say how to get the file (or pull it from the Hub)
         raise NotFoundError(f"{path} does not exist.", "Check the path; `textinv import` takes a file or folder.")
-    emb = read_embedding(path, token=token, key=key, max_bytes=max_bytes_from_mib(max_size))
+    emb = read_embedding(path, token=token, key=key, max_bytes=max_bytes_from_mib(max_size), family=family)
     # the reader records the file's (or folder's embedding files') sha256 in meta
     origin = {"path": str(path.resolve()), "file_sha256": emb.meta.get("file_sha256")}
     entry, created = Registry().add(emb, name=name, source="imported", origin=origin, tags=tag or ())

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
-from ..options import max_size_option
+from ..options import FAMILY_HELP, family_option, max_size_option
 
 # meta keys shown in their own fields rather than under "metadata"
-_SHOWN = {"format", "container", "dtype", "file_sha256", "family_source"}
+_SHOWN = {"format", "container", "dtype", "file_sha256", "family_source", "textinv.family"}  # textinv.family: the family line says it
 _KEY_LIMIT, _VALUE_LIMIT = 80, 240  # characters of a metadata key / value in the text output
 # A LoRA can bundle thousands of embeddings (a hostile one, ~30k: the header's item cap): list a few.
 _BUNDLES_TEXT, _BUNDLES_JSON = 20, 500
@@ -22,6 +22,7 @@ def inspect(
     top: int = typer.Option(5, "--top", min=1, max=50, help="How many nearest tokens per vector."),
     token: str = typer.Option(None, "--token", help="Use this token instead of the one in the file."),
     key: str = typer.Option(None, "--key", help="Which tensor to take when the file holds several."),
+    family: str = typer.Option(None, "--family", metavar="FAMILY", callback=family_option, help=FAMILY_HELP),
     max_size: float = typer.Option(None, "--max-size", callback=max_size_option, help="Accept input files up to this many MiB (default 64)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
 ) -> None:
@@ -35,7 +36,7 @@ def inspect(
         report = describe_lora(lora, max_size)
         print_json(report) if json_out else _print_lora(report)
         return
-    source = load_source(src, token=token, key=key, max_mib=max_size)
+    source = load_source(src, token=token, key=key, max_mib=max_size, family=family)
     report = describe(source)
     if lora is not None:
         report["lora"] = describe_lora(lora, max_size)["lora"]
