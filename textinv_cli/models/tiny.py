@@ -233,7 +233,7 @@ def refuse_occupied(out: Path, what: str) -> None:
     """Refuse a non-empty `out`, naming the tiny model in it if it holds one."""
     from ..fsutil import check_new_folder
 
-    check_new_folder(out, what, "Pick a new or empty folder.")
+    check_new_folder(out, what, "Pick another folder: a new or empty one, somewhere writable.")
     if out.is_dir() and any(out.iterdir()):
         info = read_tiny_info(out)
         found = (f"the tiny {info['family']} model with seed {info.get('seed')} (recipe {info.get('recipe')})"
