@@ -90,6 +90,20 @@ def test_sdxl_push_writes_the_pair_and_kohya(hub, hubcli):
     assert not e["created"] and e["entry"]["name"] == "xl-toy"  # the same content: already registered
 
 
+def test_sd3_and_flux_are_refused_before_anything_is_created(hub, hubcli, tmp_path):
+    import shlex
+
+    emb = random_embedding("<f-toy>", family="flux", n=1, seed=9)
+    Registry().add(emb, source="imported", origin={})
+    r = hubcli("push", "f-toy", "--repo", "me/f")
+    assert r.exit_code == 1 and "diffusers loads no FLUX.1 embeddings" in r.stderr, r.output
+    assert "me/f" not in hub.repos
+    hint = r.stderr.strip().splitlines()[-1]
+    convert = hint[hint.index("`") + 1:hint.index("`", hint.index("`") + 1)]
+    assert shlex.split(convert) == ["textinv", "convert", "f-toy", "--to", "comfyui"]
+    assert hubcli(*shlex.split(convert)[1:], "-o", str(tmp_path / "f-toy.safetensors")).exit_code == 0  # works as printed
+
+
 def test_trained_embedding_card_has_settings_and_images(hub, hubcli, tmp_path):
     from textinv_cli.engine.spec import TrainSpec
 

@@ -23,11 +23,11 @@ import re
 from dataclasses import dataclass
 
 from ..errors import TextinvError
+from ..families import FAMILY_NAMES
 
 # Angle-bracket words: "<cat-toy>", not "<3 hearts" (space) nor "<lora:x:1>" (colon, see above).
 _BRACKET_WORD = re.compile(r"<[^<>\s:]+>")
 
-FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 
 
 @dataclass(frozen=True)

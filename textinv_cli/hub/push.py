@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HubError, UnsupportedFormatError
+from ..families import FAMILY_NAMES, TRAINABLE_FAMILIES
 from .client import (DEFAULT_REVISION, TOKEN_FILE, TYPE_FILE, hub_errors, hub_token, offline, quiet_progress,
                      repo_id_from)
 
@@ -61,6 +62,13 @@ def push(name: str, repo: str, *, private: bool = False, branch: str | None = No
     registry = Registry()
     entry = registry.resolve(name)
     emb = _public(registry.load(entry))
+    if emb.family not in TRAINABLE_FAMILIES:  # SD3/Flux: the repo layout below is diffusers', which has no loader for them
+        import shlex
+
+        raise UnsupportedFormatError(
+            f"textinv pushes diffusers-style repos, and diffusers loads no {FAMILY_NAMES[emb.family]} embeddings.",
+            f"Write the files with `textinv convert {shlex.quote(entry.name)} --to comfyui` (or --to onetrainer), "
+            f"then upload them with `hf upload {repo_id} FILE`.")
     files = repo_files(emb, formats)
     files.update(validation_images(entry))
     files["README.md"] = render_card(entry, emb, repo_id=repo_id, files=files,
