@@ -223,3 +223,6 @@ def test_redact_masks_known_and_token_shaped_values(monkeypatch, tmp_path):
     text = redact(f"{SECRET_FILE} / refresh-{SECRET_FILE} / hf_{'x' * 30} / token=Bearer abc.def-ghi")
     assert text == "hf_*** / hf_*** / hf_*** / token=Bearer ***"
     assert redact("https://user:pw-123@host/x and the word hf_short") == "https://user:***@host/x and the word hf_short"
+    # a secret in a URL's query (a signed download link, ?token=): masked; short values are no secret
+    assert (redact("https://h/f?token=Zq81Wv64Ux&x=1 https://s3/b?X-Amz-Signature=0e2816607bc8&y=2 ?key=a", tokens=[])
+            == "https://h/f?token=***&x=1 https://s3/b?X-Amz-Signature=***&y=2 ?key=a")

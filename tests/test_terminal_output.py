@@ -109,7 +109,8 @@ _CLI = settings(max_examples=25, deadline=None, derandomize=True, database=None,
 
 # -- class 3: redaction is linear ----------------------------------------------------------------
 
-REDOS_PIECES = ("a.", "a-", "a", ".", "://", ":", "@", "x:", "hf_", "Bearer ", "bearer\t", "api_org_", "/", " ")
+REDOS_PIECES = ("a.", "a-", "a", ".", "://", ":", "@", "x:", "hf_", "Bearer ", "bearer\t", "api_org_", "/", " ",
+                "?token=", "&sig=", "&", "=")
 
 
 @settings(max_examples=12, deadline=None, derandomize=True, database=None)

@@ -38,6 +38,11 @@ _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
 # as the single pattern required) is checked inside the run, once per candidate.
 _URL_CANDIDATE = re.compile(r"(?i)(?<![a-z0-9+.-])([a-z0-9+.-]+)(://[^/\s:@]*:)[^/\s@]+@")
 _SCHEME_START = re.compile(r"(?i)\b[a-z]")
+# A secret in a URL's query (?token=..., &X-Amz-Signature=...): a match starts only at ? or &,
+# and the value cannot hold either, so each character is scanned at most twice. Values under 8
+# characters are left alone (`?key=a` is no credential; masking it would garble ordinary text).
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:token|access_token|auth|api_?key|key|password|secret|sig|signature"
+                           r"|x-amz-signature|x-amz-security-token|x-goog-signature)=)[^&\s#]{8,}")
 _STORED_FIELDS = ("hf_token", "refresh_token", "access_token")
 
 
@@ -70,6 +75,7 @@ def redact(text, tokens: list[str] | None = None) -> str:
         text = text.replace(token, MASK)
     text = _TOKEN_SHAPE.sub(MASK, text)
     text = _BEARER.sub(lambda m: m.group(1) + "***", text)
+    text = _QUERY_SECRET.sub(lambda m: m.group(1) + "***", text)
     return _URL_CANDIDATE.sub(_mask_url_password, text)
 
 
