@@ -124,9 +124,10 @@ def _n_vectors(ref) -> int:
 # -- the model ----------------------------------------------------------------------------
 
 def model_display_name(model: str) -> str:
-    """What messages and the infotext call the model: a folder's name, or the Hub id."""
-    path = Path(model)
-    return path.name if path.is_dir() else model
+    """What messages and the infotext call the model (infotext.model_label's rule)."""
+    from textinv_cli.engine.infotext import model_label
+
+    return model_label(model)
 
 
 def _model_index(model: str, local: bool) -> dict:

@@ -1,5 +1,6 @@
 """Validation images of a training run: each --validate prompt rendered with the rows as they
-are now, into run/samples/step-N-i.png (the JAX backend's validation.py does the same in JAX).
+are now, into run/samples/step-N-i.png with A1111's `parameters` block as samples carry it
+(the JAX backend's validation.py does the same in JAX).
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from pathlib import Path
 import torch
 
 from textinv_cli.engine.captions import expand_placeholder
+from textinv_cli.engine.infotext import encode_png, validation_text
+from textinv_cli.fsutil import atomic_write_bytes
 from textinv_cli.engine.quiet_libraries import quiet
 
 from .loading import Components
 from .step import encode_text
+from .tokens import token_embedding
 
 
 def validation_images(comp: Components, spec, run: Path, step: int, resolution: int, device) -> list[Path]:
@@ -56,7 +60,10 @@ def validation_images(comp: Components, spec, run: Path, step: int, resolution: 
                 image = pipe(prompt_embeds=cond, num_inference_steps=spec.validate_steps, height=resolution,
                              width=resolution, generator=gen, **extra).images[0]
                 path = out_dir / f"step-{step:06d}-{i}.png"
-                image.save(path)
+                vectors = {slot: token_embedding(te).rows.detach().to("cpu", torch.float32).numpy()
+                           for slot, te in zip(comp.slots, comp.text_encoders)}
+                text = validation_text(spec, prompt=prompt, index=i, resolution=resolution, vectors=vectors)
+                atomic_write_bytes(path, encode_png(image, text), force=True)  # a resumed run redraws a step
                 paths.append(path)
     finally:
         for m, was in zip((comp.unet, *comp.text_encoders), modes):

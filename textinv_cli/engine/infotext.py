@@ -1,13 +1,15 @@
 """Generated images as A1111 writes them: `NNNNN-<seed>.png` with a `parameters` text chunk
 (prompt, negative prompt, steps, sampler, CFG, seed, size, model, TI hashes). Shared by
-every backend's sampler.
+every backend's sampler and validation images; `sample --grid`'s contact sheet too.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import re
 from pathlib import Path
 
 from ..errors import OutputExistsError, TextinvError
@@ -80,6 +82,86 @@ def infotext(request, *, seed: int, width: int, height: int, model_name: str, sa
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
     negative = f"\nNegative prompt: {request.negative}" if request.negative else ""
     return f"{request.prompt}{negative}\n{line}".strip()
+
+
+def model_label(model: str) -> str:
+    """What the infotext and messages call a model: a folder's name, or the Hub id as given."""
+    path = Path(model)
+    return path.name if path.is_dir() else str(model)
+
+
+def validation_text(spec, *, prompt: str, index: int, resolution: int, vectors: dict) -> str:
+    """The `parameters` block of validation image `index` of a run: the settings the
+    backends' validation renders with (DDIM, CFG 7.5, no negative prompt, seed + index) and,
+    as A1111's TI hashes, the trained embedding as it is at that step (the short content
+    hash the registry would give these vectors; `vectors`: slot -> float32 [n, width])."""
+    from ..embedding import Embedding
+    from .spec import EmbeddingRef, SampleRequest
+
+    short = Embedding(token=spec.token, vectors=dict(vectors)).content_sha256()[:12]
+    ref = EmbeddingRef(token=spec.token, vectors=vectors, short_hash=short, name=spec.name or "")
+    seed = spec.seed + index
+    request = SampleRequest(prompt=prompt, model=spec.model, out_dir="", embeddings=[ref],
+                            steps=spec.validate_steps, scheduler="ddim", guidance=7.5, seed=seed)
+    return infotext(request, seed=seed, width=resolution, height=resolution, model_name=model_label(spec.model),
+                    sampler="DDIM")
+
+
+def grid_rows(n: int) -> int:
+    """A1111's default grid shape (n_rows -1): round(sqrt(n)) rows, at most n."""
+    return max(1, min(n, round(math.sqrt(n))))
+
+
+def write_grid(paths: list, out_dir: Path) -> Path:
+    """One PNG of the images at `paths` in A1111's default grid (rows x columns, row by row),
+    saved as out_dir/grid-NNNN.png with the first image's `parameters` block, as A1111 gives
+    its grids the first image's infotext."""
+    from PIL import Image
+
+    images, text = [], ""
+    for i, p in enumerate(paths):
+        with Image.open(p) as f:
+            f.load()
+            if i == 0:
+                text = f.info.get("parameters", "")
+            images.append(f.convert("RGB"))
+    if not images:
+        raise TextinvError("No images to put in a grid.")
+    rows = grid_rows(len(images))
+    cols = math.ceil(len(images) / rows)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (cols * w, rows * h), "black")
+    for i, im in enumerate(images):
+        sheet.paste(im if im.size == (w, h) else im.resize((w, h)), ((i % cols) * w, (i // cols) * h))
+    data = encode_png(sheet, text)
+    out_dir = Path(out_dir)
+    taken = [int(m.group(1)) for m in (re.match(r"grid-(\d+)\.png$", n) for n in os.listdir(out_dir)) if m]
+    number = max(taken, default=-1) + 1
+    for _ in range(1000):  # another sampler took the number: take the next
+        path = out_dir / f"grid-{number:04d}.png"
+        try:
+            atomic_write_bytes(path, data)
+            return path
+        except OutputExistsError:
+            number += 1
+    raise TextinvError(f"Could not find a free file name in {out_dir}.", "Pick another folder with -o.")
+
+
+def with_grid(events, out_dir: Path):
+    """Pass a sampling run's events through; once it finishes, write the contact sheet of its
+    images and add its path to the `finished` event as `grid`."""
+    from .spec import Event
+
+    try:
+        for event in events:
+            if event.kind == "finished" and event.data.get("paths"):
+                grid = write_grid(event.data["paths"], Path(event.data.get("out_dir") or out_dir))
+                event = Event(event.kind, {**event.data, "grid": str(grid)}, event.payload)
+            yield event
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:  # Ctrl-C or an error here: stop the backend's work now
+            close()
 
 
 def check_out_dir(out_dir: Path) -> None:

@@ -35,6 +35,8 @@ def sample(
     precision: str = typer.Option("fp32", "--precision", help=f"{', '.join(PRECISIONS)} (fp16: CUDA only)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="torch or jax (default: the first usable one)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON event per line instead of a progress bar."),
+    grid: bool = typer.Option(False, "--grid", help="Also write a contact sheet of the images (grid-NNNN.png, "
+                                                    "with the first image's parameters, as A1111's grids)."),
 ) -> None:
     """Sample images with registered embeddings (PNG info as A1111 writes it)."""
     from ...engine.checks import check_sample_request, parse_size
@@ -78,6 +80,10 @@ def sample(
     for note in model_notes(model):  # on stderr: --json's stdout stays events only
         err_console.print(f"Note: {note}", markup=False, style="dim")
     events = chosen.sample(request)
+    if grid:  # the sheet is written once the last image is; `finished` names it
+        from ...engine.infotext import with_grid
+
+        events = with_grid(events, Path(request.out_dir))
     try:
         if json_out:
             _render_json(events)
@@ -143,6 +149,8 @@ def _render_rich(events, model_name: str) -> None:
                 (progress.console if progress else console).print(f"Wrote {data['path']}", markup=False)
             elif event.kind == "warning":
                 (progress.console if progress else console).print(f"Warning: {data.get('message', data)}", markup=False)
+            elif event.kind == "finished" and data.get("grid"):
+                (progress.console if progress else console).print(f"Wrote grid {data['grid']}", markup=False)
     finally:
         if progress is not None:
             progress.stop()
