@@ -34,7 +34,7 @@ EVENT_KEYS = {  # the JSON keys of each event a plain one-process run reports, "
     "snapshot": {"step", "path"},
     "checkpoint": {"step", "path"},
     "interrupted": {"step", "checkpoint"},
-    "finished": {"step", "embedding_path", "token", "vectors", "meta"},
+    "finished": {"step", "embedding_path", "token", "vectors", "meta", "summary"},
 }
 
 
@@ -122,8 +122,8 @@ def test_events_come_in_order_with_their_json_shape(reference):
 def test_the_run_folder_holds_spec_events_checkpoints_snapshots_and_the_embedding(reference):
     spec, events = reference
     run = Path(spec.run_dir)
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "events.jsonl", runs.FINAL, "snapshots",
-                                                     "spec.json"]
+    assert sorted(p.name for p in run.iterdir()) == [runs.LOCK, "checkpoints", "events.jsonl", runs.FINAL,
+                                                     "snapshots", "spec.json", "train.log"]
     assert TrainSpec.load(run) == spec
     assert [(s, p.name) for s, p in runs.complete_checkpoints(run)] == [(2, "step-000002"), (4, "step-000004")]
     assert sorted(p.name for p in (run / runs.CHECKPOINTS).iterdir()) == ["step-000002", "step-000004"]

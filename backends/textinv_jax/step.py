@@ -87,6 +87,13 @@ def train_step(st, frozen, batch, lr, max_norm, *, cfg: StepConfig):
     return (optax.apply_updates(rows, updates), opt), {"loss": loss, "grads": grads, "grad_norm": norm}
 
 
+@partial(jax.jit, static_argnames=("cfg",))
+def eval_step(rows, frozen, batch, *, cfg: StepConfig):
+    """Mean loss of `rows` on the fixed evaluation batch [pieces, B, ...] (one piece at a time,
+    lax.map: an eval needs no more memory than a training micro-step); rows not donated."""
+    return jnp.mean(jax.lax.map(lambda mb: micro_loss(rows, frozen, mb, cfg), batch))
+
+
 def opt_state(spec: TrainSpec, rows, mu=None, nu=None, count: int = 0):
     """AdamW state for `rows` with the spec's betas/eps/decay, optionally restored moments."""
     opt = TX.init(rows)

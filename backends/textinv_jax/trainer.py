@@ -22,7 +22,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from textinv_cli.engine.batch_plan import BatchPlan
+from textinv_cli.engine.batch_plan import BatchPlan, Draw
+from textinv_cli.engine.eval_batch import eval_draw
 from textinv_cli.engine.captions import add_placeholder_tokens, captions_for, find_images
 from textinv_cli.engine.checks import check_token, is_int
 from textinv_cli.engine.contract import Session
@@ -35,7 +36,7 @@ from . import state
 from .data import check_resolution, latent_cache
 from .loading import (ImageSide, TextSide, compute_dtype, load_image_side, load_text_side, model_family,
                       model_folder)
-from .step import StepConfig, opt_state, train_step
+from .step import StepConfig, eval_step, opt_state, train_step
 from .tokens import init_rows, tokenize_captions
 from .validation import validation_images
 
@@ -140,7 +141,11 @@ def batch_plan(s: Setup) -> BatchPlan:
 
 def micro_batch(s: Setup, plan: BatchPlan, step: int, micro: int) -> dict:
     """This process's block of a micro-step, as the torch Sampler picks it (host numpy)."""
-    d = plan.draw(step, micro)
+    return draw_batch(s, plan.draw(step, micro))
+
+
+def draw_batch(s: Setup, d: Draw) -> dict:
+    """A draw's samples as step inputs (a micro-step's, or the fixed evaluation batch's)."""
     counts = np.array([len(c) for c in s.choices])
     offsets = np.cumsum([0] + [len(c) for c in s.choices[:-1]])
     flat = np.array([i for c in s.choices for i in c])
@@ -148,6 +153,16 @@ def micro_batch(s: Setup, plan: BatchPlan, step: int, micro: int) -> dict:
     entry = d.images if len(s.flips) == 1 else d.images * 2 + (d.flip_u < s.spec.flip_p)
     return {"entry": entry.astype(np.int32), "caption": flat[offsets[d.images] + pick].astype(np.int32),
             "eps": d.eps, "noise": d.noise, "t": d.timesteps.astype(np.int32)}
+
+
+def eval_batch(s: Setup, num_timesteps: int) -> dict:
+    """The fixed evaluation batch (engine/eval_batch.py) as [pieces, B, ...]: B the largest
+    divisor of its size up to the training batch, so every piece has the same shape."""
+    d = eval_draw(s.spec.seed, s.n_images, tuple(s.mean.shape[1:]), num_timesteps)
+    full = draw_batch(s, d)
+    n = len(full["t"])
+    size = max(b for b in range(1, n + 1) if n % b == 0 and b <= max(1, s.spec.batch_size))
+    return {k: v.reshape((n // size, size) + v.shape[1:]) for k, v in full.items()}
 
 
 def step_batch(s: Setup, plan: BatchPlan, step: int) -> dict:
@@ -204,6 +219,7 @@ class JaxSession(Session):
         self.repl, self.sharded = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(None, "data"))
         self.warnings: list[str] = []
         self.pending = None
+        self._eval = None  # the fixed evaluation batch on the devices (replicated), made at the first eval
 
     def agree_run_dir(self, planned: str) -> str:
         if self.procs == 1:
@@ -265,6 +281,11 @@ class JaxSession(Session):
 
     def vectors(self) -> dict[str, np.ndarray]:
         return {slot: np.array(v, np.float32) for slot, v in host(self.st[0]).items()}
+
+    def eval_loss(self) -> float:
+        if self._eval is None:
+            self._eval = put(eval_batch(self.s, self.s.image.schedule.num_train_timesteps), self.repl)
+        return float(host(eval_step(self.st[0], self.frozen, self._eval, cfg=self.cfg)))  # the eval's host sync
 
     def validate(self, run: Path, step: int) -> list[Path]:
         # every process renders (the replicated program needs them all); only process 0 saves

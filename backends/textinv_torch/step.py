@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from textinv_cli.engine.batch_plan import BatchPlan
+from textinv_cli.engine.batch_plan import BatchPlan, Draw
+from textinv_cli.engine.eval_batch import chunks
 from textinv_cli.engine.spec import TrainSpec
 
 from .data import LatentCache
@@ -56,7 +57,11 @@ class Sampler:
                               num_timesteps=num_timesteps, rank=rank, world=world)
 
     def batch(self, step: int, micro: int) -> Batch:
-        d = self.plan.draw(step, micro)  # host numpy: the same numbers on every device and backend
+        return self.from_draw(self.plan.draw(step, micro))  # host numpy: the same numbers on every device and backend
+
+    def from_draw(self, d: Draw) -> Batch:
+        """A draw's samples as model inputs on the device (a training micro-step's, or the
+        fixed evaluation batch's)."""
         images = torch.from_numpy(d.images)
         u_caption, u_flip = torch.from_numpy(d.caption_u), torch.from_numpy(d.flip_u)
         eps, noise, timesteps = torch.from_numpy(d.eps), torch.from_numpy(d.noise), torch.from_numpy(d.timesteps)
@@ -123,6 +128,19 @@ def accumulate(comp, sampler: Sampler, step: int, *, passes: int, dtype: torch.d
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
     return loss_sum
+
+
+@torch.no_grad()
+def eval_loss(comp, batch: Batch, dtype: torch.dtype, chunk: int) -> float:
+    """Mean loss over the fixed evaluation batch, `chunk` samples per UNet call; no gradient,
+    nothing but a forward pass (the rows and optimizer are untouched)."""
+    n = batch.latents.shape[0]
+    total = torch.zeros((), device=batch.latents.device)
+    for part in chunks(n, chunk):
+        piece = Batch(ids=[t[part] for t in batch.ids], latents=batch.latents[part], noise=batch.noise[part],
+                      timesteps=batch.timesteps[part], time_ids=batch.time_ids[part])
+        total += forward_loss(comp, piece, dtype) * (part.stop - part.start)
+    return (total / n).item()  # the host sync of an eval step
 
 
 def update(opt: torch.optim.Optimizer, params: list[torch.Tensor], lr: float, max_grad_norm: float | None,

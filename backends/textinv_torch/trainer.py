@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from textinv_cli.engine.contract import Session
+from textinv_cli.engine.eval_batch import eval_draw
 from textinv_cli.engine.stop import StopFlag
 from textinv_cli.models.resolve import resolve_model
 from textinv_cli.engine.quiet_libraries import quiet
@@ -27,7 +28,7 @@ from textinv_cli.engine.spec import TrainSpec
 from . import distributed, state
 from .data import check_resolution, latent_cache
 from .loading import checkpointing_on, compute_dtype, enable_xformers, load_image_side, load_text_side
-from .step import Sampler, accumulate, update
+from .step import Sampler, accumulate, eval_loss, update
 from .tokens import install_rows, prepare_rows, tokenize_captions
 from .validation import validation_images
 
@@ -63,6 +64,7 @@ class TorchSession(Session):
         self.stop_debounce = 1.0 if self.dist.world > 1 else 0.0
         self.warnings: list[str] = []
         self._stop_agreed = False
+        self._eval = None  # the fixed evaluation batch on the device, made at the first eval
 
     def agree_run_dir(self, planned: str) -> str:
         return self.dist.broadcast(planned) if self.dist.world > 1 else planned
@@ -139,6 +141,15 @@ class TorchSession(Session):
 
     def vectors(self) -> dict[str, np.ndarray]:
         return {slot: r.detach().to("cpu", torch.float32).numpy().copy() for slot, r in self.rows.items()}
+
+    def eval_loss(self) -> float:
+        s = self.sampler
+        if self._eval is None:
+            self._eval = s.from_draw(eval_draw(self.spec.seed, s.cache.n_images, tuple(s.cache.mean.shape[1:]),
+                                               s.plan.num_timesteps))
+        # pieces of the training batch's size: an eval never needs more memory than a step
+        chunk = self.batch * (self.spec.grad_accum if self.spec.fuse_accum else 1)
+        return eval_loss(self.comp, self._eval, self.dtype, chunk=chunk)
 
     def validate(self, run: Path, step: int) -> list[Path] | None:
         if not self.is_main:

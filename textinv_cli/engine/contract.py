@@ -43,7 +43,7 @@ class Session:
 
         agree_run_dir -> with running(): load -> [restore] -> barrier -> step ... -> vectors
 
-    plus checkpoint_files, vectors, validate and agree_to_stop between steps. Every process
+    plus checkpoint_files, vectors, validate, eval_loss and agree_to_stop between steps. Every process
     of a multi-process run makes the same calls in the same order (some are collectives);
     only the one with `is_main` writes files.
 
@@ -104,6 +104,14 @@ class Session:
         """Render the spec's --validate prompts into run/samples; None where this process
         takes no part (the engine then reports nothing)."""
         raise NotImplementedError
+
+    def eval_loss(self) -> float | None:
+        """The mean loss of the rows as they are now on the fixed evaluation batch
+        (engine/eval_batch.eval_draw from the spec's seed, cut into pieces of the training
+        batch's size), as a float: a host sync, made only at --eval-every steps. It must not
+        touch the rows, the optimizer or any state a later step reads (training stays
+        bit-identical). Every process computes it; None: this backend has no eval loss."""
+        return None
 
 
 class Backend:

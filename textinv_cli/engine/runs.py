@@ -7,6 +7,10 @@
       snapshots/step-000250.safetensors
       samples/                  validation images
       learned_embeds.safetensors   the final embedding (diffusers format)
+      train.log                 one line per loss reading, eval, checkpoint... (engine/run_log.py)
+      .textinv-run.lock         held (flock) by the process that trains it: `textinv runs` says
+                                "running", and a second `resume` of the same run is refused
+      loss.png                  the loss curve, drawn by `textinv runs show`
 
 A checkpoint counts only when it is a folder named step-<digits> holding a `complete`
 marker: a stray `checkpoint-foo`, a leftover .tmp or a folder without the marker is never
@@ -40,6 +44,73 @@ _LEFTOVER_FILE = re.compile(r"\.(learned_embeds(_2)?\.safetensors|spec\.json|ste
 # loses nothing. Stages: temp-partial, before-rename, after-rename, after-complete,
 # during-retention (here) and before-register (textinv_cli.cli.training). Unset in normal use.
 CRASH_ENV = "TEXTINV_CHECKPOINT_CRASH_AT"
+
+
+LOCK = ".textinv-run.lock"
+
+
+class RunBusyError(Exception):
+    """The run folder is held by another process (its pid, when known)."""
+
+    def __init__(self, pid: int | None):
+        super().__init__(pid)
+        self.pid = pid
+
+
+def hold_run(run: Path):
+    """Lock `run` for this process until the returned file is closed (or the process dies:
+    the OS drops an flock with its owner, so a killed run never looks like it still runs).
+    Raises RunBusyError when another process holds it. Where flock does not exist (Windows)
+    the pid is recorded and nothing is enforced (os.kill there would end the process, so
+    a pid is never probed)."""
+    f = open(Path(run) / LOCK, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is not None:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = _pid_in(f.read())
+            f.close()
+            raise RunBusyError(pid) from None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "started": round(time.time(), 3)}))
+    f.flush()
+    return f
+
+
+def running_pid(run: Path) -> int | None:
+    """The pid of the process training `run` now (0 when it holds the lock but its pid is
+    unknown); None when no process does. Never creates the lock file."""
+    try:
+        fd = os.open(Path(run) / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, 4096).decode("utf-8", "replace")
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): whether the run still runs is not known here
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _pid_in(text) or 0
+        return None
+    finally:
+        os.close(fd)  # also drops the shared lock taken just to test it
+
+
+def _pid_in(text: str) -> int | None:
+    try:
+        pid = json.loads(text).get("pid")
+    except (ValueError, AttributeError):
+        return None
+    return pid if isinstance(pid, int) and pid > 0 else None
 
 
 def is_leftover_file(name: str) -> bool:

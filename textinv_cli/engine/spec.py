@@ -64,6 +64,10 @@ class TrainSpec:
     validate_every: int = 0
     validate_steps: int = 25
     num_processes: int = 1
+    # watching the run (absent from older spec.json files: these defaults keep them readable)
+    eval_every: int = 0                 # eval loss on the fixed batch every N steps (0: off; engine/eval_batch.py)
+    log_every: int | None = None        # loss readings every N steps (None: loop.log_interval's default)
+    report_to: list[str] = field(default_factory=list)  # "tensorboard" (engine/report_to.py)
     # who and where (kept under "extra" in spec.json, see IN_EXTRA)
     name: str | None = None             # the registry name the result gets
     model_name: str | None = None       # --model as the user typed it
@@ -133,7 +137,7 @@ class SampleRequest:
 
 
 KINDS = ("started", "progress", "checkpoint", "snapshot", "validation", "sample", "finished", "interrupted",
-         "warning")
+         "warning", "eval")
 
 
 @dataclass
@@ -240,6 +244,41 @@ class Finished(Payload):
     token: str
     vectors: dict[str, Any]             # slot -> float32 numpy [n, width]
     meta: dict[str, str]
+    summary: dict[str, Any] | None = None  # Summary.to_data(), from the process that writes
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("summary",)
+
+
+@dataclass(frozen=True)
+class EvalLoss(Payload):
+    """The loss on the fixed evaluation batch (engine/eval_batch.py) after `step` steps."""
+
+    KIND: ClassVar[str] = "eval"
+    step: int
+    loss: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class Summary(Payload):
+    """How the run went, the `finished` event's "summary": this session's time and speed, the
+    whole run's losses (earlier sessions' from events.jsonl), where its files are."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("final_loss", "mean_loss", "eval_first", "eval_last",
+                                           "eval_first_step", "eval_last_step", "log_file", "tensorboard")
+    steps: int                          # steps this session ran
+    total: int
+    seconds: float                      # this session's time from its first step to its last
+    steps_per_s: float
+    run_dir: str
+    embedding_path: str
+    final_loss: float | None = None
+    mean_loss: float | None = None      # over every loss reading of the run
+    eval_first: float | None = None
+    eval_last: float | None = None
+    eval_first_step: int | None = None
+    eval_last_step: int | None = None
+    log_file: str | None = None
+    tensorboard: str | None = None
 
 
 @dataclass(frozen=True)
