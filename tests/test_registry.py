@@ -18,6 +18,7 @@ from tests.support.helpers import random_embedding
 from tests.support.registry_worker import assert_consistent, run_together
 from textinv_cli.errors import InvalidEmbeddingError, NotFoundError, RegistryError
 from textinv_cli.registry.store import CRASH_ENV, Entry, Registry, home
+from textinv_cli.registry import db as registry_db
 
 WORKER = Path(__file__).parent / "support" / "registry_worker.py"
 
@@ -93,7 +94,7 @@ def test_database_settings(reg):
     reg.add(random_embedding(), source="imported", origin={})
     with sqlite3.connect(reg.db_path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == registry_db.SCHEMA_VERSION
 
 
 def test_to_json_is_plain_json(reg):
@@ -101,7 +102,7 @@ def test_to_json_is_plain_json(reg):
                        origin={"repo": "sd-concepts-library/cat-toy", "commit": "abc"})
     doc = json.loads(json.dumps(entry.to_json()))
     assert doc["name"] == "cat-toy" and doc["origin"]["commit"] == "abc" and doc["meta"]["format"] == "a1111"
-    assert set(doc) == {"name", "token", "family", "n_vectors", "widths", "sha256", "source", "origin",
+    assert set(doc) == {"active", "name", "token", "family", "n_vectors", "widths", "sha256", "source", "origin",
                         "meta", "tags", "created"}
     assert Entry(**doc) == entry
 
@@ -115,15 +116,54 @@ def test_identical_content_is_stored_once(reg):
     assert [e.name for e in reg.entries()] == ["cat-toy"] and len(_blobs(reg.root)) == 1
 
 
-def test_name_taken_by_different_content(reg):
+def test_a_taken_name_makes_the_next_version_unless_named_explicitly(reg):
+    first, _ = reg.add(random_embedding(seed=1), source="imported", origin={})
+    second, created = reg.add(random_embedding(seed=2), source="imported", origin={})
+    assert created and second.name == "cat-toy-v2" and second.active and second.token == first.token
+    assert [(e.name, e.active) for e in reg.entries()] == [("cat-toy", False), ("cat-toy-v2", True)]
+    with pytest.raises(RegistryError) as err:  # an explicit --name that is taken: refused, a free one named
+        reg.add(random_embedding(seed=3), name="cat-toy", source="imported", origin={})
+    assert "'cat-toy'" in err.value.message and "--name cat-toy-v3" in err.value.hint
+    assert len(_blobs(reg.root)) == 2  # the refused content left nothing behind
+    third, _ = reg.add(random_embedding(seed=3), name="cat-toy", on_taken="version", source="trained", origin={})
+    assert third.name == "cat-toy-v3" and reg.resolve("<cat-toy>").name == "cat-toy-v3"
+
+
+def test_use_rename_tags_and_rm_keep_one_active_entry_per_token(reg):
     reg.add(random_embedding(seed=1), source="imported", origin={})
-    with pytest.raises(RegistryError) as err:
-        reg.add(random_embedding(seed=2), source="imported", origin={})
-    assert "'cat-toy'" in err.value.message and "--name" in err.value.hint
-    assert len(_blobs(reg.root)) == 1  # the refused content left nothing behind
-    entry, created = reg.add(random_embedding(seed=2), name="cat-toy-2", source="imported", origin={})
-    assert created and entry.token == "<cat-toy>"
-    assert [e.name for e in reg.entries()] == ["cat-toy", "cat-toy-2"]
+    reg.add(random_embedding(seed=2), source="imported", origin={})
+    entry, before = reg.use("cat-toy")
+    assert entry.active and before.name == "cat-toy-v2" and reg.resolve("<cat-toy>").name == "cat-toy"
+    assert reg.use("cat-toy") [1] is None  # already active: nothing switched
+    renamed = reg.rename("cat-toy", "kitty")
+    assert renamed.name == "kitty" and renamed.active and reg.get("cat-toy") is None
+    with pytest.raises(RegistryError, match="already taken"):
+        reg.rename("kitty", "cat-toy-v2")
+    assert reg.set_tags("kitty", ["toy", "orange", "toy"]).tags == ["toy", "orange"]
+    assert reg.set_tags("kitty", remove=["toy"]).tags == ["orange"] and reg.get("kitty").tags == ["orange"]
+    reg.remove("kitty")  # the active one goes: the newest remaining version takes over
+    assert reg.get("cat-toy-v2").active and reg.resolve("cat-toy").name == "cat-toy-v2"
+
+
+def test_a_version_1_registry_reads_and_migrates_with_one_active_entry_per_token(reg):
+    """Before versions, two entries could share a token: the newest becomes the active one."""
+    rows = []
+    for seed, name, created in ((2, "new", "2024-06-01T00:00:00Z"), (1, "old", "2024-01-01T00:00:00Z")):
+        e, _ = reg.add(random_embedding(seed=seed), name=name, source="imported", origin={})
+        rows.append([json.dumps(v) if k in registry_db.JSON_COLUMNS else created if k == "created" else v
+                     for k, v in e.to_json().items() if k in registry_db.COLUMNS])
+    reg.db_path.unlink()
+    with sqlite3.connect(reg.db_path) as conn:  # schema 1, as textinv wrote it: no active column
+        conn.execute("CREATE TABLE embeddings (name TEXT PRIMARY KEY, token TEXT NOT NULL, family TEXT NOT NULL,"
+                     " n_vectors INTEGER NOT NULL, widths TEXT NOT NULL, sha256 TEXT NOT NULL, source TEXT NOT NULL,"
+                     " origin TEXT NOT NULL, meta TEXT NOT NULL, tags TEXT NOT NULL, created TEXT NOT NULL)")
+        conn.executemany("INSERT INTO embeddings VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+        conn.execute("PRAGMA user_version = 1")
+    assert [(e.name, e.active) for e in reg.entries()] == [("new", True), ("old", False)]  # read as is
+    reg.add(random_embedding("<dog>", seed=3), source="imported", origin={})  # the first write migrates
+    with sqlite3.connect(reg.db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == registry_db.SCHEMA_VERSION
+        assert dict(conn.execute("SELECT name, active FROM embeddings")) == {"new": 1, "old": 0, "dog": 1}
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "..", "<>", "a\\b", " ", "x\x00y", "a\nb"])
@@ -150,12 +190,11 @@ def test_resolve_by_name_token_or_bare_token(reg):
     assert reg.resolve("cat-toy").name == "kitty"
 
 
-def test_resolve_ambiguous_token_names_the_candidates(reg):
+def test_resolve_a_shared_token_gives_its_active_entry(reg):
     reg.add(random_embedding("<cat-toy>", seed=1), source="imported", origin={})
     reg.add(random_embedding("<cat-toy>", seed=2), name="cat-toy-v2", source="imported", origin={})
     assert reg.resolve("cat-toy").name == "cat-toy"  # a name wins over tokens
-    with pytest.raises(RegistryError, match="cat-toy, cat-toy-v2"):
-        reg.resolve("<cat-toy>")
+    assert reg.resolve("<cat-toy>").name == "cat-toy-v2"  # the newest registration is active
 
 
 def test_resolve_unknown_suggests_close_names(reg):
@@ -192,7 +231,7 @@ def test_remove_keeps_a_blob_another_row_uses(reg):
     entry, _ = reg.add(random_embedding(), source="imported", origin={})
     with sqlite3.connect(reg.db_path) as conn:  # e.g. written by a future version
         conn.execute("INSERT INTO embeddings SELECT 'alias', token, family, n_vectors, widths, sha256, source,"
-                     " origin, meta, tags, created FROM embeddings WHERE name = 'cat-toy'")
+                     " origin, meta, tags, created, 0 FROM embeddings WHERE name = 'cat-toy'")
     reg.remove("cat-toy")
     assert reg.blob_path(entry.sha256).exists() and reg.load("alias").content_sha256() == entry.sha256
     reg.remove("alias")

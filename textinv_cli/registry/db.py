@@ -18,8 +18,11 @@ from pathlib import Path
 
 from ..errors import RegistryError
 from ..families import FAMILIES
+from .versions import choose_active
 
-SCHEMA_VERSION = 1
+# 1: the first schema. 2: `active`: which of the entries sharing a token a prompt's token
+# means (store.py, "Versions"); a version-1 registry reads as before and is migrated at its first write.
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 30.0
 
 SCHEMA = """
@@ -34,7 +37,8 @@ CREATE TABLE embeddings (
     origin    TEXT NOT NULL,              -- JSON: file path + sha256, hub repo + commit, run + config
     meta      TEXT NOT NULL,              -- JSON: the embedding's meta dict
     tags      TEXT NOT NULL,              -- JSON list
-    created   TEXT NOT NULL               -- ISO 8601, UTC
+    created   TEXT NOT NULL,              -- ISO 8601, UTC
+    active    INTEGER NOT NULL DEFAULT 0  -- 1: the entry a prompt's token means (store.choose_active)
 );
 CREATE INDEX embeddings_sha256 ON embeddings (sha256);
 CREATE INDEX embeddings_token ON embeddings (token);
@@ -69,6 +73,9 @@ def _text(data: bytes) -> str:
 
 COLUMNS = ("name", "token", "family", "n_vectors", "widths", "sha256", "source", "origin",
            "meta", "tags", "created")
+# Not in COLUMNS: a version-1 row has no such column, and a tampered value is no damage (a flag
+# the store only prefers: choose_active). Written by the store itself.
+ACTIVE = "active"
 JSON_COLUMNS = ("widths", "origin", "meta", "tags")
 SOURCES = ("trained", "pulled", "imported")
 # textinv writes a few KB per column (names.py caps metadata at 512K characters). The
@@ -109,6 +116,26 @@ def decode_row(row) -> tuple[dict, str | None]:
         if not values["token"].strip() or not values["name"].strip():
             problems.append("its name or token is empty")
     return values, "; ".join(problems) or None
+
+
+def mark_active(conn: sqlite3.Connection, token: str | None = None) -> None:
+    """Set `active` on the one row per token that versions.choose_active picks (all tokens, or
+    one), clear it on the rest. Inside a write transaction."""
+    where, args = ("WHERE token = ?", (token,)) if token is not None else ("", ())
+    rows = conn.execute(f"SELECT rowid, * FROM embeddings {where}", args).fetchall()
+    by_token: dict = {}
+    for row in rows:
+        by_token.setdefault(as_text(row["token"]), []).append(row)
+    for group in by_token.values():
+        chosen = choose_active([(active_flag(r), as_text(r["created"]), r["rowid"], decode_row(r)[1] is not None)
+                                for r in group])
+        for i, row in enumerate(group):
+            conn.execute(f"UPDATE embeddings SET {ACTIVE} = ? WHERE rowid = ?", (int(i == chosen), row["rowid"]))
+
+
+def active_flag(row) -> bool:
+    """The row's `active` flag: 1 only; a version-1 row (no column) or anything else is 0."""
+    return ACTIVE in row.keys() and type(row[ACTIVE]) is int and row[ACTIVE] == 1
 
 
 def as_text(raw) -> str:
@@ -300,4 +327,9 @@ def migrate(conn: sqlite3.Connection) -> None:
         for stmt in SCHEMA.split(";"):
             if stmt.strip():
                 conn.execute(stmt)
+    elif version == 1:
+        # Version 1 had no notion of an active entry: the rows that share a token get one, the
+        # one the store's rule picks (the newest), and `list` says so for every shared token.
+        conn.execute(f"ALTER TABLE embeddings ADD COLUMN {ACTIVE} INTEGER NOT NULL DEFAULT 0")
+        mark_active(conn)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

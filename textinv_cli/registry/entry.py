@@ -26,6 +26,9 @@ class Entry:
     meta: dict             # the embedding's meta dict
     tags: list
     created: str           # ISO 8601 UTC, e.g. 2024-05-01T12:34:56Z
+    # Whether a prompt's token means this entry (versions.py); set by the store, which sees
+    # the other rows sharing the token.
+    active: bool = False
     # What is wrong with the row it was read from (db.decode_row), or None. A damaged
     # entry is listed and can be removed, but never loaded.
     damaged: str | None = None

@@ -31,6 +31,7 @@ import difflib
 import hashlib
 import json
 import os
+import shlex
 import signal
 import sqlite3
 from datetime import datetime, timezone
@@ -40,9 +41,10 @@ from typing import TYPE_CHECKING
 
 from . import db as registry_db
 from ..errors import NotFoundError, RegistryError
-from .db import COLUMNS as _COLUMNS, JSON_COLUMNS as _JSON_COLUMNS, SHA_RE, SOURCES
+from .db import ACTIVE, COLUMNS as _COLUMNS, JSON_COLUMNS as _JSON_COLUMNS, SHA_RE, SOURCES
 from .entry import Entry, entry_from_row
 from .names import check_name, check_token, clean_meta, display_name, readd_hint, rm_command
+from .versions import choose_active, next_name
 from ..untrusted import quoted, shown
 
 if TYPE_CHECKING:  # numpy comes with Embedding; keep `import textinv_cli.registry.store` light
@@ -82,8 +84,13 @@ class Registry:
 
     # -- public API -----------------------------------------------------------
     def add(self, emb, *, name: str | None = None, source: str, origin: dict,
-            tags=()) -> tuple[Entry, bool]:
-        """Register `emb`; (entry, True) if new, (existing entry, False) if the content is known."""
+            tags=(), on_taken: str = "error") -> tuple[Entry, bool]:
+        """Register `emb`; (entry, True) if new, (existing entry, False) if the content is known.
+
+        The new entry becomes the active one for its token (versions.py). Without `name` it is
+        named after the token, or the next free version name (cat-toy-v2) when that is taken;
+        a taken `name` is a RegistryError, or with on_taken="version" the next free version
+        name (a finished training run is registered, whatever took its name meanwhile)."""
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
         # Validate before anything touches the disk: a bad token or name must write nothing.
@@ -92,6 +99,7 @@ class Registry:
 
         secrets = known_tokens()
         check_token(emb.token, secrets)
+        versioned = name is None or on_taken == "version"
         name = check_name(name if name is not None else emb.token, known=secrets)
         meta = clean_meta(emb.meta, secrets)
         data = emb.canonical_bytes()
@@ -102,7 +110,7 @@ class Registry:
         known, clash = self._precheck(sha, name)
         if known is not None:
             return known, False
-        if clash is not None:
+        if clash is not None and not versioned:
             raise self._clash_error(name, clash)
 
         self._ensure_dirs()
@@ -113,7 +121,7 @@ class Registry:
                       widths=dict(emb.widths), sha256=sha, source=source, origin=dict(origin or {}),
                       meta=meta, tags=[str(t) for t in tags], created=_now())
         try:
-            return self._insert(entry, data)
+            return self._insert(entry, data, versioned=versioned)
         except RegistryError:
             # e.g. the disk filled up at the commit: take back the blob this call added
             # (a name clash has already done so under the lock).
@@ -121,16 +129,19 @@ class Registry:
                 self._drop_blob_if_unused(sha)
             raise
 
-    def _insert(self, entry: Entry, data: bytes) -> tuple[Entry, bool]:
-        """The locked half of add(): re-check everything, then insert the row."""
+    def _insert(self, entry: Entry, data: bytes, *, versioned: bool) -> tuple[Entry, bool]:
+        """The locked half of add(): re-check everything, then insert the row, active."""
         sha, name = entry.sha256, entry.name
         with self.transaction() as conn:
             row = conn.execute("SELECT * FROM embeddings WHERE sha256 = ? ORDER BY name LIMIT 1",
                                (sha,)).fetchone()
             if row is not None:  # another process registered the same content meanwhile
-                return entry_from_row(row), False
+                return self._with_active(conn, entry_from_row(row)), False
             row = conn.execute("SELECT * FROM embeddings WHERE name = ?", (name,)).fetchone()
-            if row is not None:
+            if row is not None and versioned:  # the next free version name, chosen under the lock
+                taken = {registry_db.as_text(r["name"]) for r in conn.execute("SELECT name FROM embeddings")}
+                entry.name = name = check_name(next_name(name, taken))
+            elif row is not None:
                 self._unlink_blob_if_unused(conn, sha)  # we hold the lock: no one can need it now
                 raise self._clash_error(name, entry_from_row(row))
             if not self.blob_path(sha).is_file():  # a concurrent `rm` removed it after we wrote it
@@ -139,6 +150,9 @@ class Registry:
                 f"INSERT INTO embeddings ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                 tuple(json.dumps(getattr(entry, c), sort_keys=True) if c in _JSON_COLUMNS
                       else getattr(entry, c) for c in _COLUMNS))
+            # the newest registration of a token is the one its prompts mean (versions.py)
+            conn.execute(f"UPDATE embeddings SET {ACTIVE} = (name = ?) WHERE token = ?", (name, entry.token))
+            entry.active = True
             _crash_point("before-commit")
         return entry, True
 
@@ -148,10 +162,10 @@ class Registry:
             if conn is None:
                 return None
             row = registry_db.find_row(conn, name)
-            return entry_from_row(row) if row is not None else None
+            return self._with_active(conn, entry_from_row(row)) if row is not None else None
 
     def resolve(self, name_or_token: str) -> Entry:
-        """By name; else by token ("<cat-toy>"); else by token without brackets."""
+        """By name; else the active entry of a token ("<cat-toy>"); else of a token without brackets."""
         entry = self.get(name_or_token)
         if entry is not None:
             return entry
@@ -159,15 +173,19 @@ class Registry:
         wanted = name_or_token.strip()
         for match in (lambda e: e.token == wanted,
                       lambda e: e.token.strip().strip("<>").strip() == wanted.strip("<>").strip()):
-            hits = [e for e in everything if match(e)]
+            hits = [e for e in everything if match(e) and e.active]
             if len(hits) == 1:
                 return hits[0]
-            if len(hits) > 1:
+            if len(hits) > 1:  # "cat" for both <cat> and cat: different tokens
                 raise RegistryError(
-                    f"Several registered embeddings use the token {quoted(name_or_token)}: "
-                    + ", ".join(display_name(e.name) for e in hits[:10]) + ".",
-                    "Refer to one by its name (see `textinv list`).")
+                    f"{quoted(name_or_token)} could mean the tokens "
+                    + ", ".join(shown(e.token) for e in hits[:10]) + ".",
+                    f"Name the entry instead: {', '.join(display_name(e.name) for e in hits[:10])}.")
         raise self._not_found(name_or_token, everything)
+
+    def versions(self, token: str) -> list[Entry]:
+        """Every entry with this token, oldest first; the active one has `active` set."""
+        return sorted((e for e in self.entries() if e.token == token), key=lambda e: e.created)
 
     def load(self, name_or_entry) -> Embedding:
         """The embedding from its blob, after checking the blob still has the recorded sha256."""
@@ -201,13 +219,59 @@ class Registry:
                                 fix) from None
 
     def entries(self, *, family: str | None = None, source: str | None = None) -> list[Entry]:
-        filters = {k: v for k, v in (("family", family), ("source", source)) if v is not None}
-        where = " WHERE " + " AND ".join(f"{k} = ?" for k in filters) if filters else ""
         with self._read() as conn:
             if conn is None:
                 return []
-            rows = conn.execute(f"SELECT * FROM embeddings{where} ORDER BY name", tuple(filters.values()))
-            return [entry_from_row(r) for r in rows]
+            out = self._mark(conn.execute("SELECT rowid, * FROM embeddings ORDER BY name").fetchall())
+        return [e for e in out if (family is None or e.family == family) and (source is None or e.source == source)]
+
+    def use(self, name: str) -> tuple[Entry, Entry | None]:
+        """Make `name` the active entry of its token; (it, the one that was active before)."""
+        with self.transaction() as conn:
+            row = registry_db.find_row(conn, name)
+            if row is None:
+                raise self._not_found(name, [])
+            entry = self._with_active(conn, entry_from_row(row))
+            if entry.damaged:
+                raise RegistryError(f"{display_name(entry.name)} is damaged ({entry.damaged}); it cannot be used.",
+                                    readd_hint(entry.name, entry.origin))
+            before = next((e for e in self._mark(self._token_rows(conn, row)) if e.active), None)
+            conn.execute(f"UPDATE embeddings SET {ACTIVE} = (rowid = ?) WHERE token = ?", (row["rowid"], row["token"]))
+            entry.active = True
+        return entry, (before if before is not None and before.name != entry.name else None)
+
+    def rename(self, old: str, new: str) -> Entry:
+        """Give the entry `old` the name `new` (free, and allowed by names.check_name)."""
+        from ..redact import known_tokens
+
+        new = check_name(new, known=known_tokens())
+        with self.transaction() as conn:
+            row = registry_db.find_row(conn, old)
+            if row is None:
+                raise self._not_found(old, [])
+            if registry_db.as_text(row["name"]) == new:
+                return self._with_active(conn, entry_from_row(row))
+            clash = conn.execute("SELECT * FROM embeddings WHERE name = ?", (new,)).fetchone()
+            if clash is not None:
+                raise self._clash_error(new, entry_from_row(clash), renaming=True)
+            conn.execute("UPDATE embeddings SET name = ? WHERE rowid = ?", (new, row["rowid"]))
+            return self._with_active(conn, entry_from_row(
+                conn.execute("SELECT rowid, * FROM embeddings WHERE rowid = ?", (row["rowid"],)).fetchone()))
+
+    def set_tags(self, name: str, add=(), remove=()) -> Entry:
+        """Add and remove tags of an entry (each tag once, in the order first given)."""
+        with self.transaction() as conn:
+            row = registry_db.find_row(conn, name)
+            if row is None:
+                raise self._not_found(name, [])
+            entry = entry_from_row(row)
+            if entry.damaged:
+                raise RegistryError(f"{display_name(entry.name)} is damaged ({entry.damaged}); its tags cannot change.",
+                                    readd_hint(entry.name, entry.origin))
+            tags = [t for t in dict.fromkeys([*entry.tags, *add]) if t not in set(remove)]
+            conn.execute("UPDATE embeddings SET tags = ? WHERE rowid = ?", (json.dumps(tags), row["rowid"]))
+            entry.tags = tags
+            return self._with_active(conn, entry)
 
     def remove(self, name: str) -> Entry:
         """Delete the row; the blob goes too unless another row still points at it."""
@@ -217,7 +281,10 @@ class Registry:
             row = registry_db.find_row(conn, name)
             entry = entry_from_row(row) if row is not None else None
             if row is not None:  # by rowid: a damaged row's name may not even be bindable text
+                entry = self._with_active(conn, entry)
                 conn.execute("DELETE FROM embeddings WHERE rowid = ?", (row["rowid"],))
+                if entry.active:  # the newest remaining version takes over (versions.py)
+                    registry_db.mark_active(conn, row["token"])
         if entry is None:
             raise self._not_found(name, self.entries())
         if not SHA_RE.fullmatch(entry.sha256):
@@ -254,16 +321,50 @@ class Registry:
                 known = conn.execute("SELECT * FROM embeddings WHERE sha256 = ? ORDER BY name LIMIT 1",
                                      (sha,)).fetchone()
                 clash = conn.execute("SELECT * FROM embeddings WHERE name = ?", (name,)).fetchone()
+                known_entry = self._with_active(conn, entry_from_row(known)) if known else None
             finally:
                 conn.execute("COMMIT")
-            return (entry_from_row(known) if known else None), (entry_from_row(clash) if clash else None)
+            return known_entry, (entry_from_row(clash) if clash else None)
 
-    def _clash_error(self, name: str, existing: Entry) -> RegistryError:
+    def _clash_error(self, name: str, existing: Entry, *, renaming: bool = False) -> RegistryError:
+        free = self.free_name(name)
         return RegistryError(
             f"The name {quoted(name)} is already taken by a different embedding "
             f"({shown(existing.token)}, sha256 {shown(existing.short_sha)}, {shown(existing.source)} "
             f"{shown(existing.created)}).",
-            f"Pass --name to register this one under another name, or `{rm_command(name)}` first.")
+            (f"Pick a free name, e.g. {shown(free)}, or `{rm_command(name)}` first." if renaming else
+             f"Pass --name {shlex.quote(display_name(free))} (or leave --name out: the next free version name is "
+             f"taken), or `{rm_command(name)}` first."))
+
+    def free_name(self, name: str) -> str:
+        """The name itself when free, else the next free version name (versions.next_name)."""
+        taken = {e.name for e in self.entries()}
+        return name if name not in taken else next_name(name, taken)
+
+    # -- which entry of a token is active (versions.py) -------------------------------------
+    def _token_rows(self, conn: sqlite3.Connection, row) -> list:
+        return conn.execute("SELECT rowid, * FROM embeddings WHERE token = ?", (row["token"],)).fetchall()
+
+    def _with_active(self, conn: sqlite3.Connection, entry: Entry) -> Entry:
+        """`entry` with `active` as the rows sharing its token decide."""
+        rows = conn.execute("SELECT rowid, * FROM embeddings WHERE token = ?",
+                            (registry_db.sql_text(entry.token) or "",)).fetchall()
+        entry.active = any(e.active and e.name == entry.name for e in self._mark(rows))
+        return entry
+
+    @staticmethod
+    def _mark(rows) -> list[Entry]:
+        """The rows as Entries (in order), each token's active one marked (versions.choose_active)."""
+        entries = [entry_from_row(r) for r in rows]
+        groups: dict = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(registry_db.as_text(row["token"]), []).append(i)
+        for members in groups.values():
+            chosen = choose_active([(registry_db.active_flag(rows[i]), entries[i].created, rows[i]["rowid"],
+                                     entries[i].damaged is not None) for i in members])
+            if chosen is not None:
+                entries[members[chosen]].active = True
+        return entries
 
     def _not_found(self, name: str, entries: list[Entry]) -> NotFoundError:
         if not entries:
