@@ -17,11 +17,32 @@ import sys
 import typer
 from typer.core import TyperGroup
 
+from . import usage
+
 from .commands import (backends_cmd, convert_cmd, export_cmd, hub_cmd, import_cmd, inspect_cmd, list_cmd,
                        resume_cmd, rm_cmd, sample_cmd, tiny_model_cmd, train_cmd)
 
 class _ErrorMappingGroup(TyperGroup):
-    """Turns known errors into messages + exit codes inside click, so CliRunner sees them too."""
+    """Turns known errors into messages + exit codes inside click, so CliRunner sees them too.
+
+    It also speaks the other tools' option names (cli/aliases.py: rewritten before a command
+    parses), shows every command in one help style (cli/usage.py), and prints click's usage
+    errors in our words (main below)."""
+
+    def resolve_command(self, ctx, args):
+        from . import aliases, usage
+
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is not None:
+            usage.polish(name, cmd)
+            try:
+                rest = aliases.rewrite(name, rest, usage.option_names(cmd))
+            except aliases.AliasUsageError as e:
+                from typer._click.exceptions import UsageError
+
+                raise UsageError(str(e), cmd.make_context(name, ["--help"], parent=ctx, resilient_parsing=True)) from None
+            ctx.meta["textinv.args"] = list(rest)  # a bad value is quoted from here (usage.usage_lines)
+        return name, cmd, rest
 
     def invoke(self, ctx):
         from ..redact import install
@@ -31,8 +52,64 @@ class _ErrorMappingGroup(TyperGroup):
             return super().invoke(ctx)
         except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the one place errors become exit codes
             if _is_framework(e) or _debug():
+                _suggest_ours(e)
+                if ctx.invoked_subcommand:  # what usage_lines quotes from, and the command's help to name
+                    e.textinv_usage = (f"{ctx.command_path} {ctx.invoked_subcommand}", ctx.meta.get("textinv.args"))
                 raise
             raise typer.Exit(report(e)) from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's main, except that a usage error is two lines in our words (usage.usage_lines):
+        no usage block, no blank line, exit 2."""
+        from typer._click.exceptions import ClickException
+        from typer.exceptions import Abort
+
+        try:
+            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except ClickException as e:
+            if not standalone_mode:
+                raise
+            sys.exit(_show_usage_error(e))
+        except Abort:
+            if not standalone_mode:
+                raise
+            from .console import err_console
+
+            err_console.print("Aborted.", markup=False)
+            sys.exit(1)
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _show_usage_error(e) -> int:
+    from typer._click.exceptions import UsageError
+
+    from .console import err_console
+    from ..redact import redact
+    from ..untrusted import escape
+
+    if not isinstance(e, UsageError):
+        err_console.print(escape(redact(f"Error: {e.format_message()}")), markup=False)
+        return e.exit_code
+    path, args = getattr(e, "textinv_usage", (None, None))
+    for line in usage.usage_lines(e, args, path):
+        err_console.print(escape(redact(line)), markup=False)
+    return e.exit_code
+
+
+def _suggest_ours(e: BaseException) -> None:
+    """click's "did you mean" for an unknown option of a command, computed over our names and
+    the aliases (aliases.suggest), so it never names an alias nor a wrong neighbour."""
+    from typer._click.exceptions import NoSuchOption
+
+    if isinstance(e, NoSuchOption) and e.ctx is not None and e.ctx.parent is not None:
+        from . import aliases
+
+        names = [n for p in e.ctx.command.params if not getattr(p, "hidden", False)
+                 for n in getattr(p, "opts", []) if p.param_type_name == "option"]
+        e.possibilities = aliases.suggest(e.ctx.info_name, e.option_name, names)
 
 
 def _is_framework(e: BaseException) -> bool:
@@ -48,6 +125,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},  # every command inherits -h
 )
 
 app.command("train")(train_cmd.train)
