@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 
 from . import usage
 
+from .commands import completion_cmd
 from .commands import (backends_cmd, convert_cmd, export_cmd, hub_cmd, import_cmd, inspect_cmd, list_cmd,
                        resume_cmd, rm_cmd, sample_cmd, tiny_model_cmd, train_cmd)
 
@@ -64,6 +65,10 @@ class _ErrorMappingGroup(TyperGroup):
         from typer._click.exceptions import ClickException
         from typer.exceptions import Abort
 
+        if os.environ.get("_TEXTINV_COMPLETE"):  # a shell asks for completions (textinv completion SHELL)
+            from typer.completion import completion_init
+
+            completion_init()
         try:
             code = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
                                 standalone_mode=False, **extra)
@@ -90,6 +95,9 @@ def _show_usage_error(e) -> int:
     from ..redact import redact
     from ..untrusted import escape
 
+    if type(e).__name__ == "NoArgsIsHelpError":  # `textinv` alone: the help, as click shows it
+        e.show()
+        return e.exit_code
     if not isinstance(e, UsageError):
         err_console.print(escape(redact(f"Error: {e.format_message()}")), markup=False)
         return e.exit_code
@@ -141,6 +149,22 @@ app.command("import")(import_cmd.import_embedding)
 app.command("export")(export_cmd.export)
 app.command("backends")(backends_cmd.backends)
 app.command("tiny-model")(tiny_model_cmd.tiny_model)
+app.command("completion")(completion_cmd.completion)
+
+
+def _print_version(value: bool) -> None:
+    """--version: the package's own version string (textinv_cli/__init__.py), nothing imported."""
+    if value:
+        from .. import __version__
+
+        typer.echo(f"textinv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, expose_value=False, callback=_print_version,
+                                       help="Print textinv's version and exit.")) -> None:
+    """Train, convert, inspect, share and keep Textual Inversion embeddings."""
 
 
 MESSAGE_LIMIT = 2000  # characters of one printed message or hint line
