@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from textinv_cli.engine.lib_versions import MISSING, versions
 from textinv_cli.engine.contract import Backend, BackendInfo, Session
 from textinv_cli.engine.spec import Event, SampleRequest, TrainSpec
 
@@ -53,14 +54,10 @@ class JaxBackend(Backend):
             import jax
         except ImportError as e:
             return BackendInfo(self.name, available=False, reason=f"jax is not installed ({e.name or e})")
-        details: dict[str, str] = {}
-        for lib in ("jaxlib", "optax", "transformers"):
-            try:
-                details[lib] = __import__(lib).__version__
-            except Exception:  # noqa: BLE001 - a missing or broken optional library is just absent
-                details[lib] = "not installed"
+        # read from package metadata: importing them only for a version costs seconds
+        details = versions(("jaxlib", "optax", "transformers"))
         # optax runs the optimizer; transformers' CLIPTokenizer (pure Python, no torch) tokenizes.
-        missing = [lib for lib in ("optax", "transformers") if details[lib] == "not installed"]
+        missing = [lib for lib in ("optax", "transformers") if details[lib] == MISSING]
         try:
             init_distributed()
             devices = [f"{d.platform}:{d.id} {d.device_kind}" for d in jax.devices()]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from textinv_cli.engine.checks import ATTENTION, SCHEDULERS
+from textinv_cli.engine.lib_versions import MISSING, versions
 from textinv_cli.engine.contract import Backend, BackendInfo, Session
 from textinv_cli.engine.spec import Event, SampleRequest, TrainSpec
 
@@ -27,13 +28,9 @@ class TorchBackend(Backend):
             import torch
         except ImportError as e:
             return BackendInfo(self.name, available=False, reason=f"torch is not installed ({e.name or e})")
-        details: dict[str, str] = {}
-        for lib in ("diffusers", "transformers", "accelerate", "xformers"):
-            try:
-                details[lib] = __import__(lib).__version__
-            except Exception:  # noqa: BLE001 - a missing or broken optional library is just absent
-                details[lib] = "not installed"
-        missing = [lib for lib in ("diffusers", "transformers") if details[lib] == "not installed"]
+        # read from package metadata: importing them only for a version costs seconds
+        details = versions(("diffusers", "transformers", "accelerate", "xformers"))
+        missing = [lib for lib in ("diffusers", "transformers") if details[lib] == MISSING]
         devices = [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())] \
             if torch.cuda.is_available() else []
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
