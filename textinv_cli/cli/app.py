@@ -30,6 +30,11 @@ class _ErrorMappingGroup(TyperGroup):
     parses), shows every command in one help style (cli/usage.py), and prints click's usage
     errors in our words (main below)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, cmd in self.commands.items():  # help, completion and errors all see one style
+            usage.polish(name, cmd)
+
     def resolve_command(self, ctx, args):
         from . import aliases, usage
 
