@@ -35,7 +35,8 @@ def test_import_and_help_do_not_import_ml_frameworks(code):
 @pytest.mark.parametrize("args", [["convert", "x", "--to", "kohya"], ["inspect", "x"], ["list"], ["list", "--repair"],
                                   ["pull", "a/b"], ["push", "a", "--repo", "a/b"], ["rm", "x"], ["import", "x"],
                                   ["export", "x", "--for", "a1111", "d"], ["list", "--uis"],
-                                  ["--version"], ["completion", "bash"], ["train", "--help"], ["sample", "-h"]])
+                                  ["--version"], ["completion", "bash"], ["train", "--help"], ["sample", "-h"],
+                                  ["runs"], ["runs", "show", "x"]])
 def test_light_commands_never_import_torch_or_jax(args, tmp_path):
     code = textwrap.dedent(f"""
         from textinv_cli.cli.app import main

@@ -20,6 +20,8 @@ from typer.core import TyperGroup
 from . import usage
 
 from .commands import completion_cmd
+from .commands import mv_cmd, tag_cmd, use_cmd
+from .commands import runs_cmd
 from .commands import (backends_cmd, convert_cmd, export_cmd, hub_cmd, import_cmd, inspect_cmd, list_cmd,
                        resume_cmd, rm_cmd, sample_cmd, tiny_model_cmd, train_cmd)
 
@@ -150,11 +152,16 @@ app.command("pull")(hub_cmd.pull)
 app.command("push")(hub_cmd.push)
 app.command("list")(list_cmd.list_embeddings)
 app.command("rm")(rm_cmd.rm)
+app.command("mv")(mv_cmd.mv)
+app.command("rename", hidden=True)(mv_cmd.mv)  # mv's other name
+app.command("use")(use_cmd.use)
+app.command("tag")(tag_cmd.tag)
 app.command("import")(import_cmd.import_embedding)
 app.command("export")(export_cmd.export)
 app.command("backends")(backends_cmd.backends)
 app.command("tiny-model")(tiny_model_cmd.tiny_model)
 app.command("completion")(completion_cmd.completion)
+app.add_typer(runs_cmd.app, name="runs")
 
 
 def _print_version(value: bool) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 from .console import console, err_console, print_json_line
 from ..errors import Interrupted
 from ..engine.launch import process_rank
+from ..engine.run_log import duration, summary_lines, text_line
 from ..engine.spec import Event, TrainSpec
 
 
@@ -122,12 +123,16 @@ def _render(events, spec: TrainSpec, name: str) -> dict:
         def render(self, task):
             return Text(f"{task.speed:.2f} it/s" if task.speed else "- it/s")
 
+    evals = [TextColumn("eval {task.fields[eval]}", markup=False)] if spec.eval_every else []
+    # Not a terminal (a log file, CI, nohup): rich never redraws the bar there, so nothing
+    # would show until the end; one line per loss reading instead (_Lines), as in train.log.
+    lines = None if err_console.is_terminal else _Lines()
     progress = Progress(
         # markup=False: the description is the token, which `resume` reads back from a run folder
         TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}", markup=False), TextColumn("lr {task.fields[lr]}", markup=False),
+        TextColumn("loss {task.fields[loss]}", markup=False), *evals, TextColumn("lr {task.fields[lr]}", markup=False),
         Rate(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err_console, transient=False,
+        console=err_console, transient=False, disable=lines is not None,
     )
     finished = None
     with progress:
@@ -143,12 +148,20 @@ def _render(events, spec: TrainSpec, name: str) -> dict:
                                        markup=False)
                 # escaped here, not only by the console: the column is sized before it renders
                 task = progress.add_task(escape(spec.token), total=d.get("total_steps", spec.steps),
-                                         completed=d.get("start_step", 0), loss="-", lr="-")
+                                         completed=d.get("start_step", 0), loss="-", lr="-", eval="-")
+                if lines is not None:
+                    lines.start(d.get("start_step", 0))
             elif ev.kind == "progress" and task is not None:
                 fields = {"lr": f"{d['lr']:.2e}"} if "lr" in d else {}
                 if "loss" in d:
                     fields["loss"] = f"{d['loss']:.4f}"
                 progress.update(task, completed=d["step"], **fields)
+                if lines is not None and "loss" in d:
+                    progress.console.print(lines.progress(ev.to_json()), markup=False)
+            elif ev.kind == "eval" and task is not None:
+                progress.update(task, eval=f"{d['loss']:.4f}")
+                if lines is not None:
+                    progress.console.print(text_line(ev.to_json()), markup=False)
             elif ev.kind == "warning":
                 progress.console.print(f"Warning: {d.get('message')}", markup=False, style="yellow")
             elif ev.kind == "checkpoint":
@@ -163,7 +176,29 @@ def _render(events, spec: TrainSpec, name: str) -> dict:
                 raise _interrupted(ev, spec)
             elif ev.kind == "finished":
                 finished = ev
+    if finished is not None and isinstance(finished.data.get("summary"), dict):
+        for line in summary_lines(finished.data["summary"]):
+            console.print(line, markup=False)
     return _register(finished, spec, name, json_out=False)
+
+
+class _Lines:
+    """Progress as lines of text, for a stderr that is not a terminal: the step, loss and lr
+    (as train.log has them), the speed and the time left."""
+
+    def start(self, step: int) -> None:
+        import time
+
+        self.t0, self.step0 = time.monotonic(), step
+
+    def progress(self, ev: dict) -> str:
+        import time
+
+        line, elapsed, done = text_line(ev), time.monotonic() - self.t0, ev["step"] - self.step0
+        if done > 0 and elapsed > 0:
+            rate = done / elapsed
+            line += f"  {rate:.2f} it/s  {duration(elapsed)} elapsed, {duration((ev['total'] - ev['step']) / rate)} left"
+        return line
 
 
 def _interrupted(ev: Event, spec: TrainSpec) -> Interrupted:
@@ -177,7 +212,7 @@ def _register(finished: Event | None, spec: TrainSpec, name: str, *, json_out: b
               out: _Stdout | None = None) -> dict:
     from ..embedding import Embedding
     from ..errors import BackendError
-    from ..registry.store import Registry
+    from .registered import register_run
     from ..engine.runs import crash_point
 
     if finished is None:
@@ -190,17 +225,18 @@ def _register(finished: Event | None, spec: TrainSpec, name: str, *, json_out: b
     crash_point("before-register")  # test hook (runs.CRASH_ENV): the final file is written, not yet registered
     origin = {"run": str(Path(spec.run_dir).resolve()), "config": spec.to_json(),
               "embedding_path": str(d.get("embedding_path", ""))}
-    entry, created = Registry().add(emb, name=name, source="trained", origin=origin)
+    # a name taken meanwhile gives the next version; what is said is registered.py's
+    entry, created, said = register_run(emb, run_dir=str(spec.run_dir), name=name, origin=origin,
+                                        embedding_path=str(d.get("embedding_path", "")))
     if json_out:
         out = out or _Stdout(spec)
-        out.line({"event": "registered", "created": created, "entry": entry.to_json()})
+        out.line({"event": "registered", "created": created, "entry": entry.to_json(), "message": " ".join(said)})
         if out.gone:  # the reader never saw the outcome: say it where someone may
-            err_console.print(f"Registered as {entry.name} ({entry.token}).", markup=False)
+            err_console.print(said[0], markup=False)
     else:
         console.print(f"Embedding: {d.get('embedding_path')}", markup=False)
-        verb = "Registered" if created else "Already registered (identical content)"
-        console.print(f"{verb} as {entry.name} ({entry.token}, {entry.family}, {entry.n_vectors} vector(s)). "
-                      f'Try: textinv sample "a photo of {entry.token}"', markup=False)
+        for line in said:
+            console.print(line, markup=False)
     return entry.to_json()
 
 

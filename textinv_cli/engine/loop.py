@@ -33,7 +33,7 @@ from typing import Iterator
 
 from . import run_log, runs
 from .eval_batch import EVAL_SAMPLES
-from .report_to import Reporter, check_report_to
+from .report_to import Reporter, check_watching
 from .captions import captions_for, find_images
 from ..errors import TextinvError
 from .run_files import check_new_run_dir, embedding_meta, record_event, write_vectors
@@ -50,7 +50,7 @@ def run(backend: Backend, spec: TrainSpec, resume: Path | None = None) -> Iterat
     Every Backend's `train` is this (see contract.Backend.train)."""
     spec.absorb_extra()  # a caller may have set extra["device"] after construction
     check_train_spec(spec, backend)  # everything a user can get wrong, before anything is loaded
-    check_report_to(spec.report_to)
+    check_watching(spec)
     session = backend.open_session(spec)
     run_dir = _run_folder(session, spec, resume)
     images, ignored = find_images(Path(spec.data_dir))

@@ -1,4 +1,5 @@
-"""`--report-to tensorboard`: the run's scalars (loss, lr, eval loss) as TensorBoard event
+"""How a run is watched: the options' rules (check_watching: --eval-every, --log-every,
+--report-to) and `--report-to tensorboard`: the run's scalars (loss, lr, eval loss) as TensorBoard event
 files in run/tensorboard, as diffusers' and kohya's scripts write them.
 
 An extra dependency, never required: `pip install tensorboard` (with torch installed,
@@ -13,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..errors import TextinvError
+from ..errors import OptionError, TextinvError
 
 REPORT_TO = ("tensorboard",)
 TENSORBOARD_DIR = "tensorboard"
@@ -38,12 +39,25 @@ def _have_writer() -> bool:
             or importlib.util.find_spec("tensorboardX") is not None)
 
 
+def check_watching(spec) -> None:
+    """--eval-every, --log-every and --report-to in range, the writer installed: before anything loads."""
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not whole(spec.eval_every) or spec.eval_every < 0:
+        raise OptionError(f"--eval-every must be 0 or more, not {spec.eval_every!r}.", "0 turns the eval loss off.")
+    if spec.log_every is not None and (not whole(spec.log_every) or spec.log_every < 1):
+        raise OptionError(f"--log-every must be at least 1, not {spec.log_every!r}.",
+                          "Leave it out for about 50 readings per run.")
+    check_report_to(list(spec.report_to or []))
+
+
 def check_report_to(report_to: list[str]) -> None:
-    """Known names, and their package installed: before the model loads."""
+    """Known names, and their package installed."""
     for target in report_to:
         if target not in REPORT_TO:
-            raise TextinvError(f"--report-to {shlex.quote(target)}: not a known target; one of "
-                               f"{', '.join(REPORT_TO)}.", "Leave --report-to out, or pass --report-to tensorboard.")
+            raise OptionError(f"--report-to {shlex.quote(str(target))} is not a known target; one of "
+                              f"{', '.join(REPORT_TO)}.", "Leave --report-to out, or pass --report-to tensorboard.")
     if "tensorboard" in report_to and not _have_writer():
         package = "tensorboard" if importlib.util.find_spec("torch") is not None else "tensorboardX"
         raise TextinvError("--report-to tensorboard needs the TensorBoard writer, which is not installed.",

@@ -26,12 +26,22 @@ from ...engine.checks import ATTENTION, PRECISIONS, RESOLUTION_STEP, VECTORS_MAX
 def train(
     ctx: typer.Context,
     data_dir: Path = typer.Argument(..., help="Folder of training images (optional IMAGE.txt captions beside them)."),
-    token: str = typer.Option(..., "--token", help='The new placeholder token, e.g. "<cat-toy>".'),
-    init: str = typer.Option(..., "--init", help='Word(s) the new vectors start from, e.g. "toy" or "toy figure".'),
+    token: Optional[str] = typer.Option(None, "--token", help='The new placeholder token, e.g. "<cat-toy>" '
+                                                               "(with --from: default the entry's token)."),
+    init: Optional[str] = typer.Option(None, "--init", help='Word(s) the new vectors start from, e.g. "toy" or "toy '
+                                                            'figure"; a registered token ("<cat-toy>") starts from '
+                                                            "its vectors."),
+    from_name: Optional[str] = typer.Option(None, "--from", metavar="NAME",
+                                            help="Continue a registered embedding: start from its vectors (and "
+                                                 "vector count); the model must be of its family."),
+    template: Optional[Path] = typer.Option(None, "--template", metavar="FILE",
+                                            help="Caption template file as A1111's (one per line; [name] is the "
+                                                 "token, [filewords] the image's .txt caption or file name)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="torch or jax (default: the first usable one)."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny, a random-weight "
                                                                     "model for trying textinv out, not for real images)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the token without brackets)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the token without brackets; when "
+                                                                     "taken, its next version: cat-toy-v2)."),
     vectors: int = typer.Option(1, "--vectors", help=f"Vectors per token, 1 to {VECTORS_MAX} (multi-vector embedding)."),
     prop: str = typer.Option("object", "--property", help="object or style: which caption templates to use."),
     captions: str = typer.Option("templates", "--captions", help="templates, files (IMAGE.txt sidecars) or both."),
@@ -63,6 +73,16 @@ def train(
     keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Keep the newest K checkpoints (0: all)."),
     validate: Optional[List[str]] = typer.Option(None, "--validate", help="Prompt for validation images (repeatable)."),
     validate_every: int = typer.Option(0, "--validate-every", help="Validation images every N steps (0: at the end)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", metavar="N",
+                                             help="Eval loss on a fixed batch (the same images, noise and timesteps "
+                                                  "each time) every N steps: the number to watch (0: off; default: "
+                                                  "steps/20, off for runs under 50 steps)."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", metavar="N",
+                                            help="Read the loss every N steps (default: steps/50, at most 10); "
+                                                 "one line each in the run's train.log."),
+    report_to: Optional[List[str]] = typer.Option(None, "--report-to", metavar="TARGET",
+                                                  help="Also log loss, lr and eval loss to: tensorboard (needs "
+                                                       "pip install tensorboard; run/tensorboard)."),
     num_processes: Optional[int] = typer.Option(None, "--num-processes",
                                                 help="Data-parallel processes, one per GPU (or CPU processes without one); "
                                                      "each takes --batch-size samples per micro-step."),
@@ -89,8 +109,12 @@ def train(
     processes = world if world > 1 else (num_processes if num_processes is not None else 1)
     # The whole spec, checked before anything is read or loaded; the run folder, backend and
     # model are filled in once they are known.
+    from ...engine.init_from import start_options
+
+    token, init_list, vectors, start_name = start_options(ctx, token, init, from_name, vectors)
     spec = TrainSpec(
-        data_dir=str(Path(data_dir).resolve()), token=token.strip(), init=[w for w in init.replace(",", " ").split() if w],
+        data_dir=str(Path(data_dir).resolve()), token=token.strip(), init=init_list,
+        template=str(template.expanduser().resolve()) if template is not None else None,
         model=model or "tiny", run_dir="", backend=backend or "torch", num_processes=processes,
         vectors=vectors, property=prop, captions=captions, resolution=resolution, center_crop=center_crop,
         flip_p=flip_p, steps=steps, batch_size=batch_size, grad_accum=grad_accum, fuse_accum=fuse_accum, lr=lr, scale_lr=scale_lr,
@@ -99,9 +123,13 @@ def train(
         precision=precision, gradient_checkpointing=gradient_checkpointing, attention=attention,
         deterministic=deterministic, save_every=save_every, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, validate=list(validate or []), validate_every=validate_every,
+        eval_every=default_eval_every(eval_every, steps), log_every=log_every, report_to=list(report_to or []),
         model_name=model or "tiny",
     )
     check_train_spec(spec)
+    from ...engine.report_to import check_watching
+
+    check_watching(spec)  # --eval-every, --log-every, --report-to (a missing TensorBoard: before anything loads)
     token = spec.token
     if world == 1 and os.environ.get("MASTER_ADDR") and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
         from ..console import err_console
@@ -112,14 +140,24 @@ def train(
                           "`accelerate launch --multi_gpu --num_processes N` (gloo, no GPU needed).",
                           markup=False, style="yellow")
     images, _ignored = find_images(data_dir)
-    captions_for(images, token, prop, captions)  # checks the placeholder is in every caption
+    captions_for(images, token, prop, captions, template=spec.template)  # checks the placeholder is in every caption
     sidecars = sum(1 for img in images if img.with_suffix(".txt").is_file()) if captions == "both" else None
 
+    # A token trained again makes its next version (cat-toy-v2), the active one (registry/versions.py);
+    # only an explicit --name that is taken is refused, before any work.
     reg_name = safe_name(name or token)
     existing = Registry().get(reg_name)
-    if existing is not None:
+    if existing is not None and name is not None:
+        import shlex
+
+        from ...registry.names import display_name, rm_command
+
+        free = shlex.quote(display_name(Registry().free_name(reg_name)))
         raise TextinvError(f"The registry already has an embedding named {reg_name} ({existing.token}, {existing.source}).",
-                           f"Pass --name {reg_name}-v2, or remove it first: textinv rm {reg_name}")
+                           f"Pass a free name (--name {free}) or leave --name out, or remove it first: "
+                           f"{rm_command(reg_name)}")
+    if existing is not None:
+        reg_name = Registry().free_name(reg_name)
 
     from ...models.resolve import resolve_model
 
@@ -144,6 +182,11 @@ def train(
         return
     # a tiny model is built by the chosen backend (a jax-only install has no torch to build it)
     spec.model = resolve_model(model, backend=getattr(chosen, "name", None))
+    from ...engine.init_from import check_model_family
+    from ...engine.infotext import model_label
+    from ...models.resolve import model_family
+
+    check_model_family(start_name, model_family(spec.model), model_label(spec.model))  # before the model loads
     spec.run_dir, spec.name = str(run.resolve()), reg_name
     spec.backend = getattr(chosen, "name", backend or "torch")
     from ..training import run_training
@@ -193,6 +236,14 @@ def _child_args(ctx: typer.Context, run: Path) -> list[str]:
         else:
             opts += [param.opts[0], str(value)]
     return [*opts, "--run-dir", str(Path(run).resolve()), "--", *positional]
+
+
+def default_eval_every(eval_every: int | None, steps: int) -> int:
+    """--eval-every as given; left out, about 20 readings (an eval costs about as much as a
+    few steps), and none for runs under 50 steps (a quick try reads the training loss)."""
+    if eval_every is not None:
+        return eval_every
+    return max(1, steps // 20) if steps >= 50 else 0
 
 
 def _planned_run_dir(name: str) -> Path:
