@@ -29,6 +29,12 @@ def latent_cache(paths, image: ImageSide, resolution: int, center_crop: bool, fl
     caching never sets the peak memory; a large folder never sits in memory as pixels), and
     the last batch is padded so the encoder compiles once. Only flips that can be drawn are
     encoded (p=0 never flips, p=1 always does), entries ordered as the torch cache's."""
+    first: dict = {}
+    where = [first.setdefault(p, len(first)) for p in paths]
+    if len(first) < len(paths):  # kohya's N_name folders list an image N times: encode it once
+        mean, std, flips = latent_cache(list(first), image, resolution, center_crop, flip_p, batch)
+        rows = np.array([i * len(flips) + f for i in where for f in range(len(flips))], np.int64)
+        return np.ascontiguousarray(mean[rows]), np.ascontiguousarray(std[rows]), flips
     batch = batch or encode_batch_size(resolution)
     flips = (False,) if flip_p <= 0 else (True,) if flip_p >= 1 else (False, True)
     params = jax.device_put(image.vae_params, jax.local_devices()[0])  # this host's own work

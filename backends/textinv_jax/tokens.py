@@ -25,9 +25,20 @@ from textinv_cli.errors import TextinvError
 from .loading import TextSide
 
 
-def init_rows(tokenizer, table: np.ndarray, words: list[str], n: int, label: str = "clip_l tokenizer") -> np.ndarray:
+def init_rows(tokenizer, table: np.ndarray, words: list[str], n: int, label: str = "clip_l tokenizer",
+              model_name: str = "the model") -> np.ndarray:
     """Start vectors [n, width] (fp32) from the embeddings of the --init words' tokens
-    (which tokens: `captions.init_token_ids`, shared with the torch backend)."""
+    (which tokens: `captions.init_token_ids`, shared with the torch backend), or a registered
+    embedding's vectors when the one word is a registry reference (engine/init_from)."""
+    from textinv_cli.embedding import slot_for_width
+    from textinv_cli.engine.init_from import start_vectors
+
+    width = int(np.shape(table)[-1])
+    slot = label.split()[0] if label.endswith(" tokenizer") else (slot_for_width(width) or "clip_l")
+    start = start_vectors(words, n, {slot: width}, model_name=model_name,
+                          model_family="sd2" if slot == "clip_h" else "sd1")  # the JAX backend: SD 1.x/2.x
+    if start is not None:
+        return start[slot]
     return np.asarray(table, np.float32)[init_token_ids(tokenizer, words, n, label)].copy()
 
 

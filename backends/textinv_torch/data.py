@@ -63,6 +63,12 @@ def latent_cache(paths: list[Path], vae, resolution: int, center_crop: bool, fli
     Images are read and encoded one batch at a time, so a large folder never sits in memory
     as pixels. The same inputs in the same batches give the same latents (resume relies on it).
     """
+    unique, where = distinct(paths)
+    if len(unique) < len(paths):  # kohya's N_name folders list an image N times: encode it once
+        cache = latent_cache(unique, vae, resolution, center_crop, flip_p, device, batch)
+        rows = entry_rows(where, len(cache.flips), device)
+        return LatentCache(mean=cache.mean[rows], std=cache.std[rows], time_ids=cache.time_ids[rows],
+                           flips=cache.flips)
     batch = batch or encode_batch_size(resolution)
     flips = flip_variants(flip_p)
     vae_dtype = next(vae.parameters()).dtype
@@ -92,6 +98,18 @@ def latent_cache(paths: list[Path], vae, resolution: int, center_crop: bool, fli
     vae.train(was_training)
     return LatentCache(mean=torch.cat(means), std=torch.cat(stds),
                        time_ids=torch.tensor(time_ids, dtype=torch.float32, device=device), flips=flips)
+
+
+def distinct(paths: list) -> tuple[list, list[int]]:
+    """(each path once, in first-seen order; for every listed path, its index in that list)."""
+    first: dict = {}
+    where = [first.setdefault(p, len(first)) for p in paths]
+    return list(first), where
+
+
+def entry_rows(where: list[int], n_flips: int, device) -> torch.Tensor:
+    """Cache rows of the listed images (entries are image-major: image i's flips at i*F..)."""
+    return torch.tensor([i * n_flips + f for i in where for f in range(n_flips)], dtype=torch.long, device=device)
 
 
 def check_resolution(resolution: int, vae_scale: int) -> None:

@@ -21,6 +21,8 @@ from torch import nn
 
 from textinv_cli.engine.captions import add_placeholder_tokens, expand_placeholder, init_token_ids
 from textinv_cli.engine.checks import check_token
+from textinv_cli.engine.infotext import model_label
+from textinv_cli.engine.init_from import start_vectors
 from textinv_cli.errors import TextinvError
 from textinv_cli.engine.quiet_libraries import quiet
 
@@ -82,7 +84,8 @@ def prepare_rows(comp, token: str, words: list[str], n: int) -> list[tuple[int, 
     """Add the placeholder to every tokenizer; (first id, fp32 init [n, width]) per encoder.
 
     Call while the text encoders are still fp32 (the init is read from full-precision
-    weights, as diffusers does). Every check runs on every tokenizer before any is changed,
+    weights, as diffusers does). A registry reference as the only word (engine/init_from)
+    starts the rows from that embedding's vectors instead. Every check runs on every tokenizer before any is changed,
     so a refused token leaves the tokenizers as they were.
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -90,8 +93,14 @@ def prepare_rows(comp, token: str, words: list[str], n: int) -> list[tuple[int, 
     labels = [f"{s} tokenizer" for s in comp.slots]
     for tok, label in zip(comp.tokenizers, labels):
         check_token(token, tok, label)
-    inits = [init_rows(tok, token_embedding(te).weight, words, n, label)
-             for tok, te, label in zip(comp.tokenizers, comp.text_encoders, labels)]
+    # a registered embedding as the start (`train --from NAME`): its vectors, per encoder
+    widths = {s: int(token_embedding(te).weight.shape[-1]) for s, te in zip(comp.slots, comp.text_encoders)}
+    start = start_vectors(words, n, widths, model_name=model_label(comp.model), model_family=comp.family)
+    if start is not None:
+        inits = [torch.from_numpy(start[s]) for s in comp.slots]
+    else:
+        inits = [init_rows(tok, token_embedding(te).weight, words, n, label)
+                 for tok, te, label in zip(comp.tokenizers, comp.text_encoders, labels)]
     return [(add_placeholder_tokens(tok, token, n, label), init)
             for tok, init, label in zip(comp.tokenizers, inits, labels)]
 

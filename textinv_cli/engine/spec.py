@@ -32,6 +32,7 @@ class TrainSpec:
     vectors: int = 1
     property: str = "object"            # object | style: which caption templates
     captions: str = "templates"         # templates | files | both
+    template: str | None = None         # a caption template file, A1111's [name]/[filewords] (absent in older runs)
     # data
     resolution: int | None = None       # None: the model's native size
     center_crop: bool = False
