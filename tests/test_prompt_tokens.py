@@ -10,7 +10,7 @@ import pytest
 
 from textinv_cli.errors import TextinvError
 from textinv_cli.engine.prompt_tokens import (bracket_words, check_families, embeddings_in_prompt,
-                                       family_mismatch_error, find_tokens)
+                                       family_mismatch_error, find_tokens, is_ordinary_word, prompt_embeddings)
 
 
 @dataclass
@@ -105,11 +105,42 @@ def test_longest_token_wins_where_tokens_overlap():
     assert names(embeddings_in_prompt("a cat-toy", "", [short, long])) == ["cat-toy-word"]
 
 
-def test_a_token_shared_by_two_entries_is_an_error_naming_both():
-    a, b = E("cat-toy", "<cat-toy>"), E("cat-toy-v2", "<cat-toy>")
-    with pytest.raises(TextinvError) as err:
-        embeddings_in_prompt("A <cat-toy>", "", [a, b])
-    assert "cat-toy, cat-toy-v2" in err.value.message
+@dataclass
+class V(E):  # an entry as the registry reports it: versions of one token, one active
+    active: bool = True
+
+
+def test_a_shared_token_means_its_active_entry_or_the_one_named_with_use():
+    a, b = V("cat-toy", "<cat-toy>", active=False), V("cat-toy-v2", "<cat-toy>")
+    assert names(embeddings_in_prompt("A <cat-toy>", "", [a, b])) == ["cat-toy-v2"]
+    assert names(embeddings_in_prompt("A <cat-toy>", "", [a, b], use=[a])) == ["cat-toy"]
+    with pytest.raises(TextinvError, match="both <cat-toy>"):
+        embeddings_in_prompt("A <cat-toy>", "", [a, b], use=[a, b])
+    with pytest.raises(TextinvError) as err:  # --use for a token the prompt lacks: says what to write
+        embeddings_in_prompt("A dog", "", [a, b], use=[a])
+    assert err.value.hint == 'Write <cat-toy> in the prompt, e.g. textinv sample "a photo of <cat-toy>" --use cat-toy'
+    with pytest.raises(TextinvError, match="none is active"):  # e.g. the active row is damaged
+        embeddings_in_prompt("A <cat-toy>", "", [V("x", "<cat-toy>", active=False), V("y", "<cat-toy>", active=False)])
+
+
+def test_a_registry_name_typed_as_a_word_loads_that_entry_as_a1111_does():
+    a, b = V("cat-toy", "<cat-toy>", active=False), V("cat-toy-v3", "<cat-toy>")
+    got = prompt_embeddings("a photo of cat-toy-v3 and cat-toy, cat-toy-v3s", "", [a, b])
+    assert [(u.entry.name, u.token) for u in got.used] == [("cat-toy-v3", "cat-toy-v3"), ("cat-toy", "cat-toy")]
+    assert len(got.notes) == 2 and "as A1111 loads an embedding by its name" in got.notes[0]
+    both = prompt_embeddings("<cat-toy> next to cat-toy", "", [a, b])  # two versions side by side
+    assert [(u.entry.name, u.token) for u in both.used] == [("cat-toy-v3", "<cat-toy>"), ("cat-toy", "cat-toy")]
+    with pytest.raises(TextinvError) as err:  # the name in brackets: not a token, says both ways
+        embeddings_in_prompt("a <cat-toy-v3>", "", [a, b])
+    assert "write cat-toy-v3 without brackets, or <cat-toy> with --use cat-toy-v3" in err.value.hint
+
+
+def test_a_name_that_is_an_ordinary_word_stays_a_word_with_a_note():
+    orange = V("orange", "<orange>")
+    got = prompt_embeddings("an orange cat", "", [orange, V("cat-toy", "<cat-toy>")])
+    assert got.used == [] and got.notes == ['"orange" in the prompt is an ordinary word and stays one; '
+                                             "the registry entry orange is typed <orange>."]
+    assert is_ordinary_word("cat") and is_ordinary_word("Orange") and not is_ordinary_word("charturner")
 
 
 def test_family_mismatch_names_both_families():

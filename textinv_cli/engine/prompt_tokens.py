@@ -14,13 +14,22 @@ Matching rules (what users of A1111 and diffusers expect):
 - Any other `<word>` in the prompt is taken for an embedding the user expects to be there
   and is an error listing close registry names. A1111's extra-network syntax (`<lora:x:0.8>`)
   contains a colon and is not an embedding token, so it is not flagged.
+- Several entries may share a token (versions, registry/versions.py): a token means its
+  active entry, or the one `--use NAME` names for this run.
+- A registry *name* typed as a whole word (`a photo of cat-toy-v3`) loads that entry, as A1111
+  loads an embedding by its name, under the name itself as its token, and says so on
+  stderr. A name that is an ordinary word (`gray`, `watercolor`: is_ordinary_word) stays a
+  word, with a note saying how to use the embedding: swapping every "gray" of every prompt is
+  what nobody wants (the same reason import refuses such a token).
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+import shlex
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 from ..errors import TextinvError
 from ..families import FAMILY_NAMES
@@ -88,7 +97,12 @@ def close_names(word: str, entries, n: int = 5) -> list[str]:
 
 
 def unknown_token_error(word: str, entries) -> TextinvError:
+    named = next((e for e in entries if e.name == word.strip("<>")), None)
     close = close_names(word, entries)
+    if named is not None:  # <cat-toy-v2>: a name in brackets
+        return TextinvError(f"Unknown embedding {word} in the prompt.",
+                            f"{named.name} is a registry name ({named.token}): write {named.name} without brackets, "
+                            f"or {named.token} with --use {shlex.quote(named.name)}.")
     if close:
         hint = f"Did you mean: {', '.join(close)}? "
     elif entries:
@@ -99,31 +113,108 @@ def unknown_token_error(word: str, entries) -> TextinvError:
     return TextinvError(f"Unknown embedding {word} in the prompt.", hint)
 
 
-def embeddings_in_prompt(prompt: str, negative: str, entries) -> list:
-    """The registry entries whose tokens appear in the prompt or the negative prompt.
+@dataclass
+class Used:
+    entry: object            # registry Entry
+    token: str               # what the prompt holds for it: the entry's token, or its name
 
-    In order of first appearance (prompt, then negative), each once. Raises TextinvError
-    for an unknown `<token>` and for a token that several entries share (the prompt cannot
-    say which one is meant).
-    """
+
+@dataclass
+class PromptEmbeddings:
+    used: list = field(default_factory=list)     # [Used], in order of first appearance
+    notes: list = field(default_factory=list)    # one line each, for stderr
+
+
+def is_ordinary_word(text: str) -> bool:
+    """Whether `text` is a plain word of CLIP's vocabulary (one token, e.g. "cat", "gray"), as
+    far as textinv can tell without a model: the built-in tokenizer's words (models/tiny_tokenizer,
+    real CLIP BPE, the common subjects, colours and prompt words) and single characters. A
+    model's full vocabulary is checked when the model is loaded (train, sample)."""
+    word = text.strip().lower()
+    return len(word) <= 1 or word in _vocabulary()
+
+
+@lru_cache(maxsize=1)
+def _vocabulary() -> frozenset:
+    from ..models.tiny_tokenizer import vocabulary_words
+
+    return frozenset(vocabulary_words())
+
+
+def _active(e) -> bool:
+    return getattr(e, "active", True)
+
+
+def prompt_embeddings(prompt: str, negative: str, entries, use=()) -> PromptEmbeddings:
+    """What the prompt and negative prompt use: tokens (each its active entry, or the entry of
+    `use`, a list of Entries picked with --use), and registry names typed as words.
+
+    Raises TextinvError for an unknown `<token>`, for two `use` entries of one token, for a
+    `use` entry whose token is not in the prompt, and for a token whose entries are all
+    inactive (a damaged active row: the prompt cannot say which one)."""
     by_token: dict[str, list] = {}
     for e in entries:
         by_token.setdefault(e.token, []).append(e)
-    used: list = []
+    chosen: dict[str, object] = {}
+    for e in use:
+        if e.token in chosen and chosen[e.token].name != e.name:
+            raise TextinvError(f"--use {e.name} and --use {chosen[e.token].name} are both {e.token}; "
+                               "a prompt can use one of them.", "Pass --use once per token.")
+        chosen[e.token] = e
+    for token, hits in by_token.items():
+        if token not in chosen:
+            active = [e for e in hits if _active(e)]
+            if len(active) == 1 or len(hits) == 1:
+                chosen[token] = (active or hits)[0]
+    out = PromptEmbeddings()
+    names = {e.name: e for e in entries if e.name not in by_token and e.name != e.token
+             and not any(c.isspace() for c in e.name)}
+    by_name = {n: e for n, e in names.items() if not is_ordinary_word(n)}
+    seen_tokens = set()
     for text in (prompt, negative or ""):
-        for m in find_tokens(text, by_token):
-            hits = by_token[m.token]
-            if len(hits) > 1:
-                raise TextinvError(
-                    f"Several registered embeddings use the token {m.token}: "
-                    + ", ".join(e.name for e in hits) + ".",
-                    "Keep one (`textinv rm NAME`), or import the other under a new token with --token.")
-            if hits[0] not in used:
-                used.append(hits[0])
+        for m in find_tokens(text, set(by_token) | set(by_name)):
+            if m.token in by_token:
+                seen_tokens.add(m.token)
+                entry = chosen.get(m.token)
+                if entry is None:
+                    raise TextinvError(
+                        f"Several registered embeddings use the token {m.token} and none is active: "
+                        + ", ".join(e.name for e in by_token[m.token]) + ".",
+                        f"Pick one: textinv use {shlex.quote(by_token[m.token][0].name)}")
+                used = Used(entry, m.token)
+            else:
+                used = Used(by_name[m.token], m.token)
+                note = (f"{m.token} in the prompt is a registry name: it loads that entry ({used.entry.token}), "
+                        "as A1111 loads an embedding by its name.")
+                if note not in out.notes:
+                    out.notes.append(note)
+            if not any(u.entry is used.entry and u.token == used.token for u in out.used):
+                out.used.append(used)
         for word in bracket_words(text):
             if word not in by_token:
                 raise unknown_token_error(word, entries)
-    return used
+        for name in names.keys() - by_name.keys():
+            if find_tokens(text, [name]):
+                e = names[name]
+                note = (f'"{name}" in the prompt is an ordinary word and stays one; the registry entry {name} '
+                        f"is typed {e.token}" + ("" if _active(e) else f" (with --use {shlex.quote(name)})") + ".")
+                if note not in out.notes:
+                    out.notes.append(note)
+    for e in use:
+        if e.token not in seen_tokens:
+            raise TextinvError(f"--use {e.name} is for {e.token}, which the prompt does not hold.",
+                               f'Write {e.token} in the prompt, e.g. textinv sample "a photo of {e.token}" '
+                               f"--use {shlex.quote(e.name)}")
+    return out
+
+
+def embeddings_in_prompt(prompt: str, negative: str, entries, use=()) -> list:
+    """The registry entries the prompt and the negative prompt use (prompt_embeddings), each once."""
+    out: list = []
+    for u in prompt_embeddings(prompt, negative, entries, use).used:
+        if u.entry not in out:
+            out.append(u.entry)
+    return out
 
 
 def family_mismatch_error(token: str, emb_family: str, model_name: str, model_family: str,

@@ -62,6 +62,23 @@ def check_token(token: str, known: list[str] | None = None) -> str:
     return token
 
 
+MAX_TAG = 100  # characters
+
+
+def check_tag(tag: str) -> str:
+    """A tag as stored: trimmed, one line of visible text, no comma (`list` joins tags with
+    commas), never an access token. InvalidEmbeddingError otherwise."""
+    hint = "Tags are short words such as toy or style, e.g. textinv tag cat-toy toy."
+    text = tag.strip() if isinstance(tag, str) else ""
+    if not text or len(text) > MAX_TAG or "," in text:
+        raise InvalidEmbeddingError(f"{quoted(tag if isinstance(tag, str) else '')} cannot be a tag: tags are 1 to "
+                                    f"{MAX_TAG} characters without commas.", hint)
+    if is_secret(text) or unsafe_chars(text) or _SURROGATE.search(text):
+        raise InvalidEmbeddingError("A tag holds control, invisible or invalid characters, or looks like an "
+                                    "access token; nothing was changed.", hint)
+    return text
+
+
 def clean_meta(meta: dict, known: list[str] | None = None) -> dict:
     """The metadata to store: without values that hold an access token (they would be printed,
     and pushed into public files), without huge values, lone surrogates made U+FFFD."""

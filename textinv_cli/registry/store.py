@@ -43,7 +43,7 @@ from . import db as registry_db
 from ..errors import NotFoundError, RegistryError
 from .db import ACTIVE, COLUMNS as _COLUMNS, JSON_COLUMNS as _JSON_COLUMNS, SHA_RE, SOURCES
 from .entry import Entry, entry_from_row
-from .names import check_name, check_token, clean_meta, display_name, readd_hint, rm_command
+from .names import check_name, check_tag, check_token, clean_meta, display_name, readd_hint, rm_command
 from .versions import choose_active, next_name
 from ..untrusted import quoted, shown
 
@@ -102,6 +102,7 @@ class Registry:
         versioned = name is None or on_taken == "version"
         name = check_name(name if name is not None else emb.token, known=secrets)
         meta = clean_meta(emb.meta, secrets)
+        tags = list(dict.fromkeys(check_tag(t) for t in tags))
         data = emb.canonical_bytes()
         sha = hashlib.sha256(data).hexdigest()
 
@@ -119,7 +120,7 @@ class Registry:
         _crash_point("after-blob")
         entry = Entry(name=name, token=emb.token, family=emb.family, n_vectors=emb.n_vectors,
                       widths=dict(emb.widths), sha256=sha, source=source, origin=dict(origin or {}),
-                      meta=meta, tags=[str(t) for t in tags], created=_now())
+                      meta=meta, tags=tags, created=_now())
         try:
             return self._insert(entry, data, versioned=versioned)
         except RegistryError:
@@ -230,7 +231,7 @@ class Registry:
         with self.transaction() as conn:
             row = registry_db.find_row(conn, name)
             if row is None:
-                raise self._not_found(name, [])
+                raise self._not_found(name, self.entries())
             entry = self._with_active(conn, entry_from_row(row))
             if entry.damaged:
                 raise RegistryError(f"{display_name(entry.name)} is damaged ({entry.damaged}); it cannot be used.",
@@ -248,12 +249,12 @@ class Registry:
         with self.transaction() as conn:
             row = registry_db.find_row(conn, old)
             if row is None:
-                raise self._not_found(old, [])
+                raise self._not_found(old, self.entries())
             if registry_db.as_text(row["name"]) == new:
                 return self._with_active(conn, entry_from_row(row))
             clash = conn.execute("SELECT * FROM embeddings WHERE name = ?", (new,)).fetchone()
             if clash is not None:
-                raise self._clash_error(new, entry_from_row(clash), renaming=True)
+                raise self._clash_error(new, entry_from_row(clash), renaming=registry_db.as_text(row["name"]))
             conn.execute("UPDATE embeddings SET name = ? WHERE rowid = ?", (new, row["rowid"]))
             return self._with_active(conn, entry_from_row(
                 conn.execute("SELECT rowid, * FROM embeddings WHERE rowid = ?", (row["rowid"],)).fetchone()))
@@ -263,12 +264,13 @@ class Registry:
         with self.transaction() as conn:
             row = registry_db.find_row(conn, name)
             if row is None:
-                raise self._not_found(name, [])
+                raise self._not_found(name, self.entries())
             entry = entry_from_row(row)
             if entry.damaged:
                 raise RegistryError(f"{display_name(entry.name)} is damaged ({entry.damaged}); its tags cannot change.",
                                     readd_hint(entry.name, entry.origin))
-            tags = [t for t in dict.fromkeys([*entry.tags, *add]) if t not in set(remove)]
+            add, remove = [check_tag(t) for t in add], {check_tag(t) for t in remove}
+            tags = [t for t in dict.fromkeys([*entry.tags, *add]) if t not in remove]
             conn.execute("UPDATE embeddings SET tags = ? WHERE rowid = ?", (json.dumps(tags), row["rowid"]))
             entry.tags = tags
             return self._with_active(conn, entry)
@@ -326,13 +328,14 @@ class Registry:
                 conn.execute("COMMIT")
             return known_entry, (entry_from_row(clash) if clash else None)
 
-    def _clash_error(self, name: str, existing: Entry, *, renaming: bool = False) -> RegistryError:
+    def _clash_error(self, name: str, existing: Entry, *, renaming: str | None = None) -> RegistryError:
         free = self.free_name(name)
         return RegistryError(
             f"The name {quoted(name)} is already taken by a different embedding "
             f"({shown(existing.token)}, sha256 {shown(existing.short_sha)}, {shown(existing.source)} "
             f"{shown(existing.created)}).",
-            (f"Pick a free name, e.g. {shown(free)}, or `{rm_command(name)}` first." if renaming else
+            (f"Pick a free name: `textinv mv {shlex.quote(display_name(renaming))} {shlex.quote(display_name(free))}`, "
+             f"or `{rm_command(name)}` first." if renaming is not None else
              f"Pass --name {shlex.quote(display_name(free))} (or leave --name out: the next free version name is "
              f"taken), or `{rm_command(name)}` first."))
 

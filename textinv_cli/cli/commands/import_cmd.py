@@ -14,7 +14,8 @@ def import_embedding(
     # a str, not a Path: Path("https://x/y") collapses "//" and the URL could no longer be recognised
     src: str = typer.Argument(..., metavar="FILE", help="Embedding file or folder (any format textinv reads)."),
     name: str = typer.Option(None, "--name", metavar="NAME", help="Registry name (default: the token without brackets)."),
-    token: str = typer.Option(None, "--token", metavar="TOKEN", help="Use this token instead of the one in the file."),
+    token: str = typer.Option(None, "--token", metavar="TOKEN", help="Use this token instead of the one in the file (not an ordinary "
+                                                                  "word such as cat: prompts would lose the word)."),
     key: str = typer.Option(None, "--key", metavar="KEY", help="Which tensor to take when the file holds several."),
     family: str = typer.Option(None, "--family", metavar="FAMILY", callback=family_option, help=FAMILY_HELP),
     tag: list[str] = typer.Option(None, "--tag", metavar="TAG", help="A tag to store with the entry (repeatable)."),
@@ -32,6 +33,7 @@ def import_embedding(
     from ...formats import read_embedding
     from ...fsutil import max_bytes_from_mib
     from ...registry.store import Registry
+    from ...registry.versions import switch_note
     from ...untrusted import escape
 
     from ...hub.urls import refuse_url_source
@@ -41,21 +43,45 @@ def import_embedding(
         refuse_url_source(src, "import")  # a URL: say how to get the file (or pull it from the Hub)
         raise NotFoundError(f"{path} does not exist.", "Check the path; `textinv import` takes a file or folder.")
     emb = read_embedding(path, token=token, key=key, max_bytes=max_bytes_from_mib(max_size), family=family)
+    refuse_ordinary_word(emb.token, src, name)
     # the reader records the file's (or folder's embedding files') sha256 in meta
     origin = {"path": str(path.resolve()), "file_sha256": emb.meta.get("file_sha256")}
-    entry, created = Registry().add(emb, name=name, source="imported", origin=origin, tags=tag or ())
+    registry = Registry()
+    entry, created = registry.add(emb, name=name, source="imported", origin=origin, tags=tag or ())
+    note = switch_note(entry, registry.versions(entry.token)) if created or not entry.active else None
 
     if json_out:
-        print_json({"created": created, "entry": entry.to_json()})
+        print_json({"created": created, "entry": entry.to_json(), **({"note": note} if note else {})})
         return
     if created:
         # the token came from the file, the path may not be UTF-8: both shown escaped
         console.print(f"Imported {escape(entry.name)} ({escape(entry.token)}, {entry.family}, "
                       f"{_vectors(entry.n_vectors)}) from {escape(path)}", markup=False)
+    else:
+        console.print(f"Already registered as {entry.name} (sha256 {entry.short_sha}…)", markup=False)
+        if name is not None and name != entry.name:  # say why --name had no effect
+            console.print(f"Identical content is stored once; it was not added again as {name}.", markup=False)
+    if note:  # another version of the token: which one prompts use, and how to switch
+        console.print(note, markup=False)
+
+
+def refuse_ordinary_word(token: str, src: str, name: str | None) -> None:
+    """A plain vocabulary word as a token ("cat") would take over that word in every prompt;
+    train refuses it too (engine/checks.check_token). The hint is the same import, bracketed."""
+    import shlex
+
+    from ...engine.prompt_tokens import is_ordinary_word
+    from ...errors import InvalidEmbeddingError
+    from ...untrusted import quoted
+
+    if not is_ordinary_word(token):
         return
-    console.print(f"Already registered as {entry.name} (sha256 {entry.short_sha}…)", markup=False)
-    if name is not None and name != entry.name:  # say why --name had no effect
-        console.print(f"Identical content is stored once; it was not added again as {name}.", markup=False)
+    word = token.strip()
+    again = f"textinv import {shlex.quote(src)} --token {shlex.quote('<' + word + '>')}"
+    raise InvalidEmbeddingError(
+        f"The token {quoted(word)} is an ordinary word: every prompt with {quoted(word)} would use this "
+        "embedding instead of the word.", f"Import it under a token of its own: {again}"
+        + (f" --name {shlex.quote(name)}" if name else ""))
 
 
 def _vectors(n: int) -> str:

@@ -28,8 +28,16 @@ def resume(
     except (ValueError, TypeError) as e:
         raise TextinvError(f"{run / SPEC_FILE} is damaged: {e}.") from None
     name = spec.name or spec.token.strip("<>")
-    if (run / FINAL).exists() and Registry().get(name) is not None:
-        raise TextinvError(f"This run already finished and is registered as {name}.", f"Use it: textinv sample \"a photo of {spec.token}\"")
+    if (run / FINAL).exists():
+        # "registered as" only of the entry this run produced; a finished run that is not
+        # registered yet (its name taken meanwhile, a crash) is registered below, as a new version
+        from ..registered import produced_by, try_line
+        from ...registry.names import display_name
+
+        mine = [e for e in Registry().entries() if produced_by(e, str(run))]
+        if mine:
+            raise TextinvError(f"This run already finished and is registered as {display_name(mine[0].name)}.",
+                               try_line(mine[0]))
     import os
 
     if num_processes and num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:

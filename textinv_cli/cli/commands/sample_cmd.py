@@ -8,7 +8,7 @@ The backend yields events; this module renders them (progress bar, or --json lin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -18,7 +18,10 @@ from ...engine.checks import PRECISIONS, SCHEDULERS
 
 
 def sample(
-    prompt: str = typer.Argument(..., help='e.g. "A <cat-toy> backpack"; registered tokens in it are loaded.'),
+    prompt: str = typer.Argument(..., help='e.g. "A <cat-toy> backpack"; registered tokens in it are loaded (a token '
+                                           "shared by several versions: the active one). A registry name typed as a word "
+                                           "(cat-toy-v2) loads that entry, as A1111 does; one that is an ordinary word "
+                                           "(orange) stays a word."),
     n: int = typer.Option(1, "-n", "--num-images", help="How many images (image i uses seed + i)."),
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", help="Images rendered at once (default: up to 8 at 512x512, fewer for larger "
@@ -28,12 +31,16 @@ def sample(
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (CFG)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image."),
     size: Optional[str] = typer.Option(None, "--size", help="512 (square) or WIDTHxHEIGHT such as 768x512 (default: the model's)."),
+    allow_large: bool = typer.Option(False, "--allow-large", help="Accept a size beyond the model's limit (4x its native size, or more than the memory available; also TEXTINV_ALLOW_LARGE=1)."),
     negative: str = typer.Option("", "--negative", help="Negative prompt (registered tokens in it are loaded too)."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny, a random-weight "
                                                                     "model for trying textinv out, not for real images)."),
     out: Path = typer.Option(Path("samples"), "-o", "--output", help="Folder for the PNGs (numbered after existing files)."),
     precision: str = typer.Option("fp32", "--precision", help=f"{', '.join(PRECISIONS)} (fp16: CUDA only)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="torch or jax (default: the first usable one)."),
+    use: Optional[List[str]] = typer.Option(None, "--use", metavar="NAME",
+                                            help="Registry entry to use for its token in this run, instead of the "
+                                                 "active version (repeatable; `textinv use NAME` switches for good)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON event per line instead of a progress bar."),
     grid: bool = typer.Option(False, "--grid", help="Also write a contact sheet of the images (grid-NNNN.png, "
                                                     "with the first image's parameters, as A1111's grids)."),
@@ -41,10 +48,12 @@ def sample(
     """Sample images with registered embeddings (PNG info as A1111 writes it)."""
     from ...engine.checks import check_sample_request, parse_size
     from ...errors import TextinvError
-    from ...engine.prompt_tokens import check_families, embeddings_in_prompt
+    from ...engine.prompt_tokens import check_families, prompt_embeddings
     from ...registry.store import Registry
     from ...engine.spec import EmbeddingRef, SampleRequest
+    from ...models.resolve import configured_model
 
+    model = configured_model(model)  # --model, else TEXTINV_MODEL / textinv config set model
     width = height = None
     more = []
     if size is not None:
@@ -60,7 +69,8 @@ def sample(
     if not prompt.strip():
         raise TextinvError("The prompt is empty.", 'Pass one, e.g. textinv sample "A <cat-toy> backpack".')
     registry = Registry()
-    entries = embeddings_in_prompt(prompt, negative, registry.entries())
+    found = prompt_embeddings(prompt, negative, registry.entries(), use=[registry.resolve(n) for n in use or ()])
+    entries = [u.entry for i, u in enumerate(found.used) if u.entry not in [v.entry for v in found.used[:i]]]
 
     from ...models.resolve import model_family, model_notes, resolve_model
     from ...engine.plugins import require_backend
@@ -68,14 +78,21 @@ def sample(
     chosen = require_backend(backend)
     check_sample_request(request, chosen)  # and what this backend cannot do
     resolved = resolve_model(model, backend=getattr(chosen, "name", None))
+    from ...engine.checks import check_size
+
+    check_size(width, height, resolved, flag="--size", allow=allow_large)  # before the model loads
     model_name = Path(resolved).name if Path(resolved).is_dir() else resolved
     check_families(entries, model_name, model_family(resolved))
     refs = []
-    for entry in entries:
-        emb = registry.load(entry)
-        refs.append(EmbeddingRef(token=emb.token, vectors=emb.vectors, short_hash=_short_hash(entry), name=entry.name))
+    for used in found.used:  # the token the prompt holds: the entry's, or its name typed as a word
+        emb = registry.load(used.entry)
+        refs.append(EmbeddingRef(token=used.token, vectors=emb.vectors, short_hash=_short_hash(used.entry),
+                                 name=used.entry.name))
     request.model, request.embeddings = resolved, refs
     from ..console import err_console
+
+    for note in found.notes:  # which entries a name in the prompt loaded, or did not
+        err_console.print(f"Note: {note}", markup=False, style="dim")
 
     for note in model_notes(model):  # on stderr: --json's stdout stays events only
         err_console.print(f"Note: {note}", markup=False, style="dim")
