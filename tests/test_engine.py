@@ -243,3 +243,136 @@ def test_the_engine_imports_neither_torch_nor_jax():
             "print(sorted(m for m in ('torch', 'jax', 'numpy.random_torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- watching a run: eval loss, summary, train.log, the lock, TensorBoard (issue 14) ---------------
+
+class EvalSession(NumpySession):
+    """The numpy session with an eval loss: the distance of the rows to the target."""
+
+    evals = 0
+
+    def eval_loss(self):
+        type(self).evals += 1
+        return float(np.square(self.rows - self.target).mean())
+
+
+class EvalBackend(NumpyBackend):
+    def open_session(self, spec):
+        return EvalSession(spec, self.stop_after)
+
+
+def test_eval_loss_every_n_steps_and_the_summary_in_finished(images, tmp_path):
+    from textinv_cli.engine import run_log
+
+    spec = make_spec(images, tmp_path, eval_every=4, steps=6)
+    events = list(EvalBackend().train(spec))
+    evals = [(e.data["step"], e.data["loss"]) for e in events if e.kind == "eval"]
+    assert [s for s, _ in evals] == [0, 4, 6]  # the init rows, every 4 steps, the end
+    assert evals[0][1] > evals[1][1] > evals[2][1]
+    told = events[-1].data["summary"]
+    assert (told["eval_first"], told["eval_last"]) == (evals[0][1], evals[-1][1])
+    assert told["eval_first_step"] == 0 and told["eval_last_step"] == 6 and told["steps"] == 6
+    losses = [e.data["loss"] for e in events if e.kind == "progress"]
+    assert told["final_loss"] == losses[-1] and told["mean_loss"] == pytest.approx(sum(losses) / len(losses))
+    assert told["steps_per_s"] > 0 and told["run_dir"] == spec.run_dir
+    run = Path(spec.run_dir)
+    log = (run / run_log.LOG_FILE).read_text()
+    assert "step 4  eval loss" in log and "step 6/6  loss" in log and "Done: 6 steps in" in log
+    assert f"eval loss {evals[0][1]:.4f} -> {evals[-1][1]:.4f}" in log
+    assert runs.running_pid(run) is None  # released with the last event
+    # no eval: no eval events, no eval call, the same rows (the eval reads, never moves them)
+    EvalSession.evals = 0
+    plain = list(EvalBackend().train(make_spec(images, tmp_path, "plain", steps=6)))
+    assert EvalSession.evals == 0 and "eval" not in [e.kind for e in plain]
+    assert "eval_first" not in plain[-1].data["summary"]
+    assert np.array_equal(plain[-1].data["vectors"]["clip_l"], events[-1].data["vectors"]["clip_l"])
+
+
+def test_a_running_run_holds_its_folder_and_a_second_resume_is_refused(images, tmp_path):
+    from textinv_cli.engine.run_log import run_info
+
+    spec = make_spec(images, tmp_path, steps=6)
+    gen = NumpyBackend().train(spec)
+    run = Path(spec.run_dir)
+    for ev in gen:
+        if ev.kind == "checkpoint":
+            break
+    assert runs.running_pid(run) == os.getpid() and run_info(run).status == "running"
+    with pytest.raises(TextinvError, match="is training now"):
+        list(NumpyBackend().train(TrainSpec.load(run), run))
+    gen.close()  # killed: the lock goes with it
+    assert runs.running_pid(run) is None and run_info(run).status == "failed"
+    resumed = list(NumpyBackend().train(TrainSpec.load(run), run))
+    info = run_info(run)
+    assert info.status == "finished" and info.step == 6 and info.total == 6
+    assert info.embedding == resumed[-1].data["embedding_path"]
+    # the curve is the one the final rows went through: resumed at step 2, steps 3.. from the second session
+    assert [s for s, _ in info.curve.loss] == [1, 2, 3, 4, 5, 6]
+    assert info.last_loss == resumed[-1].data["summary"]["final_loss"]
+
+
+def test_run_status_interrupted_and_new(images, tmp_path):
+    from textinv_cli.engine.run_log import run_info
+
+    backend = NumpyBackend()
+    backend.stop_after = 3
+    spec = make_spec(images, tmp_path)
+    list(backend.train(spec))
+    info = run_info(Path(spec.run_dir))
+    assert info.status == "interrupted" and info.step == 3 and info.pid is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_info(empty).status == "new"
+
+
+def test_report_to_tensorboard_writes_the_scalars(images, tmp_path, monkeypatch):
+    from textinv_cli.engine import report_to
+
+    written, closed = [], []
+
+    class Writer:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            closed.append(self.log_dir)
+
+    monkeypatch.setattr(report_to, "_have_writer", lambda: True)
+    monkeypatch.setattr(report_to, "_writer_class", lambda: Writer)
+    spec = make_spec(images, tmp_path, steps=2, eval_every=2, report_to=["tensorboard"])
+    events = list(EvalBackend().train(spec))
+    assert ("train/loss", 1) in written and ("train/lr", 2) in written and ("eval/loss", 0) in written
+    assert ("eval/loss", 2) in written
+    assert closed == [str(Path(spec.run_dir) / "tensorboard")]
+    assert events[-1].data["summary"]["tensorboard"] == closed[0]
+
+
+def test_report_to_without_tensorboard_says_how_to_install_it(images, tmp_path, monkeypatch):
+    from textinv_cli.engine import report_to
+    from textinv_cli.errors import OptionError
+
+    monkeypatch.setattr(report_to, "_have_writer", lambda: False)
+    spec = make_spec(images, tmp_path, report_to=["tensorboard"])
+    with pytest.raises(TextinvError, match="needs the TensorBoard writer") as e:
+        list(NumpyBackend().train(spec))
+    assert " -m pip install tensor" in e.value.hint and sys.executable in e.value.hint
+    assert not Path(spec.run_dir).exists()  # refused before anything was written
+    with pytest.raises(OptionError, match="--report-to wandb is not a known target"):
+        list(NumpyBackend().train(make_spec(images, tmp_path, report_to=["wandb"])))
+    with pytest.raises(OptionError, match="--eval-every must be 0 or more"):
+        list(NumpyBackend().train(make_spec(images, tmp_path, eval_every=-1)))
+
+
+def test_loss_readings_at_least_every_10_steps():
+    from textinv_cli.engine.loop import is_log_step, log_interval
+
+    assert log_interval(3000) == 10 and log_interval(200) == 4 and log_interval(7) == 1 and log_interval(9, 3) == 3
+    assert [s for s in range(1, 3001) if is_log_step(s, 3000)][:3] == [10, 20, 30]
+    assert [s for s in range(1, 11) if is_log_step(s, 10, 4)] == [4, 8, 10]
