@@ -37,7 +37,8 @@ def test_import_and_help_do_not_import_ml_frameworks(code):
                                   ["export", "x", "--for", "a1111", "d"], ["list", "--uis"],
                                   ["--version"], ["completion", "bash"], ["train", "--help"], ["sample", "-h"],
                                   ["runs"], ["runs", "show", "x"],
-                                  ["use", "x"], ["mv", "x", "y"], ["tag", "x", "t"], ["list", "--tag", "t"]])
+                                  ["use", "x"], ["mv", "x", "y"], ["tag", "x", "t"], ["list", "--tag", "t"],
+                                  ["config"], ["config", "set", "model", "tiny-sd2"]])
 def test_light_commands_never_import_torch_or_jax(args, tmp_path):
     code = textwrap.dedent(f"""
         from textinv_cli.cli.app import main

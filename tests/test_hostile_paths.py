@@ -162,7 +162,7 @@ def test_force_into_a_plain_folder_writes_inside_it(cli, tmp_path, fmt):
     r = cli("convert", src, "--to", fmt, "-o", out, "--force", "--json")
     assert r.exit_code == 0, r.output
     [written] = json.loads(r.stdout)["written"]
-    assert Path(written).parent == out
+    assert Path(written).parent in (out, out / fmt)  # formats sharing a suffix: their own folder (kohya/)
     assert {k: v for k, v in snapshot(out).items() if k in before} == before
 
 
@@ -224,9 +224,12 @@ def test_a_file_that_appears_during_a_forced_write_is_never_removed(tmp_path, mo
 def test_trailing_slash_means_a_folder_to_write_into(cli, tmp_path):
     src = tmp_path / "cat.pt"
     formats.write_embedding(random_embedding("<cat>"), src, "a1111")
-    out = failed(cli("convert", src, "--to", "safetensors", "-o", f"{tmp_path / 'missing'}/"))
-    assert "does not exist" in out and "mkdir -p" in out
-    assert not (tmp_path / "missing").exists()
+    # a folder that does not exist yet is created (`-o out/`, the README's own example)
+    assert cli("convert", src, "--to", "safetensors", "-o", f"{tmp_path / 'missing' / 'sub'}/").exit_code == 0
+    assert (tmp_path / "missing" / "sub" / "cat.safetensors").is_file()
+    # ... but not when the write is refused (SD 1.x has no diffusers-sdxl folder)
+    assert cli("convert", src, "--to", "diffusers-sdxl", "-o", f"{tmp_path / 'never'}/").exit_code == 1
+    assert not (tmp_path / "never").exists()
     (tmp_path / "there").mkdir()
     assert cli("convert", src, "--to", "safetensors", "-o", f"{tmp_path / 'there'}/").exit_code == 0
     assert (tmp_path / "there" / "cat.safetensors").is_file()

@@ -11,6 +11,7 @@ schedulers, multi_process), so a backend never re-checks options itself. Message
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OptionError, TextinvError
@@ -174,6 +175,68 @@ def parse_size(size: str) -> tuple[int, int]:
         raise ValueError(f"--size must be a positive multiple of {RESOLUTION_STEP} such as 512 or 768x512, "
                          f"not {size!r}")
     return dims[0], dims[1]
+
+
+# Image sizes (train --resolution, sample --size) are refused before anything loads when they
+# are sure to fail or to be useless, unless --allow-large (or TEXTINV_ALLOW_LARGE=1) says try:
+# - memory: one image's full-resolution VAE activations (width x height x the VAE's first-block
+#   channels x 4 bytes, three tensors alive: a block's input, output and residual) must fit in
+#   the RAM available now (/proc/meminfo MemAvailable). It is a lower bound: the UNet, the
+#   weights and a batch come on top, so only a size that cannot fit is refused. (A GPU's memory
+#   is not known before a backend loads; the side rule below still holds there.)
+# - side: at most SIZE_FACTOR x the model's native size (512 -> 2048 for SD 1.5, 4096 for SDXL):
+#   far beyond it Stable Diffusion repeats its subject and the cost grows with the square. Never
+#   below SIZE_FLOOR, so the tiny models (native 64) take the sizes real models use.
+SIZE_FACTOR = 4
+SIZE_FLOOR = 2048
+ALLOW_LARGE_ENV = "TEXTINV_ALLOW_LARGE"
+_LIVE_TENSORS = 3
+_BYTES = 4  # the VAE runs in fp32 (diffusers upcasts it; force_upcast)
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM available to a new allocation now (Linux MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def allow_large(option: bool) -> bool:
+    return option or os.environ.get(ALLOW_LARGE_ENV, "").strip() not in ("", "0")
+
+
+def check_size(width: int | None, height: int | None, model: str, *, flag: str, allow: bool = False,
+               memory: int | None = None) -> None:
+    """Refuse a size given with `flag` (--resolution, --size) that cannot fit in memory or is
+    far beyond `model`'s native size (the rule above). None: the model's own size, always fine."""
+    if allow_large(allow) or width is None or height is None:
+        return
+    from ..models.resolve import model_geometry
+
+    geometry = model_geometry(model)
+    native, channels = geometry if geometry is not None else (None, 128)  # 128: every SD 1.x/2.x/XL VAE
+    given = f"{flag} {width}" if width == height and flag == "--resolution" else f"{flag} {width}x{height}"
+    way_out = (f"Use {flag} {native} (the model's size), or add --allow-large (or set {ALLOW_LARGE_ENV}=1) "
+               "to try anyway." if native else
+               f"Use a smaller {flag}, or add --allow-large (or set {ALLOW_LARGE_ENV}=1) to try anyway.")
+    need = width * height * channels * _BYTES * _LIVE_TENSORS
+    memory = available_memory() if memory is None else memory
+    if memory is not None and need > memory:
+        raise OptionError(f"{given} needs at least {_gib(need)} of memory for one image (its full-size VAE "
+                          f"layers alone); {_gib(memory)} is available.", way_out)
+    limit = max(SIZE_FLOOR, SIZE_FACTOR * native) if native else None
+    if limit is not None and max(width, height) > limit:
+        raise OptionError(f"{given} is larger than this model takes: at most {limit} px a side "
+                          f"({SIZE_FACTOR}x its native {native} px, and never less than {SIZE_FLOOR}).", way_out)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**40:.1f} TiB" if n >= 2**40 else f"{n / 2**30:.1f} GiB"
 
 
 def _one_of(choices: tuple[str, ...]) -> str:

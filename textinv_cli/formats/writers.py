@@ -109,3 +109,20 @@ def default_output_name(emb: Embedding, fmt: str) -> str:
     if not info.suffix:
         return f"{name}/"
     return name + info.suffix
+
+
+def default_output_path(emb: Embedding, fmt: str) -> str:
+    """Where `convert --to fmt` writes inside a folder, relative to it: every format its own
+    path, so converting one embedding to several formats in one folder never overwrites one.
+
+    The file name stays default_output_name's (cat-toy.safetensors) for every format, because
+    A1111, Forge and ComfyUI make the file name the prompt word (formats/a1111_names.trigger):
+    `cat-toy-kohya.safetensors` would have to be typed `cat-toy-kohya`. So the first format
+    of WRITERS with a suffix writes the plain name (safetensors, bin, a1111, a1111-png,
+    a1111-webp), and a later one sharing that suffix writes into a folder named after itself:
+    kohya/cat-toy.safetensors, kohya-pt/cat-toy.pt, comfyui/..., onetrainer/... (copy the
+    file into the UI's embeddings folder as it is)."""
+    name = default_output_name(emb, fmt)
+    info = WRITERS[fmt]
+    first = next((n for n, i in WRITERS.items() if i.suffix == info.suffix), fmt)
+    return name if not info.suffix or first == fmt else f"{fmt}/{name}"

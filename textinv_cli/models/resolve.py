@@ -12,9 +12,48 @@ from pathlib import Path
 
 from ..errors import BackendError, NotFoundError
 
-# `--model tiny` (the default) and friends: random-weight models built on first use, offline.
+# `--model tiny` (the built-in default) and friends: random-weight models built on first use, offline.
 TINY = {"tiny": "sd1", "tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 DEFAULT_MODEL = "tiny"
+
+
+def default_model() -> str:
+    """The model without --model: TEXTINV_MODEL, else `textinv config set model`, else tiny
+    (config.py has the order)."""
+    from ..config import get
+
+    return get("model") or DEFAULT_MODEL
+
+
+def configured_model(name: str | None) -> str | None:
+    """--model as given, else the user's configured default; None when neither is set (the
+    built-in tiny model, which model_notes calls "the default")."""
+    if name:
+        return name
+    from ..config import lookup
+
+    value, source = lookup("model")
+    return None if source == "default" else value
+
+
+def canonical_model(name: str) -> str:
+    """What `textinv config set model NAME` stores: a tiny name or Hub id as given, a local
+    folder as its absolute path (a relative one would change meaning with the directory).
+    Refused here, not at the next train: a name that is none of these."""
+    name = name.strip()
+    if name in TINY:
+        return name
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise NotFoundError(f"{path} is not a diffusers model folder (no model_index.json).",
+                                "Pass a folder saved with save_pretrained, a Hub id (owner/name), or tiny.")
+        return str(path.resolve())
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/")):
+        return name
+    raise NotFoundError(f"Model {name!r} is neither a local folder nor a Hub id (owner/name).",
+                        "Pass a diffusers folder, a Hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
+                        "or tiny.")
 
 
 def models_dir() -> Path:
@@ -60,13 +99,14 @@ def model_notes(name: str | None) -> list[str]:
         return []
     shown = name or f"{DEFAULT_MODEL} (the default)"
     return [f"Model: {shown}, a built-in tiny {TINY[name or DEFAULT_MODEL].upper()} model with random weights: "
-            "for trying textinv out, not for real images. Pass --model with a diffusers folder or a Hub id."]
+            "for trying textinv out, not for real images. Pass --model with a diffusers folder or a Hub id "
+            "(or name yours once for every run: textinv config set model, then the folder or Hub id)."]
 
 
 def resolve_model(name: str | None, backend: str | None = None) -> str:
     """A local folder path (tiny models are built here on first use, by `backend` where it
-    can) or a Hub id, unchanged."""
-    name = name or DEFAULT_MODEL
+    can) or a Hub id, unchanged. Without a name: the configured default (default_model)."""
+    name = name or default_model()
     if name in TINY:
         family = TINY[name]
         return str(make_tiny_model(models_dir() / f"tiny-{family}", family, backend=backend))
@@ -100,3 +140,45 @@ def model_family(model: str) -> str | None:
 
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
+def model_geometry(model: str) -> tuple[int, int] | None:
+    """(native size in pixels, channels of the VAE's full-resolution layers) of a local
+    diffusers folder, or of a Hub id whose configs are in the Hugging Face cache; None when
+    they cannot be read without loading or downloading anything.
+
+    native = unet sample_size x the VAE's downscale (2 ** (VAE blocks - 1)): 512 for SD 1.5,
+    768 for SD 2.1, 1024 for SDXL, 64 for the tiny models (what diffusers' pipelines default to).
+    """
+    def config(sub: str) -> dict | None:
+        path = Path(model) / sub / "config.json"
+        if not path.is_file():
+            if Path(model).exists() or model.count("/") != 1:
+                return None
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                cached = try_to_load_from_cache(model, f"{sub}/config.json")
+            except Exception:  # noqa: BLE001 - an odd id or cache: the size is just not known here
+                return None
+            if not isinstance(cached, str):
+                return None
+            path = Path(cached)
+        try:
+            data = json.loads(path.read_text("utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    unet, vae = config("unet"), config("vae")
+    if not unet or not vae:
+        return None
+    size, blocks = unet.get("sample_size"), vae.get("block_out_channels")
+    if isinstance(size, list) and size:  # some configs give [h, w]
+        size = max(size)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1 or not isinstance(blocks, list) or not blocks:
+        return None
+    channels = blocks[0]
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+        return None
+    return size * 2 ** (len(blocks) - 1), channels

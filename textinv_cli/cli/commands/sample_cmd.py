@@ -31,7 +31,8 @@ def sample(
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (CFG)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image."),
     size: Optional[str] = typer.Option(None, "--size", help="512 (square) or WIDTHxHEIGHT such as 768x512 (default: the model's)."),
-    allow_large: bool = typer.Option(False, "--allow-large", help="Accept a size beyond the model's limit (4x its native size, or more than the memory available; also TEXTINV_ALLOW_LARGE=1)."),
+    allow_large: bool = typer.Option(False, "--allow-large", help="Accept a size beyond the model's limit (4x its "
+                                     "native size, or more than the memory available; also TEXTINV_ALLOW_LARGE=1)."),
     negative: str = typer.Option("", "--negative", help="Negative prompt (registered tokens in it are loaded too)."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny, a random-weight "
                                                                     "model for trying textinv out, not for real images)."),

@@ -46,6 +46,8 @@ def train(
     prop: str = typer.Option("object", "--property", help="object or style: which caption templates to use."),
     captions: str = typer.Option("templates", "--captions", help="templates, files (IMAGE.txt sidecars) or both."),
     resolution: Optional[int] = typer.Option(None, "--resolution", help=f"Training resolution, a multiple of {RESOLUTION_STEP} (default: the model's)."),
+    allow_large: bool = typer.Option(False, "--allow-large", help="Accept a size beyond the model's limit (4x its "
+                                     "native size, or more than the memory available; also TEXTINV_ALLOW_LARGE=1)."),
     center_crop: bool = typer.Option(False, "--center-crop", help="Crop the central square instead of resizing the whole image."),
     flip_p: float = typer.Option(0.5, "--flip-p", help="Probability of a horizontal flip."),
     steps: int = typer.Option(3000, "--steps", help="Optimizer steps (at least 1)."),
@@ -94,7 +96,7 @@ def train(
     from ...embedding import safe_name
     from ...engine.checks import check_train_backend, check_train_spec, train_warnings
     from ...engine.launch import process_rank
-    from ...models.resolve import model_notes
+    from ...models.resolve import configured_model, model_notes
     from ...errors import TextinvError
     from ...engine.plugins import require_backend
     from ...registry.store import Registry
@@ -102,6 +104,7 @@ def train(
     from ...engine.spec import TrainSpec
     from ...engine.launch import launched_world
 
+    model = configured_model(model)  # --model, else TEXTINV_MODEL / textinv config set model
     world = launched_world()
     if world > 1 and num_processes not in (None, world):
         raise TextinvError(f"--num-processes {num_processes} does not match the {world} processes the launcher started.",
@@ -182,6 +185,9 @@ def train(
         return
     # a tiny model is built by the chosen backend (a jax-only install has no torch to build it)
     spec.model = resolve_model(model, backend=getattr(chosen, "name", None))
+    from ...engine.checks import check_size
+
+    check_size(resolution, resolution, spec.model, flag="--resolution", allow=allow_large)  # before it loads
     from ...engine.init_from import check_model_family
     from ...engine.infotext import model_label
     from ...models.resolve import model_family
