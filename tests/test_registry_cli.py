@@ -64,15 +64,17 @@ def test_import_sdxl_folder_with_name_token_and_tags(cli, tmp_path):
     assert Registry().load("my-xl").token == "<mine>"
 
 
-def test_import_name_clash_suggests_name_option(cli, tmp_path):
+def test_import_name_clash_suggests_a_free_name_that_works(cli, tmp_path):
     assert cli("import", _write(tmp_path, "a.safetensors", random_embedding(seed=1))).exit_code == 0
     src = _write(tmp_path, "b.safetensors", random_embedding(seed=2))
-    r = cli("import", src)
+    assert cli("import", src, "--name", "other").exit_code == 0
+    src3 = _write(tmp_path, "c.safetensors", random_embedding(seed=3))
+    r = cli("import", src3, "--name", "cat-toy")  # an explicit name that is taken
     assert r.exit_code == 1
-    assert "'cat-toy' is already taken" in r.stderr and "--name" in r.stderr
+    assert "'cat-toy' is already taken" in r.stderr and "--name cat-toy-v2" in r.stderr
     _no_traceback(r)
-    assert cli("import", src, "--name", "cat-toy-2").exit_code == 0
-    assert [e.name for e in Registry().entries()] == ["cat-toy", "cat-toy-2"]
+    assert cli("import", src3, "--name", "cat-toy-v2").exit_code == 0
+    assert [e.name for e in Registry().entries()] == ["cat-toy", "cat-toy-v2", "other"]
 
 
 def test_import_token_that_is_a_path_writes_nothing(cli, tmp_path, textinv_home):
@@ -198,12 +200,12 @@ def test_registry_commands_honour_textinv_home(cli, tmp_path, monkeypatch):
 
 def test_concurrent_cli_imports(tmp_path, textinv_home):
     # three processes (CI has two cores): one distinct file, and the same content twice
-    a = _write(tmp_path, "a.pt", random_embedding("<a>", "sdxl", seed=1), fmt="kohya-pt")
+    a = _write(tmp_path, "ab.pt", random_embedding("<a>", "sdxl", seed=1), fmt="kohya-pt")
     same = [_write(tmp_path, f"same{i}.safetensors", random_embedding("<same>", seed=3)) for i in (1, 2)]
     jobs = [["cli", "import", str(a)], ["cli", "import", str(same[0])], ["cli", "import", str(same[1])]]
     results = run_together(jobs, tmp_path / "barrier")
     for rc, out, err in results:
         assert rc == 0, err
-    assert results[0][1].startswith("Imported a (")  # kohya files carry no token: the file name is used
+    assert results[0][1].startswith("Imported ab (")  # kohya files carry no token: the file name is used
     assert sorted(out.split(" ")[0] for _, out, _ in results[1:]) == ["Already", "Imported"]
-    assert [e.name for e in Registry().entries()] == ["a", "same"]
+    assert [e.name for e in Registry().entries()] == ["ab", "same"]

@@ -51,6 +51,9 @@ def test_importing_a_token_again_makes_the_next_version_active_and_list_says_how
     assert Registry().resolve("<cat-toy>").name == "cat-toy-v2"
     docs = json.loads(cli("list", "--json").stdout)
     assert [(d["name"], d["active"]) for d in docs] == [("cat-toy", False), ("cat-toy-v2", True)]
+    r = cli("rm", "cat-toy-v2")  # the active version goes: the one left takes over, and rm says so
+    assert "cat-toy is now the active <cat-toy> (the newest remaining version)." in r.stdout, r.output
+    assert Registry().resolve("<cat-toy>").name == "cat-toy" and "Switch" not in cli("list").stdout
 
 
 def test_mv_renames_and_a_taken_name_prints_a_working_mv(cli, tmp_path):

@@ -18,11 +18,17 @@ def rm(
     from ...registry.store import Registry, display_name
     from ...untrusted import shown
 
-    entry = Registry().remove(name)
+    registry = Registry()
+    entry = registry.remove(name)
+    # the active version went: the newest remaining one of its token takes over (registry/versions.py)
+    now = next((e for e in registry.versions(entry.token) if e.active), None) if entry.active else None
     if json_out:
-        print_json({"removed": entry.to_json()})
+        print_json({"removed": entry.to_json(), **({"active": now.to_json()} if now else {})})
         return
     # NAME may be the escaped form `list` shows (a damaged row's name can hold anything): print
     # the row's values escaped too, never raw.
     console.print(f"Removed {display_name(entry.name)} ({shown(entry.token)}, {shown(entry.family)}, "
                   f"sha256 {shown(entry.short_sha)})", markup=False)
+    if now is not None:
+        console.print(f"{display_name(now.name)} is now the active {shown(now.token)} (the newest remaining version).",
+                      markup=False)
