@@ -160,3 +160,8 @@ def test_module_imports_without_torch_or_numpy():
             "bad = [m for m in ('torch', 'numpy', 'diffusers') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_old_entry_whose_token_is_an_ordinary_word_is_used_with_a_note():
+    got = prompt_embeddings("a cat on a mat", "", [V("kitty", "cat")])
+    assert [u.entry.name for u in got.used] == ["kitty"] and '"cat" in the prompt is the token of' in got.notes[0]

@@ -182,6 +182,12 @@ def prompt_embeddings(prompt: str, negative: str, entries, use=()) -> PromptEmbe
                         + ", ".join(e.name for e in by_token[m.token]) + ".",
                         f"Pick one: textinv use {shlex.quote(by_token[m.token][0].name)}")
                 used = Used(entry, m.token)
+                if is_ordinary_word(m.token):  # registered before import refused such tokens: say so, once
+                    note = (f'"{m.token}" in the prompt is the token of the registry entry {entry.name}: the '
+                            f"embedding is used instead of the word (`textinv rm {shlex.quote(entry.name)}` "
+                            "and import it again with --token '<...>' to free the word).")
+                    if note not in out.notes:
+                        out.notes.append(note)
             else:
                 used = Used(by_name[m.token], m.token)
                 note = (f"{m.token} in the prompt is a registry name: it loads that entry ({used.entry.token}), "
