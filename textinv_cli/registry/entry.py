@@ -53,3 +53,28 @@ def entry_from_row(row: sqlite3.Row) -> Entry:
     """Never raises: a damaged row becomes an Entry with `damaged` set (see db.decode_row)."""
     values, damaged = registry_db.decode_row(row)
     return Entry(**values, damaged=damaged)
+
+
+def entries_from_rows(rows) -> list[Entry]:
+    """The rows (read with their rowid) as Entries, in order, each token's active one marked
+    (versions.choose_active over the rows given: pass all rows of a token)."""
+    from .versions import choose_active
+
+    entries = [entry_from_row(r) for r in rows]
+    groups: dict = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(registry_db.as_text(row["token"]), []).append(i)
+    for members in groups.values():
+        chosen = choose_active([(registry_db.active_flag(rows[i]), entries[i].created, rows[i]["rowid"],
+                                 entries[i].damaged is not None) for i in members])
+        if chosen is not None:
+            entries[members[chosen]].active = True
+    return entries
+
+
+def with_active(conn: sqlite3.Connection, entry: Entry) -> Entry:
+    """`entry` with `active` as all the rows sharing its token decide."""
+    rows = conn.execute("SELECT rowid, * FROM embeddings WHERE token = ?",
+                        (registry_db.sql_text(entry.token) or "",)).fetchall()
+    entry.active = any(e.active and e.name == entry.name for e in entries_from_rows(rows))
+    return entry

@@ -42,9 +42,10 @@ from typing import TYPE_CHECKING
 from . import db as registry_db
 from ..errors import NotFoundError, RegistryError
 from .db import ACTIVE, COLUMNS as _COLUMNS, JSON_COLUMNS as _JSON_COLUMNS, SHA_RE, SOURCES
-from .entry import Entry, entry_from_row
+from . import edits
+from .entry import Entry, entries_from_rows, entry_from_row, with_active
 from .names import check_name, check_tag, check_token, clean_meta, display_name, readd_hint, rm_command
-from .versions import choose_active, next_name
+from .versions import next_name
 from ..untrusted import quoted, shown
 
 if TYPE_CHECKING:  # numpy comes with Embedding; keep `import textinv_cli.registry.store` light
@@ -112,7 +113,7 @@ class Registry:
         if known is not None:
             return known, False
         if clash is not None and not versioned:
-            raise self._clash_error(name, clash)
+            raise self.clash_error(name, clash)
 
         self._ensure_dirs()
         self._check_writable()
@@ -137,14 +138,14 @@ class Registry:
             row = conn.execute("SELECT * FROM embeddings WHERE sha256 = ? ORDER BY name LIMIT 1",
                                (sha,)).fetchone()
             if row is not None:  # another process registered the same content meanwhile
-                return self._with_active(conn, entry_from_row(row)), False
+                return with_active(conn, entry_from_row(row)), False
             row = conn.execute("SELECT * FROM embeddings WHERE name = ?", (name,)).fetchone()
             if row is not None and versioned:  # the next free version name, chosen under the lock
                 taken = {registry_db.as_text(r["name"]) for r in conn.execute("SELECT name FROM embeddings")}
                 entry.name = name = check_name(next_name(name, taken))
             elif row is not None:
                 self._unlink_blob_if_unused(conn, sha)  # we hold the lock: no one can need it now
-                raise self._clash_error(name, entry_from_row(row))
+                raise self.clash_error(name, entry_from_row(row))
             if not self.blob_path(sha).is_file():  # a concurrent `rm` removed it after we wrote it
                 self._write_blob(sha, data)
             conn.execute(
@@ -163,7 +164,7 @@ class Registry:
             if conn is None:
                 return None
             row = registry_db.find_row(conn, name)
-            return self._with_active(conn, entry_from_row(row)) if row is not None else None
+            return with_active(conn, entry_from_row(row)) if row is not None else None
 
     def resolve(self, name_or_token: str) -> Entry:
         """By name; else the active entry of a token ("<cat-toy>"); else of a token without brackets."""
@@ -182,7 +183,7 @@ class Registry:
                     f"{quoted(name_or_token)} could mean the tokens "
                     + ", ".join(shown(e.token) for e in hits[:10]) + ".",
                     f"Name the entry instead: {', '.join(display_name(e.name) for e in hits[:10])}.")
-        raise self._not_found(name_or_token, everything)
+        raise self.not_found(name_or_token, everything)
 
     def versions(self, token: str) -> list[Entry]:
         """Every entry with this token, oldest first; the active one has `active` set."""
@@ -223,72 +224,36 @@ class Registry:
         with self._read() as conn:
             if conn is None:
                 return []
-            out = self._mark(conn.execute("SELECT rowid, * FROM embeddings ORDER BY name").fetchall())
+            out = entries_from_rows(conn.execute("SELECT rowid, * FROM embeddings ORDER BY name").fetchall())
         return [e for e in out if (family is None or e.family == family) and (source is None or e.source == source)]
 
+    # -- changing an entry: edits.py ---------------------------------------------------------
     def use(self, name: str) -> tuple[Entry, Entry | None]:
         """Make `name` the active entry of its token; (it, the one that was active before)."""
-        with self.transaction() as conn:
-            row = registry_db.find_row(conn, name)
-            if row is None:
-                raise self._not_found(name, self.entries())
-            entry = self._with_active(conn, entry_from_row(row))
-            if entry.damaged:
-                raise RegistryError(f"{display_name(entry.name)} is damaged ({entry.damaged}); it cannot be used.",
-                                    readd_hint(entry.name, entry.origin))
-            before = next((e for e in self._mark(self._token_rows(conn, row)) if e.active), None)
-            conn.execute(f"UPDATE embeddings SET {ACTIVE} = (rowid = ?) WHERE token = ?", (row["rowid"], row["token"]))
-            entry.active = True
-        return entry, (before if before is not None and before.name != entry.name else None)
+        return edits.use(self, name)
 
     def rename(self, old: str, new: str) -> Entry:
         """Give the entry `old` the name `new` (free, and allowed by names.check_name)."""
-        from ..redact import known_tokens
-
-        new = check_name(new, known=known_tokens())
-        with self.transaction() as conn:
-            row = registry_db.find_row(conn, old)
-            if row is None:
-                raise self._not_found(old, self.entries())
-            if registry_db.as_text(row["name"]) == new:
-                return self._with_active(conn, entry_from_row(row))
-            clash = conn.execute("SELECT * FROM embeddings WHERE name = ?", (new,)).fetchone()
-            if clash is not None:
-                raise self._clash_error(new, entry_from_row(clash), renaming=registry_db.as_text(row["name"]))
-            conn.execute("UPDATE embeddings SET name = ? WHERE rowid = ?", (new, row["rowid"]))
-            return self._with_active(conn, entry_from_row(
-                conn.execute("SELECT rowid, * FROM embeddings WHERE rowid = ?", (row["rowid"],)).fetchone()))
+        return edits.rename(self, old, new)
 
     def set_tags(self, name: str, add=(), remove=()) -> Entry:
         """Add and remove tags of an entry (each tag once, in the order first given)."""
-        with self.transaction() as conn:
-            row = registry_db.find_row(conn, name)
-            if row is None:
-                raise self._not_found(name, self.entries())
-            entry = entry_from_row(row)
-            if entry.damaged:
-                raise RegistryError(f"{display_name(entry.name)} is damaged ({entry.damaged}); its tags cannot change.",
-                                    readd_hint(entry.name, entry.origin))
-            add, remove = [check_tag(t) for t in add], {check_tag(t) for t in remove}
-            tags = [t for t in dict.fromkeys([*entry.tags, *add]) if t not in remove]
-            conn.execute("UPDATE embeddings SET tags = ? WHERE rowid = ?", (json.dumps(tags), row["rowid"]))
-            entry.tags = tags
-            return self._with_active(conn, entry)
+        return edits.set_tags(self, name, add, remove)
 
     def remove(self, name: str) -> Entry:
         """Delete the row; the blob goes too unless another row still points at it."""
         if not self.db_path.exists():
-            raise self._not_found(name, [])
+            raise self.not_found(name, [])
         with self.transaction() as conn:
             row = registry_db.find_row(conn, name)
             entry = entry_from_row(row) if row is not None else None
             if row is not None:  # by rowid: a damaged row's name may not even be bindable text
-                entry = self._with_active(conn, entry)
+                entry = with_active(conn, entry)
                 conn.execute("DELETE FROM embeddings WHERE rowid = ?", (row["rowid"],))
                 if entry.active:  # the newest remaining version takes over (versions.py)
                     registry_db.mark_active(conn, row["token"])
         if entry is None:
-            raise self._not_found(name, self.entries())
+            raise self.not_found(name, self.entries())
         if not SHA_RE.fullmatch(entry.sha256):
             return entry  # a damaged row that names no blob: nothing more to delete
         # The deletion is committed; only now may the blob go (a crash before this point
@@ -323,12 +288,12 @@ class Registry:
                 known = conn.execute("SELECT * FROM embeddings WHERE sha256 = ? ORDER BY name LIMIT 1",
                                      (sha,)).fetchone()
                 clash = conn.execute("SELECT * FROM embeddings WHERE name = ?", (name,)).fetchone()
-                known_entry = self._with_active(conn, entry_from_row(known)) if known else None
+                known_entry = with_active(conn, entry_from_row(known)) if known else None
             finally:
                 conn.execute("COMMIT")
             return known_entry, (entry_from_row(clash) if clash else None)
 
-    def _clash_error(self, name: str, existing: Entry, *, renaming: str | None = None) -> RegistryError:
+    def clash_error(self, name: str, existing: Entry, *, renaming: str | None = None) -> RegistryError:
         free = self.free_name(name)
         return RegistryError(
             f"The name {quoted(name)} is already taken by a different embedding "
@@ -344,32 +309,7 @@ class Registry:
         taken = {e.name for e in self.entries()}
         return name if name not in taken else next_name(name, taken)
 
-    # -- which entry of a token is active (versions.py) -------------------------------------
-    def _token_rows(self, conn: sqlite3.Connection, row) -> list:
-        return conn.execute("SELECT rowid, * FROM embeddings WHERE token = ?", (row["token"],)).fetchall()
-
-    def _with_active(self, conn: sqlite3.Connection, entry: Entry) -> Entry:
-        """`entry` with `active` as the rows sharing its token decide."""
-        rows = conn.execute("SELECT rowid, * FROM embeddings WHERE token = ?",
-                            (registry_db.sql_text(entry.token) or "",)).fetchall()
-        entry.active = any(e.active and e.name == entry.name for e in self._mark(rows))
-        return entry
-
-    @staticmethod
-    def _mark(rows) -> list[Entry]:
-        """The rows as Entries (in order), each token's active one marked (versions.choose_active)."""
-        entries = [entry_from_row(r) for r in rows]
-        groups: dict = {}
-        for i, row in enumerate(rows):
-            groups.setdefault(registry_db.as_text(row["token"]), []).append(i)
-        for members in groups.values():
-            chosen = choose_active([(registry_db.active_flag(rows[i]), entries[i].created, rows[i]["rowid"],
-                                     entries[i].damaged is not None) for i in members])
-            if chosen is not None:
-                entries[members[chosen]].active = True
-        return entries
-
-    def _not_found(self, name: str, entries: list[Entry]) -> NotFoundError:
+    def not_found(self, name: str, entries: list[Entry]) -> NotFoundError:
         if not entries:
             return NotFoundError(
                 f"No embedding named {quoted(name)}: the registry is empty.",
