@@ -167,7 +167,7 @@ def usage_lines(exc, args: list[str] | None, path: str | None = None) -> tuple[s
                 text = pattern.sub(words, text)
                 break
         value = _value_of(names, args or [])
-        tail = f", not {value!r}" if value is not None else ""
+        tail = f", not {value!r}" if value is not None and ", not " not in text else ""
         return f"Error: {shown} {text.rstrip('.')}{tail}.", hint
     if isinstance(exc, NoSuchOption):
         message = exc.message.rstrip(".")
