@@ -246,9 +246,7 @@ def summary(run: Path, spec: TrainSpec, steps: int, seconds: float, embedding: P
 
 def record_text(run: Path, event: Event) -> None:
     """The event as a line of train.log (appended, not fsynced: a log, like events.jsonl)."""
-    import json
-
-    line = run_log.log_line(json.loads(json.dumps(event.to_json(), default=lambda v: None)))
+    line = run_log.log_line(event.to_json())
     if line is not None:
         with open(run / run_log.LOG_FILE, "a", encoding="utf-8") as f:
             f.write(line)

@@ -89,9 +89,19 @@ def show(
     c = info.curve
     out = png or folder / "loss.png"
     title = f"{info.token or '?'}  {folder.name}  ({info.status}, step {_step(info)})"
-    png_path = write_png(out, c.loss, c.eval, title)
+    try:
+        png_path: Path | None = write_png(out, c.loss, c.eval, title)
+    except OSError as e:
+        if png is not None:
+            raise
+        from ..console import err_console
+
+        png_path = None  # a run folder we may not write to (another user's, read-only): the rest still shows
+        err_console.print(f"Warning: cannot write {shown(out, 200)} ({shown(e.strerror or e, 80)}); "
+                          f"pass --png FILE to write the curve elsewhere.", markup=False, style="yellow")
     if json_out:
-        print_json({**info.to_json(), "entry": entry, "loss": c.loss, "eval": c.eval, "png": str(png_path),
+        print_json({**info.to_json(), "entry": entry, "loss": c.loss, "eval": c.eval,
+                    "png": str(png_path) if png_path else None,
                     "settings": spec})
         return
     import sys
@@ -110,7 +120,8 @@ def show(
                       f"{len(points)} readings)", markup=False)
     if not c.loss and not c.eval:
         console.print("No loss readings yet.", markup=False)
-    console.print(f"Loss curve: {png_path}", markup=False)
+    if png_path is not None:
+        console.print(f"Loss curve: {shown(png_path, 300)}", markup=False)
     console.print("Settings: " + _settings(spec), markup=False)
     if info.validation:
         console.print("Validation images:", markup=False)
