@@ -167,16 +167,23 @@ def _help(cli, *args) -> str:
     return r.stdout
 
 
-COMMANDS = sorted(typer.main.get_command(app).commands)
+def _commands(group, path=()):
+    for name, cmd in getattr(group, "commands", {}).items():
+        yield (*path, name), cmd
+        yield from _commands(cmd, (*path, name))
+
+
+COMMANDS = sorted(" ".join(path) for path, _ in _commands(typer.main.get_command(app)))
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_shows_no_alias_and_describes_every_option_in_one_style(cli, command):
-    text = _help(cli, command)
-    assert cli(command, "-h").stdout == text
+    text = _help(cli, *command.split())
+    assert cli(*command.split(), "-h").stdout == text
     hidden = {a for table in aliases.ALIASES.values() for a in table} | set(aliases.SIZE_PARTS)
     assert not {a for a in hidden if re.search(rf"(?<![\w-]){re.escape(a)}(?![\w-])", text)}
-    cmd = typer.main.get_command(app).commands[command]
+    assert "[[" not in text and "......" not in text and "<str>" not in text
+    cmd = dict(_commands(typer.main.get_command(app)))[tuple(command.split())]
     ctx = cmd.make_context(command, ["--help"], resilient_parsing=True)
     for param in cmd.params:
         record = param.get_help_record(ctx)
@@ -188,7 +195,7 @@ def test_help_shows_no_alias_and_describes_every_option_in_one_style(cli, comman
             # -x, --long-name [VALUE] where VALUE is an UPPERCASE word or [choice|choice]
             assert re.fullmatch(r"(-\w, )?--[a-z0-9-]+( ([A-Z][A-Z_/]*|\[[a-z0-9.+|-]+\])(\.\.\.)?)?", names), names
         else:
-            assert re.fullmatch(r"[A-Z_]+(\.\.\.)?", names), names
+            assert re.fullmatch(r"([A-Z_]+|\[[a-z0-9|+.-]+\])(\.\.\.)?", names), names
 
 
 @pytest.mark.parametrize("command, option, source", [

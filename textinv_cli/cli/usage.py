@@ -88,12 +88,20 @@ class Option(TyperOption):
 
 
 class Argument(TyperArgument):
+    """NAME (or its choices a|b) once: a metavar given as "[KEY]" or "TAG..." is not wrapped twice."""
+
     def display_type_rich(self, ctx):
         return None  # the NAME says it; typer would add "<str>"
 
     @property
     def display_name_raw(self) -> str:
-        return self.metavar or self.name.upper()
+        name = (self.metavar or self.name.upper()).strip("[]")
+        return name[:-3] if name.endswith("...") else name
+
+    def _rich_display_name(self) -> str:
+        name = self.display_name_raw
+        name = f"[{name}]" if "|" in name else name
+        return name + ("..." if self.nargs != 1 else "")
 
     def _usage_display_name(self) -> str:
         name = self.display_name_raw + ("..." if self.nargs != 1 else "")
@@ -108,6 +116,8 @@ def polish(command_name: str, cmd) -> None:
     if getattr(cmd, "_textinv_polished", False):
         return
     cmd._textinv_polished = True
+    for sub_name, sub in getattr(cmd, "commands", {}).items():  # a command group (textinv runs ...)
+        polish(sub_name, sub)
     option_class = _OPTION_CLASSES.setdefault(command_name, type("Option", (Option,), {"command_name": command_name}))
     for param in cmd.params:
         if type(param) is TyperOption:
