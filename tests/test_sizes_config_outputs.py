@@ -168,3 +168,60 @@ def test_library_versions_come_from_metadata_without_importing():
     if "xformers" not in sys.modules:
         installed_version("xformers")
         assert "xformers" not in sys.modules
+
+
+# -- errors that need only the tokenizer or the files: before any backend loads ----------------
+
+def tiny_with_tokenizer(root: Path, family: str = "sd1") -> Path:
+    from textinv_cli.models.tiny_tokenizer import write_tokenizer
+
+    tiny_configs(root, family)
+    for sub in ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",):
+        write_tokenizer(root / sub)
+    return root
+
+
+@pytest.fixture
+def no_backend(monkeypatch):
+    """Fails the test if a backend is asked for: the error must come before."""
+    from textinv_cli.engine import plugins
+
+    def refuse(*a, **k):
+        raise AssertionError("a backend was loaded before the error")
+
+    monkeypatch.setattr(plugins, "require_backend", refuse)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--token", "toy", "--init", "toy"], "The token 'toy' is already in the clip_l tokenizer's vocabulary"),
+    (["--token", "<zz-toy>", "--init", "qqxqzzy"], "init word 'qqxqzzy' is 7 tokens"),
+    (["--token", "<zz-toy>", "--init", "toy figure"], "--init has 2 words but --vectors is 1"),
+])
+def test_token_and_init_mistakes_come_before_any_backend(cli, tmp_path, demo_images, no_backend, args, words):
+    model = tiny_with_tokenizer(tmp_path / "m", "sdxl")
+    r = cli("train", demo_images, "--model", model, *args)
+    assert r.exit_code == 1 and words in r.stderr
+
+
+def test_an_unreadable_image_comes_before_any_backend(cli, tmp_path, demo_images, no_backend):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_images, data)
+    (data / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    r = cli("train", data, "--token", "<zz-toy>", "--init", "toy", "--model", tiny_with_tokenizer(tmp_path / "m"))
+    assert r.exit_code == 1 and "Cannot read the image" in r.stderr and "zz-broken.png" in r.stderr
+
+
+def test_the_light_vocabulary_tokenizes_as_clip_does(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from textinv_cli.models.vocab import Vocabulary
+
+    folder = tiny_with_tokenizer(tmp_path / "m") / "tokenizer"
+    real, light = CLIPTokenizer.from_pretrained(str(folder)), Vocabulary(folder)
+    assert light.unk_token_id == real.unk_token_id and light.get_vocab() == real.get_vocab()
+    for text in ("toy", "Toy", "toy figure", "qqxqzzy", "<cat-toy>", "cat-toy", "a photo of a dog's toy", "x2", "  ",
+                 "watercolor,painting", "<|endoftext|>"):
+        assert light.tokenize(text) == real.tokenize(text), text
+        assert light.encode(text) == real.encode(text, add_special_tokens=False), text

@@ -162,6 +162,47 @@ def check_token(token: str, tokenizer, label: str = "tokenizer") -> None:
                            f'Pick a new word, e.g. --token "<{token.strip("<>")}-concept>" (angle brackets help).')
 
 
+def check_words_early(token: str, words: list[str], vectors: int, model: str | None) -> None:
+    """check_token and the --init words (captions.init_token_ids) on the model's tokenizer
+    files alone (models/vocab.py), before a backend imports anything: the same rules, in
+    milliseconds. Skipped where the files are not on disk yet (a tiny model's first use, a Hub
+    id not downloaded), for text the light reader does not answer (non-ASCII) and for a
+    registered embedding as --init; the backend checks all of it again on the real tokenizer."""
+    from ..models.resolve import tokenizer_folders
+    from ..models.vocab import Vocabulary, vocabulary
+    from .captions import init_token_ids
+    from .init_from import parse
+
+    if not all(Vocabulary.answers(t) for t in (token, *words)):
+        return
+    try:
+        folders = tokenizer_folders(model)
+        readers = [(slot, vocabulary(str(folder))) for slot, folder in folders]
+    except (OSError, ValueError, TextinvError):  # unreadable files: the backend says it, in its words
+        return
+    reference = parse(words) is not None
+    for slot, vocab in readers:
+        check_token(token, vocab, f"{slot} tokenizer")
+    for slot, vocab in readers:
+        if not reference:
+            init_token_ids(vocab, words, vectors, f"{slot} tokenizer")
+
+
+def check_images_open(images) -> None:
+    """Every training image opens as an image (PIL reads its header and checks its structure
+    without decoding it): a broken file is named before the model loads, not after. The full
+    decode (engine/images.open_rgb, with the same words) still happens when the data loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in dict.fromkeys(images):  # kohya's N_name folders list an image N times
+        try:
+            with Image.open(path) as f:
+                f.verify()
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
+            raise TextinvError(f"Cannot read the image {path}: {e}",
+                               "Remove or re-save it (PNG/JPEG), or move it out of the data folder.") from None
+
+
 def parse_size(size: str) -> tuple[int, int]:
     """"512" -> (512, 512); "768x512" -> width 768, height 512 (A1111's WxH order)."""
     parts = size.lower().replace("×", "x").split("x")

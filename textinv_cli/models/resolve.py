@@ -182,3 +182,49 @@ def model_geometry(model: str) -> tuple[int, int] | None:
     if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
         return None
     return size * 2 ** (len(blocks) - 1), channels
+
+
+def tokenizer_folders(name: str | None) -> list[tuple[str, Path]]:
+    """("clip_l", folder) per text encoder of the model `name` would resolve to, when its
+    tokenizer files are already on disk (a local folder, a tiny model built before, a Hub id in
+    the Hugging Face cache); [] when they are not (nothing is built or downloaded here)."""
+    from ..families import FAMILY_SLOTS
+
+    name = name or default_model()
+    if name in TINY:
+        folder = models_dir() / f"tiny-{TINY[name]}"
+        from .tiny import MARKER
+
+        if not (folder / MARKER).is_file():  # a complete build
+            return []
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+    elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            index = try_to_load_from_cache(name, "model_index.json")
+        except Exception:  # noqa: BLE001 - an odd id or cache: just not known here
+            return []
+        if not isinstance(index, str):
+            return []
+        folder = Path(index).parent
+    else:
+        return []
+    family = model_family(str(folder))
+    if family not in FAMILY_SLOTS:
+        return []
+    subs = ("tokenizer", "tokenizer_2")
+    found = [(slot, folder / sub) for slot, sub in zip(FAMILY_SLOTS[family], subs)]
+    if not all((f / "vocab.json").is_file() and (f / "merges.txt").is_file() for _, f in found):
+        return []
+    return found
+
+
+def loading_line(name: str | None, backend: str | None) -> str:
+    """What train and sample say (stderr) while the backend imports and the model loads,
+    seconds in which the screen would otherwise stay blank."""
+    from ..untrusted import shown
+
+    model = shown(name, 200) if name else f"{default_model()} (the default)"
+    return f"Loading {model} with the {shown(backend, 40) if backend else 'first usable'} backend…"

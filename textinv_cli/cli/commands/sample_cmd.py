@@ -76,6 +76,10 @@ def sample(
     from ...models.resolve import model_family, model_notes, resolve_model
     from ...engine.plugins import require_backend
 
+    from ..console import err_console as _err
+    from ...models.resolve import loading_line
+
+    _err.print(loading_line(model, backend), markup=False, style="dim")  # the wait until the first image, named
     chosen = require_backend(backend)
     check_sample_request(request, chosen)  # and what this backend cannot do
     resolved = resolve_model(model, backend=getattr(chosen, "name", None))

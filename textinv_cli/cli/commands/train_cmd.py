@@ -144,6 +144,10 @@ def train(
                           markup=False, style="yellow")
     images, _ignored = find_images(data_dir)
     captions_for(images, token, prop, captions, template=spec.template)  # checks the placeholder is in every caption
+    from ...engine.checks import check_images_open, check_words_early
+
+    check_images_open(images)  # a broken image, a token or --init word the tokenizer refuses: before torch loads
+    check_words_early(token, spec.init, spec.vectors, model)
     sidecars = sum(1 for img in images if img.with_suffix(".txt").is_file()) if captions == "both" else None
 
     # A token trained again makes its next version (cat-toy-v2), the active one (registry/versions.py);
@@ -164,6 +168,11 @@ def train(
 
     from ...models.resolve import resolve_model
 
+    if process_rank() == 0 and not (processes > 1 and world == 1):  # the wait until the first step, named
+        from ..console import err_console
+        from ...models.resolve import loading_line
+
+        err_console.print(loading_line(model, backend), markup=False, style="dim")
     chosen = require_backend(backend)
     check_train_backend(spec, chosen)
     run = run_dir or _planned_run_dir(reg_name)
