@@ -225,3 +225,21 @@ def test_the_light_vocabulary_tokenizes_as_clip_does(tmp_path):
                  "watercolor,painting", "<|endoftext|>"):
         assert light.tokenize(text) == real.tokenize(text), text
         assert light.encode(text) == real.encode(text, add_special_tokens=False), text
+
+
+# -- widths that are no text encoder's ---------------------------------------------------------
+
+def test_an_unknown_width_is_said_not_passed_off_as_sd1(cli, tmp_path):
+    import numpy as np
+
+    from textinv_cli.embedding import Embedding, width_note
+    from textinv_cli.formats.safetensors_io import dump_safetensors
+
+    for widths in ({"clip_l": 768}, {"clip_l": 32}, {"clip_h": 48}, {"clip_l": 32, "clip_g": 64},
+                   {"clip_l": 768, "clip_g": 1280, "t5": 4096}):
+        assert width_note(Embedding("<x>", {s: np.ones((1, w), np.float32) for s, w in widths.items()})) is None
+    src = tmp_path / "odd.safetensors"
+    src.write_bytes(dump_safetensors({"<odd>": np.ones((1, 777), np.float32)}))
+    r = cli("convert", src, "--to", "a1111", "-o", tmp_path / "odd.pt")
+    assert r.exit_code == 0
+    assert "Warning: The width 777 (clip_l) is not any known text encoder's" in r.stderr

@@ -39,6 +39,25 @@ NAME_MAX_BYTES = 200
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+# The widths each slot's text encoders have: the real encoder's, and the built-in tiny
+# models' stand-in (models/tiny.TINY_WIDTHS: 32 / 48 / 64). Any other width is still read (a
+# lone tensor goes to clip_l, as before: odd tools and tests use small widths), but it feeds no
+# text encoder any model has, so width_note() says so wherever an embedding is shown.
+KNOWN_WIDTHS = {"clip_l": (768, 32), "clip_h": (1024, 48), "clip_g": (1280, 64), "t5": (4096,)}
+_ENCODERS = "CLIP-L 768, OpenCLIP-H 1024, OpenCLIP-G 1280, T5-XXL 4096"
+
+
+def width_note(emb: "Embedding") -> str | None:
+    """One line when a slot's width is no known text encoder's (777 is not SD 1.x's 768),
+    else None: such an embedding is kept and converted, but no model can load it."""
+    odd = {slot: w for slot, w in emb.widths.items() if w not in KNOWN_WIDTHS.get(slot, ())}
+    if not odd:
+        return None
+    widths = " and ".join(f"{w} ({slot})" for slot, w in odd.items())
+    return (f"The width {widths} is not any known text encoder's ({_ENCODERS}; 32/48/64 in textinv's tiny "
+            "models): no Stable Diffusion model can use this embedding.")
+
+
 def slot_for_width(width: int) -> str | None:
     """The slot a single-width tensor feeds, or None when the width is not one we know.
 

@@ -35,8 +35,14 @@ def convert(
 
     if to not in formats.WRITERS:
         raise TextinvError(f"Unknown format {quoted(to)}.", "Choose one of: " + ", ".join(formats.WRITERS) + ".")
+    from ...embedding import width_note
+    from ..console import err_console
+
     source = load_source(src, token=token, key=key, max_mib=max_size, family=family)
     emb = source.embedding
+    odd_width = width_note(emb)  # converted all the same (the user may know better), but said first
+    if odd_width:
+        err_console.print(f"Warning: {odd_width}", markup=False, style="yellow")
     target, create = _target_path(out, source, emb, to)
     written = _write(emb, target, to, force, create=create)
     info = formats.WRITERS[to]
