@@ -232,7 +232,9 @@ def _register(finished: Event | None, spec: TrainSpec, name: str, *, json_out: b
         out = out or _Stdout(spec)
         out.line({"event": "registered", "created": created, "entry": entry.to_json(), "message": " ".join(said)})
         if out.gone:  # the reader never saw the outcome: say it where someone may
-            err_console.print(said[0], markup=False)
+            first = f"Registered as {entry.name} ({entry.token})." if created else said[0]
+            for line in [first, *said[1:]]:
+                err_console.print(line, markup=False)
     else:
         console.print(f"Embedding: {d.get('embedding_path')}", markup=False)
         for line in said:
