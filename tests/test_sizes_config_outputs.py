@@ -243,3 +243,15 @@ def test_an_unknown_width_is_said_not_passed_off_as_sd1(cli, tmp_path):
     r = cli("convert", src, "--to", "a1111", "-o", tmp_path / "odd.pt")
     assert r.exit_code == 0
     assert "Warning: The width 777 (clip_l) is not any known text encoder's" in r.stderr
+
+
+def test_a_recorded_base_model_becomes_the_way_out_of_a_family_mismatch(tmp_path):
+    model = fake_model(tmp_path / "sd21")
+    assert resolve.base_model_hint({"base_model": str(resolve.models_dir() / "tiny-sd2")}, "sd2") == \
+        "Pass --model tiny-sd2 (the tiny model it was trained on)."
+    assert resolve.base_model_hint({"base_model": str(model)}, "sd2") == f"Pass --model {model} (the model it was trained on)."
+    assert "--model stabilityai/stable-diffusion-2-1 " in resolve.base_model_hint(
+        {"base_model": "stabilityai/stable-diffusion-2-1"}, "sd2")
+    hint = resolve.base_model_hint({"base_model": str(tmp_path / "gone"), "sd_checkpoint_name": "v1-5-pruned"}, "sd1")
+    assert hint.startswith("It was trained on v1-5-pruned (A1111's checkpoint name)")
+    assert resolve.base_model_hint({}, "sd1") is None

@@ -228,3 +228,28 @@ def loading_line(name: str | None, backend: str | None) -> str:
 
     model = shown(name, 200) if name else f"{default_model()} (the default)"
     return f"Loading {model} with the {shown(backend, 40) if backend else 'first usable'} backend…"
+
+
+def base_model_hint(meta: dict, family: str) -> str | None:
+    """What to pass when an embedding of `family` meets a model of another family: the base
+    model its metadata records (textinv's `base_model`, A1111's `sd_checkpoint_name`), or None.
+
+    A recorded folder that still exists, a tiny model's folder or a Hub id is a --model that
+    works as printed; an A1111 checkpoint name is only a name (a .safetensors checkpoint in
+    A1111's folder), so it is said as what to look for."""
+    import shlex
+
+    from ..untrusted import shown
+
+    base = str(meta.get("base_model") or "").strip()
+    if base:
+        tiny = next((n for n, f in TINY.items() if f == family and Path(base) == models_dir() / f"tiny-{f}"), None)
+        if tiny is not None or base in TINY:
+            return f"Pass --model {tiny or base} (the tiny model it was trained on)."
+        if Path(base).is_dir() or (base.count("/") == 1 and not base.startswith((".", "/", "~"))):
+            return f"Pass --model {shlex.quote(base)} (the model it was trained on)."
+    name = str(meta.get("sd_checkpoint_name") or "").strip()
+    if name:
+        return (f"It was trained on {shown(name, 120)} (A1111's checkpoint name): pass --model with that model "
+                "as a diffusers folder or Hub id.")
+    return None
