@@ -209,6 +209,7 @@ def test_help_shows_no_alias_and_describes_every_option_in_one_style(cli, comman
     ("inspect", "--family", ("textinv_cli.families", "FAMILIES")),
     ("list", "--family", ("textinv_cli.families", "FAMILIES")),
     ("tiny-model", "--family", ("textinv_cli.families", "TRAINABLE_FAMILIES")),
+    ("train", "--report-to", ("textinv_cli.engine.report_to", "REPORT_TO")),
 ])
 def test_choice_options_list_their_choices(cli, command, option, source):
     import importlib

@@ -220,6 +220,7 @@ def test_readme_examples_run_as_written(cli, tiny_model, tmp_path, monkeypatch, 
             ctrl_c_at_first_step["on"] = False
         took = time.monotonic() - began
         where = f"README line {example.line}: {example.text}\nexit {r.exit_code}\n{r.output}"
+        assert "" not in [line.strip() for line in r.stderr.splitlines()], f"a blank line on stderr: {where}"
         if long:
             assert r.exit_code == 130, where
             if training:

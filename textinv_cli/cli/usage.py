@@ -28,6 +28,7 @@ _CHOICES = {
     "--captions": ("textinv_cli.engine.captions", "MODES"),
     "--property": ("textinv_cli.engine.captions", "PROPERTIES"),
     "--backend": ("textinv_cli.cli.usage", "BACKENDS"),
+    "--report-to": ("textinv_cli.engine.report_to", "REPORT_TO"),
 }
 PUSH_FORMATS = ("a1111", "kohya")  # what push --format adds (hub_cmd's help says the same)
 
