@@ -107,15 +107,8 @@ def test_continue_a_registered_embedding_and_see_its_images(cli, tiny_model, dem
     model = tiny_model("sd1")
     base = ["--model", model, "--steps", "1", "--checkpoint-every", "0"]
     r = cli("train", demo_images, "--token", TOKEN, "--init", "toy", *base, "--vectors", "2",
-            "--validate", f"a photo of {TOKEN}", "--run-dir", tmp_path / "first")
+            "--run-dir", tmp_path / "first")
     assert r.exit_code == 0, r.output
-    (png,) = (tmp_path / "first" / "samples").iterdir()
-    with Image.open(png) as im:
-        text = im.info["parameters"]
-    short = Registry().get("k-toy").sha256[:12]  # the validation rows are the final ones after 1 step
-    assert text.startswith(f"a photo of {TOKEN}\nSteps: 25, Sampler: DDIM, CFG scale: 7.5, Seed: 0, Size: 64x64, "
-                           f'Model: {model.name}, TI hashes: "k-toy: {short}"')
-
     start = Registry().load("k-toy").vectors["clip_l"]
     r = cli("train", demo_images, "--from", "k-toy", "--name", "k-toy-more", *base, "--lr", "1e-9",
             "--run-dir", tmp_path / "more")
@@ -125,15 +118,18 @@ def test_continue_a_registered_embedding_and_see_its_images(cli, tiny_model, dem
     assert spec["token"] == TOKEN  # --from's token unless --token says otherwise
     assert np.allclose(_final(tmp_path / "more")[TOKEN], start, atol=1e-6)  # started from its rows
 
-    r = cli("train", demo_images, "--token", "<k-two>", "--init", TOKEN, *base, "--lr", "1e-9",
-            "--run-dir", tmp_path / "by-token")  # the registered token as the init: the same start
-    assert r.exit_code == 0, r.output
-    assert np.allclose(_final(tmp_path / "by-token")["<k-two>"], Registry().load("k-toy-more").vectors["clip_l"],
-                       atol=1e-6)
+    # the registered token as the init names the same start (its token's active entry, now k-toy-more)
+    more = Registry().get("k-toy-more")
+    assert init_from.start_options(None, "<k-two>", TOKEN, None, 1) == ("<k-two>", [init_from.reference(more)], 2,
+                                                                         "k-toy-more")
 
     r = cli("train", demo_images, "--from", "k-toy", "--vectors", "1", *base)
     assert r.exit_code == 2 and "--vectors 1 does not match k-toy, which has 2" in r.output
-    r = cli("train", demo_images, "--from", "k-toy", "--model", tiny_model("sd2"), "--steps", "1")
+    sd2 = tmp_path / "sd2"  # what model_family reads: refused before anything else of the model is
+    (sd2 / "text_encoder").mkdir(parents=True)
+    (sd2 / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (sd2 / "text_encoder" / "config.json").write_text('{"hidden_act": "gelu"}')
+    r = cli("train", demo_images, "--from", "k-toy", "--model", sd2, "--steps", "1")
     assert r.exit_code == 1 and "Stable Diffusion 1.x embedding but sd2 is" in r.output
     assert f"--model {model}" in r.output  # the model it was trained on, as a command
     r = cli("train", demo_images, "--token", "<x>", "--init", "<none-such>", *base)
@@ -148,6 +144,26 @@ def test_continue_a_registered_embedding_and_see_its_images(cli, tiny_model, dem
     assert "Wrote grid" in r.output
 
 
+def test_validation_pngs_carry_a1111_parameters(tiny_model, demo_images, tmp_path):
+    torch = pytest.importorskip("torch")
+    from tests.support.training import run_all, train_spec
+    from textinv_cli.embedding import Embedding
+    from textinv_torch.backend import TorchBackend
+
+    model = tiny_model("sd1")
+    spec = train_spec(demo_images, model, tmp_path / "run", steps=1, validate=[f"a photo of {TOKEN}, 2"],
+                      validate_steps=1, token=TOKEN, name="k-val", seed=5, device="cpu", threads=1)
+    events = run_all(TorchBackend(), spec)
+    (png,) = events[-2].data["paths"]
+    with Image.open(png) as im:
+        text = im.info["parameters"]
+    rows = events[-1].data["vectors"]  # the validation rows are the final ones after 1 step
+    short = Embedding(TOKEN, rows).content_sha256()[:12]
+    assert text.startswith(f'a photo of {TOKEN}, 2\nSteps: 1, Sampler: DDIM, CFG scale: 7.5, Seed: 5, Size: 64x64, '
+                           f'Model: {model.name}, TI hashes: "k-val: {short}"')
+    assert torch is not None
+
+
 def test_kohya_folders_train_through_the_cli(cli, tiny_model, demo_images, tmp_path):
     pytest.importorskip("torch")
     data = tmp_path / "data"
@@ -157,3 +173,54 @@ def test_kohya_folders_train_through_the_cli(cli, tiny_model, demo_images, tmp_p
     assert r.exit_code == 0, r.output
     started = json.loads(r.stdout.splitlines()[0])
     assert started["images"] == 3 * len(find_images(demo_images)[0])  # repeated per epoch, encoded once
+
+
+def test_a_run_finds_its_start_after_a_rename_and_refuses_it_once_gone():
+    from textinv_cli.embedding import Embedding
+    from textinv_cli.registry.store import Registry
+
+    reg = Registry()
+    vec = np.arange(6, dtype=np.float32).reshape(2, 3)
+    entry, _ = reg.add(Embedding("<r-toy>", {"clip_l": vec}), name="r-toy", source="imported", origin={})
+    words = [init_from.reference(entry)]
+    got = init_from.start_vectors(words, 2, {"clip_l": 3}, model_name="m", model_family="sd1")
+    assert np.array_equal(got["clip_l"], vec)
+    reg.rename("r-toy", "r-toy-renamed")  # the recorded name is gone, the content is not
+    assert np.array_equal(init_from.start_vectors(words, 2, {"clip_l": 3}, model_name="m",
+                                                  model_family="sd1")["clip_l"], vec)
+    with pytest.raises(TextinvError, match="does not fit m"):  # same family, another width
+        init_from.start_vectors(words, 2, {"clip_l": 4}, model_name="m", model_family="sd1")
+    with pytest.raises(TextinvError, match="Stable Diffusion 1.x embedding but m is Stable Diffusion XL"):
+        init_from.start_vectors(words, 2, {"clip_l": 3, "clip_g": 5}, model_name="m", model_family="sdxl")
+    reg.remove("r-toy-renamed")
+    with pytest.raises(TextinvError, match="no longer holds"):
+        init_from.start_vectors(words, 2, {"clip_l": 3}, model_name="m", model_family="sd1")
+
+
+def test_jax_start_rows_and_validation_parameters(tmp_path):
+    """The JAX backend's side, without compiling anything: rows from a registered start, and a
+    validation PNG's A1111 block from the run's spec.json."""
+    pytest.importorskip("jax")
+    from textinv_jax import tokens as jax_tokens
+    from textinv_jax import validation as jax_validation
+
+    from textinv_cli.embedding import Embedding
+    from textinv_cli.engine.spec import TrainSpec
+    from textinv_cli.registry.store import Registry
+
+    vec = np.full((1, 4), 0.5, np.float32)
+    entry, _ = Registry().add(Embedding("<j-toy>", {"clip_l": vec}), name="j-toy", source="imported", origin={})
+    table = np.zeros((10, 4), np.float32)
+    rows = jax_tokens.init_rows(None, table, [init_from.reference(entry)], 1, "clip_l tokenizer")
+    assert np.array_equal(rows, vec)
+    with pytest.raises(TextinvError, match="Stable Diffusion 1.x embedding but m is Stable Diffusion 2.x"):
+        jax_tokens.init_rows(None, np.zeros((10, 5), np.float32), [init_from.reference(entry)], 1, "clip_h tokenizer",
+                             model_name="m")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    TrainSpec(data_dir="d", token="<j-toy>", init=["toy"], model=str(tmp_path), run_dir=str(run), name="j-toy",
+              seed=4, validate_steps=9).save(run)
+    text = jax_validation._parameters(run / "samples", "a <j-toy>", 1, 64, vec, token="<j-toy>", steps=9, seed=4)
+    assert text.startswith(f"a <j-toy>\nSteps: 9, Sampler: DDIM, CFG scale: 7.5, Seed: 5, Size: 64x64, "
+                           f'Model: {tmp_path.name}, TI hashes: "j-toy: {entry.sha256[:12]}"')

@@ -147,10 +147,12 @@ def start_embedding(words: list[str]):
     name, sha = ref
     registry = Registry()
     entry = registry.get(name)
-    if entry is None or entry.sha256 != sha:
+    if entry is None or entry.sha256 != sha:  # renamed, or a version replaced: the same content elsewhere
+        entry = next((e for e in registry.entries() if e.sha256 == sha and not getattr(e, "damaged", None)), None)
+    if entry is None:
         raise TextinvError(f"The run starts from the registered embedding {shown(name)} ({sha[:12]}), "
                            "which the registry no longer holds with that content.",
-                           f"Register it again, or start a new run: textinv train DATA --from NAME")
+                           "Import that embedding file again (textinv import FILE), then run this again.")
     return registry.load(entry)
 
 
