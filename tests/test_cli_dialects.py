@@ -289,3 +289,22 @@ def test_the_console_script_prints_the_same_two_lines():
                          capture_output=True, text=True, timeout=60, env={**os.environ, "TEXTINV_DEBUG": ""})
     assert out.returncode == 2
     assert out.stderr == "Error: --steps must be a whole number, not 'many'.\nTry: textinv sample --help\n"
+
+
+def test_every_alias_stands_for_an_option_the_command_has():
+    from textinv_cli.cli.usage import option_names
+
+    group = typer.main.get_command(app)
+    for command, table in aliases.ALIASES.items():
+        names = option_names(group.commands[command])
+        for alias, target in table.items():
+            assert target[0] in names, (command, alias, target)
+            assert alias not in names, f"{alias} is a real option of {command} now: drop the alias"
+    assert "--size" in option_names(group.commands["sample"])
+
+
+def test_a_misspelt_top_level_option_or_command_gets_a_suggestion(cli):
+    r = cli("--verison")
+    assert r.exit_code == 2 and "did you mean --version" in r.stderr
+    r = cli("trian")
+    assert r.exit_code == 2 and "'train'" in r.stderr
