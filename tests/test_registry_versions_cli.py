@@ -127,7 +127,7 @@ def test_train_twice_sample_resume_and_name_hints_work_as_printed(cli, tiny_mode
     assert "cat-toy-v2 is now the active <cat-toy>" in second.stdout
     used, _ = _sampled(cli, model, tmp_path, printed(second.stdout, "Try: "))
     assert used == [("cat-toy-v2", "<cat-toy>")]  # the active version, as the message said
-    used, _ = _sampled(cli, model, tmp_path, ["sample", "a photo of <cat-toy>", "--use", "cat-toy"])
+    used, _ = _sampled(cli, model, tmp_path, printed(cli("list").stdout, "or for one run `"))  # --use cat-toy
     assert used == [("cat-toy", "<cat-toy>")]
     used, note = _sampled(cli, model, tmp_path, ["sample", "a photo of cat-toy and <cat-toy>"])
     assert used == [("cat-toy", "cat-toy"), ("cat-toy-v2", "<cat-toy>")]  # a name typed as a word, as A1111

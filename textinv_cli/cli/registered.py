@@ -68,7 +68,8 @@ def lines(registry, entry, created: bool, *, run_dir: str, name: str) -> list[st
 
 def try_line(entry) -> str:
     """A sample command that uses this entry, as printed: its token, with --use when not active."""
-    from ..registry.names import display_name
+    from ..registry.versions import sample_command
 
-    use = "" if entry.active else f" --use {shlex.quote(display_name(entry.name))}"
-    return f"Try: textinv sample {shlex.quote('a photo of ' + entry.token)}{use}"
+    if not entry.active:
+        return f"Try: {sample_command(entry)}"
+    return f"Try: textinv sample {shlex.quote('a photo of ' + entry.token)}"

@@ -70,4 +70,12 @@ def switch_note(entry, versions) -> str | None:
     active = next((v for v in others if v.active), None)
     return (f"{display_name(entry.name)} is not the active {shown(entry.token)}: prompts use "
             f"{display_name(active.name) if active else '?'}. Use this one with `{use_command(entry.name)}`, "
-            f"or for one run with `textinv sample ... --use {shlex.quote(display_name(entry.name))}`.")
+            f"or for one run with `{sample_command(entry)}`.")
+
+
+def sample_command(entry) -> str:
+    """A sample command that uses `entry` for one run: its token in the prompt, --use its name."""
+    from .names import display_name
+
+    return (f"textinv sample {shlex.quote('a photo of ' + entry.token)} "
+            f"--use {shlex.quote(display_name(entry.name))}")

@@ -130,7 +130,7 @@ def _shared_tokens(entries) -> dict:
 def _versions_line(token: str, versions) -> str:
     """Which version of a shared token prompts use, and the command that switches."""
     from ...registry.store import display_name
-    from ...registry.versions import use_command
+    from ...registry.versions import sample_command, use_command
     from ...untrusted import shown
 
     active = next((e for e in versions if e.active), None)
@@ -141,7 +141,7 @@ def _versions_line(token: str, versions) -> str:
     example = next(e for e in reversed(versions) if e is not active)
     return (f"{shown(token)} in a prompt uses {display_name(active.name)} (the active version); also "
             f"{', '.join(others)}. Switch with `{use_command(example.name)}`, or for one run "
-            f"`textinv sample ... --use {shlex.quote(display_name(example.name))}`.")
+            f"`{sample_command(example)}`.")
 
 
 def _uis(entry) -> list[str]:
