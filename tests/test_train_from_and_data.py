@@ -224,3 +224,17 @@ def test_jax_start_rows_and_validation_parameters(tmp_path):
     text = jax_validation._parameters(run / "samples", "a <j-toy>", 1, 64, vec, token="<j-toy>", steps=9, seed=4)
     assert text.startswith(f"a <j-toy>\nSteps: 9, Sampler: DDIM, CFG scale: 7.5, Seed: 5, Size: 64x64, "
                            f'Model: {tmp_path.name}, TI hashes: "j-toy: {entry.sha256[:12]}"')
+
+
+@pytest.mark.xfail(strict=True, reason="engine/loop.py must call captions_for(..., template=spec.template)")
+def test_a_run_trains_on_its_template_captions(tiny_model, demo_images, tmp_path):
+    pytest.importorskip("torch")
+    from tests.support.training import run_all, train_spec
+    from textinv_torch.backend import TorchBackend
+
+    tpl = tmp_path / "long.txt"
+    tpl.write_text("a photo of " + "very " * 80 + "[name]\n")  # the token falls past CLIP's 77 tokens
+    spec = train_spec(demo_images, tiny_model("sd1"), tmp_path / "run", steps=1, template=str(tpl), device="cpu",
+                      threads=1)
+    warnings = [e.data["message"] for e in run_all(TorchBackend(), spec) if e.kind == "warning"]
+    assert any("cut off" in w for w in warnings), warnings  # only the template's caption is that long
