@@ -112,6 +112,7 @@ def rewrite(command: str, args: list[str], options: dict[str, bool]) -> list[str
     out: list[str] = []
     size: dict[int, str] = {}
     positional: list[str] = []
+    given: set[str] = set()  # our own options on the line
     i = 0
     while i < len(args):
         arg = args[i]
@@ -126,6 +127,7 @@ def rewrite(command: str, args: list[str], options: dict[str, bool]) -> list[str
         name, eq, value = arg.partition("=")
         canonical = _canonical(name, options)
         if canonical is not None:  # ours, perhaps with underscores
+            given.add(canonical)
             out.append(f"{canonical}={value}" if eq else canonical)
             if options[canonical] and not eq and i < len(args):
                 out.append(args[i])  # its value, whatever it looks like
@@ -162,6 +164,8 @@ def rewrite(command: str, args: list[str], options: dict[str, bool]) -> list[str
             given, missing = ("--width", "--height") if 0 in size else ("--height", "--width")
             raise AliasUsageError(f"{given} needs {missing} too (textinv takes the size as --size WIDTHxHEIGHT, "
                                   f"e.g. --size 768x512, or --size 768 for a square).")
+        if "--size" in given:
+            raise AliasUsageError("--width/--height and --size both give the size; pass one of them.")
         _insert(out, ["--size", f"{size[0]}x{size[1]}"])
     if positional:
         if "--" not in out:
@@ -205,7 +209,3 @@ def suggest(command: str, typed: str, options: list[str]) -> list[str]:
             found.append(shown)
     return found
 
-
-def aliases_of(command: str) -> dict[str, tuple[str, ...]]:
-    """The table for one command (tests and docs)."""
-    return dict(ALIASES.get(command, {}))
