@@ -46,3 +46,12 @@ def test_validation_text_names_the_run_settings_and_the_embedding_hash():
     assert text.splitlines()[1].startswith(
         "Steps: 20, Sampler: DDIM, CFG scale: 7.5, Seed: 9, Size: 512x512, Model: runwayml/stable-diffusion-v1-5, "
         f'TI hashes: "v-toy: {short}", Version: textinv ')
+
+
+def test_one_image_makes_no_grid_and_says_so(tmp_path):
+    p = tmp_path / "00000-0.png"
+    p.write_bytes(encode_png(Image.new("RGB", (8, 8)), "x"))
+    done = Event("finished", {"paths": [str(p)], "out_dir": str(tmp_path), "seconds": 0.1})
+    out = list(with_grid(iter([done]), tmp_path))
+    assert [e.kind for e in out] == ["warning", "finished"] and "grid" not in out[-1].data
+    assert "-n 2" in out[0].data["message"] and not list(tmp_path.glob("grid-*"))

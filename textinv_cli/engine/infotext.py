@@ -149,13 +149,17 @@ def write_grid(paths: list, out_dir: Path) -> Path:
 
 def with_grid(events, out_dir: Path):
     """Pass a sampling run's events through; once it finishes, write the contact sheet of its
-    images and add its path to the `finished` event as `grid`."""
-    from .spec import Event
+    images and add its path to the `finished` event as `grid`. One image gets no sheet (A1111's
+    default, grid_only_if_multiple), and a warning says so."""
+    from .spec import Event, RunWarning
 
     try:
         for event in events:
-            if event.kind == "finished" and event.data.get("paths"):
-                grid = write_grid(event.data["paths"], Path(event.data.get("out_dir") or out_dir))
+            paths = event.data.get("paths") if event.kind == "finished" else None
+            if paths and len(paths) == 1:
+                yield Event.of(RunWarning(message="--grid: one image makes no grid (pass -n 2 or more)."))
+            elif paths:
+                grid = write_grid(paths, Path(event.data.get("out_dir") or out_dir))
                 event = Event(event.kind, {**event.data, "grid": str(grid)}, event.payload)
             yield event
     finally:
