@@ -89,6 +89,9 @@ def test_init_reference_words():
         init_from.parse([f"registry:cat-toy@{sha}", "toy"])
     with pytest.raises(OptionError, match="not a registry reference"):
         init_from.parse(["registry:cat-toy"])
+    with pytest.raises(OptionError, match="mixes a token with words"):
+        init_from.start_options(None, "<x>", "<cat-toy> toy", None, 1)
+    assert init_from.start_options(None, "<x>", "toy, figure", None, 2) == ("<x>", ["toy", "figure"], 2, None)
 
 
 # -- through the CLI on the tiny model --------------------------------------------------------------

@@ -62,6 +62,9 @@ def start_options(ctx, token: str | None, init: str | None, from_name: str | Non
         entry = _entry(from_name, by="name")
     elif len(words) == 1 and _looks_like_token(words[0]):
         entry = _entry(words[0], by="token")
+    elif any(_looks_like_token(w) for w in words):
+        raise OptionError(f"--init {quoted(init)} mixes a token with words: a registered embedding starts every "
+                          "vector, so it comes alone.", 'Pass --init "<cat-toy>" alone, or only plain words.')
     if entry is None:
         if token is None:
             raise OptionError("Missing option '--token'.", 'Pass the new token, e.g. --token "<cat-toy>".')
