@@ -241,3 +241,20 @@ def test_a_run_trains_on_its_template_captions(tiny_model, demo_images, tmp_path
                       threads=1)
     warnings = [e.data["message"] for e in run_all(TorchBackend(), spec) if e.kind == "warning"]
     assert any("cut off" in w for w in warnings), warnings  # only the template's caption is that long
+
+
+def test_torch_cache_encodes_a_repeated_image_once(tiny_model, demo_images):
+    torch = pytest.importorskip("torch")
+    from diffusers import AutoencoderKL
+
+    from textinv_torch.data import latent_cache
+
+    vae = AutoencoderKL.from_pretrained(tiny_model("sd1") / "vae")
+    a, b = find_images(demo_images)[0][:2]
+    once = latent_cache([a, b], vae, 64, False, 0.5, torch.device("cpu"))
+    calls = []
+    vae.encode = (lambda f: lambda x: calls.append(len(x)) or f(x))(vae.encode)
+    rep = latent_cache([a, b, a], vae, 64, False, 0.5, torch.device("cpu"))
+    assert sum(calls) == 4  # two images, two flips each: the repeat is not encoded again
+    assert rep.n_images == 3 and torch.equal(rep.mean, once.mean[[0, 1, 2, 3, 0, 1]])
+    assert torch.equal(rep.std, once.std[[0, 1, 2, 3, 0, 1]]) and torch.equal(rep.time_ids[4:], once.time_ids[:2])
