@@ -3,7 +3,8 @@
 report() is the one place that maps known errors to messages and exit codes:
 TextinvError -> its message and hint on stderr, exit 1 (130 for Ctrl-C); a full,
 read-only or forbidden disk -> what and where, and the way out, exit 1;
-usage errors -> exit 2 (click's own handling); anything else is a bug: a one-line
+usage errors -> exit 2, two lines in our words (_ErrorMappingGroup.main, cli/usage.py: no usage
+block, no blank line, no parser wording); anything else is a bug: a one-line
 report, and the traceback only with TEXTINV_DEBUG=1. Whatever is printed, tracebacks
 included, has access tokens masked (redact.py).
 """
@@ -39,7 +40,7 @@ class _ErrorMappingGroup(TyperGroup):
             usage.polish(name, cmd)
 
     def resolve_command(self, ctx, args):
-        from . import aliases, usage
+        from . import aliases
 
         name, cmd, rest = super().resolve_command(ctx, args)
         if cmd is not None:
@@ -49,7 +50,9 @@ class _ErrorMappingGroup(TyperGroup):
             except aliases.AliasUsageError as e:
                 from typer._click.exceptions import UsageError
 
-                raise UsageError(str(e), cmd.make_context(name, ["--help"], parent=ctx, resilient_parsing=True)) from None
+                error = UsageError(str(e), ctx)
+                error.textinv_usage = (f"{ctx.command_path} {name}", None)
+                raise error from None
             ctx.meta["textinv.args"] = list(rest)  # a bad value is quoted from here (usage.usage_lines)
         return name, cmd, rest
 
@@ -62,7 +65,8 @@ class _ErrorMappingGroup(TyperGroup):
         except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the one place errors become exit codes
             if _is_framework(e) or _debug():
                 _suggest_ours(e)
-                if ctx.invoked_subcommand:  # what usage_lines quotes from, and the command's help to name
+                if ctx.invoked_subcommand and not hasattr(e, "textinv_usage"):  # the command's help to name,
+                    # and the arguments a bad value is quoted from
                     e.textinv_usage = (f"{ctx.command_path} {ctx.invoked_subcommand}", ctx.meta.get("textinv.args"))
                 raise
             raise typer.Exit(report(e)) from None
