@@ -92,11 +92,8 @@ def _entry(wanted: str, by: str):
     from ..registry.store import Registry
 
     registry = Registry()
-    if by == "name":
-        entry = registry.get(wanted)
-        if entry is None:
-            raise TextinvError(f"The registry has no embedding named {quoted(wanted)}.",
-                               "See the names with: textinv list")
+    if by == "name":  # a name, or a token's active entry, as every command takes them
+        entry = registry.resolve(wanted)
     else:
         from ..errors import NotFoundError
 
