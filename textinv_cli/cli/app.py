@@ -61,7 +61,8 @@ class _ErrorMappingGroup(TyperGroup):
 
         install()  # warnings and log records show no token either
         try:
-            return super().invoke(ctx)
+            super().invoke(ctx)
+            return None  # a command's return value is not an exit code (main: exit 0)
         except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the one place errors become exit codes
             if _is_framework(e) or _debug():
                 _suggest_ours(e)
