@@ -107,6 +107,19 @@ def test_sdxl_step_checkpoints_pull_as_pairs(hub, hubcli):
     assert later["entry"]["family"] == "sdxl" and later["entry"]["sha256"] != e["entry"]["sha256"]
 
 
+def test_a_pulled_token_that_exists_becomes_the_next_version(hub, hubcli):
+    import shlex
+
+    hub.seed("me/one", {"learned_embeds.safetensors": dump_safetensors(layouts.diffusers_dict(random_embedding(seed=5)))})
+    hub.seed("me/two", {"learned_embeds.safetensors": dump_safetensors(layouts.diffusers_dict(random_embedding(seed=6)))})
+    assert hubcli("pull", "me/one").exit_code == 0
+    r = hubcli("pull", "me/two")
+    assert r.exit_code == 0 and "Pulled cat-toy-v2 (<cat-toy>" in r.stdout, r.output
+    assert "cat-toy-v2 is now the active <cat-toy>" in r.stdout
+    back = r.stdout[r.stdout.index("Switch back with `") + 18:].split("`")[0]
+    assert hubcli(*shlex.split(back)[1:]).exit_code == 0 and Registry().get("cat-toy").active
+
+
 def test_repo_with_several_embeddings(hub, hubcli):
     a, b = random_embedding("<bad-hands>", seed=2), random_embedding("<bad-prompt>", seed=3)
     hub.seed("someone/negatives", {"embeddings/bad-hands.pt": dump_torch_pickle(layouts.a1111_dict(a)),

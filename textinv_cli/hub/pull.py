@@ -225,6 +225,8 @@ def _check_names(registry, embeddings, name: str | None) -> None:
             continue  # registry.add will say "already registered"
         check_token(emb.token)  # the order Registry.add checks in: --token fixes both
         n = check_name(name if name is not None else emb.token)
+        if name is None:  # a taken default name makes the next version (registry/versions.py)
+            continue
         existing = registry.get(n)
         if (existing is not None and existing.sha256 != sha) or seen.get(n, sha) != sha:
             how = ("Pull them one at a time with --file and --name" if len(embeddings) > 1 else

@@ -26,6 +26,8 @@ def pull(
     """
     from ..console import console, err_console, print_json
     from ...hub.pull import pull as do_pull
+    from ...registry.store import Registry
+    from ...registry.versions import switch_note
 
     r = do_pull(repo_id, revision=revision, file=file, take_all=take_all, name=name, token=token)
     if json_out:
@@ -50,6 +52,9 @@ def pull(
             console.print(f"Pulled {e.name} ({e.token}, {e.family}, {e.n_vectors} vector"
                           f"{'' if e.n_vectors == 1 else 's'}) from {r.repo}/{p.unit.primary} "
                           f"at {r.revision} (commit {r.commit[:12]})", markup=False)
+            note = switch_note(e, Registry().versions(e.token))  # another version of this token exists
+            if note:
+                console.print(note, markup=False)
         else:
             console.print(f"Already registered as {e.name} (sha256 {e.short_sha}…); nothing changed.", markup=False)
             if name is not None and name != e.name:
