@@ -205,3 +205,19 @@ def test_a_damaged_entry_is_not_exported_and_the_rest_are(cli, tmp_path, textinv
     r = cli("export", "--all", "--for", "comfyui", tmp_path)
     assert r.exit_code == 1 and "Not written: bad: bad is damaged" in r.stdout, r.output
     assert "\x1b" not in r.stdout + r.stderr and os.listdir(tmp_path) == ["good.safetensors"]
+
+
+def test_versions_of_one_token_export_the_active_one_and_others_by_name(cli, tmp_path):
+    """Two versions of <cat-toy>: --all sends the active one (cat-toy-v2, typed `cat-toy` in
+    A1111) and says how to send the other, which by name goes out under its registry name."""
+    Registry().add(random_embedding("<cat-toy>", seed=1), source="imported", origin={})
+    Registry().add(random_embedding("<cat-toy>", seed=2), source="imported", origin={})  # cat-toy-v2
+    active = next(e for e in Registry().entries() if e.active)
+    other = next(e for e in Registry().entries() if not e.active)
+    r = cli("export", "--all", "--for", "a1111", tmp_path / "emb", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert [(w["name"], w["type"]) for w in out["written"]] == [(active.name, "cat-toy")]
+    assert [s["name"] for s in out["skipped"]] == [other.name]
+    r = cli("export", other.name, "--for", "comfyui", tmp_path / "c")
+    assert r.exit_code == 0 and f"type embedding:{other.name}" in r.stdout, r.output

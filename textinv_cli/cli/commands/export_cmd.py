@@ -40,6 +40,7 @@ def export(
 
 def _run(names: list[str], ui: str, folder: Path, *, all_entries: bool, force: bool, json_out: bool) -> None:
     import os
+    import shlex
 
     from ... import export as table
     from ...errors import OutputExistsError, TextinvError
@@ -65,13 +66,20 @@ def _run(names: list[str], ui: str, folder: Path, *, all_entries: bool, force: b
         if entry.damaged:  # its family may be anything: say what is wrong, never "cannot load"
             failed.append({**row, "reason": entry.damage_note})
             continue
+        if all_entries and not entry.active:  # an older version of a token: the active one goes out
+            skipped.append({**row, "reason": f"another version of {shown(entry.token)} is the active one; "
+                                             f"export this one by name (textinv export {shlex.quote(entry.name)} ...)",
+                            "expected": True})
+            continue
         cell = table.target(ui, entry.family)
         if cell.writer is None:
             skipped.append({**row, "reason": cell.why + ".", "expected": all_entries})
             continue
         try:
             emb = reg.load(entry)
-            stem = _stem(emb.token)
+            # the active version is named after its token; another version of the same token
+            # (asked for by name) after its registry name, which then is its trigger there
+            stem = _stem(emb.token) if entry.active else _stem(entry.name)
             problem = table.typeable_problem(ui, stem)
             if problem:
                 raise TextinvError(f"its token's name {stem!r}: {problem}.")
