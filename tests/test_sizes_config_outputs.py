@@ -255,3 +255,21 @@ def test_a_recorded_base_model_becomes_the_way_out_of_a_family_mismatch(tmp_path
     hint = resolve.base_model_hint({"base_model": str(tmp_path / "gone"), "sd_checkpoint_name": "v1-5-pruned"}, "sd1")
     assert hint.startswith("It was trained on v1-5-pruned (A1111's checkpoint name)")
     assert resolve.base_model_hint({}, "sd1") is None
+
+
+def test_on_an_accelerator_its_memory_is_the_limit(tmp_path):
+    from textinv_cli.engine.contract import BackendInfo
+
+    class OnGpu:
+        def probe(self):
+            return BackendInfo("fake", devices=["cuda:0 small"], details={checks.GPU_MEMORY: str(200 * 2**20)})
+
+    class OnCpu:
+        def probe(self):
+            return BackendInfo("fake", devices=["cpu"])
+
+    assert checks.available_memory(OnGpu()) == 200 * 2**20
+    assert checks.available_memory(OnCpu()) == checks.available_memory()
+    model = str(fake_model(tmp_path / "m"))
+    with pytest.raises(OptionError, match=r"0\.2 GiB is available"):  # 1024^2 x 32 x 12 bytes: 384 MiB
+        checks.check_size(1024, 1024, model, flag="--size", backend=OnGpu())

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from textinv_cli.engine.checks import GPU_MEMORY
 from textinv_cli.engine.lib_versions import MISSING, versions
 from textinv_cli.engine.contract import Backend, BackendInfo, Session
 from textinv_cli.engine.spec import Event, SampleRequest, TrainSpec
@@ -61,6 +62,9 @@ class JaxBackend(Backend):
         try:
             init_distributed()
             devices = [f"{d.platform}:{d.id} {d.device_kind}" for d in jax.devices()]
+            limits = [(d.memory_stats() or {}).get("bytes_limit") for d in jax.local_devices() if d.platform != "cpu"]
+            if limits and all(isinstance(n, int) and n > 0 for n in limits):  # GPU/TPU memory (check_size)
+                details[GPU_MEMORY] = str(min(limits))
         except Exception as e:  # noqa: BLE001 - a broken accelerator plugin: say why, don't crash
             return BackendInfo(self.name, version=jax.__version__, available=False, details=details,
                                reason=f"jax cannot use its devices: {type(e).__name__}: {e}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from textinv_cli.engine.checks import ATTENTION, SCHEDULERS
+from textinv_cli.engine.checks import ATTENTION, GPU_MEMORY, SCHEDULERS
 from textinv_cli.engine.lib_versions import MISSING, versions
 from textinv_cli.engine.contract import Backend, BackendInfo, Session
 from textinv_cli.engine.spec import Event, SampleRequest, TrainSpec
@@ -33,6 +33,9 @@ class TorchBackend(Backend):
         missing = [lib for lib in ("diffusers", "transformers") if details[lib] == MISSING]
         devices = [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())] \
             if torch.cuda.is_available() else []
+        if devices:  # the smallest GPU's memory: what engine/checks.check_size holds a size to (no allocation)
+            details[GPU_MEMORY] = str(min(torch.cuda.get_device_properties(i).total_memory
+                                          for i in range(torch.cuda.device_count())))
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             devices.append("mps")
         devices.append("cpu")

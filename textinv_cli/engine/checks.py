@@ -222,9 +222,10 @@ def parse_size(size: str) -> tuple[int, int]:
 # are sure to fail or to be useless, unless --allow-large (or TEXTINV_ALLOW_LARGE=1) says try:
 # - memory: one image's full-resolution VAE activations (width x height x the VAE's first-block
 #   channels x 4 bytes, three tensors alive: a block's input, output and residual) must fit in
-#   the RAM available now (/proc/meminfo MemAvailable). It is a lower bound: the UNet, the
-#   weights and a batch come on top, so only a size that cannot fit is refused. (A GPU's memory
-#   is not known before a backend loads; the side rule below still holds there.)
+#   the memory available: the accelerator's, where the backend's probe() reports it (CUDA's
+#   total memory, JAX's bytes_limit: known without allocating), else the RAM available now
+#   (/proc/meminfo MemAvailable). It is a lower bound: the UNet, the weights and a batch come on
+#   top, so only a size that cannot fit is refused.
 # - side: at most SIZE_FACTOR x the model's native size (512 -> 2048 for SD 1.5, 4096 for SDXL):
 #   far beyond it Stable Diffusion repeats its subject and the cost grows with the square. Never
 #   below SIZE_FLOOR, so the tiny models (native 64) take the sizes real models use.
@@ -235,8 +236,20 @@ _LIVE_TENSORS = 3
 _BYTES = 4  # the VAE runs in fp32 (diffusers upcasts it; force_upcast)
 
 
-def available_memory() -> int | None:
-    """Bytes of RAM available to a new allocation now (Linux MemAvailable), or None."""
+GPU_MEMORY = "accelerator_memory_bytes"  # BackendInfo.details key: the smallest accelerator's memory
+
+
+def available_memory(backend: Any = None) -> int | None:
+    """Bytes a new allocation can have now: the accelerator's memory when `backend` (a
+    contract.Backend) runs on one and its probe() says how much (details[GPU_MEMORY], read
+    without allocating), else the RAM available (Linux MemAvailable); None when unknown."""
+    if backend is not None:
+        try:
+            gpu = backend.probe().details.get(GPU_MEMORY)
+        except Exception:  # noqa: BLE001 - only sizes a refusal; the RAM rule still holds
+            gpu = None
+        if gpu is not None and str(gpu).isdigit():
+            return int(gpu)
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
@@ -252,9 +265,10 @@ def allow_large(option: bool) -> bool:
 
 
 def check_size(width: int | None, height: int | None, model: str, *, flag: str, allow: bool = False,
-               memory: int | None = None) -> None:
-    """Refuse a size given with `flag` (--resolution, --size) that cannot fit in memory or is
-    far beyond `model`'s native size (the rule above). None: the model's own size, always fine."""
+               memory: int | None = None, backend: Any = None) -> None:
+    """Refuse a size given with `flag` (--resolution, --size) that cannot fit in memory (`memory`
+    bytes, else available_memory(backend)) or is far beyond `model`'s native size (the rule
+    above). None: the model's own size, always fine."""
     if allow_large(allow) or width is None or height is None:
         return
     from ..models.resolve import model_geometry
@@ -266,7 +280,7 @@ def check_size(width: int | None, height: int | None, model: str, *, flag: str, 
                "to try anyway." if native else
                f"Use a smaller {flag}, or add --allow-large (or set {ALLOW_LARGE_ENV}=1) to try anyway.")
     need = width * height * channels * _BYTES * _LIVE_TENSORS
-    memory = available_memory() if memory is None else memory
+    memory = available_memory(backend) if memory is None else memory
     if memory is not None and need > memory:
         raise OptionError(f"{given} needs at least {_gib(need)} of memory for one image (its full-size VAE "
                           f"layers alone); {_gib(memory)} is available.", way_out)

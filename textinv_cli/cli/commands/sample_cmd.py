@@ -85,7 +85,7 @@ def sample(
     resolved = resolve_model(model, backend=getattr(chosen, "name", None))
     from ...engine.checks import check_size
 
-    check_size(width, height, resolved, flag="--size", allow=allow_large)  # before the model loads
+    check_size(width, height, resolved, flag="--size", allow=allow_large, backend=chosen)  # before the model loads
     model_name = Path(resolved).name if Path(resolved).is_dir() else resolved
     check_families(entries, model_name, model_family(resolved))
     refs = []

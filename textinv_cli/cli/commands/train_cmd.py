@@ -196,7 +196,7 @@ def train(
     spec.model = resolve_model(model, backend=getattr(chosen, "name", None))
     from ...engine.checks import check_size
 
-    check_size(resolution, resolution, spec.model, flag="--resolution", allow=allow_large)  # before it loads
+    check_size(resolution, resolution, spec.model, flag="--resolution", allow=allow_large, backend=chosen)  # before it loads
     from ...engine.init_from import check_model_family
     from ...engine.infotext import model_label
     from ...models.resolve import model_family
