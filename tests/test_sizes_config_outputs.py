@@ -273,3 +273,12 @@ def test_on_an_accelerator_its_memory_is_the_limit(tmp_path):
     model = str(fake_model(tmp_path / "m"))
     with pytest.raises(OptionError, match=r"0\.2 GiB is available"):  # 1024^2 x 32 x 12 bytes: 384 MiB
         checks.check_size(1024, 1024, model, flag="--size", backend=OnGpu())
+
+
+def test_sample_says_a_family_mismatch_before_any_backend(cli, tmp_path, no_backend):
+    src = tmp_path / "two-toy.safetensors"
+    formats.write_embedding(random_embedding("<two-toy>", "sd2"), src, "safetensors")
+    assert cli("import", src).exit_code == 0
+    model = tiny_with_tokenizer(tmp_path / "m")
+    r = cli("sample", "a <two-toy> on a table", "--model", model, "-o", tmp_path / "s")
+    assert r.exit_code == 1 and "is a Stable Diffusion 2.x embedding but m is Stable Diffusion 1.x" in r.stderr

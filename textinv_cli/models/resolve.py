@@ -184,34 +184,36 @@ def model_geometry(model: str) -> tuple[int, int] | None:
     return size * 2 ** (len(blocks) - 1), channels
 
 
-def tokenizer_folders(name: str | None) -> list[tuple[str, Path]]:
-    """("clip_l", folder) per text encoder of the model `name` would resolve to, when its
-    tokenizer files are already on disk (a local folder, a tiny model built before, a Hub id in
-    the Hugging Face cache); [] when they are not (nothing is built or downloaded here)."""
-    from ..families import FAMILY_SLOTS
-
+def folder_on_disk(name: str | None) -> Path | None:
+    """The folder `name` resolves to when it is already on disk (a local folder, a tiny model
+    built before, a Hub id whose model_index.json is in the Hugging Face cache), else None;
+    nothing is built or downloaded: for checks that read only its JSON and tokenizer files."""
     name = name or default_model()
     if name in TINY:
-        folder = models_dir() / f"tiny-{TINY[name]}"
         from .tiny import MARKER
 
-        if not (folder / MARKER).is_file():  # a complete build
-            return []
-    elif Path(name).expanduser().is_dir():
-        folder = Path(name).expanduser()
-    elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        folder = models_dir() / f"tiny-{TINY[name]}"
+        return folder if (folder / MARKER).is_file() else None  # the marker: a complete build
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         try:
             from huggingface_hub import try_to_load_from_cache
 
             index = try_to_load_from_cache(name, "model_index.json")
         except Exception:  # noqa: BLE001 - an odd id or cache: just not known here
-            return []
-        if not isinstance(index, str):
-            return []
-        folder = Path(index).parent
-    else:
-        return []
-    family = model_family(str(folder))
+            return None
+        return Path(index).parent if isinstance(index, str) else None
+    return None
+
+
+def tokenizer_folders(name: str | None) -> list[tuple[str, Path]]:
+    """("clip_l", folder) per text encoder of the model `name` would resolve to, when its
+    tokenizer files are already on disk (folder_on_disk); [] when they are not."""
+    from ..families import FAMILY_SLOTS
+
+    folder = folder_on_disk(name)
+    family = model_family(str(folder)) if folder is not None else None
     if family not in FAMILY_SLOTS:
         return []
     subs = ("tokenizer", "tokenizer_2")

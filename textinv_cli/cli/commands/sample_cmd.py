@@ -77,8 +77,11 @@ def sample(
     from ...engine.plugins import require_backend
 
     from ..console import err_console as _err
-    from ...models.resolve import loading_line
+    from ...models.resolve import folder_on_disk, loading_line
 
+    on_disk = folder_on_disk(model)  # a model already here: a family mismatch is said before any backend loads
+    if on_disk is not None:
+        check_families(entries, on_disk.name, model_family(str(on_disk)))
     _err.print(loading_line(model, backend), markup=False, style="dim")  # the wait until the first image, named
     chosen = require_backend(backend)
     check_sample_request(request, chosen)  # and what this backend cannot do
