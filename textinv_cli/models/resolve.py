@@ -190,10 +190,11 @@ def folder_on_disk(name: str | None) -> Path | None:
     nothing is built or downloaded: for checks that read only its JSON and tokenizer files."""
     name = name or default_model()
     if name in TINY:
-        from .tiny import MARKER
+        from .tiny import RECIPE, read_tiny_info
 
         folder = models_dir() / f"tiny-{TINY[name]}"
-        return folder if (folder / MARKER).is_file() else None  # the marker: a complete build
+        info = read_tiny_info(folder)  # complete, and of today's recipe (an older one is rebuilt on use)
+        return folder if info is not None and info.get("recipe") == RECIPE else None
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser()
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
