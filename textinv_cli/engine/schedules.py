@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from ..errors import TextinvError
+from ..errors import OptionError, TextinvError
 
 NAMED = ("constant", "warmup", "cosine", "linear")
 
@@ -43,7 +43,7 @@ def parse_steps(text: str) -> list[tuple[float, int | None]]:
 def validate(schedule: str) -> None:
     if schedule not in NAMED:
         if ":" not in schedule and "," not in schedule:
-            raise TextinvError(f"Unknown --lr-schedule {schedule!r}.",
+            raise OptionError(f"Unknown --lr-schedule {schedule!r}.",
                                f"Use one of {', '.join(NAMED)}, or an A1111 schedule like \"0.005:100, 1e-3:1000\".")
         parse_steps(schedule)
 

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import HubError, RegistryError, TextinvError
+from ..errors import HubError, OptionError, RegistryError, TextinvError
 from .urls import parse_repo
 from .client import DEFAULT_REVISION, TOKEN_FILE, TYPE_FILE, hub_errors, hub_token, offline, quiet_progress, unreachable
 from .layout import Unit, choose_units, clean_listing, find_units, path_problem
@@ -65,7 +65,7 @@ def pull(repo: str, *, revision: str | None = None, file: str | None = None, tak
         raise HubError(f"{quoted(rev)} is not a revision name.",
                        "Pass --revision with a branch, tag or full commit hash.")
     if file and take_all:
-        raise TextinvError("--file and --all exclude each other.", "Pick one file, or take them all.")
+        raise OptionError("--file and --all exclude each other.", "Pick one file, or take them all.")
     if token and (looks_like_token(token) or token == hub_token()):
         raise TextinvError("--token is the placeholder word the embedding is typed as, and that value looks "
                            "like a Hugging Face access token; it was not used.",
@@ -83,7 +83,7 @@ def pull(repo: str, *, revision: str | None = None, file: str | None = None, tak
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         raise HubError(f"{e.message} Skipped: {'; '.join(skipped[:3])}{more}.", e.hint) from None
     if len(chosen) > 1 and (name or token):
-        raise TextinvError(f"--name and --token apply to one embedding; this pull takes {len(chosen)}.",
+        raise OptionError(f"--name and --token apply to one embedding; this pull takes {len(chosen)}.",
                            "Pull them one at a time with --file, or drop --name/--token.")
     with hub_errors(repo_id, rev, "download from"):
         folder = _download(repo_id, rev, chosen) if cached is None else _from_cache(cached, repo_id, rev, chosen)

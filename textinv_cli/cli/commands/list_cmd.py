@@ -47,9 +47,9 @@ def list_embeddings(
 
     if repair:
         if family or source or uis or tag or search:
-            from ...errors import TextinvError
+            from ...errors import OptionError
 
-            raise TextinvError("--repair checks the whole registry; it does not take --family, --source, --tag, "
+            raise OptionError("--repair checks the whole registry; it does not take --family, --source, --tag, "
                                "--search or --uis.",
                                "Run `textinv list --repair` on its own.")
         _repair(Registry(), json_out=json_out)

@@ -24,13 +24,13 @@ def tiny_model(
     """Write a tiny Stable Diffusion model (real diffusers layout, random weights)."""
     from ..console import console
     from ...models.demo_images import write_demo_images
-    from ...errors import TextinvError
+    from ...errors import OptionError
     from ...fsutil import errors_name
     from ...models.resolve import make_tiny_model
     from ...models.tiny import FAMILIES
 
     if family not in FAMILIES:
-        raise TextinvError(f"--family must be {', '.join(FAMILIES[:-1])} or {FAMILIES[-1]}, not {family!r}.")
+        raise OptionError(f"--family must be {', '.join(FAMILIES[:-1])} or {FAMILIES[-1]}, not {family!r}.")
     with errors_name(out):  # a failed write names OUT, not the temp folder the model is built in
         path = make_tiny_model(out, family, seed, backend=backend)
     console.print(f"Tiny {family} model: {path}", markup=False)
