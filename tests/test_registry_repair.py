@@ -185,7 +185,7 @@ def test_repair_on_a_damaged_database_deletes_nothing(cli, reg, monkeypatch):
 
 def test_repair_takes_no_filters(cli, reg):
     r = cli("list", "--repair", "--family", "sd1")
-    assert r.exit_code == 1 and r.stderr.splitlines() == [
+    assert r.exit_code == 2 and r.stderr.splitlines() == [
         "Error: --repair checks the whole registry; it does not take --family, --source, --tag, --search or --uis.",
         "Run `textinv list --repair` on its own."]
 
