@@ -376,3 +376,11 @@ def test_loss_readings_at_least_every_10_steps():
     assert log_interval(3000) == 10 and log_interval(200) == 4 and log_interval(7) == 1 and log_interval(9, 3) == 3
     assert [s for s in range(1, 3001) if is_log_step(s, 3000)][:3] == [10, 20, 30]
     assert [s for s in range(1, 11) if is_log_step(s, 10, 4)] == [4, 8, 10]
+
+
+def test_a_spec_json_from_before_the_watch_options_still_loads(tmp_path):
+    old = {"data_dir": "d", "token": TOKEN, "init": ["x"], "model": "tiny", "run_dir": str(tmp_path), "steps": 9,
+           "extra": {"name": "x"}}
+    (tmp_path / "spec.json").write_text(json.dumps(old))
+    spec = TrainSpec.load(tmp_path)
+    assert (spec.eval_every, spec.log_every, spec.report_to, spec.name) == (0, None, [], "x")
