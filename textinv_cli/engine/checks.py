@@ -265,10 +265,11 @@ def allow_large(option: bool) -> bool:
 
 
 def check_size(width: int | None, height: int | None, model: str, *, flag: str, allow: bool = False,
-               memory: int | None = None, backend: Any = None) -> None:
+               memory: int | None = None, backend: Any = None, side_only: bool = False) -> None:
     """Refuse a size given with `flag` (--resolution, --size) that cannot fit in memory (`memory`
     bytes, else available_memory(backend)) or is far beyond `model`'s native size (the rule
-    above). None: the model's own size, always fine."""
+    above). None: the model's own size, always fine. `side_only`: before a backend is chosen
+    (whether it trains on an accelerator, and with how much memory, is not known yet)."""
     if allow_large(allow) or width is None or height is None:
         return
     from ..models.resolve import model_geometry
@@ -280,8 +281,8 @@ def check_size(width: int | None, height: int | None, model: str, *, flag: str, 
                "to try anyway." if native else
                f"Use a smaller {flag}, or add --allow-large (or set {ALLOW_LARGE_ENV}=1) to try anyway.")
     need = width * height * channels * _BYTES * _LIVE_TENSORS
-    memory = available_memory(backend) if memory is None else memory
-    if memory is not None and need > memory:
+    memory = available_memory(backend) if memory is None and not side_only else memory
+    if memory is not None and need > memory and not side_only:
         raise OptionError(f"{given} needs at least {_gib(need)} of memory for one image (its full-size VAE "
                           f"layers alone); {_gib(memory)} is available.", way_out)
     limit = max(SIZE_FLOOR, SIZE_FACTOR * native) if native else None

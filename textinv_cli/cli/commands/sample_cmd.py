@@ -47,7 +47,7 @@ def sample(
                                                     "with the first image's parameters, as A1111's grids)."),
 ) -> None:
     """Sample images with registered embeddings (PNG info as A1111 writes it)."""
-    from ...engine.checks import check_sample_request, parse_size
+    from ...engine.checks import check_sample_request, check_size, parse_size
     from ...errors import TextinvError
     from ...engine.prompt_tokens import check_families, prompt_embeddings
     from ...registry.store import Registry
@@ -82,12 +82,11 @@ def sample(
     on_disk = folder_on_disk(model)  # a model already here: a family mismatch is said before any backend loads
     if on_disk is not None:
         check_families(entries, on_disk.name, model_family(str(on_disk)))
+        check_size(width, height, str(on_disk), flag="--size", allow=allow_large, side_only=True)
     _err.print(loading_line(model, backend), markup=False, style="dim")  # the wait until the first image, named
     chosen = require_backend(backend)
     check_sample_request(request, chosen)  # and what this backend cannot do
     resolved = resolve_model(model, backend=getattr(chosen, "name", None))
-    from ...engine.checks import check_size
-
     check_size(width, height, resolved, flag="--size", allow=allow_large, backend=chosen)  # before the model loads
     model_name = Path(resolved).name if Path(resolved).is_dir() else resolved
     check_families(entries, model_name, model_family(resolved))

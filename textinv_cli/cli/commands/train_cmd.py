@@ -148,6 +148,12 @@ def train(
 
     check_images_open(images)  # a broken image, a token or --init word the tokenizer refuses: before torch loads
     check_words_early(token, spec.init, spec.vectors, model)
+    from ...engine.checks import check_size
+    from ...models.resolve import folder_on_disk
+
+    if folder_on_disk(model) is not None:  # the side rule now; the memory rule once the backend says where it runs
+        check_size(resolution, resolution, str(folder_on_disk(model)), flag="--resolution", allow=allow_large,
+                   side_only=True)
     sidecars = sum(1 for img in images if img.with_suffix(".txt").is_file()) if captions == "both" else None
 
     # A token trained again makes its next version (cat-toy-v2), the active one (registry/versions.py);
@@ -194,8 +200,6 @@ def train(
         return
     # a tiny model is built by the chosen backend (a jax-only install has no torch to build it)
     spec.model = resolve_model(model, backend=getattr(chosen, "name", None))
-    from ...engine.checks import check_size
-
     check_size(resolution, resolution, spec.model, flag="--resolution", allow=allow_large, backend=chosen)  # before it loads
     from ...engine.init_from import check_model_family
     from ...engine.infotext import model_label
