@@ -80,7 +80,7 @@ def train(
                                                   "each time) every N steps: the number to watch (0: off; default: "
                                                   "steps/20, off for runs under 50 steps)."),
     log_every: Optional[int] = typer.Option(None, "--log-every", metavar="N",
-                                            help="Read the loss every N steps (default: steps/50, at most 10); "
+                                            help="Read the loss every N steps (default: every steps/50, at least every 10); "
                                                  "one line each in the run's train.log."),
     report_to: Optional[List[str]] = typer.Option(None, "--report-to", metavar="TARGET",
                                                   help="Also log loss, lr and eval loss to: tensorboard (needs "
