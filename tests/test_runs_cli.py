@@ -101,3 +101,15 @@ def test_runs_show_names_that_match_nothing_or_several(cli, tmp_path, monkeypatc
     empty.mkdir()
     monkeypatch.chdir(empty)
     assert "No training runs found" in cli("runs").stdout
+
+
+def test_without_a_terminal_a_slow_run_still_prints_a_line_every_30_seconds(monkeypatch):
+    from textinv_cli.cli import training
+
+    lines = training._Lines()
+    lines.start(0)
+    assert not lines.due()
+    lines.last -= training._Lines.EVERY_S  # half a minute without a loss reading
+    assert lines.due()
+    line = lines.progress({"event": "progress", "step": 3, "total": 10, "lr": 0.1})
+    assert line.startswith("step 3/10  ") and " it/s " in line and not lines.due()

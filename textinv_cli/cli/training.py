@@ -156,7 +156,7 @@ def _render(events, spec: TrainSpec, name: str) -> dict:
                 if "loss" in d:
                     fields["loss"] = f"{d['loss']:.4f}"
                 progress.update(task, completed=d["step"], **fields)
-                if lines is not None and "loss" in d:
+                if lines is not None and ("loss" in d or lines.due()):
                     progress.console.print(lines.progress(ev.to_json()), markup=False)
             elif ev.kind == "eval" and task is not None:
                 progress.update(task, eval=f"{d['loss']:.4f}")
@@ -184,17 +184,28 @@ def _render(events, spec: TrainSpec, name: str) -> dict:
 
 class _Lines:
     """Progress as lines of text, for a stderr that is not a terminal: the step, loss and lr
-    (as train.log has them), the speed and the time left."""
+    (as train.log has them), the speed and the time left; at each loss reading, and between
+    them at least every EVERY_S seconds (slow steps: a log that shows the run is alive)."""
+
+    EVERY_S = 30.0
 
     def start(self, step: int) -> None:
         import time
 
-        self.t0, self.step0 = time.monotonic(), step
+        self.t0 = self.last = time.monotonic()
+        self.step0 = step
+
+    def due(self) -> bool:
+        import time
+
+        return time.monotonic() - self.last >= self.EVERY_S
 
     def progress(self, ev: dict) -> str:
         import time
 
-        line, elapsed, done = text_line(ev), time.monotonic() - self.t0, ev["step"] - self.step0
+        self.last = time.monotonic()
+        line = text_line(ev) or f"step {ev['step']}/{ev['total']}"  # between readings: no loss to show
+        elapsed, done = self.last - self.t0, ev["step"] - self.step0
         if done > 0 and elapsed > 0:
             rate = done / elapsed
             line += f"  {rate:.2f} it/s  {duration(elapsed)} elapsed, {duration((ev['total'] - ev['step']) / rate)} left"
