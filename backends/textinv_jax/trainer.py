@@ -155,13 +155,13 @@ def draw_batch(s: Setup, d: Draw) -> dict:
             "eps": d.eps, "noise": d.noise, "t": d.timesteps.astype(np.int32)}
 
 
-def eval_batch(s: Setup, num_timesteps: int) -> dict:
+def eval_batch(s: Setup, num_timesteps: int, most: int) -> dict:
     """The fixed evaluation batch (engine/eval_batch.py) as [pieces, B, ...]: B the largest
-    divisor of its size up to the training batch, so every piece has the same shape."""
+    divisor of its size up to `most`, so every piece has the same shape."""
     d = eval_draw(s.spec.seed, s.n_images, tuple(s.mean.shape[1:]), num_timesteps)
     full = draw_batch(s, d)
     n = len(full["t"])
-    size = max(b for b in range(1, n + 1) if n % b == 0 and b <= max(1, s.spec.batch_size))
+    size = max(b for b in range(1, n + 1) if n % b == 0 and b <= max(1, most))
     return {k: v.reshape((n // size, size) + v.shape[1:]) for k, v in full.items()}
 
 
@@ -284,7 +284,11 @@ class JaxSession(Session):
 
     def eval_loss(self) -> float:
         if self._eval is None:
-            self._eval = put(eval_batch(self.s, self.s.image.schedule.num_train_timesteps), self.repl)
+            # replicated: every device evaluates each piece, so a piece is at most what one
+            # device takes of a training micro-step (an eval never needs more memory than a step)
+            local = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+            pieces = eval_batch(self.s, self.s.image.schedule.num_train_timesteps, self.spec.batch_size // local)
+            self._eval = put(pieces, self.repl)
         return float(host(eval_step(self.st[0], self.frozen, self._eval, cfg=self.cfg)))  # the eval's host sync
 
     def validate(self, run: Path, step: int) -> list[Path]:
