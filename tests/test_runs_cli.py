@@ -113,3 +113,17 @@ def test_without_a_terminal_a_slow_run_still_prints_a_line_every_30_seconds(monk
     assert lines.due()
     line = lines.progress({"event": "progress", "step": 3, "total": 10, "lr": 0.1})
     assert line.startswith("step 3/10  ") and " it/s " in line and not lines.due()
+
+
+def test_eval_every_defaults_and_bad_values(cli, demo_images, tmp_path, monkeypatch):
+    from textinv_cli.cli.commands.train_cmd import default_eval_every
+
+    assert default_eval_every(None, 3000) == 150 and default_eval_every(None, 49) == 0
+    assert default_eval_every(0, 3000) == 0 and default_eval_every(7, 10) == 7
+    monkeypatch.chdir(tmp_path)
+    for args, said in ((["--eval-every", "-1"], "--eval-every must be 0 or more"),
+                       (["--log-every", "0"], "--log-every must be at least 1"),
+                       (["--report-to", "wandb"], "--report-to wandb is not a known target")):
+        r = cli("train", demo_images, "--token", "<x-toy>", "--init", "toy", *args)
+        assert r.exit_code == 2 and said in r.stderr, (args, r.output)
+    assert not (tmp_path / "runs").exists()
