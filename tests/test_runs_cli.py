@@ -119,6 +119,7 @@ def test_eval_every_defaults_and_bad_values(cli, demo_images, tmp_path, monkeypa
     from textinv_cli.cli.commands.train_cmd import default_eval_every
 
     assert default_eval_every(None, 3000) == 150 and default_eval_every(None, 49) == 0
+    assert default_eval_every(None, 100) == 50  # an eval costs ~4 steps: a few % of a run
     assert default_eval_every(0, 3000) == 0 and default_eval_every(7, 10) == 7
     monkeypatch.chdir(tmp_path)
     for args, said in ((["--eval-every", "-1"], "--eval-every must be 0 or more"),

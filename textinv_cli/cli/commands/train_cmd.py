@@ -39,7 +39,8 @@ def train(
                                                  "token, [filewords] the image's .txt caption or file name)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="torch or jax (default: the first usable one)."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny, a random-weight "
-                                                                    "model for trying textinv out, not for real images)."),
+                                                                    "model for trying textinv out, not for real images; set yours once: "
+                                                                    "textinv config set model, or TEXTINV_MODEL)."),
     name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the token without brackets; when "
                                                                      "taken, its next version: cat-toy-v2)."),
     vectors: int = typer.Option(1, "--vectors", help=f"Vectors per token, 1 to {VECTORS_MAX} (multi-vector embedding)."),
@@ -78,7 +79,7 @@ def train(
     eval_every: Optional[int] = typer.Option(None, "--eval-every", metavar="N",
                                              help="Eval loss on a fixed batch (the same images, noise and timesteps "
                                                   "each time) every N steps: the number to watch (0: off; default: "
-                                                  "steps/20, off for runs under 50 steps)."),
+                                                  "steps/20 but at least 50, off for runs under 50 steps)."),
     log_every: Optional[int] = typer.Option(None, "--log-every", metavar="N",
                                             help="Read the loss every N steps (default: every steps/50, at least every 10); "
                                                  "one line each in the run's train.log."),
@@ -258,11 +259,11 @@ def _child_args(ctx: typer.Context, run: Path) -> list[str]:
 
 
 def default_eval_every(eval_every: int | None, steps: int) -> int:
-    """--eval-every as given; left out, about 20 readings (an eval costs about as much as a
-    few steps), and none for runs under 50 steps (a quick try reads the training loss)."""
+    """--eval-every as given; left out, about 20 readings but at most one per 50 steps (an
+    eval costs about 4 steps: a few % of the run), none for runs under 50 steps."""
     if eval_every is not None:
         return eval_every
-    return max(1, steps // 20) if steps >= 50 else 0
+    return max(50, steps // 20) if steps >= 50 else 0
 
 
 def _planned_run_dir(name: str) -> Path:
