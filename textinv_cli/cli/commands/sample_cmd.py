@@ -35,7 +35,8 @@ def sample(
                                      "native size, or more than the memory available; also TEXTINV_ALLOW_LARGE=1)."),
     negative: str = typer.Option("", "--negative", help="Negative prompt (registered tokens in it are loaded too)."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny, a random-weight "
-                                                                    "model for trying textinv out, not for real images)."),
+                                                                    "model for trying textinv out, not for real images; set yours once: "
+                                                                    "textinv config set model, or TEXTINV_MODEL)."),
     out: Path = typer.Option(Path("samples"), "-o", "--output", help="Folder for the PNGs (numbered after existing files)."),
     precision: str = typer.Option("fp32", "--precision", help=f"{', '.join(PRECISIONS)} (fp16: CUDA only)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="torch or jax (default: the first usable one)."),
