@@ -312,9 +312,11 @@ def test_convert_and_import_take_a_key(cli, three, tmp_path):
     back = formats.read_embedding(out)
     assert back.token == "<embedding>"
     np.testing.assert_array_equal(back.vectors["clip_g"], CG)
-    r = cli("import", three, "--key", "cat", "--json")
+    r = cli("import", three, "--key", "cat")  # an ordinary word as a token: refused, with the way out
+    assert r.exit_code == 1 and "--token '<cat>'" in r.stderr, r.output
+    r = cli("import", three, "--key", "cat", "--token", "<cat>", "--json")
     assert r.exit_code == 0, r.output
     entry = json.loads(r.stdout)["entry"]
-    assert entry["name"] == "cat" and entry["family"] == "sd1"
+    assert entry["name"] == "cat" and entry["token"] == "<cat>" and entry["family"] == "sd1"
     r = cli("convert", three, "--to", "kohya")
     assert r.exit_code == 1 and "bundling 3 embeddings" in r.output and "--key cat" in r.output

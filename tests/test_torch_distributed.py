@@ -208,9 +208,9 @@ def test_child_command_is_the_same_command(monkeypatch, cli, tiny_model, demo_im
     monkeypatch.setattr(training, "launch_processes", fake_launch)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # CPU processes, also on a machine with one GPU
     monkeypatch.chdir(tmp_path)
-    result = cli("train", demo_images, "--token", TOKEN, "--init", "toy figure", "--model", tiny_model("sd1"),
-                 "--num-processes", "2", "--center-crop", "--steps", "5", "--lr", "0.001", "--validate", "a",
-                 "--validate", "b c")
+    result = cli("train", demo_images, "--token", TOKEN, "--init", "toy figure", "--vectors", "2",
+                 "--model", tiny_model("sd1"), "--num-processes", "2", "--center-crop", "--steps", "5", "--lr", "0.001",
+                 "--validate", "a", "--validate", "b c")
     assert result.exit_code == 0, result.output
     assert seen["n"] == 2
     args = seen["args"]
@@ -219,7 +219,7 @@ def test_child_command_is_the_same_command(monkeypatch, cli, tiny_model, demo_im
     run = Path(args[args.index("--run-dir") + 1])
     assert run.parent == tmp_path / "runs" and run.name.startswith("cat-toy-") and not run.exists()
     opts = args[1:args.index("--run-dir")]
-    assert opts == ["--token", TOKEN, "--init", "toy figure", "--model", str(tiny_model("sd1")), "--center-crop",
+    assert opts == ["--token", TOKEN, "--init", "toy figure", "--model", str(tiny_model("sd1")), "--vectors", "2", "--center-crop",
                     "--steps", "5", "--lr", "0.001", "--validate", "a", "--validate", "b c"]
 
 

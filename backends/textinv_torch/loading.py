@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from textinv_cli.embedding import FAMILY_SLOTS
+from textinv_cli.families import FAMILY_SLOTS, TRAINABLE_FAMILIES
 from textinv_cli.errors import NotFoundError, TextinvError
 
 # What a model must be made of for us to train an embedding for it.
@@ -37,11 +37,10 @@ _NOT_HERE = ("Pass --model with a local diffusers folder or a Hub id you have do
 
 def slots_for(family: str) -> tuple[str, ...]:
     """The embedding slots a family's text encoders feed, in encoder order."""
-    try:
-        return FAMILY_SLOTS[family]
-    except KeyError:
+    if family not in TRAINABLE_FAMILIES:  # SD3/Flux embeddings are read and written, not trained
         raise TextinvError(f"Unknown model family {family!r}.",
-                           "textinv trains embeddings for sd1 (SD 1.x), sd2 (SD 2.x) and sdxl (SDXL).") from None
+                           "textinv trains embeddings for sd1 (SD 1.x), sd2 (SD 2.x) and sdxl (SDXL).")
+    return FAMILY_SLOTS[family]
 
 
 @dataclass
