@@ -155,6 +155,21 @@ def test_family_mismatch_names_both_families():
     assert msg.startswith("<x> is a Stable Diffusion XL embedding but m is Stable Diffusion 2.x.") and "1280" in msg
 
 
+def test_family_mismatch_suggests_the_model_the_embedding_records():
+    @dataclass
+    class WithMeta(E):
+        meta: dict = None
+
+    sd2 = WithMeta("wide", "<wide>", "sd2", {"base_model": "stabilityai/stable-diffusion-2-1"})
+    with pytest.raises(TextinvError) as err:
+        check_families([sd2], "tiny-sd1", "sd1")
+    assert err.value.hint == "Pass --model stabilityai/stable-diffusion-2-1 (the model it was trained on)."
+    a1111 = WithMeta("old", "<old>", "sd2", {"sd_checkpoint_name": "v2-1_768-ema-pruned"})
+    with pytest.raises(TextinvError) as err:
+        check_families([a1111], "tiny-sd1", "sd1")
+    assert "v2-1_768-ema-pruned" in err.value.hint
+
+
 def test_module_imports_without_torch_or_numpy():
     code = ("import sys, textinv_cli.engine.prompt_tokens; "
             "bad = [m for m in ('torch', 'numpy', 'diffusers') if m in sys.modules]; print(bad)")

@@ -239,6 +239,10 @@ def check_families(entries, model_name: str, model_family: str | None) -> None:
     """Refuse an embedding made for another model family; nothing to check when unknown."""
     if model_family is None:
         return  # a Hub id: the backend compares widths once the model is loaded
+    from ..models.resolve import base_model_hint
+
     for e in entries:
         if e.family != model_family:
-            raise family_mismatch_error(e.token, e.family, model_name, model_family)
+            error = family_mismatch_error(e.token, e.family, model_name, model_family)
+            error.hint = base_model_hint(getattr(e, "meta", None) or {}, e.family) or error.hint
+            raise error
