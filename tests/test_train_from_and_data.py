@@ -120,6 +120,10 @@ def test_continue_a_registered_embedding_and_see_its_images(cli, tiny_model, dem
     assert spec["init"] == [f"registry:k-toy@{Registry().get('k-toy').sha256}"] and spec["vectors"] == 2
     assert spec["token"] == TOKEN  # --from's token unless --token says otherwise
     assert np.allclose(_final(tmp_path / "more")[TOKEN], start, atol=1e-6)  # started from its rows
+    from textinv_cli.formats import read_embedding
+
+    assert read_embedding(tmp_path / "more" / "learned_embeds.safetensors").meta["init_from"] == \
+        f"k-toy@{Registry().get('k-toy').sha256[:12]}"  # the file says where it started
 
     # the registered token as the init names the same start (its token's active entry, now k-toy-more)
     more = Registry().get("k-toy-more")
@@ -229,7 +233,6 @@ def test_jax_start_rows_and_validation_parameters(tmp_path):
                            f'Model: {tmp_path.name}, TI hashes: "j-toy: {entry.sha256[:12]}"')
 
 
-@pytest.mark.xfail(strict=True, reason="engine/loop.py must call captions_for(..., template=spec.template)")
 def test_a_run_trains_on_its_template_captions(tiny_model, demo_images, tmp_path):
     pytest.importorskip("torch")
     from tests.support.training import run_all, train_spec

@@ -54,7 +54,7 @@ def run(backend: Backend, spec: TrainSpec, resume: Path | None = None) -> Iterat
     session = backend.open_session(spec)
     run_dir = _run_folder(session, spec, resume)
     images, ignored = find_images(Path(spec.data_dir))
-    captions = captions_for(images, spec.token, spec.property, spec.captions)
+    captions = captions_for(images, spec.token, spec.property, spec.captions, template=spec.template)
     with session.running():
         session.load(images, captions)
         yield from _loop(session, spec, run_dir, resume, len(images), [p.name for p in ignored])

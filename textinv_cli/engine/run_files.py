@@ -21,9 +21,13 @@ EVENTS = "events.jsonl"
 # -- embeddings the run writes: snapshots and the final one ---------------------------------
 
 def embedding_meta(spec, family: str, step: int, backend: str | None = None) -> dict[str, str]:
-    """What the file and the registry keep about where the embedding came from."""
+    """What the file and the registry keep about where the embedding came from (its start too:
+    the --init words, or the registry entry it continued)."""
+    from .init_from import init_meta
+
     return {"token": spec.token, "step": str(step), "base_model": str(spec.model), "family": family,
-            "learnable_property": spec.property, "vectors": str(spec.vectors), "trained_with": f"textinv {backend or spec.backend}"}
+            "learnable_property": spec.property, "vectors": str(spec.vectors),
+            "trained_with": f"textinv {backend or spec.backend}", **init_meta(spec)}
 
 
 def write_vectors(path: Path, vectors: dict, spec, family: str, step: int, backend: str | None = None) -> Path:
