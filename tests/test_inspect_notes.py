@@ -29,3 +29,15 @@ def test_inspect_names_an_a1111_files_internal_name_once(cli, tmp_path):
     assert "file's name charturner (A1111 ignores it and uses the file name)" in r.output
     assert "a1111_name" not in r.output  # said once, in its own line
     assert "file's name" not in cli("inspect", src).output
+
+
+def test_a_width_no_text_encoder_has_is_said(cli, tmp_path):
+    import numpy as np
+
+    from textinv_cli.formats.safetensors_io import dump_safetensors
+
+    src = tmp_path / "odd.safetensors"
+    src.write_bytes(dump_safetensors({"<odd>": np.ones((1, 777), np.float32)}))
+    r = cli("inspect", src)
+    assert r.exit_code == 0 and "777 (clip_l) is not any known text encoder" in r.stdout, r.output
+    assert "not any known" in json.loads(cli("inspect", src, "--json").stdout)["width_note"]

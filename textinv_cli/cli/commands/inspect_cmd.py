@@ -53,7 +53,7 @@ def inspect(
 def describe(source) -> dict:
     import numpy as np
 
-    from ...embedding import FAMILY_NAMES
+    from ...embedding import FAMILY_NAMES, width_note
     from ...formats import file_sha256
 
     emb = source.embedding
@@ -86,6 +86,7 @@ def describe(source) -> dict:
         "family": emb.family,
         "family_name": FAMILY_NAMES[emb.family],
         **({"family_source": meta["family_source"]} if meta.get("family_source") else {}),
+        **({"width_note": note} if (note := width_note(emb)) else {}),
         "vectors": emb.n_vectors,
         "slots": slots,
         "dtype": meta.get("dtype", "float32"),
@@ -115,6 +116,8 @@ def _print(r: dict) -> None:
         p(f"  file's name {shown(a1111, _VALUE_LIMIT)} (A1111 ignores it and uses the file name)")
     how = f", from {shown(r['family_source'])}" if r.get("family_source") else ""
     p(f"  family      {r['family']} ({r['family_name']}{how})")
+    if r.get("width_note"):  # a width no text encoder has (777): "sd1" above is only where it is kept
+        p(f"  note        {r['width_note']}")
     p(f"  vectors     {r['vectors']}   dtype {r['dtype']}   finite: {'yes' if r['finite'] else 'NO'}")
     p(f"  sha256      {r['sha256'] or _NO_HASH}")
     if r["short_hash"]:
