@@ -49,3 +49,14 @@ def test_train_refuses_a_run_folder_under_a_file(cli, tiny_model, demo_images, a
     r = cli("train", demo_images, "--token", "<f-toy>", "--init", "toy", "--model", tiny_model("sd1"),
             "--run-dir", afile / "run")
     assert r.exit_code == 1 and "is a file, so the run folder cannot be created under it" in r.stderr, r.stderr
+
+
+def test_convert_under_a_file_says_it_is_a_file(cli, tmp_path, afile):
+    import numpy as np
+
+    from textinv_cli.formats.safetensors_io import dump_safetensors
+
+    src = tmp_path / "e.safetensors"
+    src.write_bytes(dump_safetensors({"<e-toy>": np.ones((1, 768), np.float32)}))
+    r = cli("convert", src, "--to", "kohya", "-o", afile / "x.safetensors")
+    assert r.exit_code == 1 and f"{afile} is a file, not a folder" in r.stderr, r.output

@@ -128,6 +128,9 @@ def check_writable_target(path: Path, force: bool, *, members=None) -> None:
             raise OutputExistsError(f"{path} already exists.", "Pass --force to overwrite it, or -o to write elsewhere.")
     parent = path.parent
     if not os.path.isdir(parent):
+        if os.path.lexists(parent):  # `-o afile/x.safetensors`: the "folder" is a file
+            raise TextinvError(f"{parent} is a file, not a folder, so nothing can be written under it.",
+                               "Pick another -o.")
         raise TextinvError(f"The folder {parent} does not exist.", "Create it first or pick another -o.")
     if on_special_fs(parent):
         raise TextinvError(f"{parent} is on a kernel file system (/proc, /sys); nothing can be written there.",
