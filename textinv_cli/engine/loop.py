@@ -36,7 +36,8 @@ from .eval_batch import EVAL_SAMPLES
 from .report_to import Reporter, check_watching
 from .captions import captions_for, find_images
 from ..errors import TextinvError
-from .run_files import check_new_run_dir, embedding_meta, record_event, write_vectors
+from .run_files import (DATA_FILE, check_new_run_dir, data_change, data_listing, embedding_meta, record_event,
+                        save_data_listing, write_vectors)
 from .schedules import lr_at
 from .spec import (SPEC_FILE, Checkpoint, EvalLoss, Event, Finished, Interrupted, Progress, RunWarning, Snapshot,
                    Started, Summary, TrainSpec, Validation)
@@ -55,9 +56,10 @@ def run(backend: Backend, spec: TrainSpec, resume: Path | None = None) -> Iterat
     run_dir = _run_folder(session, spec, resume)
     images, ignored = find_images(Path(spec.data_dir))
     captions = captions_for(images, spec.token, spec.property, spec.captions, template=spec.template)
+    listing = data_listing(images, Path(spec.data_dir), spec.template)
     with session.running():
         session.load(images, captions)
-        yield from _loop(session, spec, run_dir, resume, len(images), [p.name for p in ignored])
+        yield from _loop(session, spec, run_dir, resume, len(images), [p.name for p in ignored], listing)
 
 
 def _run_folder(session: Session, spec: TrainSpec, resume: Path | None) -> Path:
@@ -87,8 +89,10 @@ def data_position(step: int, n_images: int, grad_accum: int, global_batch: int) 
 
 
 def _loop(session: Session, spec: TrainSpec, run: Path, resume: Path | None, n_images: int,
-          ignored: list[str]) -> Iterator[Event]:
+          ignored: list[str], listing: dict) -> Iterator[Event]:
     start, resumed_from, warnings = 0, None, []
+    if resume is not None and (changed := data_change(run, listing)):
+        warnings.append(changed)
     if resume is not None:
         found = runs.latest_checkpoint(run)
         if found is None:
@@ -98,6 +102,8 @@ def _loop(session: Session, spec: TrainSpec, run: Path, resume: Path | None, n_i
 
     session.barrier()  # every process loaded and checked everything before the main one creates the run
     watch = _Watch(run, spec, resuming=resume is not None) if session.is_main else None
+    if watch is not None and (resume is None or not (run / DATA_FILE).exists()):
+        save_data_listing(run, listing)  # what every resume compares with: the data the run began on
     try:
         yield from _steps(session, spec, run, n_images, ignored, start, resumed_from, warnings, watch)
     finally:

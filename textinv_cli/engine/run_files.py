@@ -113,3 +113,53 @@ def _cut_torn_line(f) -> None:
             return
         pos = start
     f.truncate(0)
+
+
+# -- the data a run trains on: recorded at its start, compared on resume ----------------------------
+DATA_FILE = "data.json"
+
+
+def data_listing(images: list[Path], data_dir: Path, template: str | None = None) -> dict[str, list[int]]:
+    """{relative path: [size, mtime_ns]} of every file the run reads: the images, their .txt
+    captions and the --template file. A changed size or time means changed content (a copy
+    that keeps both is the same data as far as anyone can tell)."""
+    files = {Path(p) for p in images} | {Path(p).with_suffix(".txt") for p in images}
+    if template:
+        files.add(Path(template))
+    listing = {}
+    for f in sorted(files):
+        try:
+            st = f.stat()
+        except OSError:
+            continue  # a caption that is not there: absent from both listings alike
+        try:
+            key = str(f.resolve().relative_to(Path(data_dir).resolve()))
+        except ValueError:
+            key = str(f.resolve())
+        listing[key] = [st.st_size, st.st_mtime_ns]
+    return listing
+
+
+def save_data_listing(run: Path, listing: dict) -> None:
+    from ..fsutil import atomic_write_bytes
+
+    atomic_write_bytes(Path(run) / DATA_FILE, json.dumps(listing, sort_keys=True).encode() + b"\n", force=True)
+
+
+def data_change(run: Path, listing: dict) -> str | None:
+    """What changed in the data since the run started, in one sentence, or None (also when the
+    run predates data.json: nothing to compare with)."""
+    try:
+        before = json.loads((Path(run) / DATA_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(before, dict) or before == listing:
+        return None
+    added = [k for k in listing if k not in before]
+    removed = [k for k in before if k not in listing]
+    changed = [k for k in listing if k in before and before[k] != listing[k]]
+    parts = [f"{len(x)} {what}" for x, what in ((added, "added"), (removed, "removed"), (changed, "changed"))
+             if x]
+    example = (added + removed + changed)[0]
+    return (f"The training data changed since the run started ({', '.join(parts)}, e.g. {example}): "
+            "the result can no longer match an uninterrupted run.")
