@@ -147,9 +147,9 @@ def captions_for(images: list[Path], token: str, prop: str = "object", mode: str
     one without it is an error naming it.
     """
     if prop not in PROPERTIES:
-        raise TextinvError(f"--property must be object or style, not {prop!r}.")
+        raise OptionError(f"--property must be object or style, not {prop!r}.")
     if mode not in MODES:
-        raise TextinvError(f"--captions must be one of {', '.join(MODES)}, not {mode!r}.")
+        raise OptionError(f"--captions must be one of {', '.join(MODES)}, not {mode!r}.")
     if template is not None and mode == "files":
         raise OptionError("--template has no effect with --captions files (only the .txt captions are used).",
                           "Use --captions templates or both with --template.")
