@@ -74,7 +74,7 @@ def _crash_point(stage: str) -> None:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # microseconds: versions registered within one second keep their order
 
 
 class Registry:
