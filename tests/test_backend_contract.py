@@ -122,7 +122,7 @@ def test_events_come_in_order_with_their_json_shape(reference):
 def test_the_run_folder_holds_spec_events_checkpoints_snapshots_and_the_embedding(reference):
     spec, events = reference
     run = Path(spec.run_dir)
-    assert sorted(p.name for p in run.iterdir()) == [runs.LOCK, "checkpoints", "events.jsonl", runs.FINAL,
+    assert sorted(p.name for p in run.iterdir()) == [runs.LOCK, "checkpoints", "data.json", "events.jsonl", runs.FINAL,
                                                      "snapshots", "spec.json", "train.log"]
     assert TrainSpec.load(run) == spec
     assert [(s, p.name) for s, p in runs.complete_checkpoints(run)] == [(2, "step-000002"), (4, "step-000004")]

@@ -110,7 +110,7 @@ def test_the_engine_drives_a_session_through_the_whole_protocol(images, tmp_path
         "run_dir", "device", "family", "model", "images", "ignored", "total_steps", "start_step", "resumed_from"]
     assert started.data["images"] == 3 and started.data["ignored"] == ["notes.md"]
     run = Path(spec.run_dir)
-    assert sorted(p.name for p in run.iterdir()) == [runs.LOCK, "checkpoints", "events.jsonl", runs.FINAL,
+    assert sorted(p.name for p in run.iterdir()) == [runs.LOCK, "checkpoints", "data.json", "events.jsonl", runs.FINAL,
                                                       "snapshots", "spec.json", "train.log"]
     assert runs.complete_checkpoints(run) == [(6, runs.checkpoint_dir(run, 6))]  # keep_checkpoints=1
     logged = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]

@@ -2,6 +2,7 @@
 
     run/
       spec.json                 the TrainSpec: all `textinv resume` needs
+      data.json                 the files it trains on (size, time): `resume` says when they changed
       events.jsonl              what happened, one JSON event per line
       checkpoints/step-000500/  written as .step-000500.tmp, renamed, then `complete` added
       snapshots/step-000250.safetensors
