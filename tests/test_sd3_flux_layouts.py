@@ -102,8 +102,6 @@ ROUND_TRIPS = [(fmt, fam, tuple(FAMILY_SLOTS[fam])) for fmt in ("comfyui", "onet
 @pytest.mark.parametrize("fmt,family,slots", ROUND_TRIPS)
 @pytest.mark.parametrize("tiny", [False, True])
 def test_round_trip_keeps_vectors_family_and_hash(tmp_path, fmt, family, slots, tiny):
-    if "clip_g" in slots and "clip_l" not in slots and "t5" not in slots:
-        pytest.skip("a lone clip_g reads as half of a diffusers SDXL pair (formats.read_embedding)")
     emb = family_embedding("<cat-toy>", family, n=3, slots=slots, tiny=tiny, meta={"step": "40"})
     back = formats.read_embedding(_write(tmp_path, emb, fmt))
     assert back.family == family and back.token == "<cat-toy>" and back.meta["step"] == "40"
