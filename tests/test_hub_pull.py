@@ -120,6 +120,17 @@ def test_a_pulled_token_that_exists_becomes_the_next_version(hub, hubcli):
     assert hubcli(*shlex.split(back)[1:]).exit_code == 0 and Registry().get("cat-toy").active
 
 
+def test_an_ordinary_word_as_token_is_refused_with_the_pull_that_works(hub, hubcli):
+    import shlex
+
+    hub.seed("me/cat", {"cat.safetensors": dump_safetensors(layouts.diffusers_dict(random_embedding("cat", seed=4)))})
+    r = hubcli("pull", "me/cat")
+    assert r.exit_code == 1 and "is an ordinary word" in r.stderr and not Registry().entries(), r.output
+    again = r.stderr.strip().splitlines()[-1].split(": ", 1)[1]
+    r = hubcli(*shlex.split(again)[1:], "--json")  # as printed
+    assert r.exit_code == 0 and json.loads(r.stdout)["embeddings"][0]["entry"]["token"] == "<cat>", r.output
+
+
 def test_repo_with_several_embeddings(hub, hubcli):
     a, b = random_embedding("<bad-hands>", seed=2), random_embedding("<bad-prompt>", seed=3)
     hub.seed("someone/negatives", {"embeddings/bad-hands.pt": dump_torch_pickle(layouts.a1111_dict(a)),

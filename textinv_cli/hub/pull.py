@@ -53,8 +53,11 @@ class PullResult:
 # -- pull ------------------------------------------------------------------------------------
 
 def pull(repo: str, *, revision: str | None = None, file: str | None = None, take_all: bool = False,
-         name: str | None = None, token: str | None = None) -> PullResult:
-    """Download the embedding(s) of a Hub repo into the registry (source="pulled")."""
+         name: str | None = None, token: str | None = None, check_token=None) -> PullResult:
+    """Download the embedding(s) of a Hub repo into the registry (source="pulled").
+
+    `check_token(token, path_in_repo)` may refuse a token before anything is registered (the
+    CLI passes its ordinary-word rule, which lives in engine/, above this folder)."""
     from ..registry.store import Registry
 
     ref = parse_repo(repo)
@@ -89,6 +92,9 @@ def pull(repo: str, *, revision: str | None = None, file: str | None = None, tak
         folder = _download(repo_id, rev, chosen) if cached is None else _from_cache(cached, repo_id, rev, chosen)
     _check_files(folder, chosen, repo_id)
     embeddings = [(u, _read_unit(folder, u, token, repo_id)) for u in chosen]  # all read before any is registered
+    for unit, emb in embeddings:
+        if check_token is not None and token is None:
+            check_token(emb.token, unit.primary)
     registry = Registry()
     _check_names(registry, embeddings, name)
     # Files named after a pulled token are that embedding in other formats (A1111's convention: the

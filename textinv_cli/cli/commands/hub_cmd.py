@@ -29,7 +29,24 @@ def pull(
     from ...registry.store import Registry
     from ...registry.versions import switch_note
 
-    r = do_pull(repo_id, revision=revision, file=file, take_all=take_all, name=name, token=token)
+    def ordinary_word(tok: str, path: str) -> None:
+        """As import: a plain vocabulary word as a token would take over that word in every prompt."""
+        import shlex
+
+        from ...engine.prompt_tokens import is_ordinary_word
+        from ...errors import InvalidEmbeddingError
+        from ...untrusted import quoted
+
+        if is_ordinary_word(tok):
+            word = tok.strip()
+            again = (f"textinv pull {shlex.quote(repo_id)}" + (f" --revision {shlex.quote(revision)}" if revision else "")
+                     + f" --file {shlex.quote(path)} --token {shlex.quote('<' + word + '>')}")
+            raise InvalidEmbeddingError(f"The token {quoted(word)} is an ordinary word: every prompt with {quoted(word)} "
+                                        "would use this embedding instead of the word.",
+                                        f"Pull it under a token of its own: {again}")
+
+    r = do_pull(repo_id, revision=revision, file=file, take_all=take_all, name=name, token=token,
+                check_token=ordinary_word)
     if json_out:
         print_json({"repo": r.repo, "revision": r.revision, "commit": r.commit,
                     "from_cache": r.cache_reason is not None, "cache_reason": r.cache_reason,
