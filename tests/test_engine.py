@@ -226,7 +226,7 @@ def test_backend_capabilities_are_refused_by_name(images, tmp_path):
     with pytest.raises(TextinvError, match="--num-processes 2 is for --backend torch"):
         checks.check_train_backend(spec, NumpyBackend())
     request = SampleRequest(prompt="a", model="tiny", out_dir="o", scheduler="unipc")
-    with pytest.raises(TextinvError, match="The numpy backend samples with ddim, not 'unipc'"):
+    with pytest.raises(TextinvError, match="The numpy backend samples with DDIM, not 'UniPC'"):
         checks.check_sample_request(request, NumpyBackend())
 
 

@@ -242,7 +242,7 @@ def test_sample_refusals(tiny, tmp_path):
         base = dict(prompt="a photo of <x>", model=str(tiny["sd1"]), out_dir=str(tmp_path / "out"), steps=2)
         return SampleRequest(**{**base, **kw})
 
-    with pytest.raises(TextinvError, match="ddim or dpm"):
+    with pytest.raises(TextinvError, match=r"DDIM or DPM\+\+ 2M"):
         list(JaxBackend().sample(request(scheduler="euler")))
     wide = EmbeddingRef(token="<x>", vectors={"clip_h": np.zeros((1, 48), np.float32)})
     with pytest.raises(TextinvError, match="Stable Diffusion 2.x embedding"):

@@ -268,7 +268,7 @@ def test_backend_checks_widths_itself(models, tmp_path):
     (["--guidance", "-1"], "--guidance must be 0 or more"),
     (["--size", "65"], "--size must be a positive multiple of 8"),
     (["--size", "64x60"], "--size must be a positive multiple of 8"),
-    (["--scheduler", "plms"], "--scheduler must be one of ddim, euler, euler-a, dpm++, unipc"),
+    (["--scheduler", "plms"], "--scheduler must be one of Euler, Euler a, DPM++ 2M, DPM++ 2M Karras"),
     (["--precision", "fp8"], "--precision must be one of"),
 ])
 def test_bad_options_are_refused_before_work(cli, backend, tmp_path, args, message):

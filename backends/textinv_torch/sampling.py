@@ -31,17 +31,10 @@ from textinv_cli.engine.infotext import check_out_dir as _check_out_dir, infotex
 from textinv_cli.engine.quiet_libraries import quiet
 from textinv_cli.engine.batch_sizes import batches, pick_batch_size
 from textinv_cli.engine.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
+from textinv_cli.engine import samplers
 
 from .tokens import add_embeddings
 
-# Our scheduler names -> (diffusers class, extra config, A1111's sampler name for the infotext).
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
-}
 _POLL_S = 0.1  # how often the event loop wakes while a step runs (keeps Ctrl-C responsive)
 
 
@@ -59,7 +52,9 @@ def sample(request: SampleRequest) -> Iterator[Event]:
     dtype = _dtype(request.precision, device)
     pipe, info = load_pipeline(request.model, dtype)
     add_embeddings(pipe, request.embeddings, info)
-    pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
+    sampler = samplers.get(request.scheduler)  # any spelling check_sample_request accepted
+    pipe.scheduler = make_scheduler(sampler.key, pipe.scheduler.config)
+    order = max(1, int(getattr(pipe.scheduler, "order", 1)))  # Heun, DPM++ SDE: 2 timesteps per step
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 
@@ -67,7 +62,7 @@ def sample(request: SampleRequest) -> Iterator[Event]:
     batch = pick_batch_size(n, request.batch_size, *_size(pipe, request))
     yield Event.of(SampleStarted(
         model=info["name"], family=info["family"], device=device, precision=request.precision,
-        scheduler=request.scheduler, sampler=SCHEDULERS[request.scheduler][2],
+        scheduler=sampler.key, sampler=sampler.name,
         images=n, batch_size=batch, steps=steps, total=n * steps, out_dir=str(out_dir),
         embeddings=[{"name": r.name, "token": r.token, "vectors": _n_vectors(r)} for r in request.embeddings]))
     paths = []
@@ -80,9 +75,14 @@ def sample(request: SampleRequest) -> Iterator[Event]:
             output_type="pil",
         )
         runner = _StepStream(pipe, kwargs)
+        last = 0
         try:
             for step in runner:
-                done = min(step + 1, steps)  # schedulers we offer run exactly `steps` steps; clamp anyway
+                # second-order schedulers call back on each of their 2 * steps - 1 timesteps
+                done = min((step + order) // order, steps)
+                if done == last:
+                    continue
+                last = done
                 # one denoising step of the batch advances each of its `count` images by one step
                 yield Event.of(SampleProgress(image=start, batch=count, images=n, step=done, steps=steps,
                                               done=start * steps + done * count, total=n * steps))
@@ -92,7 +92,7 @@ def sample(request: SampleRequest) -> Iterator[Event]:
         out_dir.mkdir(parents=True, exist_ok=True)
         images = runner.images
         texts = [infotext(request, seed=seed, width=image.width, height=image.height, model_name=info["name"],
-                          sampler=SCHEDULERS[request.scheduler][2]) for seed, image in zip(seeds, images)]
+                          sampler=sampler.name) for seed, image in zip(seeds, images)]
         for j, (seed, image, path) in enumerate(zip(seeds, images, save_pngs(images, out_dir, seeds, texts))):
             paths.append(str(path))
             yield Event.of(Sampled(path=str(path), seed=seed, index=start + j, width=image.width,
@@ -198,11 +198,18 @@ def _pipeline_family(pipe) -> str:
 
 
 def make_scheduler(name: str, config):
-    """The asked-for scheduler, built from the model's own scheduler config (betas, prediction type)."""
+    """The asked-for scheduler (A1111's name or our key: engine/samplers.py's table), built from
+    the model's own scheduler config (betas, prediction type) plus the sampler's settings."""
     import diffusers
 
-    cls_name, extra, _ = SCHEDULERS[name]
-    return getattr(diffusers, cls_name).from_config(config, **extra)
+    sampler = samplers.get(name)
+    if sampler.needs:
+        import importlib.util
+
+        if importlib.util.find_spec(sampler.needs) is None:
+            raise TextinvError(f"The {sampler.name} sampler needs the {sampler.needs} package, which is not installed.",
+                               f"Install it (pip install {sampler.needs}), or pass --scheduler \"DPM++ 2M Karras\".")
+    return getattr(diffusers, sampler.diffusers).from_config(config, **sampler.config)
 
 
 # -- running the pipeline with live progress ------------------------------------------------

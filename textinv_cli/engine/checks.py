@@ -15,6 +15,8 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OptionError, TextinvError
+from ..untrusted import quoted
+from . import samplers as _samplers
 
 if TYPE_CHECKING:
     from .spec import SampleRequest, TrainSpec
@@ -23,7 +25,9 @@ VECTORS_MAX = 64     # placeholder tokens per concept: leaves the caption's word
 RESOLUTION_STEP = 8  # every Stable Diffusion VAE downsamples by 8
 PRECISIONS = ("fp32", "fp16", "bf16")
 ATTENTION = ("sdpa", "xformers")
-SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++", "unipc")
+# --scheduler's vocabulary (engine/samplers.py, the one table): these keys, which --help
+# lists, and A1111's sampler names ("Euler a", "DPM++ 2M Karras"), which messages use; any case.
+SCHEDULERS = _samplers.KEYS
 
 
 def is_int(v: Any) -> bool:
@@ -129,8 +133,10 @@ def check_sample_request(r: "SampleRequest", backend: Any = None, *, more: list[
         problems.append(f"--batch-size must be at least 1, not {r.batch_size!r}")
     if not (is_num(r.guidance) and r.guidance >= 0):
         problems.append(f"--guidance must be 0 or more, not {r.guidance!r}")
-    if r.scheduler not in SCHEDULERS:
-        problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {r.scheduler!r}")
+    sampler = _samplers.find(r.scheduler)
+    if sampler is None:
+        problems.append(f"--scheduler must be one of {', '.join(_samplers.NAMES)} (A1111's names, any case), "
+                        f"not {quoted(r.scheduler)}")
     if r.precision not in PRECISIONS:
         problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, not {r.precision!r}")
     if not all(v is None or (is_int(v) and v >= RESOLUTION_STEP and v % RESOLUTION_STEP == 0)
@@ -139,11 +145,32 @@ def check_sample_request(r: "SampleRequest", backend: Any = None, *, more: list[
     problems += more or []
     if problems:
         raise OptionError("; ".join(problems) + ".", "See textinv sample --help for the accepted values.")
-    schedulers = getattr(backend, "schedulers", SCHEDULERS)
-    if r.scheduler not in schedulers:
-        raise TextinvError(f"The {getattr(backend, 'name', 'chosen')} backend samples with {_one_of(schedulers)}, not {r.scheduler!r}.",
-                           f"Pass --scheduler {schedulers[0]}, or --backend torch for "
-                           f"{', '.join(s for s in SCHEDULERS if s not in schedulers)}.")
+    declared = getattr(backend, "schedulers", _samplers.NAMES)
+    runs = [_samplers.a1111_name(s) for s in declared]
+    if sampler.name not in runs:
+        torch = f", or --backend torch, which runs {sampler.name!r}" if getattr(backend, "name", "") != "torch" else ""
+        raise TextinvError(f"The {getattr(backend, 'name', 'chosen')} backend samples with {_one_of(tuple(runs))}, "
+                           f"not {sampler.name!r}.",
+                           f"Pass --scheduler {_shell(runs[0])}{torch}." if runs else
+                           "Pick another backend with --backend.")
+    if sampler.needs and not _importable(sampler.needs):
+        raise TextinvError(f"The {sampler.name} sampler needs the {sampler.needs} package, which is not installed.",
+                           f"Install it (pip install {sampler.needs}), or pass --scheduler {_shell('DPM++ 2M Karras')}.")
+
+
+def _shell(word: str) -> str:
+    """A sampler name as typed in a shell: quoted when it holds a space."""
+    return f'"{word}"' if " " in word else word
+
+
+def _importable(module: str) -> bool:
+    """Whether `module` can be imported, found without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def check_token(token: str, tokenizer, label: str = "tokenizer") -> None:

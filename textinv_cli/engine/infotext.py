@@ -176,3 +176,188 @@ def check_out_dir(out_dir: Path) -> None:
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise TextinvError(f"Cannot write images into {out_dir}: {probe} is not a writable folder.",
                            "Pick another folder with -o.")
+
+
+# -- reading a parameters block back (`sample --params-from image.png`) --------------------------
+
+PARAMS_MAX = 64 * 1024      # bytes of one parameters chunk (compressed and expanded): A1111's are ~1 KB
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_CHUNKS_MAX = 100_000       # chunk headers walked before giving up (each costs one seek)
+_KEY = re.compile(r"\s*(\w[\w \-/]{0,63}):\s*")  # A1111's key pattern, bounded (linear scan)
+
+
+def read_png_parameters(path) -> str:
+    """The text of the `parameters` chunk (tEXt, zTXt or iTXt) of the PNG at `path`.
+
+    Chunks are walked by their headers and skipped by seeking, so a large image costs a few
+    reads; the parameters chunk is read only up to PARAMS_MAX bytes, and decompressed to at
+    most that. Anything else (not a PNG, no such chunk, too large) is a TextinvError."""
+    import zlib
+
+    from ..fsutil import open_regular
+
+    path = Path(path)
+    fd, _ = open_regular(path)
+    try:
+        def read(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                chunk = os.read(fd, n - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            return data
+
+        if read(8) != _PNG_SIGNATURE:
+            raise TextinvError(f"{path} is not a PNG image; --params-from reads the parameters A1111 writes into PNGs.",
+                               "Pass a PNG written by A1111 or textinv sample.")
+        for _ in range(_CHUNKS_MAX):
+            head = read(8)
+            if len(head) < 8:
+                break
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"IEND":
+                break
+            if kind in (b"tEXt", b"zTXt", b"iTXt"):
+                keyword = read(min(length, 80))
+                if keyword.split(b"\0", 1)[0] == b"parameters":
+                    if length > PARAMS_MAX:
+                        raise TextinvError(f"The parameters text of {path} is {length} bytes; textinv reads at most "
+                                           f"{PARAMS_MAX}.", "Pass the options on the command line instead.")
+                    data = keyword + read(length - len(keyword))
+                    return _chunk_text(kind, data, zlib, path)
+                os.lseek(fd, length - len(keyword) + 4, os.SEEK_CUR)
+            else:
+                os.lseek(fd, length + 4, os.SEEK_CUR)  # data and CRC
+    finally:
+        os.close(fd)
+    raise TextinvError(f"{path} holds no A1111 parameters (no 'parameters' text chunk).",
+                       "Pass a PNG written by A1111 (PNG info) or textinv sample, or give the options yourself.")
+
+
+def _chunk_text(kind: bytes, data: bytes, zlib, path) -> str:
+    def inflate(raw: bytes) -> bytes:
+        d = zlib.decompressobj()
+        out = d.decompress(raw, PARAMS_MAX + 1)
+        if len(out) > PARAMS_MAX:
+            raise TextinvError(f"The parameters text of {path} expands to more than {PARAMS_MAX} bytes.",
+                               "Pass the options on the command line instead.")
+        return out
+
+    try:
+        body = data.split(b"\0", 1)[1]
+        if kind == b"tEXt":
+            return body.decode("latin-1")
+        if kind == b"zTXt":
+            return inflate(body[1:]).decode("latin-1")
+        compressed, rest = body[0], body[2:]
+        _lang, _translated, text = rest.split(b"\0", 2)
+        return (inflate(text) if compressed else text).decode("utf-8")
+    except (IndexError, ValueError, zlib.error):
+        raise TextinvError(f"The parameters text chunk of {path} is damaged.",
+                           "Pass the options on the command line instead.") from None
+
+
+def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, {key: value}) of an A1111 parameters block, as A1111's
+    parse_generation_parameters reads it: the last line holds `Key: value, ...` (values
+    JSON-quoted when they hold a comma or colon) when it has at least 3 of them; the lines
+    before are the prompt, up to a line starting `Negative prompt:`. Linear in the text."""
+    lines = str(text).strip().split("\n")
+    params = _parse_params(lines[-1])
+    if len(params) < 3:
+        params = {}
+    else:
+        lines = lines[:-1]
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    return "\n".join(prompt), "\n".join(negative), params
+
+
+def _parse_params(line: str) -> dict[str, str]:
+    params: dict[str, str] = {}
+    pos, n, unclosed_from = 0, len(line), None
+    while pos < n:
+        m = _KEY.match(line, pos)
+        if m is None:  # not a key here: on to the next item
+            comma = line.find(",", pos)
+            pos = n if comma < 0 else comma + 1
+            continue
+        key, pos = m.group(1).strip(), m.end()
+        end = _closing_quote(line, pos) if line.startswith('"', pos) and unclosed_from is None else -1
+        if end > 0:
+            try:
+                value = str(json.loads(line[pos:end + 1]))
+            except ValueError:
+                value = line[pos + 1:end]
+            pos = end + 1
+            comma = line.find(",", pos)
+            pos = n if comma < 0 else comma + 1
+        else:
+            if line.startswith('"', pos):
+                unclosed_from = pos  # no closing quote after here: later quotes are not searched again
+            comma = line.find(",", pos)
+            value, pos = (line[pos:] if comma < 0 else line[pos:comma]), (n if comma < 0 else comma + 1)
+        params.setdefault(key, value.strip())
+    return params
+
+
+def _closing_quote(line: str, start: int) -> int:
+    """Index of the quote closing the one at `start` (backslash escapes skipped); -1 if none.
+    Each character is looked at a bounded number of times."""
+    i = start + 1
+    q = line.find('"', i)
+    while q >= 0:
+        b = line.find("\\", i, q)
+        if b < 0:
+            return q
+        i = b + 2
+        if i > q:
+            q = line.find('"', i)
+    return -1
+
+
+def sample_options(text: str) -> tuple[dict, dict[str, str]]:
+    """What `sample` takes from an A1111 parameters block: ({prompt, negative, steps,
+    scheduler, guidance, seed, width, height}: those present and readable, {option: problem}
+    for those present and unreadable: steps, guidance, seed, size). The
+    sampler is A1111's name as the block means it (Schedule type folded in: samplers.from_infotext);
+    whether textinv runs it is for the caller to check. Problems quote the values escaped."""
+    from ..untrusted import quoted
+    from .samplers import from_infotext
+
+    prompt, negative, params = parse_infotext(text)
+    found: dict = {"prompt": prompt, "negative": negative}
+    problems: dict[str, str] = {}
+
+    def number(key: str, name: str, kind):
+        raw = params.get(key)
+        if raw is None:
+            return None
+        try:
+            value = kind(raw)
+            if kind is float and not math.isfinite(value):
+                raise ValueError
+            return value
+        except (ValueError, OverflowError):
+            problems[name] = f"{key} must be a number, not {quoted(raw, 40)}"
+            return None
+
+    for key, name, kind in (("Steps", "steps", int), ("CFG scale", "guidance", float), ("Seed", "seed", int)):
+        value = number(key, name, kind)
+        if value is not None:
+            found[name] = value
+    if "Sampler" in params:
+        found["scheduler"] = from_infotext(params["Sampler"], params.get("Schedule type"))
+    size = params.get("Size")
+    if size is not None:
+        m = re.fullmatch(r"\s*(\d{1,6})\s*x\s*(\d{1,6})\s*", size)
+        if m:
+            found["width"], found["height"] = int(m.group(1)), int(m.group(2))
+        else:
+            problems["size"] = f"Size must be WIDTHxHEIGHT, not {quoted(size, 40)}"
+    return found, problems

@@ -12,22 +12,27 @@ from typing import List, Optional
 
 import typer
 
-from ...engine.checks import PRECISIONS, SCHEDULERS
+from ...engine.checks import PRECISIONS
+from ...engine.samplers import NAMES as _NAMES
+
+_A1111_NAMES = ", ".join(f'"{n}"' if " " in n else n for n in _NAMES)
 
 # The option rules are engine/checks.py's (check_sample_request), checked before any work.
 
 
 def sample(
-    prompt: str = typer.Argument(..., help='e.g. "A <cat-toy> backpack"; registered tokens in it are loaded (a token '
+    ctx: typer.Context,
+    prompt: Optional[str] = typer.Argument(None, help='e.g. "A <cat-toy> backpack"; registered tokens in it are loaded (a token '
                                            "shared by several versions: the active one). A registry name typed as a word "
                                            "(cat-toy-v2) loads that entry, as A1111 does; one that is an ordinary word "
-                                           "(orange) stays a word."),
+                                           "(orange) stays a word. Optional with --params-from."),
     n: int = typer.Option(1, "-n", "--num-images", help="How many images (image i uses seed + i)."),
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", help="Images rendered at once (default: up to 8 at 512x512, fewer for larger "
                                    "sizes); image i is the same picture (up to float rounding) in any batch."),
     steps: int = typer.Option(30, "--steps", help="Denoising steps per image."),
-    scheduler: str = typer.Option("ddim", "--scheduler", help=f"{', '.join(SCHEDULERS)} (jax: ddim, dpm++)."),
+    scheduler: str = typer.Option("ddim", "--scheduler", help=f"Or A1111's sampler name, any case: {_A1111_NAMES} "
+                                                              "(jax: ddim, dpm++)."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (CFG)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image."),
     size: Optional[str] = typer.Option(None, "--size", help="512 (square) or WIDTHxHEIGHT such as 768x512 (default: the model's)."),
@@ -46,6 +51,10 @@ def sample(
     json_out: bool = typer.Option(False, "--json", help="One JSON event per line instead of a progress bar."),
     grid: bool = typer.Option(False, "--grid", help="Also write a contact sheet of the images (grid-NNNN.png, "
                                                     "with the first image's parameters, as A1111's grids)."),
+    params_from: Optional[Path] = typer.Option(
+        None, "--params-from", metavar="PNG", help="Reproduce a picture: take the prompt, negative prompt, steps, "
+                                                   "sampler, CFG scale, seed and size from the parameters A1111 (or "
+                                                   "textinv sample) wrote into this PNG; options given here win."),
 ) -> None:
     """Sample images with registered embeddings (PNG info as A1111 writes it)."""
     from ...engine.checks import check_sample_request, check_size, parse_size
@@ -58,14 +67,38 @@ def sample(
     model = configured_model(model)  # --model, else TEXTINV_MODEL / textinv config set model
     width = height = None
     more = []
+    if params_from is not None:
+        given = {name for name in ("steps", "scheduler", "guidance", "seed", "size", "negative")
+                 if _given(ctx, name)}
+        taken = _params_from(params_from, prompt is not None, given)
+        prompt = taken.get("prompt", prompt)
+        negative = taken.get("negative", negative)
+        steps, scheduler = taken.get("steps", steps), taken.get("scheduler", scheduler)
+        guidance, seed = taken.get("guidance", guidance), taken.get("seed", seed)
+        if "width" in taken:
+            width, height = taken["width"], taken["height"]
+        from ..console import err_console
+
+        used = [f"{label} {taken[k]}" for label, k in (("Steps", "steps"), ("Sampler", "scheduler"),
+                                                       ("CFG scale", "guidance"), ("Seed", "seed")) if k in taken]
+        used += [f"Size {width}x{height}"] if "width" in taken else []
+        err_console.print(f"Note: from {params_from}: {', '.join(['prompt'] * ('prompt' in taken) + used) or 'nothing'} "
+                          "(options given here win).", markup=False, style="dim")
+    if prompt is None:
+        from ...errors import OptionError
+
+        raise OptionError("Missing argument 'PROMPT'.", 'Pass one, e.g. textinv sample "A <cat-toy> backpack", '
+                                                        "or --params-from IMAGE.png.")
     if size is not None:
         try:
             width, height = parse_size(size)
         except ValueError as e:
             more.append(str(e))
+    from ...engine.samplers import key_of
+
     request = SampleRequest(
         prompt=prompt, model=model or "tiny", out_dir=str(out.expanduser().absolute()), negative=negative, n=n,
-        steps=steps, scheduler=scheduler, guidance=guidance, seed=seed, width=width, height=height,
+        steps=steps, scheduler=key_of(scheduler) or scheduler, guidance=guidance, seed=seed, width=width, height=height,
         precision=precision, batch_size=batch_size)
     check_sample_request(request, more=more)  # every out-of-range option at once, before any work
     if not prompt.strip():
@@ -120,6 +153,41 @@ def sample(
         close = getattr(events, "close", None)
         if close is not None:
             close()
+
+
+def _given(ctx, name: str) -> bool:
+    """Whether option `name` was given on the command line (or by an alias), not defaulted."""
+    source = ctx.get_parameter_source(name) if ctx is not None else None
+    return source is not None and source.name != "DEFAULT"
+
+
+def _params_from(path: Path, has_prompt: bool, given: set[str]) -> dict:
+    """The sample options of the A1111 parameters block in the PNG at `path`, less those the
+    command line gives (`given`, and the prompt when `has_prompt`). Unreadable values and a
+    sampler textinv does not run are usage errors naming the file; all text is escaped."""
+    from ...engine.infotext import read_png_parameters, sample_options
+    from ...engine.samplers import NAMES, find
+    from ...errors import OptionError
+    from ...untrusted import quoted
+
+    found, bad = sample_options(read_png_parameters(path.expanduser()))
+    for name in given:
+        found.pop(name, None)
+        bad.pop(name, None)
+    problems = list(bad.values())
+    if "size" in given:
+        found.pop("width", None)
+        found.pop("height", None)
+    if has_prompt:
+        found.pop("prompt", None)
+    if "scheduler" in found and find(found["scheduler"]) is None:
+        problems.append(f"its Sampler {quoted(found['scheduler'], 60)} is not one textinv runs "
+                        f"({', '.join(NAMES)})")
+    if problems:
+        raise OptionError(f"--params-from {quoted(str(path), 120)}: " + "; ".join(problems) + ".",
+                          "Give that option on the command line (e.g. --scheduler \"DPM++ 2M\"), which takes "
+                          "precedence over the image's.")
+    return found
 
 
 def _short_hash(entry) -> str:
