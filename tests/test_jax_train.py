@@ -210,9 +210,10 @@ def test_sample_ddim_and_dpm_with_a_multi_vector_embedding(tiny, tmp_path):
     ref = EmbeddingRef(token="<x>", vectors={"clip_l": rng.standard_normal((2, 32)).astype(np.float32)},
                        short_hash="0123456789ab", name="x")
     images = {}
-    for scheduler, sampler in (("ddim", "DDIM"), ("dpm++", "DPM++ 2M")):
+    # a direct caller may name the sampler as A1111 does ("DPM++ 2M") or by its key ("ddim")
+    for scheduler, sampler, given in (("ddim", "DDIM", "ddim"), ("dpm++", "DPM++ 2M", "DPM++ 2M")):
         request = SampleRequest(prompt="a photo of <x>", model=str(tiny["sd1"]), out_dir=str(tmp_path / scheduler),
-                                embeddings=[ref], negative="blurry", n=2, steps=3, scheduler=scheduler, seed=7)
+                                embeddings=[ref], negative="blurry", n=2, steps=3, scheduler=given, seed=7)
         events = list(JaxBackend().sample(request))
         kinds = [e.kind for e in events]
         assert kinds == ["started"] + ["progress"] * 3 + ["sample"] * 2 + ["finished"]  # one batch of 2

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from textinv_cli.engine.checks import check_sample_request
+from textinv_cli.engine.samplers import key_of
 from textinv_cli.errors import TextinvError
 from textinv_cli.engine.infotext import check_out_dir as _check_out_dir
 from textinv_cli.engine.batch_sizes import batches, pick_batch_size
@@ -147,7 +148,7 @@ def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
     text = load_text_side(folder)
     rows, first = add_embeddings(text, request.embeddings, name, family)
     image = load_image_side(folder)
-    plan = make_plan(request.scheduler, image.scheduler_config, request.steps)
+    plan = make_plan(key_of(request.scheduler), image.scheduler_config, request.steps)
     height = request.height or image.native_resolution
     width = request.width or image.native_resolution
 
@@ -165,7 +166,7 @@ def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
     batch = pick_batch_size(n, request.batch_size, width, height)
     yield Event.of(SampleStarted(
         model=name, family=family, device=device.platform, precision=request.precision,
-        scheduler=request.scheduler, sampler=SCHEDULERS[request.scheduler],
+        scheduler=request.scheduler, sampler=SCHEDULERS[key_of(request.scheduler)],
         images=n, batch_size=batch, steps=steps, total=n * steps, out_dir=str(out_dir),
         embeddings=[{"name": r.name, "token": r.token, "vectors": int(next(iter(r.vectors.values())).shape[0])}
                     for r in request.embeddings]))
@@ -186,7 +187,7 @@ def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
                                           done=start * steps + (step + 1) * count, total=n * steps))
         out_dir.mkdir(parents=True, exist_ok=True)
         texts = [infotext(request, seed=seed, width=width, height=height, model_name=name,
-                          sampler=SCHEDULERS[request.scheduler]) for seed in seeds]
+                          sampler=SCHEDULERS[key_of(request.scheduler)]) for seed in seeds]
         saved = save_pngs([to_pil(p) for p in pixels], out_dir, seeds, texts)
         for j, (seed, path) in enumerate(zip(seeds, saved)):
             paths.append(str(path))

@@ -128,7 +128,7 @@ class SampleRequest:
     negative: str = ""
     n: int = 1
     steps: int = 30
-    scheduler: str = "ddim"             # ddim | euler | euler-a | dpm++ | unipc
+    scheduler: str = "ddim"             # a key or A1111 name of engine/samplers.py (DDIM, Euler a, DPM++ 2M Karras...)
     guidance: float = 7.5
     seed: int = 0
     width: int | None = None
