@@ -22,6 +22,7 @@ class TorchBackend(Backend):
     attention = ATTENTION
     schedulers = SCHEDULERS
     multi_process = True
+    clip_skip = True
 
     def probe(self) -> BackendInfo:
         try:

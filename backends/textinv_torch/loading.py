@@ -58,6 +58,7 @@ class Components:
     scheduler_config: dict = field(default_factory=dict)  # the model's own (for validation's DDIM)
     prepared: list = field(default_factory=list)          # tokens.prepare_rows: (first id, init) per encoder
     scaling_factor: float = 0.18215  # the VAE's latent scale, kept when the VAE is dropped after caching
+    clip_skip: int = 1               # A1111's "Clip skip" the conditioning is computed with (step.encode_text)
 
     @property
     def slots(self) -> tuple[str, ...]:

@@ -73,6 +73,8 @@ def sample(request: SampleRequest) -> Iterator[Event]:
             guidance_scale=request.guidance, width=request.width, height=request.height,
             num_images_per_prompt=count, generator=[torch.Generator(device).manual_seed(s) for s in seeds],
             output_type="pil",
+            # A1111's Clip skip N is diffusers' clip_skip N-1 (the layer before the last: 1)
+            **({"clip_skip": request.clip_skip - 1} if _clip_skip_ready(pipe, request) > 1 else {}),
         )
         runner = _StepStream(pipe, kwargs)
         last = 0
@@ -151,6 +153,20 @@ def _unavailable(model: str, e: Exception) -> TextinvError:
            if offline() else f"Cannot get the model {model} from the Hugging Face Hub: {type(e).__name__}: {e}")
     return TextinvError(msg, "Pass --model with a local diffusers folder (or a cached Hub id), "
                              "or --model tiny for the built-in demo model.")
+
+
+def _clip_skip_ready(pipe, request) -> int:
+    """request.clip_skip, after making the pipeline able to use it: diffusers' SD 1.x/2.x
+    clip_skip path calls text_encoder.text_model.final_layer_norm, which transformers 5's
+    CLIPTextModel no longer has (the norm sits on the model itself). A plain attribute (not a
+    submodule: nothing is registered twice) points diffusers at it."""
+    from types import SimpleNamespace
+
+    skip = int(getattr(request, "clip_skip", 1) or 1)
+    te = getattr(pipe, "text_encoder", None)
+    if skip > 1 and te is not None and not hasattr(te, "text_model") and hasattr(te, "final_layer_norm"):
+        te.text_model = SimpleNamespace(final_layer_norm=te.final_layer_norm)
+    return skip
 
 
 def load_pipeline(model: str, dtype=None):

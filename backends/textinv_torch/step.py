@@ -94,12 +94,19 @@ def encode_text(comp, ids: list[torch.Tensor]) -> tuple[torch.Tensor, dict | Non
 
     SD 1.x/2.x: the last hidden state. SDXL: both encoders' penultimate hidden states
     concatenated, plus the second encoder's pooled, projected output as `text_embeds`.
+    With A1111's "Clip skip" N (comp.clip_skip) the layer N-1 before those is taken, and for
+    SD 1.x/2.x passed through the final layer norm, as A1111 and diffusers' clip_skip (N-1) do.
     """
+    skip = max(1, int(getattr(comp, "clip_skip", 1)))
     if comp.family != "sdxl":
-        return comp.text_encoders[0](ids[0])[0], None
-    h1 = comp.text_encoders[0](ids[0], output_hidden_states=True).hidden_states[-2]
+        if skip == 1:
+            return comp.text_encoders[0](ids[0])[0], None
+        te = comp.text_encoders[0]
+        hidden = te(ids[0], output_hidden_states=True).hidden_states[-skip]
+        return getattr(te, "text_model", te).final_layer_norm(hidden), None  # transformers 5 dropped .text_model
+    h1 = comp.text_encoders[0](ids[0], output_hidden_states=True).hidden_states[-1 - skip]
     out2 = comp.text_encoders[1](ids[1], output_hidden_states=True)
-    return torch.cat([h1, out2.hidden_states[-2]], dim=-1), {"text_embeds": out2[0]}
+    return torch.cat([h1, out2.hidden_states[-1 - skip]], dim=-1), {"text_embeds": out2[0]}
 
 
 def forward_loss(comp, batch: Batch, dtype: torch.dtype) -> torch.Tensor:

@@ -77,6 +77,7 @@ class TorchSession(Session):
     def load(self, images: list[Path], captions: list[list[str]]) -> None:
         spec, device, dtype = self.spec, self.torch_device, self.dtype
         comp = load_text_side(resolve_model(spec.model))
+        comp.clip_skip = getattr(spec, "clip_skip", 1)
         words = [spec.init] if isinstance(spec.init, str) else list(spec.init)
         comp.prepared = prepare_rows(comp, spec.token, words, spec.vectors)
         load_image_side(comp)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 VECTORS_MAX = 64     # placeholder tokens per concept: leaves the caption's words room in CLIP's 75
 RESOLUTION_STEP = 8  # every Stable Diffusion VAE downsamples by 8
 PRECISIONS = ("fp32", "fp16", "bf16")
+CLIP_SKIP_MAX = 12   # CLIP ViT-L has 12 layers (OpenCLIP-H/G more; A1111's slider stops at 12)
 ATTENTION = ("sdpa", "xformers")
 # --scheduler's vocabulary (engine/samplers.py, the one table): these keys, which --help
 # lists, and A1111's sampler names ("Euler a", "DPM++ 2M Karras"), which messages use; any case.
@@ -77,6 +78,8 @@ def check_train_spec(spec: "TrainSpec", backend: Any = None) -> None:
          "must be positive (or left out)")
     need(spec.precision in PRECISIONS, "precision", f"must be {_one_of(PRECISIONS)}")
     need(spec.attention in ATTENTION, "attention", f"must be {_one_of(ATTENTION)}")
+    need(is_int(spec.clip_skip) and 1 <= spec.clip_skip <= CLIP_SKIP_MAX, "clip_skip",
+         f"must be between 1 and {CLIP_SKIP_MAX} (1: the text encoder's last layer, as A1111 counts)")
     if not all(isinstance(p, str) and p.strip() for p in spec.validate):
         raise OptionError("--validate prompts must be non-empty text.")
     if backend is not None:
@@ -114,11 +117,19 @@ def check_train_backend(spec: "TrainSpec", backend: Any) -> None:
         raise TextinvError(f"--attention {spec.attention} is a PyTorch library; the {name} backend runs "
                            f"{_one_of(attention)} attention only.",
                            f"Leave --attention at sdpa with --backend {name}, or use --backend torch.")
+    _check_clip_skip(spec.clip_skip, backend, name)
     if spec.num_processes != 1 and not getattr(backend, "multi_process", True):
         raise TextinvError(f"The {name} backend trains on every device from one process per host; "
                            f"--num-processes {spec.num_processes} is for --backend torch.",
                            "Leave --num-processes out: all local devices are used (several hosts: "
                            "jax.distributed, JAX_COORDINATOR_ADDRESS).")
+
+
+def _check_clip_skip(clip_skip, backend, name: str) -> None:
+    """--clip-skip above 1 needs a backend that declares it (contract.Backend.clip_skip)."""
+    if is_int(clip_skip) and clip_skip > 1 and not getattr(backend, "clip_skip", True):
+        raise TextinvError(f"The {name} backend uses the text encoder's last layer only; --clip-skip {clip_skip} "
+                           "is for --backend torch.", "Leave --clip-skip out, or pass --backend torch.")
 
 
 def check_sample_request(r: "SampleRequest", backend: Any = None, *, more: list[str] | None = None) -> None:
@@ -142,9 +153,13 @@ def check_sample_request(r: "SampleRequest", backend: Any = None, *, more: list[
     if not all(v is None or (is_int(v) and v >= RESOLUTION_STEP and v % RESOLUTION_STEP == 0)
                for v in (r.width, r.height)):
         problems.append(f"--size must be a positive multiple of {RESOLUTION_STEP}, not {r.width!r}x{r.height!r}")
+    if not (is_int(r.clip_skip) and 1 <= r.clip_skip <= CLIP_SKIP_MAX):
+        problems.append(f"--clip-skip must be between 1 and {CLIP_SKIP_MAX}, not {r.clip_skip!r}")
     problems += more or []
     if problems:
         raise OptionError("; ".join(problems) + ".", "See textinv sample --help for the accepted values.")
+    if backend is not None:
+        _check_clip_skip(r.clip_skip, backend, getattr(backend, "name", "chosen"))
     declared = getattr(backend, "schedulers", _samplers.NAMES)
     runs = [_samplers.a1111_name(s) for s in declared]
     if sampler.name not in runs:

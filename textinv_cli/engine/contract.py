@@ -127,6 +127,7 @@ class Backend:
     attention: ClassVar[tuple[str, ...]] = ("sdpa",)       # --attention values it runs
     schedulers: ClassVar[tuple[str, ...]] = ("ddim",)      # sample --scheduler values it runs
     multi_process: ClassVar[bool] = False                 # --num-processes > 1
+    clip_skip: ClassVar[bool] = False                     # --clip-skip above 1 (A1111's "Clip skip")
 
     def probe(self) -> BackendInfo:
         raise NotImplementedError

@@ -78,7 +78,8 @@ def infotext(request, *, seed: int, width: int, height: int, model_name: str, sa
               for ref in request.embeddings if ref.short_hash]
     params = {"Steps": request.steps, "Sampler": sampler,
               "CFG scale": float(request.guidance), "Seed": seed, "Size": f"{width}x{height}",
-              "Model": model_name, "TI hashes": ", ".join(hashes) or None, "Version": f"textinv {__version__}"}
+              "Model": model_name, "Clip skip": clip_skip if (clip_skip := getattr(request, "clip_skip", 1)) > 1 else None,
+              "TI hashes": ", ".join(hashes) or None, "Version": f"textinv {__version__}"}
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
     negative = f"\nNegative prompt: {request.negative}" if request.negative else ""
     return f"{request.prompt}{negative}\n{line}".strip()
@@ -102,7 +103,8 @@ def validation_text(spec, *, prompt: str, index: int, resolution: int, vectors: 
     ref = EmbeddingRef(token=spec.token, vectors=vectors, short_hash=short, name=spec.name or "")
     seed = spec.seed + index
     request = SampleRequest(prompt=prompt, model=spec.model, out_dir="", embeddings=[ref],
-                            steps=spec.validate_steps, scheduler="ddim", guidance=7.5, seed=seed)
+                            steps=spec.validate_steps, scheduler="ddim", guidance=7.5, seed=seed,
+                            clip_skip=getattr(spec, "clip_skip", 1))
     return infotext(request, seed=seed, width=resolution, height=resolution, model_name=model_label(spec.model),
                     sampler="DDIM")
 
@@ -323,8 +325,8 @@ def _closing_quote(line: str, start: int) -> int:
 
 def sample_options(text: str) -> tuple[dict, dict[str, str]]:
     """What `sample` takes from an A1111 parameters block: ({prompt, negative, steps,
-    scheduler, guidance, seed, width, height}: those present and readable, {option: problem}
-    for those present and unreadable: steps, guidance, seed, size). The
+    scheduler, guidance, seed, width, height, clip_skip}: those present and readable, {option:
+    problem} for those present and unreadable: steps, guidance, seed, clip skip, size). The
     sampler is A1111's name as the block means it (Schedule type folded in: samplers.from_infotext);
     whether textinv runs it is for the caller to check. Problems quote the values escaped."""
     from ..untrusted import quoted
@@ -347,7 +349,8 @@ def sample_options(text: str) -> tuple[dict, dict[str, str]]:
             problems[name] = f"{key} must be a number, not {quoted(raw, 40)}"
             return None
 
-    for key, name, kind in (("Steps", "steps", int), ("CFG scale", "guidance", float), ("Seed", "seed", int)):
+    for key, name, kind in (("Steps", "steps", int), ("CFG scale", "guidance", float), ("Seed", "seed", int),
+                            ("Clip skip", "clip_skip", int)):
         value = number(key, name, kind)
         if value is not None:
             found[name] = value

@@ -27,7 +27,8 @@ def embedding_meta(spec, family: str, step: int, backend: str | None = None) -> 
 
     return {"token": spec.token, "step": str(step), "base_model": str(spec.model), "family": family,
             "learnable_property": spec.property, "vectors": str(spec.vectors),
-            "trained_with": f"textinv {backend or spec.backend}", **init_meta(spec)}
+            "trained_with": f"textinv {backend or spec.backend}", **init_meta(spec),
+            **({"clip_skip": str(spec.clip_skip)} if getattr(spec, "clip_skip", 1) > 1 else {})}
 
 
 def write_vectors(path: Path, vectors: dict, spec, family: str, step: int, backend: str | None = None) -> Path:

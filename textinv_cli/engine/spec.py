@@ -57,6 +57,7 @@ class TrainSpec:
     gradient_checkpointing: bool = False
     attention: str = "sdpa"             # sdpa | xformers
     deterministic: bool = False
+    clip_skip: int = 1                  # A1111's "Clip skip": 1 = the text encoder's last layer (older runs: 1)
     # output
     save_every: int = 0                 # embedding snapshots every N steps (0: only the final one)
     checkpoint_every: int = 500         # resumable checkpoints every N steps (0: none)
@@ -135,6 +136,7 @@ class SampleRequest:
     height: int | None = None
     precision: str = "fp32"
     batch_size: int | None = None       # images per pipeline call; None: the backend picks (up to 8)
+    clip_skip: int = 1                  # A1111's "Clip skip" (1: the last layer)
 
 
 KINDS = ("started", "progress", "checkpoint", "snapshot", "validation", "sample", "finished", "interrupted",

@@ -39,6 +39,8 @@ def sample(
     allow_large: bool = typer.Option(False, "--allow-large", help="Accept a size beyond the model's limit (4x its "
                                      "native size, or more than the memory available; also TEXTINV_ALLOW_LARGE=1)."),
     negative: str = typer.Option("", "--negative", help="Negative prompt (registered tokens in it are loaded too)."),
+    clip_skip: int = typer.Option(1, "--clip-skip", metavar="N", help="A1111's Clip skip: condition on the text "
+                                  "encoder's N-th layer from the end (1: the last; 2 is common with anime models; torch)."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny, a random-weight "
                                                                     "model for trying textinv out, not for real images; set yours once: "
                                                                     "textinv config set model, or TEXTINV_MODEL)."),
@@ -68,19 +70,21 @@ def sample(
     width = height = None
     more = []
     if params_from is not None:
-        given = {name for name in ("steps", "scheduler", "guidance", "seed", "size", "negative")
+        given = {name for name in ("steps", "scheduler", "guidance", "seed", "size", "negative", "clip_skip")
                  if _given(ctx, name)}
         taken = _params_from(params_from, prompt is not None, given)
         prompt = taken.get("prompt", prompt)
         negative = taken.get("negative", negative)
         steps, scheduler = taken.get("steps", steps), taken.get("scheduler", scheduler)
         guidance, seed = taken.get("guidance", guidance), taken.get("seed", seed)
+        clip_skip = taken.get("clip_skip", clip_skip)
         if "width" in taken:
             width, height = taken["width"], taken["height"]
         from ..console import err_console
 
         used = [f"{label} {taken[k]}" for label, k in (("Steps", "steps"), ("Sampler", "scheduler"),
-                                                       ("CFG scale", "guidance"), ("Seed", "seed")) if k in taken]
+                                                       ("CFG scale", "guidance"), ("Seed", "seed"),
+                                                       ("Clip skip", "clip_skip")) if k in taken]
         used += [f"Size {width}x{height}"] if "width" in taken else []
         err_console.print(f"Note: from {params_from}: {', '.join(['prompt'] * ('prompt' in taken) + used) or 'nothing'} "
                           "(options given here win).", markup=False, style="dim")
@@ -99,7 +103,7 @@ def sample(
     request = SampleRequest(
         prompt=prompt, model=model or "tiny", out_dir=str(out.expanduser().absolute()), negative=negative, n=n,
         steps=steps, scheduler=key_of(scheduler) or scheduler, guidance=guidance, seed=seed, width=width, height=height,
-        precision=precision, batch_size=batch_size)
+        precision=precision, batch_size=batch_size, clip_skip=clip_skip)
     check_sample_request(request, more=more)  # every out-of-range option at once, before any work
     if not prompt.strip():
         raise TextinvError("The prompt is empty.", 'Pass one, e.g. textinv sample "A <cat-toy> backpack".')

@@ -71,6 +71,8 @@ def train(
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
     attention: str = typer.Option("sdpa", "--attention", help=f"{', '.join(ATTENTION)}: sdpa (PyTorch's) or xformers (if installed)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic kernels (bit-exact resume on CPU)."),
+    clip_skip: int = typer.Option(1, "--clip-skip", metavar="N", help="A1111's Clip skip: condition on the text "
+                                  "encoder's N-th layer from the end (1: the last; train with what you sample with; torch)."),
     save_every: int = typer.Option(0, "--save-every", help="Write an embedding snapshot every N steps (0: none)."),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Resumable checkpoint every N steps (0: none)."),
     keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Keep the newest K checkpoints (0: all)."),
@@ -125,7 +127,7 @@ def train(
         lr_schedule=lr_schedule, warmup_steps=warmup_steps, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
         adam_eps=adam_eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
         precision=precision, gradient_checkpointing=gradient_checkpointing, attention=attention,
-        deterministic=deterministic, save_every=save_every, checkpoint_every=checkpoint_every,
+        deterministic=deterministic, clip_skip=clip_skip, save_every=save_every, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, validate=list(validate or []), validate_every=validate_every,
         eval_every=default_eval_every(eval_every, steps), log_every=log_every, report_to=list(report_to or []),
         model_name=model or "tiny",
