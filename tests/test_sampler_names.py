@@ -247,17 +247,19 @@ def test_jax_refuses_names_it_does_not_run_before_loading(cli, tiny_model, tmp_p
     monkeypatch.setattr("textinv_cli.models.resolve.resolve_model",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("model resolved")))
     with plugins.registered("jax", NoLoad):
-        r = cli("sample", "a toy", "--backend", "jax", "--scheduler", "Euler a", "--model", tiny_model("sd1"),
+        r = cli("sample", "a toy", "--backend", "jax", "--scheduler", "Heun", "--model", tiny_model("sd1"),
                 "-o", tmp_path / "o")
         assert r.exit_code == 1 and "Traceback" not in r.output, r.output
-        assert "The jax backend samples with DDIM or DPM++ 2M, not 'Euler a'." in r.output
-        assert "Pass --scheduler DDIM, or --backend torch" in r.output
+        assert ("The jax backend samples with Euler, Euler a, DPM++ 2M, DPM++ 2M Karras or DDIM, not 'Heun'."
+                in r.output)
+        assert "Pass --scheduler Euler, or --backend torch" in r.output
         assert not (tmp_path / "o").exists()
-    # the hint works: DDIM (any case) and both spellings of DPM++ 2M pass the jax backend's check
-    for name in ("DDIM", "ddim", "DPM++ 2M", "dpm++"):
-        request = SampleRequest(prompt="a", model="tiny", out_dir="o", scheduler=samplers.key_of(name))
+    # the hint works: every name the jax backend runs (any spelling) passes its check
+    for name in ("Euler", "euler", "Euler a", "euler-a", "DPM++ 2M", "dpm++", "DPM++ 2M Karras", "dpm++-2m-karras",
+                 "DDIM", "ddim"):
+        request = SampleRequest(prompt="a", model="tiny", out_dir="o", scheduler=name)
         checks.check_sample_request(request, JaxBackend())
-    for name in ("DPM++ 2M Karras", "Heun", "LMS", "UniPC", "Euler"):
+    for name in ("DPM++ SDE Karras", "Heun", "LMS", "UniPC"):
         with pytest.raises(TextinvError, match="--backend torch"):
             checks.check_sample_request(SampleRequest(prompt="a", model="tiny", out_dir="o", scheduler=name),
                                         JaxBackend())

@@ -47,7 +47,7 @@ def init_distributed() -> None:
 class JaxBackend(Backend):
     name = "jax"
     attention = ("sdpa",)                # XLA's attention; xformers is a PyTorch library
-    schedulers = ("ddim", "dpm++")       # DDIM and DPM-Solver++ 2M (sampling.SCHEDULERS)
+    schedulers = ("euler", "euler-a", "dpm++", "dpm++-karras", "ddim")  # as sampling.SCHEDULERS
     multi_process = False                # one process per host drives all its devices
 
     def probe(self) -> BackendInfo:

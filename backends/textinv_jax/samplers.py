@@ -1,11 +1,16 @@
-"""Two samplers on the model's noise schedule, in JAX, torch-free: DDIM and DPM-Solver++ 2M.
+"""The samplers on the model's noise schedule, in JAX, torch-free: DDIM, DPM-Solver++ 2M
+(with or without Karras sigmas), Euler and Euler ancestral.
 
-    plan = ddim_plan(ddim_config(cfg_dict), steps)     # or dpmpp_2m_plan(dpmpp_2m_config(cfg_dict), steps)
+    plan = ddim_plan(ddim_config(cfg_dict), steps)     # or dpmpp_2m_plan(dpmpp_2m_config(cfg_dict), steps),
+                                                       # euler_plan(euler_config(cfg_dict, ancestral=...), steps)
     x, x0 = dpmpp_2m_step(plan, i, model_output, x, x0)  # one step (sampling.denoise_step), or
     x0 = sample_loop(plan, lambda x, t: unet(x, t), noise)  # jax.lax.fori_loop over the steps
 
-Numbers follow diffusers 0.42 (DDIMScheduler, DPMSolverMultistepScheduler), which the tests
-compare against. A plan is every per-step number the sampler needs, worked out once on the
+Euler plans start from noise * plan.init_noise_sigma and feed the UNet
+model_input(plan, i, x) (x / sqrt(sigma^2 + 1)), as diffusers' pipelines do; for DDIM and
+DPM++ both are the identity. Numbers follow diffusers 0.42 (DDIMScheduler,
+DPMSolverMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler), which
+the tests compare against. A plan is every per-step number the sampler needs, worked out once on the
 host in float64 from the same float32 tables diffusers uses (noise_schedule.py); the step
 itself is a few fused multiply-adds that jit and scan well. Configs are read as
 `<Scheduler>.from_config(config)` does: keys of the model's scheduler config that the
@@ -73,18 +78,93 @@ class DPMSolverConfig:
     euler_at_final: bool = False
     final_sigmas_type: str = "zero"        # zero | sigma_min
     lambda_min_clipped: float = -math.inf
+    use_karras_sigmas: bool = False
 
 
 def dpmpp_2m_config(config: Mapping) -> DPMSolverConfig:
     """As DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    (the torch backend's "dpm++" sampler)."""
-    _refuse(config, ("thresholding", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+    (the torch backend's "dpm++" sampler; with use_karras_sigmas=True, its "dpm++-karras")."""
+    _refuse(config, ("thresholding", "use_exponential_sigmas", "use_beta_sigmas",
                      "use_lu_lambdas", "use_flow_sigmas", "variance_type", "use_dynamic_shifting"))
     cfg = DPMSolverConfig(schedule=noise_schedule(config), **config_fields(DPMSolverConfig, config))
     if cfg.solver_type not in ("midpoint", "heun") or cfg.final_sigmas_type not in ("zero", "sigma_min"):
         raise TextinvError(f"Unsupported DPM-Solver settings: solver_type={cfg.solver_type!r}, "
                            f"final_sigmas_type={cfg.final_sigmas_type!r}.")
     return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerConfig:
+    """EulerDiscreteScheduler's settings (ancestral=False) or EulerAncestralDiscreteScheduler's
+    (ancestral=True; that class knows none of the sigma options, so they keep their defaults)."""
+
+    schedule: NoiseSchedule
+    ancestral: bool = False
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
+    final_sigmas_type: str = "zero"        # zero | sigma_min (Euler only)
+    use_karras_sigmas: bool = False        # Euler only
+    sigma_min: float | None = None         # Euler's Karras range, else the table's
+    sigma_max: float | None = None
+
+
+_EULER_ONLY = ("final_sigmas_type", "use_karras_sigmas", "sigma_min", "sigma_max")
+
+
+def euler_config(config: Mapping, *, ancestral: bool = False) -> EulerConfig:
+    """As EulerDiscreteScheduler.from_config(config) (the torch backend's "euler") or, with
+    ancestral=True, EulerAncestralDiscreteScheduler.from_config(config) ("euler-a")."""
+    fields = config_fields(EulerConfig, config)
+    fields.pop("ancestral", None)
+    schedule = noise_schedule(config)
+    if ancestral:
+        for key in _EULER_ONLY:
+            fields.pop(key, None)
+        if schedule.prediction_type == "sample":  # as diffusers, which raises NotImplementedError
+            raise TextinvError("Euler a does not sample models trained to predict the sample (prediction_type "
+                               "'sample').", "Pass --scheduler Euler or DDIM.")
+    else:
+        _refuse(config, ("use_exponential_sigmas", "use_beta_sigmas"))
+        if config.get("interpolation_type", "linear") != "linear":
+            raise TextinvError(f"The scheduler config sets interpolation_type={config['interpolation_type']!r}, "
+                               "which the JAX samplers do not support.", "Use --backend torch for this model.")
+        if config.get("timestep_type", "discrete") != "discrete" and schedule.prediction_type == "v_prediction":
+            raise TextinvError(f"The scheduler config sets timestep_type={config['timestep_type']!r}, which the JAX "
+                               "samplers do not support.", "Use --backend torch for this model.")
+    cfg = EulerConfig(schedule=schedule, ancestral=ancestral, **fields)
+    if cfg.final_sigmas_type not in ("zero", "sigma_min"):
+        raise TextinvError(f"Unsupported Euler setting: final_sigmas_type={cfg.final_sigmas_type!r}.")
+    return cfg
+
+
+# -- sigmas ---------------------------------------------------------------------------------------
+
+def _sigma_table(schedule: NoiseSchedule) -> np.ndarray:
+    """sqrt((1 - abar) / abar) in float32, ascending in t, as the Euler and DPM schedulers build
+    it (abar_T = 2^-24 under zero-terminal-SNR, so that sigma stays finite)."""
+    ac = schedule.alphas_cumprod
+    if schedule.rescale_betas_zero_snr:
+        ac[-1] = 2.0 ** -24
+    return ((1 - ac) / ac) ** 0.5
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022)'s schedule: n sigmas from sigma_max down to sigma_min (float64),
+    as diffusers' _convert_to_karras."""
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """The fractional timesteps of `sigmas`, interpolating log sigma (diffusers' _sigma_to_t)."""
+    sigmas = np.asarray(sigmas)
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high = low + 1
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
+    return ((1 - w) * low + w * high).reshape(sigmas.shape)
 
 
 # -- timesteps ----------------------------------------------------------------------------------
@@ -140,6 +220,46 @@ def dpmpp_2m_timesteps(cfg: DPMSolverConfig, n: int) -> np.ndarray:
     return _in_range(ts, total)
 
 
+def dpmpp_2m_sigmas(cfg: DPMSolverConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """DPMSolverMultistepScheduler.set_timesteps(n): (timesteps int64 [n], sigmas float32 [n + 1])."""
+    ts = dpmpp_2m_timesteps(cfg, n)
+    full = _sigma_table(cfg.schedule)
+    if cfg.use_karras_sigmas:  # over the whole table; the timesteps follow the sigmas
+        sig = karras_sigmas(float(full[0]), float(full[-1]), n)
+        ts = sigma_to_t(sig, np.log(full))
+        if cfg.schedule.beta_schedule != "squaredcos_cap_v2":
+            ts = ts.round()
+        ts = ts.astype(np.int64)
+    else:
+        sig = full[ts]
+    last = 0.0 if cfg.final_sigmas_type == "zero" else float(full[0])
+    return ts, np.concatenate([sig, [last]]).astype(np.float32)
+
+
+def euler_sigmas(cfg: EulerConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Euler(Ancestral)DiscreteScheduler.set_timesteps(n): (timesteps float32 [n], sigmas float32 [n + 1])."""
+    total = cfg.schedule.num_train_timesteps
+    _check_steps(n, total)
+    if cfg.timestep_spacing == "linspace":
+        ts = np.linspace(0, total - 1, n, dtype=np.float32)[::-1].copy()
+    elif cfg.timestep_spacing == "leading":
+        ts = (np.arange(0, n) * (total // n)).round()[::-1].copy().astype(np.float32) + cfg.steps_offset
+    elif cfg.timestep_spacing == "trailing":
+        ts = np.arange(total, 0, -total / n).round().copy().astype(np.float32) - 1
+    else:
+        raise TextinvError(f"Unknown timestep_spacing {cfg.timestep_spacing!r} (linspace, leading or trailing).")
+    _in_range(ts, total)
+    full = _sigma_table(cfg.schedule)
+    sig = np.interp(ts, np.arange(0, total), full)
+    if cfg.use_karras_sigmas:
+        lo = cfg.sigma_min if cfg.sigma_min is not None else float(sig[-1])
+        hi = cfg.sigma_max if cfg.sigma_max is not None else float(sig[0])
+        sig = karras_sigmas(lo, hi, n)
+        ts = sigma_to_t(sig, np.log(full)).astype(np.float32)
+    last = float(full[0]) if cfg.final_sigmas_type == "sigma_min" and not cfg.ancestral else 0.0
+    return ts, np.concatenate([sig, [last]]).astype(np.float32)
+
+
 # -- plans -------------------------------------------------------------------------------------------
 
 def _pytree(cls):
@@ -170,6 +290,8 @@ class DDIMPlan:
     @property
     def steps(self) -> int:
         return int(self.timesteps.shape[0])
+
+    init_noise_sigma = 1.0
 
 
 def ddim_plan(cfg: DDIMConfig, num_steps: int) -> DDIMPlan:
@@ -233,16 +355,13 @@ class DPMPlan:
     def steps(self) -> int:
         return int(self.timesteps.shape[0])
 
+    init_noise_sigma = 1.0
+
 
 def dpmpp_2m_plan(cfg: DPMSolverConfig, num_steps: int) -> DPMPlan:
     """Everything DPMSolverMultistepScheduler.step (dpmsolver++, order 2) needs."""
-    ts = dpmpp_2m_timesteps(cfg, num_steps)
-    ac = cfg.schedule.alphas_cumprod
-    if cfg.schedule.rescale_betas_zero_snr:  # diffusers keeps the last sigma finite so
-        ac[-1] = 2.0 ** -24                  # that lambda stays finite
-    full = ((1 - ac) / ac) ** 0.5  # float32 arithmetic, as diffusers builds its sigmas
-    last = 0.0 if cfg.final_sigmas_type == "zero" else float(full[0])
-    sig = np.concatenate([full[ts], [last]]).astype(np.float32).astype(np.float64)
+    ts, sig = dpmpp_2m_sigmas(cfg, num_steps)
+    sig = sig.astype(np.float64)
     alpha = 1 / np.sqrt(sig ** 2 + 1)
     sigma = sig * alpha
     n = len(ts)
@@ -283,15 +402,82 @@ def dpmpp_2m_step(plan: DPMPlan, i, model_output, sample, prev_x0):
     return prev, x0
 
 
+@_pytree
+@dataclasses.dataclass(frozen=True)
+class EulerPlan:
+    """Per-step numbers of an Euler or Euler ancestral run (arrays [steps]).
+
+    Step i: x0 from the model output at sigma_i, then
+    x = x + (x - x0) / sigma_i * (sigma_to_i - sigma_i) + sigma_up_i * noise,
+    with sigma_to = sigma_{i+1} and sigma_up = 0 for Euler, and k-diffusion's ancestral split
+    of sigma_{i+1} into sigma_down and sigma_up for Euler a. The UNet sees model_input(plan, i, x).
+    """
+
+    prediction_type: str
+    ancestral: bool
+    init_noise_sigma: float               # the pipeline's noise * init_noise_sigma
+    timesteps: jax.Array = _array()       # float32 (fractional with Karras sigmas or linspace spacing)
+    sigma: jax.Array = _array()
+    sigma_to: jax.Array = _array()
+    sigma_up: jax.Array = _array()
+
+    @property
+    def steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+
+def euler_plan(cfg: EulerConfig, num_steps: int) -> EulerPlan:
+    """Everything Euler(Ancestral)DiscreteScheduler.step needs (s_churn = 0, as the pipelines call it)."""
+    ts, sig = euler_sigmas(cfg, num_steps)
+    s_from, s_next = sig[:-1], sig[1:]
+    if cfg.ancestral:  # float32 arithmetic, as diffusers
+        up = (s_next ** 2 * (s_from ** 2 - s_next ** 2) / s_from ** 2) ** 0.5
+        to = (s_next ** 2 - up ** 2) ** 0.5
+    else:
+        up, to = np.zeros_like(s_from), s_next
+    top = np.float32(sig.max())
+    init = top if cfg.timestep_spacing in ("linspace", "trailing") else (top ** 2 + 1) ** 0.5
+    f32 = lambda v: jnp.asarray(np.asarray(v, np.float32))  # noqa: E731
+    return EulerPlan(prediction_type=cfg.schedule.prediction_type, ancestral=cfg.ancestral,
+                     init_noise_sigma=float(np.float32(init)), timesteps=f32(ts), sigma=f32(s_from),
+                     sigma_to=f32(to), sigma_up=f32(up))
+
+
+def model_input(plan, i, sample):
+    """What the UNet sees at step i: x / sqrt(sigma_i^2 + 1) for Euler plans (diffusers'
+    scale_model_input), x itself for DDIM and DPM++."""
+    if isinstance(plan, EulerPlan):
+        return sample / (plan.sigma[i] ** 2 + 1) ** 0.5
+    return sample
+
+
+def euler_step(plan: EulerPlan, i, model_output, sample, noise=None):
+    """Step i of an Euler (ancestral) run; model_output is the UNet's at model_input(plan, i, x).
+    Euler a needs `noise` (a standard normal like `sample`). Returns (prev_sample, pred_x0)."""
+    sigma = plan.sigma[i]
+    if plan.prediction_type == "epsilon":
+        x0 = sample - sigma * model_output
+    elif plan.prediction_type == "v_prediction":
+        x0 = model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
+    else:  # "sample"
+        x0 = model_output
+    prev = sample + (sample - x0) / sigma * (plan.sigma_to[i] - sigma)
+    if plan.ancestral:
+        if noise is None:
+            raise ValueError("Euler a needs noise for each step")
+        prev = prev + noise * plan.sigma_up[i]
+    return prev, x0
+
+
 # -- the loop ------------------------------------------------------------------------------------
 
-def sample_loop(plan: DDIMPlan | DPMPlan, model_fn: Callable, latents, *, eta=0.0, key=None):
-    """Run every step of `plan` from `latents` (pure noise; init_noise_sigma is 1 for both
-    samplers) with `model_fn(x, t) -> model output` (t an int32 scalar; classifier-free
-    guidance, if any, belongs inside model_fn). Returns the final sample.
+def sample_loop(plan: DDIMPlan | DPMPlan | EulerPlan, model_fn: Callable, latents, *, eta=0.0, key=None):
+    """Run every step of `plan` from `latents` (already scaled by plan.init_noise_sigma) with
+    `model_fn(x, t) -> model output` (t a scalar: int32, float32 for Euler plans;
+    classifier-free guidance, if any, belongs inside model_fn). Returns the final sample.
 
     jax.lax.fori_loop, so the UNet is traced once whatever the step count. DDIM with
-    eta > 0 needs `key` (fresh noise per step, fold_in(key, i)). Under jit, let model_fn
+    eta > 0 and Euler a need `key` (fresh noise per step, fold_in(key, i)). Under jit, let model_fn
     close over *traced* params (jit a function that takes them as an argument and calls
     sample_loop inside): concrete arrays closed over become constants that XLA folds, which
     took minutes for an SD-sized UNet on a GPU.
@@ -314,4 +500,14 @@ def sample_loop(plan: DDIMPlan | DPMPlan, model_fn: Callable, latents, *, eta=0.
             return dpmpp_2m_step(plan, i, out, x, prev_x0)
 
         return jax.lax.fori_loop(0, plan.steps, body, (latents, jnp.zeros_like(latents)))[0]
+    if isinstance(plan, EulerPlan):
+        if plan.ancestral and key is None:
+            raise ValueError("Euler a needs a PRNG key")
+
+        def body(i, x):
+            out = model_fn(model_input(plan, i, x), plan.timesteps[i]).astype(jnp.float32)
+            noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype) if plan.ancestral else None
+            return euler_step(plan, i, out, x, noise)[0]
+
+        return jax.lax.fori_loop(0, plan.steps, body, latents)
     raise TypeError(f"not a sampler plan: {type(plan).__name__}")

@@ -1,5 +1,6 @@
-"""`JaxBackend.sample` and the denoising loop it shares with validation.py: text -> DDIM or
-DPM-Solver++ 2M with classifier-free guidance -> VAE decode -> PNG, all in JAX.
+"""`JaxBackend.sample` and the denoising loop it shares with validation.py: text -> DDIM,
+DPM-Solver++ 2M (Karras), Euler or Euler a with classifier-free guidance -> VAE decode -> PNG,
+all in JAX.
 
 What the torch backend's diffusers pipeline computes, step for step: the prompt and the
 negative prompt (or "") are encoded once, each denoising step runs the UNet on
@@ -8,8 +9,10 @@ alone, as diffusers does), and the image is `decode(latents / scaling_factor)` m
 [0, 1] and rounded to 8 bits. Embeddings enter as extra rows of the text encoder (tokens.py),
 so sampling never touches the 49k-row token table.
 
-Image i starts from `jax.random.normal(key(seed + i))` (threefry: the same picture on any
-device); the pixels differ from the torch backend's, whose noise comes from torch's RNG.
+Image i starts from `jax.random.normal(key(seed + i))` times the sampler's init_noise_sigma
+(threefry: the same picture on any device); Euler a's fresh noise at step k is
+`normal(fold_in(step_key(seed + i), k))`, per image. The pixels differ from the torch
+backend's, whose noise comes from torch's RNG.
 Images go through the UNet `batch_size` at a time (their noises stacked, so image i is the
 same picture alone or in a batch, up to float rounding); a short last batch is padded to
 the batch's shape, so the UNet compiles once. One jitted function per denoising step,
@@ -30,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from textinv_cli.engine.checks import check_sample_request
-from textinv_cli.engine.samplers import key_of
+from textinv_cli.engine.samplers import find, key_of
 from textinv_cli.errors import TextinvError
 from textinv_cli.engine.infotext import check_out_dir as _check_out_dir
 from textinv_cli.engine.batch_sizes import batches, pick_batch_size
@@ -44,19 +47,25 @@ from .unet import apply_unet
 from .vae import apply_vae_decoder
 
 # Our scheduler names -> A1111's sampler name for the infotext (the torch backend's names).
-SCHEDULERS = {"ddim": "DDIM", "dpm++": "DPM++ 2M"}
+SCHEDULERS = {"euler": "Euler", "euler-a": "Euler a", "dpm++": "DPM++ 2M", "dpm++-karras": "DPM++ 2M Karras",
+              "ddim": "DDIM"}  # in engine/samplers.py's (A1111's menu) order
 RUNS = SimpleNamespace(name="jax", schedulers=tuple(SCHEDULERS))  # as JaxBackend declares, for direct callers
 
 
 def make_plan(name: str, scheduler_config: dict, steps: int, **override):
     """The sampler plan, read from the model's scheduler config as diffusers' from_config does."""
-    config = {**scheduler_config, **override}
-    if name == "ddim":
+    sampler = find(name)
+    key = sampler.key if sampler else name
+    if key not in SCHEDULERS:
+        raise TextinvError(f"The jax backend samples with {', '.join(SCHEDULERS.values())}, not {name!r}.",
+                           "Pass --scheduler DDIM, or --backend torch for the others.")
+    # the sampler's settings over the model's config, as the torch backend's make_scheduler
+    config = {**scheduler_config, **sampler.config, **override}
+    if key == "ddim":
         return samplers.ddim_plan(samplers.ddim_config(config), steps)
-    if name == "dpm++":
+    if key in ("dpm++", "dpm++-karras"):
         return samplers.dpmpp_2m_plan(samplers.dpmpp_2m_config(config), steps)
-    raise TextinvError(f"The jax backend samples with ddim or dpm++, not {name!r}.",
-                       "Pass --scheduler ddim or --scheduler dpm++, or --backend torch for the others.")
+    return samplers.euler_plan(samplers.euler_config(config, ancestral=key == "euler-a"), steps)
 
 
 # -- the jitted pieces --------------------------------------------------------------------------
@@ -68,17 +77,24 @@ def text_states(params, ids, rows, *, config, dtype):
 
 
 @partial(jax.jit, static_argnames=("config", "dtype", "guided"))
-def denoise_step(params, plan, i, x, prev_x0, context, guidance, *, config, dtype, guided):
-    """One sampler step from x [B, h, w, C]; context [2B, T, D] (B uncond, then B cond) or [B, T, D]."""
+def denoise_step(params, plan, i, x, prev_x0, context, guidance, keys=None, *, config, dtype, guided):
+    """One sampler step from x [B, h, w, C]; context [2B, T, D] (B uncond, then B cond) or [B, T, D];
+    keys: one PRNG key per image (step_key), for Euler a's fresh noise."""
     t = plan.timesteps[i]
+    x_in = samplers.model_input(plan, i, x)
     if guided:
-        out = apply_unet(params, config, jnp.concatenate([x, x]), t, context, dtype=dtype)
+        out = apply_unet(params, config, jnp.concatenate([x_in, x_in]), t, context, dtype=dtype)
         uncond, cond = jnp.split(out, 2)
         out = uncond + guidance * (cond - uncond)
     else:
-        out = apply_unet(params, config, x, t, context, dtype=dtype)
+        out = apply_unet(params, config, x_in, t, context, dtype=dtype)
     if isinstance(plan, samplers.DDIMPlan):
         return samplers.ddim_step(plan, i, out, x)
+    if isinstance(plan, samplers.EulerPlan):
+        noise = None
+        if plan.ancestral:  # each image's own stream: the same alone or in a batch
+            noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], x.dtype))(keys)
+        return samplers.euler_step(plan, i, out, x, noise)
     return samplers.dpmpp_2m_step(plan, i, out, x, prev_x0)
 
 
@@ -89,27 +105,34 @@ def decode(params, latents, *, config, dtype):
     return jnp.clip(apply_vae_decoder(params, config, z, dtype=dtype) / 2 + 0.5, 0.0, 1.0)
 
 
-def denoise(nets: dict, configs: dict, context, *, plan, guidance: float, noise, dtype) -> Iterator[int]:
-    """Run every step of `plan` from `noise` [1, h, w, C]; yields each finished step index and
-    returns the image as float32 [H, W, 3] in [0, 1] (use `image = yield from denoise(...)`).
+def denoise(nets: dict, configs: dict, context, *, plan, guidance: float, noise, dtype, keys=None) -> Iterator[int]:
+    """Run every step of `plan` from `noise` [1, h, w, C] (a standard normal: scaled by the
+    plan's init_noise_sigma here); yields each finished step index and returns the image as
+    float32 [H, W, 3] in [0, 1] (use `image = yield from denoise(...)`).
 
-    nets: {"unet", "vae"} params (already on the device); configs: the same keys."""
-    images = yield from denoise_batch(nets, configs, context, plan=plan, guidance=guidance, noise=noise, dtype=dtype)
+    nets: {"unet", "vae"} params (already on the device); configs: the same keys; keys: per
+    image PRNG keys (step_keys), needed by Euler a."""
+    images = yield from denoise_batch(nets, configs, context, plan=plan, guidance=guidance, noise=noise, dtype=dtype,
+                                      keys=keys)
     return images[0]
 
 
-def denoise_batch(nets: dict, configs: dict, context, *, plan, guidance: float, noise, dtype) -> Iterator[int]:
+def denoise_batch(nets: dict, configs: dict, context, *, plan, guidance: float, noise, dtype,
+                  keys=None) -> Iterator[int]:
     """`denoise` for a batch: noise [B, h, w, C], one prompt's context [2, T, D] (negative,
-    prompt) or [1, T, D]; returns float32 images [B, H, W, 3] in [0, 1]."""
+    prompt) or [1, T, D], keys [B] (Euler a); returns float32 images [B, H, W, 3] in [0, 1]."""
+    if getattr(plan, "ancestral", False) and keys is None:
+        raise ValueError("Euler a needs one PRNG key per image (step_keys)")
+    noise = noise * plan.init_noise_sigma
     guided = context.shape[0] == 2
     context = jnp.repeat(context, noise.shape[0], axis=0)  # [u, c] -> [u]*B + [c]*B, as denoise_step takes
     # Everything committed to the params' devices up front: outputs come back committed, and
     # an uncommitted first input would compile the step a second time for step 2.
     where = jax.tree.leaves(nets["unet"])[0].sharding
-    x, x0, plan, g, context = jax.device_put((noise, jnp.zeros_like(noise), plan, jnp.float32(guidance), context),
-                                             where)
+    x, x0, plan, g, context, keys = jax.device_put(
+        (noise, jnp.zeros_like(noise), plan, jnp.float32(guidance), context, keys), where)
     for i in range(plan.steps):
-        x, x0 = denoise_step(nets["unet"], plan, i, x, x0, context, g, config=configs["unet"], dtype=dtype,
+        x, x0 = denoise_step(nets["unet"], plan, i, x, x0, context, g, keys, config=configs["unet"], dtype=dtype,
                              guided=guided)
         x.block_until_ready()  # progress events follow the work, not the dispatch
         yield i
@@ -119,7 +142,18 @@ def denoise_batch(nets: dict, configs: dict, context, *, plan, guidance: float, 
 def initial_noise(seed: int, height: int, width: int, vae_config) -> jax.Array:
     f = vae_config.downscale
     shape = (1, height // f, width // f, vae_config.latent_channels)
-    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)  # init_noise_sigma is 1 for both
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)  # denoise scales it by init_noise_sigma
+
+
+def step_key(seed: int) -> jax.Array:
+    """Image `seed`'s PRNG key for the noise a sampler adds while it denoises (Euler a); apart
+    from initial_noise's key(seed)."""
+    return jax.random.fold_in(jax.random.key(seed), 1)
+
+
+def step_keys(seeds) -> jax.Array:
+    """step_key of each seed, stacked: [B] keys."""
+    return jnp.stack([step_key(seed) for seed in seeds])
 
 
 def to_pil(image: np.ndarray):
@@ -174,9 +208,11 @@ def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
     for start, count in batches(n, batch):
         seeds = [request.seed + start + j for j in range(count)]
         noise = jnp.concatenate([initial_noise(seed, height, width, image.vae_config) for seed in seeds])
+        keys = step_keys(seeds + [request.seed] * (batch - count if n > batch else 0))
         if n > batch:  # pad a short last batch: one UNet shape, one compile
             noise = jnp.concatenate([noise, jnp.zeros((batch - count,) + noise.shape[1:], noise.dtype)])
-        run = denoise_batch(nets, configs, context, plan=plan, guidance=request.guidance, dtype=dtype, noise=noise)
+        run = denoise_batch(nets, configs, context, plan=plan, guidance=request.guidance, dtype=dtype, noise=noise,
+                            keys=keys)
         while True:
             try:
                 step = next(run)
