@@ -207,8 +207,8 @@ def test_dpmpp_2m_steps_equal_diffusers(config, extra, steps):
 
 
 def test_sampler_configs_refuse_what_they_do_not_do():
-    with pytest.raises(TextinvError, match="use_karras_sigmas"):
-        samplers.dpmpp_2m_config({**sd1_config(), "use_karras_sigmas": True})
+    with pytest.raises(TextinvError, match="use_exponential_sigmas"):  # Karras sigmas: test_jax_samplers.py
+        samplers.dpmpp_2m_config({**sd1_config(), "use_exponential_sigmas": True})
     with pytest.raises(TextinvError, match="thresholding"):
         samplers.ddim_config({**sd1_config(), "thresholding": True})
     cfg = samplers.ddim_config(sd1_config())

@@ -243,8 +243,8 @@ def test_sample_refusals(tiny, tmp_path):
         base = dict(prompt="a photo of <x>", model=str(tiny["sd1"]), out_dir=str(tmp_path / "out"), steps=2)
         return SampleRequest(**{**base, **kw})
 
-    with pytest.raises(TextinvError, match=r"DDIM or DPM\+\+ 2M"):
-        list(JaxBackend().sample(request(scheduler="euler")))
+    with pytest.raises(TextinvError, match=r"DPM\+\+ 2M Karras or DDIM, not 'Heun'"):
+        list(JaxBackend().sample(request(scheduler="heun")))
     wide = EmbeddingRef(token="<x>", vectors={"clip_h": np.zeros((1, 48), np.float32)})
     with pytest.raises(TextinvError, match="Stable Diffusion 2.x embedding"):
         list(JaxBackend().sample(request(embeddings=[wide])))
