@@ -32,7 +32,7 @@ def sample(
                                    "sizes); image i is the same picture (up to float rounding) in any batch."),
     steps: int = typer.Option(30, "--steps", help="Denoising steps per image."),
     scheduler: str = typer.Option("ddim", "--scheduler", help=f"Or A1111's sampler name, any case: {_A1111_NAMES} "
-                                                              "(jax: ddim, dpm++)."),
+                                                              "(jax: DDIM, Euler, Euler a, DPM++ 2M, DPM++ 2M Karras)."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (CFG)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image."),
     size: Optional[str] = typer.Option(None, "--size", help="512 (square) or WIDTHxHEIGHT such as 768x512 (default: the model's)."),
