@@ -20,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from textinv_cli.engine import samplers as table  # noqa: E402
 from textinv_cli.errors import TextinvError  # noqa: E402
-from textinv_jax import samplers  # noqa: E402
+from textinv_jax import sampler_tables, samplers  # noqa: E402
 from textinv_jax.sampling import make_plan, step_keys  # noqa: E402
 
 NEW = ("Euler", "Euler a", "DPM++ 2M Karras")
@@ -53,7 +53,7 @@ def test_schedules_equal_diffusers(tiny_model, family, spacing, name):
         t = np.asarray(plan.timesteps)
         np.testing.assert_allclose(t, ref.timesteps.numpy(), rtol=0, atol=1e-4 if name != "DPM++ 2M Karras" else 0)
         if name == "DPM++ 2M Karras":
-            _, sigmas = samplers.dpmpp_2m_sigmas(samplers.dpmpp_2m_config({**config, **table.get(name).config}), steps)
+            _, sigmas = sampler_tables.dpmpp_2m_sigmas(sampler_tables.dpmpp_2m_config({**config, **table.get(name).config}), steps)
             np.testing.assert_allclose(sigmas, ref.sigmas.numpy(), rtol=1e-6)
             assert plan.init_noise_sigma == ref.init_noise_sigma == 1.0
         else:
@@ -67,8 +67,8 @@ def test_karras_sigmas_are_karras_and_euler_follows_a_config_that_asks(tiny_mode
     """DPM++ 2M Karras runs from the table's largest to smallest sigma; an Euler config with
     use_karras_sigmas (some SDXL models ship one) gets Karras sigmas and fractional timesteps, as in diffusers."""
     config = model_config(tiny_model, "sd1")
-    ts, sig = samplers.dpmpp_2m_sigmas(samplers.dpmpp_2m_config({**config, "use_karras_sigmas": True}), 10)
-    full = samplers._sigma_table(samplers.noise_schedule(config))
+    ts, sig = sampler_tables.dpmpp_2m_sigmas(sampler_tables.dpmpp_2m_config({**config, "use_karras_sigmas": True}), 10)
+    full = sampler_tables._sigma_table(sampler_tables.noise_schedule(config))
     assert sig[0] == pytest.approx(full[-1], rel=1e-6) and sig[-2] == pytest.approx(full[0], rel=1e-6) and sig[-1] == 0
     assert ts[0] == 999 and ts[-1] == 0
     karras = {**config, "use_karras_sigmas": True}

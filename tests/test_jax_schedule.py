@@ -25,7 +25,7 @@ diffusers = pytest.importorskip("diffusers")
 import jax.numpy as jnp  # noqa: E402
 
 from textinv_jax import noise_schedule as S  # noqa: E402
-from textinv_jax import samplers  # noqa: E402
+from textinv_jax import sampler_tables, samplers  # noqa: E402
 
 # diffusers' DPM-Solver builds its sigmas with np.array(tensor), which numpy 2 warns about
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -137,7 +137,7 @@ DDIM_CASES = [  # (config, steps): SD 1.x (leading+offset, clip_sample from DDIM
 @pytest.mark.parametrize("config,steps", DDIM_CASES)
 def test_ddim_steps_equal_diffusers(config, steps):
     ref = diffusers.DDIMScheduler.from_config(config)
-    cfg = samplers.ddim_config(config)
+    cfg = sampler_tables.ddim_config(config)
     assert (cfg.clip_sample, cfg.set_alpha_to_one, cfg.timestep_spacing, cfg.steps_offset) == (
         ref.config.clip_sample, ref.config.set_alpha_to_one, ref.config.timestep_spacing, ref.config.steps_offset)
     x = np.random.default_rng(1).standard_normal((2, 4, 4, 4)).astype(np.float32) * 3
@@ -156,7 +156,7 @@ def test_ddim_eta_with_given_noise_equals_diffusers():
     config = sd2_config()
     ref = diffusers.DDIMScheduler.from_config(config)
     ref.set_timesteps(5)
-    plan = samplers.ddim_plan(samplers.ddim_config(config), 5)
+    plan = samplers.ddim_plan(sampler_tables.ddim_config(config), 5)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((1, 3, 3, 4)).astype(np.float32)
     sample, ours = torch.from_numpy(x), jnp.asarray(x)
@@ -196,7 +196,7 @@ def test_dpmpp_2m_steps_equal_diffusers(config, extra, steps):
     ref = diffusers.DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
     x = np.random.default_rng(3).standard_normal((2, 4, 4, 4)).astype(np.float32) * 3
     ts, want = _run_torch(ref, steps, x)
-    plan = samplers.dpmpp_2m_plan(samplers.dpmpp_2m_config(config), steps)
+    plan = samplers.dpmpp_2m_plan(sampler_tables.dpmpp_2m_config(config), steps)
     np.testing.assert_array_equal(np.asarray(plan.timesteps), ts)
     sample, prev_x0 = jnp.asarray(x), jnp.zeros_like(jnp.asarray(x))
     for i, t in enumerate(ts):
@@ -208,22 +208,22 @@ def test_dpmpp_2m_steps_equal_diffusers(config, extra, steps):
 
 def test_sampler_configs_refuse_what_they_do_not_do():
     with pytest.raises(TextinvError, match="use_exponential_sigmas"):  # Karras sigmas: test_jax_samplers.py
-        samplers.dpmpp_2m_config({**sd1_config(), "use_exponential_sigmas": True})
+        sampler_tables.dpmpp_2m_config({**sd1_config(), "use_exponential_sigmas": True})
     with pytest.raises(TextinvError, match="thresholding"):
-        samplers.ddim_config({**sd1_config(), "thresholding": True})
-    cfg = samplers.ddim_config(sd1_config())
+        sampler_tables.ddim_config({**sd1_config(), "thresholding": True})
+    cfg = sampler_tables.ddim_config(sd1_config())
     for bad in (0, 1001, 2.5):
         with pytest.raises(TextinvError, match="steps"):
             samplers.ddim_plan(cfg, bad)
     with pytest.raises(TextinvError, match="timestep_spacing"):
-        samplers.ddim_plan(samplers.ddim_config({**sd1_config(), "timestep_spacing": "sideways"}), 5)
+        samplers.ddim_plan(sampler_tables.ddim_config({**sd1_config(), "timestep_spacing": "sideways"}), 5)
     with pytest.raises(TypeError):
         samplers.sample_loop("ddim", fake_model, np.zeros((1, 2, 2, 4), np.float32))
 
 
 def test_plans_are_pytrees_with_static_settings():
-    plan = samplers.dpmpp_2m_plan(samplers.dpmpp_2m_config(sd2_config()), 4)
+    plan = samplers.dpmpp_2m_plan(sampler_tables.dpmpp_2m_config(sd2_config()), 4)
     leaves, tree = jax.tree_util.tree_flatten(plan)
     assert len(leaves) == 6 and all(leaf.shape == (4,) for leaf in leaves)
     assert jax.tree_util.tree_unflatten(tree, leaves).prediction_type == "v_prediction"
-    assert not math.isfinite(samplers.dpmpp_2m_config(sd1_config()).lambda_min_clipped)
+    assert not math.isfinite(sampler_tables.dpmpp_2m_config(sd1_config()).lambda_min_clipped)

@@ -39,7 +39,7 @@ from textinv_cli.engine.infotext import check_out_dir as _check_out_dir
 from textinv_cli.engine.batch_sizes import batches, pick_batch_size
 from textinv_cli.engine.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
 
-from . import samplers
+from . import sampler_tables, samplers
 from .clip import apply_clip
 from .loading import compute_dtype, load_image_side, load_text_side, model_family, model_folder
 from .tokens import add_embeddings, encode, expand_all, to_model_ids
@@ -62,10 +62,10 @@ def make_plan(name: str, scheduler_config: dict, steps: int, **override):
     # the sampler's settings over the model's config, as the torch backend's make_scheduler
     config = {**scheduler_config, **sampler.config, **override}
     if key == "ddim":
-        return samplers.ddim_plan(samplers.ddim_config(config), steps)
+        return samplers.ddim_plan(sampler_tables.ddim_config(config), steps)
     if key in ("dpm++", "dpm++-karras"):
-        return samplers.dpmpp_2m_plan(samplers.dpmpp_2m_config(config), steps)
-    return samplers.euler_plan(samplers.euler_config(config, ancestral=key == "euler-a"), steps)
+        return samplers.dpmpp_2m_plan(sampler_tables.dpmpp_2m_config(config), steps)
+    return samplers.euler_plan(sampler_tables.euler_config(config, ancestral=key == "euler-a"), steps)
 
 
 # -- the jitted pieces --------------------------------------------------------------------------
