@@ -49,9 +49,14 @@ def save_pngs(images, out_dir: Path, seeds: list[int], texts: list[str]) -> list
 
 
 def _write_numbered(data: bytes, out_dir: Path, seed: int) -> Path:
-    number = next_number(out_dir)
-    for _ in range(1000):  # another sampler writing into the same folder took the number: take the next
-        path = out_dir / f"{number:05d}-{seed}.png"
+    return _write_free(data, out_dir, next_number(out_dir), lambda number: f"{number:05d}-{seed}.png")
+
+
+def _write_free(data: bytes, out_dir: Path, number: int, name) -> Path:
+    """`data` written as out_dir/name(number), or under the next number when another sampler
+    writing into the same folder took that one."""
+    for _ in range(1000):
+        path = out_dir / name(number)
         try:
             atomic_write_bytes(path, data)
             return path
@@ -138,15 +143,7 @@ def write_grid(paths: list, out_dir: Path) -> Path:
     data = encode_png(sheet, text)
     out_dir = Path(out_dir)
     taken = [int(m.group(1)) for m in (re.match(r"grid-(\d+)\.png$", n) for n in os.listdir(out_dir)) if m]
-    number = max(taken, default=-1) + 1
-    for _ in range(1000):  # another sampler took the number: take the next
-        path = out_dir / f"grid-{number:04d}.png"
-        try:
-            atomic_write_bytes(path, data)
-            return path
-        except OutputExistsError:
-            number += 1
-    raise TextinvError(f"Could not find a free file name in {out_dir}.", "Pick another folder with -o.")
+    return _write_free(data, out_dir, max(taken, default=-1) + 1, lambda number: f"grid-{number:04d}.png")
 
 
 def with_grid(events, out_dir: Path):
