@@ -134,6 +134,21 @@ def is_ordinary_word(text: str) -> bool:
     return len(word) <= 1 or word in _vocabulary()
 
 
+def refuse_ordinary_word(token: str, retry, verb: str) -> None:
+    """Refuse registering a plain vocabulary word as a token ("cat" would take over that word
+    in every prompt; train refuses it too: engine/checks.check_token). `retry(bracketed token)`
+    is the command that registers it under a token of its own, for the hint ("Import it ...")."""
+    from ..errors import InvalidEmbeddingError
+    from ..untrusted import quoted
+
+    if not is_ordinary_word(token):
+        return
+    word = token.strip()
+    raise InvalidEmbeddingError(
+        f"The token {quoted(word)} is an ordinary word: every prompt with {quoted(word)} would use this "
+        "embedding instead of the word.", f"{verb} it under a token of its own: {retry('<' + word + '>')}")
+
+
 @lru_cache(maxsize=1)
 def _vocabulary() -> frozenset:
     from ..models.tiny_tokenizer import vocabulary_words

@@ -30,20 +30,14 @@ def pull(
     from ...registry.versions import switch_note
 
     def ordinary_word(tok: str, path: str) -> None:
-        """As import: a plain vocabulary word as a token would take over that word in every prompt."""
+        """engine/prompt_tokens' rule, as import applies it; the hint is this pull of that file."""
         import shlex
 
-        from ...engine.prompt_tokens import is_ordinary_word
-        from ...errors import InvalidEmbeddingError
-        from ...untrusted import quoted
+        from ...engine.prompt_tokens import refuse_ordinary_word
 
-        if is_ordinary_word(tok):
-            word = tok.strip()
-            again = (f"textinv pull {shlex.quote(repo_id)}" + (f" --revision {shlex.quote(revision)}" if revision else "")
-                     + f" --file {shlex.quote(path)} --token {shlex.quote('<' + word + '>')}")
-            raise InvalidEmbeddingError(f"The token {quoted(word)} is an ordinary word: every prompt with {quoted(word)} "
-                                        "would use this embedding instead of the word.",
-                                        f"Pull it under a token of its own: {again}")
+        refuse_ordinary_word(tok, lambda bracketed: f"textinv pull {shlex.quote(repo_id)}"
+                             + (f" --revision {shlex.quote(revision)}" if revision else "")
+                             + f" --file {shlex.quote(path)} --token {shlex.quote(bracketed)}", "Pull")
 
     r = do_pull(repo_id, revision=revision, file=file, take_all=take_all, name=name, token=token,
                 check_token=ordinary_word)

@@ -66,22 +66,14 @@ def import_embedding(
 
 
 def refuse_ordinary_word(token: str, src: str, name: str | None) -> None:
-    """A plain vocabulary word as a token ("cat") would take over that word in every prompt;
-    train refuses it too (engine/checks.check_token). The hint is the same import, bracketed."""
+    """engine/prompt_tokens' rule; the hint is the same import with the token bracketed."""
     import shlex
 
-    from ...engine.prompt_tokens import is_ordinary_word
-    from ...errors import InvalidEmbeddingError
-    from ...untrusted import quoted
+    from ...engine import prompt_tokens
 
-    if not is_ordinary_word(token):
-        return
-    word = token.strip()
-    again = f"textinv import {shlex.quote(src)} --token {shlex.quote('<' + word + '>')}"
-    raise InvalidEmbeddingError(
-        f"The token {quoted(word)} is an ordinary word: every prompt with {quoted(word)} would use this "
-        "embedding instead of the word.", f"Import it under a token of its own: {again}"
-        + (f" --name {shlex.quote(name)}" if name else ""))
+    prompt_tokens.refuse_ordinary_word(
+        token, lambda tok: f"textinv import {shlex.quote(src)} --token {shlex.quote(tok)}"
+        + (f" --name {shlex.quote(name)}" if name else ""), "Import")
 
 
 def _vectors(n: int) -> str:
