@@ -199,7 +199,7 @@ def report(exc: BaseException) -> int:
     Everything printed goes through redact(): a message may quote a server, a URL or a path,
     and an access token must never show (redact.py).
     """
-    from .console import err_console
+    from .console import err_console, silence_stdout
     from ..errors import TextinvError
     from ..redact import redact
     from ..untrusted import escape
@@ -221,10 +221,7 @@ def report(exc: BaseException) -> int:
             say(exc.hint)
         return exc.exit_code
     if isinstance(exc, BrokenPipeError):  # `textinv list --json | head`: the reader left; stop quietly
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except OSError:
-            pass
+        silence_stdout()
         return 0
     if isinstance(exc, KeyboardInterrupt):
         say("Interrupted.")

@@ -99,6 +99,17 @@ def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str, ensure_ascii=True) + "\n")
 
 
+def silence_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null: its reader left (a closed pipe), and what
+    is still buffered or printed later must go nowhere instead of raising again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no descriptor (a test's captured stream), or already closed
+        pass
+
+
 def print_json_line(obj) -> None:
     sys.stdout.write(json.dumps(obj, default=str, ensure_ascii=True) + "\n")
     sys.stdout.flush()

@@ -84,17 +84,14 @@ class _Stdout:
 
 
 def _silence_stdout() -> None:
-    """Point stdout (the fd and Python's buffer) at /dev/null, so the unflushed rest of the
-    buffer and later prints go nowhere instead of raising again at exit."""
+    """stdout's descriptor and Python's stream at /dev/null (console.silence_stdout does the
+    descriptor): training prints on, to nowhere, without raising again at exit."""
     import os
     import sys
 
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
-        pass
+    from .console import silence_stdout
+
+    silence_stdout()
     try:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     except OSError:
