@@ -38,11 +38,13 @@ _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
 # as the single pattern required) is checked inside the run, once per candidate.
 _URL_CANDIDATE = re.compile(r"(?i)(?<![a-z0-9+.-])([a-z0-9+.-]+)(://[^/\s:@]*:)[^/\s@]+@")
 _SCHEME_START = re.compile(r"(?i)\b[a-z]")
-# A secret in a URL's query (?token=..., &X-Amz-Signature=...): a match starts only at ? or &,
-# and the value cannot hold either, so each character is scanned at most twice. Values under 8
-# characters are left alone (`?key=a` is no credential; masking it would garble ordinary text).
-_QUERY_SECRET = re.compile(r"(?i)([?&](?:token|access_token|auth|api_?key|key|password|secret|sig|signature"
-                           r"|x-amz-signature|x-amz-security-token|x-goog-signature)=)[^&\s#]{8,}")
+# A secret in a URL's query (?token=..., &X-Amz-Signature=...), the one rule for which query
+# parameters hold credentials (hub/urls.display_url masks the same names in a parsed URL): any
+# name holding one of these words. A match starts only at ? or &, and neither the name nor the
+# value can hold either, so each character is scanned at most twice. In free text, values under
+# 8 characters are left alone (`?key=a` is no credential; masking it would garble ordinary text).
+_SECRET_WORDS = re.compile(r"(?i)token|key|secret|pass|pwd|auth|sig|credential|session|jwt|cookie|otp|code")
+_QUERY_PARAM = re.compile(r"([?&])([^?&=\s#]*)=([^?&\s#]{8,})")
 _STORED_FIELDS = ("hf_token", "refresh_token", "access_token")
 
 
@@ -75,8 +77,17 @@ def redact(text, tokens: list[str] | None = None) -> str:
         text = text.replace(token, MASK)
     text = _TOKEN_SHAPE.sub(MASK, text)
     text = _BEARER.sub(lambda m: m.group(1) + "***", text)
-    text = _QUERY_SECRET.sub(lambda m: m.group(1) + "***", text)
+    text = _QUERY_PARAM.sub(_mask_query_value, text)
     return _URL_CANDIDATE.sub(_mask_url_password, text)
+
+
+def secret_param(name: str) -> bool:
+    """Whether a URL query parameter of this name (already unquoted) may hold a credential."""
+    return _SECRET_WORDS.search(name) is not None
+
+
+def _mask_query_value(m: re.Match) -> str:
+    return f"{m.group(1)}{m.group(2)}=***" if secret_param(m.group(2)) else m.group(0)
 
 
 def _mask_url_password(m: re.Match) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import HubError, NotFoundError, TextinvError
-from ..redact import redact
+from ..redact import redact, secret_param
 from ..untrusted import quoted, shown
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]{0,15}://")
@@ -35,7 +35,6 @@ _KNOWN_HOSTS = ("huggingface.co", "hf.co", "civitai.com", "github.com", "raw.git
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 # Query parameters that carry a secret: API keys, OAuth/session tokens, signed-URL signatures
 # (S3's X-Amz-Signature / X-Amz-Credential / X-Amz-Security-Token, GCS's X-Goog-Signature).
-_SECRET_PARAM = re.compile(r"(?i)token|key|secret|pass|pwd|auth|sig|credential|session|jwt|cookie|otp|code")
 _FILE_EXTS = (".safetensors", ".pt", ".bin", ".ckpt", ".png", ".webp")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MASKED = "***"
@@ -147,7 +146,7 @@ def _mask_param(param: str) -> str:
     from urllib.parse import unquote_plus
 
     key, eq, _ = param.partition("=")
-    return f"{key}={MASKED}" if eq and _SECRET_PARAM.search(unquote_plus(key)) else param
+    return f"{key}={MASKED}" if eq and secret_param(unquote_plus(key)) else param
 
 
 def _masked(url: str) -> bool:
