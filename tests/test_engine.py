@@ -312,6 +312,39 @@ def test_a_running_run_holds_its_folder_and_a_second_resume_is_refused(images, t
     assert info.last_loss == resumed[-1].data["summary"]["final_loss"]
 
 
+class FailingSession(NumpySession):
+    """The numpy session whose third step dies, as a backend does when a GPU runs out of memory."""
+
+    def step(self, step, lr, stop, log):
+        if step == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (token hf_" + "a" * 30 + ")")
+        return super().step(step, lr, stop, log)
+
+
+class FailingBackend(NumpyBackend):
+    def open_session(self, spec):
+        return FailingSession(spec, self.stop_after)
+
+
+def test_a_run_that_dies_records_why_and_runs_shows_it(images, tmp_path, cli):
+    from textinv_cli.engine.run_log import LOG_FILE, run_info
+
+    spec = make_spec(images, tmp_path, steps=6)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(FailingBackend().train(spec))
+    run = Path(spec.run_dir)
+    info = run_info(run)
+    assert info.status == "failed" and info.step == 2 and runs.running_pid(run) is None
+    assert info.error.startswith("RuntimeError: CUDA out of memory.") and "hf_***" in info.error
+    assert "hf_aaaa" not in (run / "events.jsonl").read_text()
+    assert "failed after step 2: RuntimeError: CUDA out of memory." in (run / LOG_FILE).read_text()
+    shown = cli("runs", "show", str(run))
+    assert shown.exit_code == 0 and "Failed: RuntimeError: CUDA out of memory." in shown.stdout
+    assert f"Continue it: textinv resume {run}" in shown.stdout
+    resumed = list(NumpyBackend().train(TrainSpec.load(run), run))  # a later success is what counts
+    assert resumed[-1].kind == "finished" and run_info(run).error is None and run_info(run).status == "finished"
+
+
 def test_run_status_interrupted_and_new(images, tmp_path):
     from textinv_cli.engine.run_log import run_info
 

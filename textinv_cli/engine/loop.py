@@ -106,6 +106,10 @@ def _loop(session: Session, spec: TrainSpec, run: Path, resume: Path | None, n_i
         save_data_listing(run, listing)  # what every resume compares with: the data the run began on
     try:
         yield from _steps(session, spec, run, n_images, ignored, start, resumed_from, warnings, watch)
+    except Exception as e:
+        if watch is not None:
+            watch.failed(e)
+        raise
     finally:
         if watch is not None:
             watch.close()
@@ -118,7 +122,7 @@ class _Watch:
     hold the finished generator a long time: registering, or an exception's traceback)."""
 
     def __init__(self, run: Path, spec: TrainSpec, resuming: bool):
-        self.run, self.lock, self.reporter = run, None, None
+        self.run, self.lock, self.reporter, self.step = run, None, None, None
         if not resuming:
             run.mkdir(parents=True, exist_ok=True)  # the first write of the run, after every check
             spec.save(run)
@@ -132,12 +136,30 @@ class _Watch:
         self.reporter = Reporter(run, spec.report_to)
 
     def record(self, event: Event) -> None:
+        if event.kind == "progress":
+            self.step = event.data.get("step", self.step)
         record_event(self.run, event)
         record_text(self.run, event)
         if self.reporter is not None:
             self.reporter.event(event.kind, event.data)
         if event.kind in ("finished", "interrupted"):
             self.close()
+
+    def failed(self, error: Exception) -> None:
+        """What ended the run, in events.jsonl and train.log, so `textinv runs` can say why it
+        failed long after the terminal that showed the error is gone. Never raises over `error`."""
+        from ..redact import redact
+
+        if self.lock is None:  # closed: the run had already finished or been interrupted
+            return
+        message = error.message if isinstance(error, TextinvError) else f"{type(error).__name__}: {error}"
+        try:
+            event = Event("failed", {"step": self.step, "error": redact(message)[:2000]})
+            record_event(self.run, event)
+            record_text(self.run, event)
+        except Exception:  # noqa: BLE001 - a full disk here must not hide the error that ended the run
+            pass
+        self.close()
 
     def close(self) -> None:
         if self.reporter is not None:

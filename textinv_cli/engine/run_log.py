@@ -86,6 +86,7 @@ class RunInfo:
     eval_last: float | None = None
     pid: int | None = None           # running: the process
     embedding: str | None = None     # finished: the final embedding file
+    error: str | None = None         # failed: what ended it, as recorded (loop._Watch.failed)
     validation: list[str] = field(default_factory=list)
     curve: Curve = field(default_factory=Curve)
 
@@ -93,7 +94,7 @@ class RunInfo:
         return {"run": str(self.path), "status": self.status, "step": self.step, "total": self.total,
                 "token": self.token, "name": self.name, "started": self.started, "updated": self.updated,
                 "seconds": self.seconds, "last_loss": self.last_loss, "eval_first": self.eval_first,
-                "eval_last": self.eval_last, "pid": self.pid, "embedding": self.embedding,
+                "eval_last": self.eval_last, "pid": self.pid, "embedding": self.embedding, "error": self.error,
                 "validation": self.validation}
 
 
@@ -119,8 +120,9 @@ def run_info(run: Path, spec: dict | None = None) -> RunInfo:
             info.step = ev.get("start_step") if isinstance(ev.get("start_step"), int) else info.step
             if isinstance(ev.get("total_steps"), int):
                 info.total = ev["total_steps"]
-        elif kind in ("finished", "interrupted"):
+        elif kind in ("finished", "interrupted", "failed"):
             terminal = kind
+            info.error = _text(ev.get("error")) if kind == "failed" else None
             if kind == "finished" and isinstance(ev.get("embedding_path"), str):
                 info.embedding = ev["embedding_path"]
         elif kind == "validation" and isinstance(ev.get("paths"), list):
@@ -214,6 +216,8 @@ def text_line(ev: dict) -> str | None:
         return f"warning: {ev.get('message')}"
     if kind == "interrupted":
         return f"interrupted at step {step}; checkpoint {ev.get('checkpoint')}"
+    if kind == "failed":
+        return f"failed after step {step}: {ev.get('error')}"
     if kind == "finished":
         told = summary_lines(ev["summary"]) if isinstance(ev.get("summary"), dict) else []
         return "\n".join([f"finished at step {step}: {ev.get('embedding_path')}", *told])

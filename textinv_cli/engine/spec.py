@@ -140,7 +140,7 @@ class SampleRequest:
 
 
 KINDS = ("started", "progress", "checkpoint", "snapshot", "validation", "sample", "finished", "interrupted",
-         "warning", "eval")
+         "warning", "eval", "failed")  # failed: only recorded in a run's files (loop._Watch.failed), never yielded
 
 
 @dataclass

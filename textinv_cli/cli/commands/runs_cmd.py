@@ -131,6 +131,8 @@ def show(
         console.print("Validation images: none (train with --validate PROMPT)", markup=False)
     if info.embedding:
         console.print(f"Embedding: {shown(info.embedding, 300)}", markup=False)
+    if info.error:
+        console.print(f"Failed: {shown(info.error, 300)}", markup=False)
     if info.status in ("interrupted", "failed"):
         console.print(f"Continue it: textinv resume {shlex.quote(str(folder))}", markup=False)
 
