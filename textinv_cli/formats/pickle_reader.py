@@ -22,14 +22,15 @@ import numpy as np
 
 from ..errors import FormatError, TextinvError, UnsafeFileError
 from .pickle_budget import MAX_TENSOR_INT, OP_COST, Budget, check_int, check_key
-from .pickle_values import (MAX_DEPTH, Storage, decode, decoded_cost, describe, itemsize, plain,
+from .pickle_values import (MAX_DEPTH, Storage, TensorRef, decode, decoded_cost, describe, itemsize, plain,
                             storage_name)
 from .pickle_allowlist import (MAX_OPS, UNSAFE_HINT, AllowedGlobal, looks_like_legacy_tar,
                                looks_like_raw_pickle, looks_like_torch_zip, refuse_unsafe, resolve_name,
                                tar_members)
 from .torch_zip import CORRUPT_HINT, open_archive, read_member
 
-__all__ = ["load_torch_pickle", "looks_like_torch_zip", "looks_like_raw_pickle", "looks_like_legacy_tar"]
+__all__ = ["load_torch_pickle", "describe_torch_pickle", "TensorRef", "looks_like_torch_zip",
+           "looks_like_raw_pickle", "looks_like_legacy_tar"]
 
 MAX_NDIM = 32
 
@@ -83,6 +84,34 @@ def load_torch_pickle(data: bytes, *, source: str) -> object:
         raise FormatError(f"{source} is truncated or corrupt ({_brief(e)}).", CORRUPT_HINT) from None
 
 
+# A model's data.pkl (read apart from its multi-GB storages): SDXL's 2500 tensors take ~80k
+# opcodes (32 per tensor) in ~420 KB, so both caps leave room for a checkpoint with EMA weights.
+MODEL_PICKLE_BYTES = 4 * 2**20
+MODEL_MAX_OPS = 1_000_000
+_MODEL_UNITS_PER_PICKLE_BYTE = 64  # per pickle byte; SDXL's spends under 20 (96 per opcode)
+
+
+def describe_torch_pickle(pkl: bytes, *, source: str, storage_size) -> object:
+    """The object a model's data.pkl describes, as plain Python whose tensors are TensorRefs:
+    the same allowlist and checks as load_torch_pickle, but no storage is read. `storage_size(key)`
+    gives the byte length of data/<key> (FormatError if absent); every tensor is checked to lie
+    inside its storage. The budget is sized from the pickle, not from the (multi-GB) file."""
+    if len(pkl) > MODEL_PICKLE_BYTES:
+        raise FormatError(f"{source}: its data.pkl is {len(pkl)} bytes, far larger than a model's (SDXL's is "
+                          "~420 KB).", "It is not a Stable Diffusion checkpoint, or has been tampered with.")
+    refuse_unsafe(pkl, source)
+    budget = Budget(_MODEL_UNITS_PER_PICKLE_BYTE // 8 * len(pkl), source)  # Budget counts 8 units per byte
+    try:
+        obj = _Interpreter(pkl, source, storage_size, big=False, budget=budget, lazy=True).run()
+        return plain(obj, {}, 0, source, budget)
+    except TextinvError:
+        raise
+    except RecursionError:
+        raise FormatError(f"{source}: the pickle nests too deeply to be tensor data.") from None
+    except Exception as e:
+        raise FormatError(f"{source} is truncated or corrupt ({_brief(e)}).", CORRUPT_HINT) from None
+
+
 # -- the interpreter ---------------------------------------------------------------------
 
 _CONST = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
@@ -95,9 +124,11 @@ _CODE_OPS = {"INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "NEWOBJ_EX"}  # bu
 
 
 class _Interpreter:
-    def __init__(self, pkl: bytes, source: str, storage_bytes, *, big: bool, budget: Budget):
+    def __init__(self, pkl: bytes, source: str, storage_bytes, *, big: bool, budget: Budget, lazy: bool = False):
+        # lazy: storage_bytes(key) gives data/<key>'s length, and tensors become TensorRefs
         self.pkl, self.source, self.storage_bytes = pkl, source, storage_bytes
-        self.big, self.budget = big, budget
+        self.big, self.budget, self.lazy = big, budget, lazy
+        self.max_ops = MODEL_MAX_OPS if lazy else MAX_OPS
         self.storages: dict[str, Storage] = {}  # storage key -> its one reading, as torch caches it
         self.modules: dict[int, dict] = {}    # id -> the dict standing in for a ParameterDict
         self.tdepth: dict[int, int] = {}      # id -> nesting depth of a tuple / frozenset
@@ -112,7 +143,7 @@ class _Interpreter:
         memo: dict[int, object] = {}
         for n, (op, arg, _) in enumerate(pickletools.genops(self.pkl)):
             name = op.name
-            if n >= MAX_OPS:  # also bounds the stack, the metastack and the memo
+            if n >= self.max_ops:  # also bounds the stack, the metastack and the memo
                 self.fail("the pickle is too large to be tensor data.")
             self.budget.spend(OP_COST, "pickle objects")  # copies and decoding are charged where done
             if name in _VALUE_OPS:
@@ -255,7 +286,7 @@ class _Interpreter:
         params = state.get("_parameters") if type(state) is dict else None
         if type(params) is dict:  # keep a module's parameters, drop hooks and flags
             self.budget.copy(len(params), "module parameters copied")
-            obj.update((k, v) for k, v in params.items() if isinstance(v, np.ndarray))
+            obj.update((k, v) for k, v in params.items() if isinstance(v, (np.ndarray, TensorRef)))
 
     def persistent(self, pid):
         """('storage', storage type, key, location, numel) -> the bytes of data/<key>."""
@@ -276,10 +307,11 @@ class _Interpreter:
                           f"elements and as {storage_name(stype.arg)} of {numel}; torch never writes that.")
             return known  # the same object: decoded once however often it is named
         raw, need = self.storage_bytes(key), numel * itemsize(stype.arg)
-        self.budget.spend(len(raw), "storage bytes")
-        if len(raw) != need:  # torch refuses a record of any other size, longer ones included
-            self.fail(f"storage data/{key} holds {len(raw)} bytes but the pickle needs exactly {need}.")
-        self.storages[key] = Storage(key, stype.arg, raw, self.big, numel)
+        length = raw if self.lazy else len(raw)
+        self.budget.spend(0 if self.lazy else length, "storage bytes")
+        if length != need:  # torch refuses a record of any other size, longer ones included
+            self.fail(f"storage data/{key} holds {length} bytes but the pickle needs exactly {need}.")
+        self.storages[key] = Storage(key, stype.arg, None if self.lazy else raw, self.big, numel)
         return self.storages[key]
 
     # -- the allowlisted callables: our own code, nothing named in the file is imported --
@@ -329,7 +361,7 @@ class _Interpreter:
         return self.tensor(storage, offset, size, stride, dtype.arg)
 
     def h_parameter(self, data, requires_grad=True, hooks=None, state=None):
-        if not isinstance(data, np.ndarray):
+        if not isinstance(data, (np.ndarray, TensorRef)):
             self.fail("a Parameter wraps something that is not a tensor.")
         return data  # a Parameter is its data; hooks and Python state are dropped
 
@@ -351,12 +383,17 @@ class _Interpreter:
                       "read its bytes in a different order.")
         code = code or storage.code or "u1"
         item = itemsize(code)
-        numel = len(storage.raw) // item
+        numel = storage.numel * itemsize(storage.code) // item  # the storage's length was checked
         count = int(np.prod(size, dtype=object)) if size else 1
         last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if count else offset - 1
         if last >= numel or offset > numel:
             self.fail(f"a tensor needs {last + 1} elements of storage data/{storage.key}, which holds "
                       f"{numel}.")
+        if self.lazy:  # read later, by seeking: it may name no more elements than the storage holds
+            if count > numel:
+                self.fail(f"a tensor of {count} elements views storage data/{storage.key}, which holds {numel} "
+                          "(an expanded view is not model weights).")
+            return TensorRef(storage, code, offset, size, stride)
         # charged before decoding: stride 0 can "expand" one element into terabytes
         self.budget.spend(decoded_cost(count, code), "tensors decoded")
         return decode(storage.raw, code, self.big, offset, size, stride)

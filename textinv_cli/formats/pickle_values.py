@@ -23,6 +23,16 @@ class Storage:
         self.key, self.code, self.raw, self.big, self.numel = key, code, raw, big, numel
 
 
+class TensorRef:
+    """A tensor described, not decoded (pickle_reader.describe_torch_pickle): element `code`,
+    `offset`, `size` and `stride` in elements of that code, into `storage`, whose bytes stay
+    in the file. The interpreter has checked that every element it names is in the storage."""
+    __slots__ = ("storage", "code", "offset", "size", "stride")
+
+    def __init__(self, storage: Storage, code: str, offset: int, size: tuple, stride: tuple):
+        self.storage, self.code, self.offset, self.size, self.stride = storage, code, offset, size, stride
+
+
 def decode(raw, code: str, big: bool, offset: int, size: tuple, stride: tuple) -> np.ndarray:
     """Copy a bounds-checked strided view of storage bytes into a native, C-ordered array."""
     base = {"bf16": "u2", "b1": "u1"}.get(code, code)
@@ -63,7 +73,7 @@ def plain(obj, memo: dict, depth: int, source: str, budget: Budget):
     """The result as plain Python: stand-ins become arrays or names; shared parts stay shared
     (the memo also keeps a billion-laughs pickle from being expanded). Each container is
     copied once and each bare storage decoded once, charged to the read's budget."""
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes, np.ndarray)):
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, np.ndarray, TensorRef)):
         return obj
     if id(obj) in memo:
         return memo[id(obj)]
@@ -83,6 +93,9 @@ def plain(obj, memo: dict, depth: int, source: str, budget: Budget):
     if kind in (tuple, set, frozenset):
         out = memo[id(obj)] = kind(sub(v) for v in obj)
         return out
+    if isinstance(obj, Storage) and obj.raw is None:  # described, not read: only tensors are kept
+        raise FormatError(f"{source}: the pickle holds a bare storage (data/{obj.key}) where model weights "
+                          "are tensors.")
     if isinstance(obj, Storage):  # a bare storage, e.g. torch.save(t.untyped_storage())
         code = obj.code or "u1"
         budget.spend(decoded_cost(obj.numel, code), "storages decoded")

@@ -22,6 +22,9 @@ from ..errors import FormatError
 
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_PICKLE_BYTES = 32 * 2**20  # data.pkl of a whole SD checkpoint is a few hundred KB
+# A zip directory entry is 46 bytes plus the name (torch's are ~30 characters): SDXL's ~2500
+# storages make ~200 KB. zipfile reads the whole directory into memory, so it is capped first.
+MAX_DIRECTORY_BYTES = 16 * 2**20
 CORRUPT_HINT = "The file is truncated or corrupt; download or copy it again."
 
 # The records torch.save (1.6 .. 2.13) writes inside the archive's one top-level folder.
@@ -32,8 +35,29 @@ _VERSIONS = range(1, 11)  # the file format versions torch 2.13 reads (inline_co
 
 
 def open_archive(data: bytes, source: str):
+    return _checked_archive(lambda: zipfile.ZipFile(io.BytesIO(data)), len(data), source)
+
+
+def open_archive_file(fileobj, size: int, source: str):
+    """open_archive's checks on an open file of `size` bytes, without reading it whole: only
+    the zip directory (at most MAX_DIRECTORY_BYTES) and the version records are read here, so
+    a multi-GB checkpoint's members can then be read by seeking (models/checkpoints/)."""
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
+        end = zipfile._EndRecData(fileobj)
+    except Exception:
+        end = None
+    if end is None:
+        raise FormatError(f"{source} is truncated or corrupt: its zip directory cannot be read.", CORRUPT_HINT)
+    if end[zipfile._ECD_SIZE] > MAX_DIRECTORY_BYTES or end[zipfile._ECD_ENTRIES_TOTAL] > MAX_DIRECTORY_BYTES // 46:
+        raise FormatError(f"{source}: its zip directory claims {end[zipfile._ECD_SIZE]} bytes and "
+                          f"{end[zipfile._ECD_ENTRIES_TOTAL]} members, far more than any torch file has.",
+                          "It was not written by torch.save, or has been tampered with.")
+    return _checked_archive(lambda: zipfile.ZipFile(fileobj), size, source)
+
+
+def _checked_archive(make, size: int, source: str):
+    try:
+        zf = make()
         infos = zf.infolist()
         shift = zf.start_dir - zipfile._EndRecData(zf.fp)[zipfile._ECD_OFFSET]
     except Exception:
@@ -69,9 +93,9 @@ def open_archive(data: bytes, source: str):
                               "way torch never writes.")
         total += info.file_size
         # torch stores members uncompressed; compressed ones get some slack but no zip-bomb room
-        if total > 4 * len(data) + 2**20:
+        if total > 4 * size + 2**20:
             raise FormatError(f"{source}: the archive member {shown} declares {info.file_size} bytes in a "
-                              f"{len(data)}-byte file (a zip bomb?).", "Refusing to unpack it.")
+                              f"{size}-byte file (a zip bomb?).", "Refusing to unpack it.")
         members[rest] = info
     if len(prefixes) != 1:
         found = ", ".join(sorted(repr(p[:40]) for p in prefixes)[:5]) or "none"

@@ -1,0 +1,346 @@
+"""Single-file checkpoints read by seeking (models/checkpoints/reader.py): byte-exact against
+torch and safetensors, never read whole, hostile files refused without running anything; and
+scan(): each family, and the files it must refuse with what they are."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from tests.support import big_checkpoints as big
+from tests.support import malicious_pickles as mp
+from tests.support.pickle_blocks import PROTO2, STOP, call, dct, legacy_torch, s, shell_cmd, tensor, torch_zip
+from textinv_cli.errors import FormatError, TextinvError, UnsafeFileError
+from textinv_cli.formats.safetensors_io import dump_safetensors
+from textinv_cli.models.checkpoints.reader import open_checkpoint, scan
+
+_UINT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def torch_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's bytes as torch holds them, C-contiguous (any dtype, bf16 included)."""
+    t = t.detach().contiguous()
+    return t.view(_UINT[t.element_size()]).numpy().tobytes() if t.numel() else b""
+
+
+def tensors_made_by_torch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(100, generator=g)
+    return {
+        "fp32": torch.randn(3, 4, generator=g),
+        "fp16": torch.randn(5, 6, generator=g).half(),
+        "bf16": torch.randn(4, 5, generator=g).bfloat16(),
+        "transposed": torch.randn(6, 7, generator=g).t(),
+        "bf16_transposed": torch.randn(3, 5, generator=g).bfloat16().t(),
+        "shared_at_offset": shared[10:30].view(4, 5),
+        "shared_whole": shared,
+        "every_third": shared[::3],
+        "conv_permuted": torch.randn(2, 3, 4, 5, generator=g).permute(0, 2, 3, 1),
+        "int64": torch.arange(7),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 3),
+        "parameter": torch.nn.Parameter(torch.randn(2, 2, generator=g)),
+    }
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_ckpt_tensors_are_read_byte_exact_as_torch_holds_them(tmp_path, wrapped):
+    sd = tensors_made_by_torch()
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": sd, "global_step": 470000, "epoch": 3} if wrapped else sd, path)
+    with open_checkpoint(path) as ck:
+        assert ck.kind == "ckpt" and ck.metadata == {} and list(ck.tensors) == list(sd)
+        for name, t in sd.items():
+            info = ck.tensors[name]
+            assert info.shape == tuple(t.shape), name
+            assert info.dtype == {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                                  torch.int64: "I64", torch.bool: "BOOL"}[t.dtype], name
+            assert ck.read(name) == torch_bytes(t), name
+    with pytest.raises(ValueError):
+        ck.read("fp32")  # closed
+
+
+def test_safetensors_tensors_are_read_byte_exact_with_metadata(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous() for k, v in tensors_made_by_torch().items() if k != "shared_whole"}
+    path = tmp_path / "model.safetensors"
+    save_file(sd, str(path), metadata={"modelspec.architecture": "stable-diffusion-v1"})
+    with open_checkpoint(path) as ck:
+        assert ck.kind == "safetensors" and ck.metadata == {"modelspec.architecture": "stable-diffusion-v1"}
+        assert sorted(ck.tensors) == sorted(sd)
+        for name, t in sd.items():
+            assert ck.tensors[name].shape == tuple(t.shape) and ck.read(name) == torch_bytes(t), name
+        with pytest.raises(FormatError, match="no tensor"):
+            ck.read("missing\x1b[31m")
+
+
+def test_a_multi_gb_ckpt_is_read_by_seeking_only(tmp_path, monkeypatch):
+    """5 GiB on paper, a few KB on disk: one small tensor costs data.pkl, the zip directory and
+    its own bytes, never the storage beside it; offsets past 4 GiB (zip64) are honoured."""
+    path = tmp_path / "v1-5-pruned.ckpt"
+    rng = np.random.default_rng(0)
+    tail, small = rng.standard_normal(64).astype(np.float32).tobytes(), rng.standard_normal(10).astype(
+        np.float32).tobytes()
+    big.write_big_ckpt(path, small, tail)
+    assert path.stat().st_size > 5 << 30
+    read = []
+    real_read, real_pread = os.read, os.pread
+    monkeypatch.setattr(os, "read", lambda fd, n: read.append(n) or real_read(fd, n))
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: read.append(n) or real_pread(fd, n, off))
+    real_open = io.open
+
+    def counted_open(*a, **k):  # zipfile reads through a file object: count its reads too
+        f = real_open(*a, **k)
+        return _Counting(f, read) if not isinstance(a[0], str) or a[0] == str(path) else f
+
+    monkeypatch.setattr("builtins.open", counted_open)
+    with open_checkpoint(path) as ck:
+        assert ck.tensors["model.diffusion_model.big"].shape == (big.BIG_NUMEL,)
+        assert ck.read("model.diffusion_model.tail") == tail
+        assert ck.read("cond_stage_model.small") == small
+    assert sum(read) < 32 * 1024, sum(read)
+
+
+class _Counting:
+    def __init__(self, f, log):
+        self._f, self._log = f, log
+
+    def read(self, n=-1):
+        out = self._f.read(n)
+        self._log.append(len(out))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def test_crc_of_zero_runs_matches_zlib():
+    import zlib
+
+    for n in (0, 1, 3, 8, 1000, 65537):
+        assert big.crc32_zeros(7, n) == zlib.crc32(bytes(n), 7)
+
+
+# -- hostile files ------------------------------------------------------------------------
+
+def _ckpt(tmp_path, pkl: bytes, storages=None, name="model.ckpt", **kw):
+    path = tmp_path / name
+    path.write_bytes(torch_zip(pkl, storages, **kw))
+    return path
+
+
+def _sd(*pairs: bytes) -> bytes:
+    return PROTO2 + dct(s("state_dict"), dct(*pairs)) + STOP
+
+
+F32_16 = np.arange(16, dtype=np.float32).tobytes()
+
+
+@pytest.mark.parametrize("pkl, storages, needle", [
+    (_sd(s("w"), tensor("0", 16, (4, 4), (4, 1))), {"0": F32_16[:32]}, "needs exactly"),  # storage short
+    (_sd(s("w"), tensor("0", 16, (4, 4), (5, 1))), {"0": F32_16}, "needs 19 elements"),  # stride past the end
+    (_sd(s("w"), tensor("0", 16, (2, 2), (2**62, 1))), {"0": F32_16}, "elements"),  # huge stride
+    (_sd(s("w"), tensor("0", 16, (2, 2), (-2, 1))), {"0": F32_16}, "malformed"),  # negative stride
+    (_sd(s("w"), tensor("0", 16, (4, 4), (4, 1), offset=1)), {"0": F32_16}, "needs 17 elements"),
+    (_sd(s("w"), tensor("0", 16, (1000, 1000), (0, 0))), {"0": F32_16}, "expanded"),  # stride 0
+    (_sd(s("w"), tensor("1", 16, (4, 4), (4, 1))), {"0": F32_16}, "does not contain"),  # no such storage
+])
+def test_tensors_outside_their_storage_are_refused(tmp_path, pkl, storages, needle):
+    with pytest.raises(FormatError, match=needle):
+        open_checkpoint(_ckpt(tmp_path, pkl, storages))
+
+
+def test_compressed_storage_and_dotdot_members_are_refused(tmp_path):
+    pkl = _sd(s("w"), tensor("0", 16, (4, 4), (4, 1)))
+    with pytest.raises(FormatError, match="compressed"):
+        open_checkpoint(_ckpt(tmp_path, pkl, {"0": F32_16}, compress={"archive/data/0"}))
+    with pytest.raises(FormatError, match="unexpected archive member"):
+        open_checkpoint(_ckpt(tmp_path, pkl, {"0": F32_16}, extra=[("archive/../../etc/passwd", b"x")]))
+    with pytest.raises(FormatError, match="unexpected archive member"):
+        open_checkpoint(_ckpt(tmp_path, pkl, {"0": F32_16}, prefix=".."))
+
+
+def test_a_storage_whose_directory_size_runs_into_the_next_member_is_refused(tmp_path):
+    """The central directory claims a longer data/0 than the archive holds: reading it by
+    seeking would return the next member's bytes, so the read is refused."""
+    pkl = _sd(s("w"), tensor("0", 8, (8,), (1,)))
+    data = bytearray(torch_zip(pkl, {"0": F32_16[:16]}))
+    cd = [m for m in range(len(data)) if data.startswith(b"PK\x01\x02", m)
+          and data[m + 46:m + 46 + 14] == b"archive/data/0"][0]
+    data[cd + 20:cd + 28] = struct.pack("<II", 32, 32)  # compressed and uncompressed size
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(bytes(data))
+    with open_checkpoint(path) as ck:  # the pickle's 8 elements match the directory's 32 bytes
+        with pytest.raises(FormatError, match="runs past its member"):
+            ck.read("w")
+
+
+def test_a_pickle_calling_os_system_is_refused_and_never_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "MARKER"
+    pkl = PROTO2 + dct(s("state_dict"), call("os", "system", s(shell_cmd(marker)))) + STOP
+    with pytest.raises(UnsafeFileError, match="os.system"):
+        open_checkpoint(_ckpt(tmp_path, pkl))
+    assert not marker.exists()
+
+
+def test_the_malicious_corpus_never_runs_through_open_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "model.ckpt"
+    for name in sorted(mp.BUILDERS):
+        case = mp.build(name, marker)
+        path.write_bytes(case.data)
+        try:
+            with open_checkpoint(path) as ck:
+                for t in ck.tensors:
+                    ck.read(t)
+            outcome = None
+        except TextinvError as e:
+            outcome = e
+        if case.error == "unsafe" and "tar" not in name:  # a legacy tar is refused unread
+            assert isinstance(outcome, UnsafeFileError), (name, outcome)
+        elif case.error == "unsafe":
+            assert isinstance(outcome, FormatError) and "legacy" in outcome.message, (name, outcome)
+        elif case.error == "format" and name != "storage_longer_than_tensor":
+            assert isinstance(outcome, FormatError), (name, outcome)
+    assert not marker.exists()
+
+
+def test_truncated_legacy_and_big_endian_files_are_refused(tmp_path):
+    sd = {"w": torch.ones(4, 4)}
+    torch.save(sd, tmp_path / "ok.ckpt")
+    whole = (tmp_path / "ok.ckpt").read_bytes()
+    for cut in (len(whole) // 2, len(whole) - 30, 100):
+        (tmp_path / "cut.ckpt").write_bytes(whole[:cut])
+        with pytest.raises(FormatError):
+            open_checkpoint(tmp_path / "cut.ckpt")
+    (tmp_path / "old.ckpt").write_bytes(legacy_torch(PROTO2 + dct(s("w"), s("x")) + STOP))
+    with pytest.raises(FormatError, match="legacy torch file"):
+        open_checkpoint(tmp_path / "old.ckpt")
+    pkl = _sd(s("w"), tensor("0", 16, (4, 4), (4, 1)))
+    with pytest.raises(FormatError, match="big-endian"):
+        open_checkpoint(_ckpt(tmp_path, pkl, {"0": F32_16}, byteorder=b"big"))
+    (tmp_path / "lfs.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\n")
+    with pytest.raises(FormatError, match="Git LFS"):
+        open_checkpoint(tmp_path / "lfs.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(FormatError, match="header claims"):
+        open_checkpoint(tmp_path / "bad.safetensors")
+
+
+# -- scan ---------------------------------------------------------------------------------
+
+def ldm(family: str, widths=None, *, in_channels=4, vae=True, ema=False, dtype=np.float16) -> dict:
+    """The keys scan() looks at, in LDM layout, with small vocabularies and real (or given) widths."""
+    w = widths or {"sd1": (768,), "sd2": (1024,), "sdxl": (768, 1280)}[family]
+    z = lambda *shape: np.zeros(shape, dtype)  # noqa: E731
+    out = {"model.diffusion_model.input_blocks.0.0.weight": z(8, in_channels, 3, 3),
+           "model.diffusion_model.out.2.weight": z(4, 8, 3, 3)}
+    if family == "sd1":
+        out["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = z(5, w[0])
+    elif family == "sd2":
+        out["cond_stage_model.model.token_embedding.weight"] = z(5, w[0])
+    else:
+        out["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"] = z(5, w[0])
+        out["conditioner.embedders.1.model.token_embedding.weight"] = z(5, w[1])
+    if vae:
+        out["first_stage_model.decoder.conv_out.weight"] = z(3, 8, 3, 3)
+    if ema:
+        out["model_ema.diffusion_modelinput_blocks00weight"] = z(8, in_channels, 3, 3)
+    return out
+
+
+def _write(path, tensors: dict, metadata=None):
+    if path.suffix == ".ckpt":
+        torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in tensors.items()}}, path)
+    else:
+        path.write_bytes(dump_safetensors(tensors, metadata))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+@pytest.mark.parametrize("family, widths, slots", [
+    ("sd1", None, {"clip_l": 768}), ("sd2", None, {"clip_h": 1024}), ("sdxl", None, {"clip_l": 768, "clip_g": 1280}),
+    ("sd1", (32,), {"clip_l": 32}), ("sd2", (48,), {"clip_h": 48}), ("sdxl", (32, 64), {"clip_l": 32, "clip_g": 64}),
+])
+def test_scan_tells_each_family_by_its_keys(tmp_path, suffix, family, widths, slots):
+    info = scan(_write(tmp_path / f"m{suffix}", ldm(family, widths)))
+    assert (info.family, info.widths, info.kind) == (family, slots, suffix[1:])
+    assert info.has_vae and not info.has_ema and info.variant == "fp16" and info.prediction is None
+    assert any("not a full-size model" in n for n in info.notes) == (widths is not None)
+
+
+def test_scan_reports_ema_vae_and_variant(tmp_path):
+    info = scan(_write(tmp_path / "m.safetensors", ldm("sd1", vae=False, ema=True, dtype=np.float32)))
+    assert (info.has_vae, info.has_ema, info.variant) == (False, True, "fp32")
+    counters = ldm("sd1") | {"model_ema.decay": np.zeros((), np.float32), "model_ema.num_updates": np.zeros((), np.int32)}
+    assert not scan(_write(tmp_path / "p.safetensors", counters)).has_ema  # a pruned file's counters only
+
+
+@pytest.mark.parametrize("tensors, needle, hint", [
+    ({k.replace("embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+                "embedders.0.model.token_embedding.weight").replace("embedders.1.", "embedders.0."): v
+      for k, v in ldm("sdxl").items()}, "SDXL refiner", "sd_xl_base_1.0"),
+    (ldm("sd1", in_channels=9), "inpainting", "base model"),
+    (ldm("sd2", in_channels=8), "instruct-pix2pix", "base model"),
+    ({"lora_unet_down_blocks_0.lora_down.weight": np.zeros((4, 8), np.float32)}, "LoRA", "textinv import"),
+    ({"emb_params": np.zeros((2, 768), np.float32)}, "Textual Inversion embedding", "textinv import"),
+    ({"encoder.conv_in.weight": np.zeros((8, 3, 3, 3), np.float32),
+      "decoder.conv_out.weight": np.zeros((3, 8, 3, 3), np.float32)}, "a VAE", "--vae"),
+    ({k: v for k, v in ldm("sd1").items() if k.startswith("model.")}, "no text encoder", "full checkpoint"),
+    (ldm("sd1") | ldm("sdxl"), "mixes", "as it was released"),
+    ({"\x1b[31mweird": np.zeros(3, np.float32), "b": np.zeros(3, np.float32)}, "\\x1b", "SD 1.x"),
+])
+def test_scan_refuses_what_it_cannot_train_on_and_says_what_it_is(tmp_path, tensors, needle, hint):
+    with pytest.raises(FormatError) as e:
+        scan(_write(tmp_path / "m.safetensors", tensors))
+    assert needle in e.value.message and hint in e.value.hint, str(e.value)
+    assert "\x1b" not in str(e.value)
+
+
+@pytest.mark.parametrize("metadata, keys, expected", [
+    ({"modelspec.prediction_type": "v"}, {}, "v"),
+    ({"modelspec.prediction_type": "v_prediction"}, {}, "v"),
+    ({"modelspec.prediction_type": "epsilon"}, {}, "epsilon"),
+    ({"modelspec.architecture": "stable-diffusion-v2-768-v"}, {}, "v"),
+    ({"modelspec.architecture": "stable-diffusion-v2-512"}, {}, None),
+    ({}, {"v_pred": np.zeros(0, np.float32)}, "v"),
+    ({}, {}, None),
+])
+def test_scan_reads_the_prediction_the_file_states(tmp_path, metadata, keys, expected):
+    assert scan(_write(tmp_path / "m.safetensors", ldm("sd2") | keys, metadata)).prediction == expected
+
+
+def test_scan_reads_a1111s_sidecar_yaml(tmp_path):
+    path = _write(tmp_path / "768-v-ema.ckpt", ldm("sd2"))
+    yaml = tmp_path / "768-v-ema.yaml"
+    yaml.write_text("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n"
+                    "    parameterization: \"v\"\n    linear_start: 0.00085\n")
+    info = scan(path)
+    assert info.prediction == "v" and any("768-v-ema.yaml" in n for n in info.notes)
+    yaml.write_text("model:\n  params:\n    linear_start: 0.00085\n")
+    assert scan(path).prediction == "epsilon"  # a config without it: LDM's default, eps
+    yaml.write_text("model: [unclosed\n")
+    info = scan(path)
+    assert info.prediction is None and any("not valid YAML" in n for n in info.notes)
+    yaml.write_text("#" * (65 * 1024))
+    assert scan(path).prediction is None
+    yaml.write_text("model:\n  params:\n    parameterization: eps\n")
+    stated = _write(tmp_path / "768-v-ema.safetensors", ldm("sd2"), {"modelspec.prediction_type": "v"})
+    info = scan(stated)
+    assert info.prediction == "v" and any("the file's word is taken" in n for n in info.notes)
