@@ -193,6 +193,29 @@ def atomic_write_bytes(path: Path, data: bytes, *, force: bool = False) -> None:
     _fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def atomic_stream(path: Path):
+    """A binary file whose contents replace `path` when the block ends without an error (temp
+    in the same folder, fsync, rename), for files too large to hold in memory (a converted
+    model); on any error the temp is removed and `path` is untouched. The caller decides
+    beforehand whether `path` may be replaced (check_writable_target)."""
+    path = Path(path)
+    with errors_name(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            _as_if_created(fd, 0o666)
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    _fsync_dir(path.parent)
+
+
 def atomic_write_dir(path: Path, files: dict[str, bytes], *, force: bool = False) -> None:
     """Write a folder of files: build it beside the target, then rename into place.
 
