@@ -6,8 +6,9 @@ then the built-in default. `textinv config list` shows every setting and where i
 comes from. The file is TOML (`model = "..."`), one string per key, read with the standard
 library's tomllib; textinv writes it atomically, a person may edit it too.
 
-Only what a user would otherwise repeat on every command belongs here: today the base
-model (`--model` of train and sample).
+Only what a user would otherwise repeat on every command belongs here: the base model
+(`--model` of train and sample) and the folders its name is looked up in (`model-dirs`,
+models/model_files.py has the rule that splits and searches them).
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ class Setting:
 
 SETTINGS: dict[str, Setting] = {s.key: s for s in (
     Setting("model", "TEXTINV_MODEL", "tiny",
-            "base model of train and sample without --model: a diffusers folder, a Hub id, or tiny / tiny-sd2 / "
-            "tiny-sdxl (random weights, for trying textinv out)"),
+            "base model of train and sample without --model: a .safetensors/.ckpt checkpoint, a name found in "
+            "model-dirs, a diffusers folder, a Hub id, or tiny / tiny-sd2 / tiny-sdxl (random weights, for trying "
+            "textinv out)"),
+    Setting("model-dirs", "TEXTINV_MODEL_DIRS", "",
+            f"folders of single-file checkpoints, separated by {os.pathsep!r} (A1111's models/Stable-diffusion, "
+            "ComfyUI's models/checkpoints): --model NAME finds NAME.safetensors there; textinv models lists them"),
 )}
 
 

@@ -25,6 +25,10 @@ Sources (option names as the scripts' argparse declares them):
   --save_every_n_steps, --xformers, --sdpa, --pretrained_model_name_or_path, --train_data_dir;
   gen_img(_diffusers).py: --W, --H, --scale, --sampler, --outdir, --images_per_prompt, --ckpt.
 - A1111's web API (txt2img): negative_prompt, cfg_scale, width, height, sampler_name, steps, seed.
+- A single-file model's prediction type: kohya's --v_parameterization (train_util's shared
+  arguments and gen_img.py, a flag) and diffusers' --prediction_type (examples/text_to_image/
+  train_text_to_image.py: "epsilon" or "v_prediction", both taken by our --prediction). kohya's
+  --vae is already ours.
 
 A value meant for another tool still meets our checks (`--lr-scheduler cosine_with_restarts`
 or `--sampler euler_a` are refused with our choices listed): only the names are translated.
@@ -67,6 +71,8 @@ TRAIN: dict[str, tuple[str, ...]] = {
     "--sdpa": ("--attention", "sdpa"),              # kohya (a flag)
     "--pretrained-model-name-or-path": ("--model",),  # both
     "--output-dir": ("--run-dir",),                 # diffusers: where its checkpoints and embeddings go
+    "--v-parameterization": ("--prediction", "v"),  # kohya (a flag)
+    "--prediction-type": ("--prediction",),         # diffusers (train_text_to_image.py)
 }
 
 SAMPLE: dict[str, tuple[str, ...]] = {
@@ -83,6 +89,8 @@ SAMPLE: dict[str, tuple[str, ...]] = {
     "--output-dir": ("--output",),
     "--pretrained-model-name-or-path": ("--model",),  # diffusers
     "--ckpt": ("--model",),                         # kohya gen_img
+    "--v-parameterization": ("--prediction", "v"),  # kohya gen_img (a flag)
+    "--prediction-type": ("--prediction",),         # diffusers
 }
 
 # Names standing for one side of sample's --size WIDTHxHEIGHT (diffusers and A1111; kohya's --W/--H).

@@ -24,6 +24,7 @@ from .commands import completion_cmd
 from .commands import mv_cmd, tag_cmd, use_cmd
 from .commands import runs_cmd
 from .commands import config_cmd
+from .commands import models_cmd
 from .commands import (backends_cmd, convert_cmd, export_cmd, hub_cmd, import_cmd, inspect_cmd, list_cmd,
                        resume_cmd, rm_cmd, sample_cmd, tiny_model_cmd, train_cmd)
 
@@ -167,6 +168,7 @@ app.command("export")(export_cmd.export)
 app.command("backends")(backends_cmd.backends)
 app.command("tiny-model")(tiny_model_cmd.tiny_model)
 app.command("config")(config_cmd.config)
+app.command("models")(models_cmd.models)
 app.command("completion")(completion_cmd.completion)
 app.add_typer(runs_cmd.app, name="runs")
 

@@ -34,3 +34,28 @@ def family_option(value: str | None) -> str | None:
     if value not in FAMILIES:
         raise typer.BadParameter(f"must be one of {', '.join(FAMILIES)}, not {value!r}.")
     return value
+
+
+# --model, --prediction and --vae of train and sample (cli/base_model.py prepares what they name).
+MODEL_HELP = ("A .safetensors/.ckpt checkpoint (SD 1.x, 2.x, XL; converted once, cached), a name in your model "
+              "folders (textinv models), a diffusers folder, a Hub id, or tiny / tiny-sd2 / tiny-sdxl (default: tiny, "
+              "a random-weight model for trying textinv out; set yours once: textinv config set model, or "
+              "TEXTINV_MODEL).")
+PREDICTION_HELP = ("For a single-file checkpoint that does not say what it predicts: epsilon (SD 1.x, XL, SD 2.x "
+                   "512 px) or v (SD 2.x 768 px, v-pred models).")
+VAE_HELP = "A VAE file to use instead of the model's, as A1111's SD VAE (e.g. vae-ft-mse-840000-ema-pruned.safetensors)."
+PREDICTIONS = ("epsilon", "v")
+# Other tools' words for the two (diffusers' prediction_type: v_prediction): ours.
+_PREDICTION_WORDS = {"epsilon": "epsilon", "eps": "epsilon", "v": "v", "v_prediction": "v", "v-prediction": "v"}
+
+
+def prediction_option(value: str | None) -> str | None:
+    """typer callback for --prediction: epsilon or v (diffusers' v_prediction too), else exit 2."""
+    import typer
+
+    if value is None:
+        return None
+    word = _PREDICTION_WORDS.get(value.strip().lower())
+    if word is None:
+        raise typer.BadParameter(f"must be epsilon or v, not {value!r}.")
+    return word

@@ -140,7 +140,8 @@ def _render(events, spec: TrainSpec, name: str) -> dict:
                 progress.console.print(f"Run folder: {d.get('run_dir')}", markup=False)
                 resumed = f", resumed from step {d['start_step']}" if d.get("start_step") else ""
                 procs = f" x {d['processes']} processes" if d.get("processes", 1) > 1 else ""
-                progress.console.print(f"Training {spec.token} on {d.get('model', spec.model)} ({d.get('family', '?')}) "
+                model = getattr(spec, "model_file", None) or d.get("model", spec.model)  # a checkpoint: its file
+                progress.console.print(f"Training {spec.token} on {model} ({d.get('family', '?')}) "
                                        f"on {d.get('device', '?')}{procs}: {d.get('images', '?')} images{resumed}",
                                        markup=False)
                 # escaped here, not only by the console: the column is sized before it renders
@@ -227,7 +228,9 @@ def _register(finished: Event | None, spec: TrainSpec, name: str, *, json_out: b
         raise BackendError("The backend stopped without finishing the run; nothing was registered.",
                            f"Look at {spec.run_dir}/events.jsonl, then `textinv resume {spec.run_dir}`.")
     d = finished.data
-    meta = {"learnable_property": spec.property, "base_model": spec.model, "step": str(d.get("step", spec.steps)),
+    from ..engine.run_files import base_model_meta
+
+    meta = {"learnable_property": spec.property, **base_model_meta(spec), "step": str(d.get("step", spec.steps)),
             "backend": spec.backend, **{k: str(v) for k, v in (d.get("meta") or {}).items()}}
     emb = Embedding(d.get("token", spec.token), d["vectors"], meta)
     crash_point("before-register")  # test hook (runs.CRASH_ENV): the final file is written, not yet registered

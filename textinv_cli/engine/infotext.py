@@ -75,7 +75,9 @@ def infotext(request, *, seed: int, width: int, height: int, model_name: str, sa
     """A1111's `parameters` text: prompt, `Negative prompt: ...`, then `Key: value, ...`.
 
     Keys, order and quoting follow A1111's create_infotext; TI hashes are `name: shorthash`
-    joined by ", " with ':' and ',' removed from names, as A1111 writes them.
+    joined by ", " with ':' and ',' removed from names, as A1111 writes them. A single-file
+    model adds `Model hash` and names itself by its stem, a --vae file adds `VAE hash` and
+    `VAE` (its file name), as A1111 writes them (the request's model_hash ... vae_name).
     """
     from .. import __version__
 
@@ -83,17 +85,48 @@ def infotext(request, *, seed: int, width: int, height: int, model_name: str, sa
               for ref in request.embeddings if ref.short_hash]
     params = {"Steps": request.steps, "Sampler": sampler,
               "CFG scale": float(request.guidance), "Seed": seed, "Size": f"{width}x{height}",
-              "Model": model_name, "Clip skip": clip_skip if (clip_skip := getattr(request, "clip_skip", 1)) > 1 else None,
+              "Model hash": getattr(request, "model_hash", "") or None,
+              "Model": getattr(request, "model_title", "") or model_name,
+              "VAE hash": getattr(request, "vae_hash", "") or None, "VAE": getattr(request, "vae_name", "") or None,
+              "Clip skip": clip_skip if (clip_skip := getattr(request, "clip_skip", 1)) > 1 else None,
               "TI hashes": ", ".join(hashes) or None, "Version": f"textinv {__version__}"}
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
     negative = f"\nNegative prompt: {request.negative}" if request.negative else ""
     return f"{request.prompt}{negative}\n{line}".strip()
 
 
+def a1111_model_fields(model_file: str | None, model_sha256: str | None, vae_file: str | None,
+                       vae_sha256: str | None) -> dict[str, str]:
+    """SampleRequest's model_hash, model_title, vae_hash and vae_name for a single-file model
+    and a --vae file, as A1111 writes them: the short hash (first 10 hex of the sha256), the
+    checkpoint's stem, the VAE's file name; empty for what is not given."""
+    def short(sha256: str | None, given: str | None) -> str:
+        if not (given and sha256):
+            return ""
+        from ..models.checkpoints.hashes import short_hash
+
+        return short_hash(sha256)
+
+    return {"model_hash": short(model_sha256, model_file), "model_title": Path(model_file).stem if model_file else "",
+            "vae_hash": short(vae_sha256, vae_file), "vae_name": Path(vae_file).name if vae_file else ""}
+
+
 def model_label(model: str) -> str:
-    """What the infotext and messages call a model: a folder's name, or the Hub id as given."""
+    """What the infotext and messages call a model: a folder's name, or the Hub id as given; a
+    folder made from a checkpoint file (a cached conversion, a --vae view) by the file's stem."""
     path = Path(model)
-    return path.name if path.is_dir() else str(model)
+    if not path.is_dir():
+        return str(model)
+    from ..models.model_views import view_info
+
+    joined = view_info(path)
+    if joined is not None and joined.get("model"):
+        path = Path(str(joined["model"]))
+    from ..models.checkpoints.cache import read_marker
+
+    marker = read_marker(path) or {}
+    source = marker.get("source") if marker.get("kind") == "model" else None
+    return Path(source).stem if isinstance(source, str) and source else path.name
 
 
 def validation_text(spec, *, prompt: str, index: int, resolution: int, vectors: dict) -> str:
@@ -109,7 +142,9 @@ def validation_text(spec, *, prompt: str, index: int, resolution: int, vectors: 
     seed = spec.seed + index
     request = SampleRequest(prompt=prompt, model=spec.model, out_dir="", embeddings=[ref],
                             steps=spec.validate_steps, scheduler="ddim", guidance=7.5, seed=seed,
-                            clip_skip=getattr(spec, "clip_skip", 1))
+                            clip_skip=getattr(spec, "clip_skip", 1),
+                            **a1111_model_fields(getattr(spec, "model_file", None), getattr(spec, "model_sha256", None),
+                                                 getattr(spec, "vae", None), getattr(spec, "vae_sha256", None)))
     return infotext(request, seed=seed, width=resolution, height=resolution, model_name=model_label(spec.model),
                     sampler="DDIM")
 
@@ -353,6 +388,7 @@ def sample_options(text: str) -> tuple[dict, dict[str, str]]:
             found[name] = value
     if "Sampler" in params:
         found["scheduler"] = from_infotext(params["Sampler"], params.get("Schedule type"))
+
     size = params.get("Size")
     if size is not None:
         m = re.fullmatch(r"\s*(\d{1,6})\s*x\s*(\d{1,6})\s*", size)
@@ -361,3 +397,13 @@ def sample_options(text: str) -> tuple[dict, dict[str, str]]:
         else:
             problems["size"] = f"Size must be WIDTHxHEIGHT, not {quoted(size, 40)}"
     return found, problems
+
+
+def model_fields(text: str) -> dict[str, str]:
+    """The model and VAE a parameters block says the picture was made with, as A1111 writes
+    them ({model_title, model_hash, vae_name, vae_hash}: those present, each cut to 255
+    characters; the caller looks them up and escapes them)."""
+    _prompt, _negative, params = parse_infotext(text)
+    return {name: params[key][:255] for key, name in (("Model", "model_title"), ("Model hash", "model_hash"),
+                                                      ("VAE", "vae_name"), ("VAE hash", "vae_hash"))
+            if params.get(key)}

@@ -25,10 +25,25 @@ def embedding_meta(spec, family: str, step: int, backend: str | None = None) -> 
     the --init words, or the registry entry it continued)."""
     from .init_from import init_meta
 
-    return {"token": spec.token, "step": str(step), "base_model": str(spec.model), "family": family,
+    return {"token": spec.token, "step": str(step), **base_model_meta(spec), "family": family,
             "learnable_property": spec.property, "vectors": str(spec.vectors),
             "trained_with": f"textinv {backend or spec.backend}", **init_meta(spec),
             **({"clip_skip": str(spec.clip_skip)} if getattr(spec, "clip_skip", 1) > 1 else {})}
+
+
+def base_model_meta(spec) -> dict[str, str]:
+    """The base model as the embedding's metadata keeps it: `base_model`, the model as given
+    (a single-file checkpoint's path, not the cached folder made from it), and for a single
+    file A1111's `sd_checkpoint` (its short hash) and `sd_checkpoint_name` (its stem), the
+    fields A1111 writes into the embeddings it trains."""
+    model_file = getattr(spec, "model_file", None)
+    if not model_file:
+        return {"base_model": str(spec.model)}
+    from .infotext import a1111_model_fields
+
+    fields = a1111_model_fields(model_file, getattr(spec, "model_sha256", None), None, None)
+    return {"base_model": str(model_file), "sd_checkpoint": fields["model_hash"],
+            "sd_checkpoint_name": fields["model_title"]}
 
 
 def write_vectors(path: Path, vectors: dict, spec, family: str, step: int, backend: str | None = None) -> Path:

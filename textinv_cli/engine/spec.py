@@ -58,6 +58,12 @@ class TrainSpec:
     attention: str = "sdpa"             # sdpa | xformers
     deterministic: bool = False
     clip_skip: int = 1                  # A1111's "Clip skip": 1 = the text encoder's last layer (older runs: 1)
+    # the base model as given, when `model` is a folder made from it (absent in older runs; cli/base_model.py)
+    model_file: str | None = None       # a single-file checkpoint (.safetensors/.ckpt); `model` is its conversion
+    model_sha256: str | None = None     # that file's sha256 (A1111's short hash: the first 10 hex)
+    prediction: str | None = None       # epsilon | v: what the conversion used (--prediction, or the file's)
+    vae: str | None = None              # --vae FILE; `model` is then a view folder holding its conversion
+    vae_sha256: str | None = None
     # output
     save_every: int = 0                 # embedding snapshots every N steps (0: only the final one)
     checkpoint_every: int = 500         # resumable checkpoints every N steps (0: none)
@@ -137,6 +143,11 @@ class SampleRequest:
     precision: str = "fp32"
     batch_size: int | None = None       # images per pipeline call; None: the backend picks (up to 8)
     clip_skip: int = 1                  # A1111's "Clip skip" (1: the last layer)
+    # A1111's names for the PNG parameters (cli/base_model.py); "" where the model is no single file
+    model_hash: str = ""                # "Model hash": the checkpoint file's short hash (10 hex)
+    model_title: str = ""               # "Model": the checkpoint file's stem (else the backend's folder name)
+    vae_hash: str = ""                  # "VAE hash" of --vae's file (10 hex)
+    vae_name: str = ""                  # "VAE": its file name
 
 
 KINDS = ("started", "progress", "checkpoint", "snapshot", "validation", "sample", "finished", "interrupted",

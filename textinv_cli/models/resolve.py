@@ -1,7 +1,11 @@
-"""Base models named on the command line: built-in tiny models, local folders, Hub ids.
+"""Base models named on the command line: built-in tiny models, local folders, single-file
+checkpoints (.safetensors / .ckpt, or a name found in the model folders), Hub ids.
 
-The family of a local diffusers folder is read from its JSON configs (no torch):
-an XL pipeline class -> sdxl; a text encoder with plain gelu (OpenCLIP) -> sd2; else sd1.
+A single file becomes a diffusers folder before any backend sees it (checkpoints.prepare,
+converted once and cached), so every backend loads a folder; `--vae FILE` becomes a view
+folder (model_views.py). The family of a local diffusers folder is read from its JSON
+configs (no torch): an XL pipeline class -> sdxl; a text encoder with plain gelu (OpenCLIP)
+-> sd2; else sd1.
 """
 
 from __future__ import annotations
@@ -37,23 +41,69 @@ def configured_model(name: str | None) -> str | None:
 
 
 def canonical_model(name: str) -> str:
-    """What `textinv config set model NAME` stores: a tiny name or Hub id as given, a local
-    folder as its absolute path (a relative one would change meaning with the directory).
-    Refused here, not at the next train: a name that is none of these."""
+    """What `textinv config set model NAME` stores: a tiny name, a model-folder name or a Hub
+    id as given, a local folder or file as its absolute path (a relative one would change
+    meaning with the directory). Refused here, not at the next train: a name that is none."""
+    name = name.strip()
+    located = locate_model(name)
+    if located != name:  # a name found in the model folders: kept as typed, so it follows them
+        return name
+    path = Path(name).expanduser()
+    return str(path.resolve()) if name not in TINY and path.exists() else name  # a Hub id as given
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/"))
+
+
+def locate_model(name: str) -> str:
+    """--model as typed -> a tiny name, a local folder or checkpoint file (as given), a file
+    found in the model folders (its path), or a Hub id. Order: tiny, an existing path, a
+    model-folder name, a Hub id; anything else is an error that says what was searched."""
+    from .model_files import find_model_file, is_checkpoint_name, missing_model_message
+
     name = name.strip()
     if name in TINY:
         return name
     path = Path(name).expanduser()
-    if path.exists():
+    if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise NotFoundError(f"{path} is not a diffusers model folder (no model_index.json).",
-                                "Pass a folder saved with save_pretrained, a Hub id (owner/name), or tiny.")
-        return str(path.resolve())
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/")):
+                                "Pass a folder saved with save_pretrained, a .safetensors/.ckpt checkpoint, "
+                                "a Hub id (owner/name), or tiny.")
         return name
-    raise NotFoundError(f"Model {name!r} is neither a local folder nor a Hub id (owner/name).",
-                        "Pass a diffusers folder, a Hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
-                        "or tiny.")
+    if path.exists():
+        if not is_checkpoint_name(path.name):
+            raise NotFoundError(f"{path} is not a model: textinv loads .safetensors and .ckpt checkpoints, "
+                                "diffusers folders and Hub ids.",
+                                "Pass a .safetensors/.ckpt checkpoint or a diffusers folder to --model.")
+        return name
+    if not name.startswith((".", "/", "~")):
+        found = find_model_file(name)
+        if found is not None:
+            return str(found)
+        if _looks_like_hub_id(name) and not is_checkpoint_name(name):
+            return name  # a Hub id; the backend loads it through the Hugging Face cache
+    missing = missing_model_message(name) if not name.startswith((".", "/", "~")) else None
+    if missing is not None:
+        raise NotFoundError(*missing)
+    if is_checkpoint_name(name) or name.startswith((".", "/", "~")):
+        raise NotFoundError(f"{path} does not exist.",
+                            "Check the path, or name your model folder once: textinv config set model-dirs DIR "
+                            "(then --model NAME finds DIR/NAME.safetensors).")
+    raise NotFoundError(f"Model {name!r} is neither a local folder nor a Hub id (owner/name), nor a checkpoint file.",
+                        "Pass --model with a .safetensors/.ckpt file, a diffusers folder or a Hub id (or tiny), "
+                        "or name your model folder once: textinv config set model-dirs DIR.")
+
+
+def checkpoint_file(name: str | None) -> Path | None:
+    """The single-file checkpoint `name` (--model as typed, None: the configured default)
+    stands for, or None when it is a folder, a tiny model or a Hub id."""
+    from .model_files import is_checkpoint_name
+
+    located = locate_model(name or default_model())
+    path = Path(located).expanduser()
+    return path.resolve() if path.is_file() and is_checkpoint_name(path.name) else None
 
 
 def models_dir() -> Path:
@@ -99,27 +149,28 @@ def model_notes(name: str | None) -> list[str]:
         return []
     shown = name or f"{DEFAULT_MODEL} (the default)"
     return [f"Model: {shown}, a built-in tiny {TINY[name or DEFAULT_MODEL].upper()} model with random weights: "
-            "for trying textinv out, not for real images. Pass --model with a diffusers folder or a Hub id "
-            "(or name yours once for every run: textinv config set model, then the folder or Hub id)."]
+            "for trying textinv out, not for real images. Pass --model with a .safetensors/.ckpt checkpoint, a "
+            "diffusers folder or a Hub id (or name yours once for every run: textinv config set model, then "
+            "the file, folder or Hub id)."]
 
 
-def resolve_model(name: str | None, backend: str | None = None) -> str:
+def resolve_model(name: str | None, backend: str | None = None, prediction: str | None = None) -> str:
     """A local folder path (tiny models are built here on first use, by `backend` where it
-    can) or a Hub id, unchanged. Without a name: the configured default (default_model)."""
-    name = name or default_model()
-    if name in TINY:
-        family = TINY[name]
+    can; a single-file checkpoint is converted once into a cached diffusers folder, with
+    `prediction` where the file does not say it) or a Hub id, unchanged. Without a name: the
+    configured default (default_model). Idempotent: a folder it returned resolves to itself."""
+    located = locate_model(name or default_model())
+    if located in TINY:
+        family = TINY[located]
         return str(make_tiny_model(models_dir() / f"tiny-{family}", family, backend=backend))
-    path = Path(name).expanduser()
+    path = Path(located).expanduser()
+    if path.is_file():
+        from .checkpoints.convert import prepare
+
+        return str(prepare(path.resolve(), prediction=prediction).folder)
     if path.exists():
-        if not (path / "model_index.json").exists() and path.is_dir():
-            raise NotFoundError(f"{path} is not a diffusers model folder (no model_index.json).",
-                                "Pass a folder saved with save_pretrained, a Hub id, or --model tiny.")
         return str(path.resolve())
-    if name.count("/") == 1 and not name.startswith((".", "/")):
-        return name  # a Hub id; the backend loads it through the Hugging Face cache
-    raise NotFoundError(f"Model {name!r} is neither a local folder nor a Hub id (owner/name).",
-                        "Pass --model with a diffusers folder or a Hub id, or --model tiny for the built-in demo model.")
+    return located  # a Hub id; the backend loads it through the Hugging Face cache
 
 
 def model_family(model: str) -> str | None:
@@ -237,9 +288,9 @@ def base_model_hint(meta: dict, family: str) -> str | None:
     """What to pass when an embedding of `family` meets a model of another family: the base
     model its metadata records (textinv's `base_model`, A1111's `sd_checkpoint_name`), or None.
 
-    A recorded folder that still exists, a tiny model's folder or a Hub id is a --model that
-    works as printed; an A1111 checkpoint name is only a name (a .safetensors checkpoint in
-    A1111's folder), so it is said as what to look for."""
+    A recorded folder or checkpoint file that still exists, a tiny model's folder or a Hub id
+    is a --model that works as printed; an A1111 checkpoint name is only a name (a checkpoint
+    in A1111's folder), so it is said as what to look for."""
     import shlex
 
     from ..untrusted import shown
@@ -249,10 +300,10 @@ def base_model_hint(meta: dict, family: str) -> str | None:
         tiny = next((n for n, f in TINY.items() if f == family and Path(base) == models_dir() / f"tiny-{f}"), None)
         if tiny is not None or base in TINY:
             return f"Pass --model {tiny or base} (the tiny model it was trained on)."
-        if Path(base).is_dir() or (base.count("/") == 1 and not base.startswith((".", "/", "~"))):
+        if Path(base).exists() or (base.count("/") == 1 and not base.startswith((".", "/", "~"))):
             return f"Pass --model {shlex.quote(base)} (the model it was trained on)."
     name = str(meta.get("sd_checkpoint_name") or "").strip()
     if name:
-        return (f"It was trained on {shown(name, 120)} (A1111's checkpoint name): pass --model with that model "
-                "as a diffusers folder or Hub id.")
+        return (f"It was trained on {shown(name, 120)} (A1111's checkpoint name): pass --model with that "
+                "checkpoint's file (or its name, with textinv config set model-dirs DIR).")
     return None

@@ -12,6 +12,7 @@ import typer
 from ...config import SETTINGS
 
 ACTIONS = ("list", "get", "set", "unset")
+EXAMPLES = {"model": "tiny-sd2", "model-dirs": "~/stable-diffusion-webui/models/Stable-diffusion"}
 
 
 def config(
@@ -22,7 +23,8 @@ def config(
     value: Optional[str] = typer.Argument(None, metavar="[VALUE]", help="The new value (set only)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
 ) -> None:
-    """Show or change settings: model (the default base model; also TEXTINV_MODEL)."""
+    """Show or change settings: model (the default base model; also TEXTINV_MODEL), model-dirs (folders of
+    .safetensors/.ckpt models that --model NAME searches; also TEXTINV_MODEL_DIRS)."""
     from ... import config as settings
     from ...errors import OptionError
     from ...untrusted import escape
@@ -35,7 +37,8 @@ def config(
         raise OptionError(f"textinv config {action} needs a setting's name.",
                           f"For example: textinv config {action} model" + (" tiny-sd2" if needs_value else ""))
     if needs_value and value is None:
-        raise OptionError(f"textinv config set {key} needs a value.", f"For example: textinv config set {key} tiny-sd2")
+        raise OptionError(f"textinv config set {key} needs a value.", f"For example: textinv config set {key} "
+                          + EXAMPLES.get(key, "tiny-sd2"))
     if (action in ("get", "unset") and value is not None) or (action == "list" and key is not None):
         raise OptionError(f"Too many arguments for textinv config {action}.", "See textinv config --help.")
 
@@ -68,11 +71,16 @@ def config(
 
 
 def _canonical(key: str, value: str) -> str:
-    """The value as stored: a model folder as its absolute path (models/resolve.canonical_model)."""
+    """The value as stored: a model folder or file as its absolute path (models/resolve.canonical_model),
+    model folders as absolute paths (models/model_files.canonical_dirs)."""
     if key == "model":
         from ...models.resolve import canonical_model
 
         return canonical_model(value)
+    if key == "model-dirs":
+        from ...models.model_files import canonical_dirs
+
+        return canonical_dirs(value)
     return value
 
 

@@ -47,4 +47,44 @@ def resume(
         raise typer.Exit(code)
     from ..training import run_training
 
-    run_training(require_backend(spec.backend), spec, resume=run, name=name, json_out=json_out)
+    backend = require_backend(spec.backend)
+    reprepare_model(spec, run, backend)
+    run_training(backend, spec, resume=run, name=name, json_out=json_out)
+
+
+def reprepare_model(spec, run: Path, backend) -> None:
+    """A run on a single-file checkpoint or with --vae trains on a folder made from them:
+    made again from spec.json's record (the cache answers at once, unless `textinv models
+    --prune` freed it), so spec.model is a folder that exists. A checkpoint that changed
+    since the run started is said: the result can no longer match an uninterrupted run."""
+    from ...errors import NotFoundError
+    from ...models.model_views import view_info
+    from ...models.resolve import resolve_model
+    from ...untrusted import shown
+    from ..base_model import ChosenModel, add_vae, choose_model
+    from ..console import err_console
+
+    if not spec.model_file and not spec.vae:
+        return
+    if spec.model_file:
+        chosen = choose_model(spec.model_file, prediction=spec.prediction, vae_given=bool(spec.vae),
+                              command="resume", args=[str(run)])
+        if spec.model_sha256 and chosen.sha256 != spec.model_sha256:
+            err_console.print(f"Warning: {shown(spec.model_file, 200)} changed since the run started (sha256 "
+                              f"{chosen.sha256[:10]}, was {spec.model_sha256[:10]}); the result will not match an "
+                              "uninterrupted run.", markup=False, style="yellow")
+        base = chosen.model
+    else:  # a diffusers folder or tiny model with --vae: the folder the view joined, else the model as typed
+        joined = view_info(Path(spec.model))
+        base = joined["model"] if joined and Path(joined["model"]).is_dir() else None
+        if base is None:
+            if not spec.model_name or spec.model_name.startswith((".", "~")):
+                raise NotFoundError(f"The model of {run} ({shown(spec.model, 200)}) is gone.",
+                                    "Start the run again with textinv train (its options are in spec.json).")
+            base = resolve_model(spec.model_name, backend=getattr(backend, "name", None))
+        chosen = ChosenModel(spec.model_name, base)
+    chosen = add_vae(chosen, Path(spec.vae) if spec.vae else None, base)
+    if spec.vae and spec.vae_sha256 and chosen.vae_sha256 != spec.vae_sha256:
+        err_console.print(f"Warning: {shown(spec.vae, 200)} changed since the run started; the result will not match "
+                          "an uninterrupted run.", markup=False, style="yellow")
+    spec.model = chosen.model

@@ -14,6 +14,7 @@ import typer
 
 from ...engine.checks import PRECISIONS
 from ...engine.samplers import NAMES as _NAMES
+from ..options import MODEL_HELP, PREDICTION_HELP, VAE_HELP, prediction_option
 
 _A1111_NAMES = ", ".join(f'"{n}"' if " " in n else n for n in _NAMES)
 
@@ -41,9 +42,10 @@ def sample(
     negative: str = typer.Option("", "--negative", help="Negative prompt (registered tokens in it are loaded too)."),
     clip_skip: int = typer.Option(1, "--clip-skip", metavar="N", help="A1111's Clip skip: condition on the text "
                                   "encoder's N-th layer from the end (1: the last; 2 is common with anime models; torch)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny, a random-weight "
-                                                                    "model for trying textinv out, not for real images; set yours once: "
-                                                                    "textinv config set model, or TEXTINV_MODEL)."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    prediction: Optional[str] = typer.Option(None, "--prediction", metavar="[epsilon|v]", callback=prediction_option,
+                                             help=PREDICTION_HELP),
+    vae: Optional[Path] = typer.Option(None, "--vae", metavar="FILE", help=VAE_HELP),
     out: Path = typer.Option(Path("samples"), "-o", "--output", help="Folder for the PNGs (numbered after existing files)."),
     precision: str = typer.Option("fp32", "--precision", help=f"{', '.join(PRECISIONS)} (fp16: CUDA only)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="torch or jax (default: the first usable one)."),
@@ -88,6 +90,7 @@ def sample(
         used += [f"Size {width}x{height}"] if "width" in taken else []
         err_console.print(f"Note: from {params_from}: {', '.join(['prompt'] * ('prompt' in taken) + used) or 'nothing'} "
                           "(options given here win).", markup=False, style="dim")
+        model = _model_from_params(taken, model if _given(ctx, "model") else None, vae, err_console) or model
     if prompt is None:
         from ...errors import OptionError
 
@@ -114,20 +117,39 @@ def sample(
     from ...models.resolve import model_family, model_notes, resolve_model
     from ...engine.plugins import require_backend
 
+    from ..base_model import add_vae, choose_model
     from ..console import err_console as _err
     from ...models.resolve import folder_on_disk, loading_line
 
-    on_disk = folder_on_disk(model)  # a model already here: a family mismatch is said before any backend loads
+    # A checkpoint file: its family checked against the prompt's embeddings, then converted once;
+    # `target` is the folder made (else `model` as given), which the checks below read.
+    chosen_model = choose_model(model, prediction=prediction, vae_given=vae is not None, command="sample",
+                                args=ctx.meta.get("textinv.args"),
+                                before_convert=lambda family, label: check_families(entries, label, family))
+    target = chosen_model.model if chosen_model.file is not None else model
+    if vae is not None and folder_on_disk(target) is not None:
+        target = add_vae(chosen_model, vae, str(folder_on_disk(target))).model
+    on_disk = folder_on_disk(target)  # a model already here: a family mismatch is said before any backend loads
     if on_disk is not None:
-        check_families(entries, on_disk.name, model_family(str(on_disk)))
+        check_families(entries, chosen_model.label or on_disk.name, model_family(str(on_disk)))
         check_size(width, height, str(on_disk), flag="--size", allow=allow_large, side_only=True)
     _err.print(loading_line(model, backend), markup=False, style="dim")  # the wait until the first image, named
     chosen = require_backend(backend)
     check_sample_request(request, chosen)  # and what this backend cannot do
-    resolved = resolve_model(model, backend=getattr(chosen, "name", None))
+    resolved = resolve_model(target, backend=getattr(chosen, "name", None))
+    if vae is not None and chosen_model.vae_file is None:  # a model that is on disk only now (a tiny one built)
+        resolved = add_vae(chosen_model, vae, resolved).model
     check_size(width, height, resolved, flag="--size", allow=allow_large, backend=chosen)  # before the model loads
-    model_name = Path(resolved).name if Path(resolved).is_dir() else resolved
+    from ...engine.infotext import model_label
+
+    model_name = chosen_model.label or model_label(resolved)
     check_families(entries, model_name, model_family(resolved))
+    from ...engine.infotext import a1111_model_fields
+
+    fields = a1111_model_fields(str(chosen_model.file) if chosen_model.file else None, chosen_model.sha256,
+                                str(chosen_model.vae_file) if chosen_model.vae_file else None, chosen_model.vae_sha256)
+    for key, value in fields.items():  # the PNG parameters' Model hash, Model, VAE hash, VAE (A1111's)
+        setattr(request, key, value)
     refs = []
     for used in found.used:  # the token the prompt holds: the entry's, or its name typed as a word
         emb = registry.load(used.entry)
@@ -159,6 +181,36 @@ def sample(
             close()
 
 
+def _model_from_params(taken: dict, model: str | None, vae, say) -> str | None:
+    """The model a parameters block names, where --model is not given: a checkpoint of that
+    name in the model folders (A1111's Model), else `model` unchanged with a note naming it.
+    A different hash, or a VAE the picture used (A1111's VAE), is said, not guessed."""
+    from ...errors import TextinvError
+    from ...models.model_files import find_model_file
+    from ...untrusted import shown
+
+    title, short = taken.get("model_title"), taken.get("model_hash")
+    notes = []
+    if model is None and title:
+        try:
+            found = find_model_file(title)
+        except TextinvError:
+            found = None
+        if found is not None:
+            model = str(found)
+            notes.append(f"the picture's Model {shown(title, 120)}"
+                         + (f" (Model hash {shown(short, 12)})" if short else "") + f" is {shown(str(found), 200)}")
+        else:
+            notes.append(f"the picture was made with the Model {shown(title, 120)}"
+                         + (f" ({shown(short, 12)})" if short else "") + "; pass --model with it for the same picture")
+    if vae is None and taken.get("vae_name"):
+        notes.append(f"the picture was made with the VAE {shown(taken['vae_name'], 120)}; pass --vae FILE for the "
+                     "same pixels")
+    for note in notes:
+        say.print(f"Note: {note}.", markup=False, style="dim")
+    return model
+
+
 def _given(ctx, name: str) -> bool:
     """Whether option `name` was given on the command line (or by an alias), not defaulted."""
     source = ctx.get_parameter_source(name) if ctx is not None else None
@@ -169,12 +221,14 @@ def _params_from(path: Path, has_prompt: bool, given: set[str]) -> dict:
     """The sample options of the A1111 parameters block in the PNG at `path`, less those the
     command line gives (`given`, and the prompt when `has_prompt`). Unreadable values and a
     sampler textinv does not run are usage errors naming the file; all text is escaped."""
-    from ...engine.infotext import read_png_parameters, sample_options
+    from ...engine.infotext import model_fields, read_png_parameters, sample_options
     from ...engine.samplers import NAMES, find
     from ...errors import OptionError
     from ...untrusted import quoted
 
-    found, bad = sample_options(read_png_parameters(path.expanduser()))
+    text = read_png_parameters(path.expanduser())
+    found, bad = sample_options(text)
+    found.update(model_fields(text))  # looked up by _model_from_params
     for name in given:
         found.pop(name, None)
         bad.pop(name, None)
@@ -229,7 +283,7 @@ def _render_rich(events, model_name: str) -> None:
                 out_dir = data.get("out_dir")
                 used = ", ".join(e["token"] for e in data.get("embeddings", [])) or "no embeddings"
                 at_once = f", {data['batch_size']} at a time" if data.get("batch_size", 1) > 1 else ""
-                console.print(f"Sampling {data['images']} image(s){at_once} with {data['model']} on {data['device']} "
+                console.print(f"Sampling {data['images']} image(s){at_once} with {model_name} on {data['device']} "
                               f"({data['sampler']}, {data['steps']} steps; {used})", markup=False)
                 progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                                     TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(),

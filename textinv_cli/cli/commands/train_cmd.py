@@ -18,6 +18,7 @@ from typing import List, Optional
 import typer
 
 from ...engine.checks import ATTENTION, PRECISIONS, RESOLUTION_STEP, VECTORS_MAX
+from ..options import MODEL_HELP, PREDICTION_HELP, VAE_HELP, prediction_option
 
 # The option rules are engine/checks.py's, checked on the TrainSpec before anything loads;
 # the help below names the same limits and choices.
@@ -38,9 +39,10 @@ def train(
                                             help="Caption template file as A1111's (one per line; [name] is the "
                                                  "token, [filewords] the image's .txt caption or file name)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="torch or jax (default: the first usable one)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Hub id, local diffusers folder, or tiny / tiny-sd2 / tiny-sdxl (default: tiny, a random-weight "
-                                                                    "model for trying textinv out, not for real images; set yours once: "
-                                                                    "textinv config set model, or TEXTINV_MODEL)."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    prediction: Optional[str] = typer.Option(None, "--prediction", metavar="[epsilon|v]", callback=prediction_option,
+                                             help=PREDICTION_HELP),
+    vae: Optional[Path] = typer.Option(None, "--vae", metavar="FILE", help=VAE_HELP),
     name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the token without brackets; when "
                                                                      "taken, its next version: cat-toy-v2)."),
     vectors: int = typer.Option(1, "--vectors", help=f"Vectors per token, 1 to {VECTORS_MAX} (multi-vector embedding)."),
@@ -150,12 +152,23 @@ def train(
     from ...engine.checks import check_images_open, check_words_early
 
     check_images_open(images)  # a broken image, a token or --init word the tokenizer refuses: before torch loads
-    check_words_early(token, spec.init, spec.vectors, model)
+    from ...engine.init_from import check_model_family
+    from ..base_model import add_vae, choose_model
+
+    # A checkpoint file is converted here (once; --from's family checked before), so the checks
+    # below read the folder a backend will load; `target` is that folder (else `model` as given).
+    chosen_model = choose_model(model, prediction=prediction, vae_given=vae is not None, command="train",
+                                args=ctx.meta.get("textinv.args"),
+                                before_convert=lambda family, label: check_model_family(start_name, family, label))
+    target = chosen_model.model if chosen_model.file is not None else model
     from ...engine.checks import check_size
     from ...models.resolve import folder_on_disk
 
-    if folder_on_disk(model) is not None:  # the side rule now; the memory rule once the backend says where it runs
-        check_size(resolution, resolution, str(folder_on_disk(model)), flag="--resolution", allow=allow_large,
+    if vae is not None and folder_on_disk(target) is not None:
+        target = add_vae(chosen_model, vae, str(folder_on_disk(target))).model
+    check_words_early(token, spec.init, spec.vectors, target)
+    if folder_on_disk(target) is not None:  # the side rule now; the memory rule once the backend says where it runs
+        check_size(resolution, resolution, str(folder_on_disk(target)), flag="--resolution", allow=allow_large,
                    side_only=True)
     sidecars = sum(1 for img in images if img.with_suffix(".txt").is_file()) if captions == "both" else None
 
@@ -202,18 +215,30 @@ def train(
             raise typer.Exit(code)
         return
     # a tiny model is built by the chosen backend (a jax-only install has no torch to build it)
-    spec.model = resolve_model(model, backend=getattr(chosen, "name", None))
+    spec.model = resolve_model(target, backend=getattr(chosen, "name", None))
+    if vae is not None and chosen_model.vae_file is None:  # a model that is on disk only now (a tiny one built)
+        spec.model = add_vae(chosen_model, vae, spec.model).model
+    record_model(spec, chosen_model)
     check_size(resolution, resolution, spec.model, flag="--resolution", allow=allow_large, backend=chosen)  # before it loads
-    from ...engine.init_from import check_model_family
     from ...engine.infotext import model_label
     from ...models.resolve import model_family
 
-    check_model_family(start_name, model_family(spec.model), model_label(spec.model))  # before the model loads
+    check_model_family(start_name, model_family(spec.model),  # before the model loads
+                       chosen_model.file.name if chosen_model.file is not None else model_label(spec.model))
     spec.run_dir, spec.name = str(run.resolve()), reg_name
     spec.backend = getattr(chosen, "name", backend or "torch")
     from ..training import run_training
 
     run_training(chosen, spec, resume=None, name=reg_name, json_out=json_out)
+
+
+def record_model(spec, chosen_model) -> None:
+    """What spec.json keeps of a single-file model and a --vae file (cli/base_model.py)."""
+    if chosen_model.file is not None:
+        spec.model_file, spec.model_sha256 = str(chosen_model.file), chosen_model.sha256
+        spec.prediction = chosen_model.prediction
+    if chosen_model.vae_file is not None:
+        spec.vae, spec.vae_sha256 = str(chosen_model.vae_file), chosen_model.vae_sha256
 
 
 def _say_before_start(notes: list[str]) -> None:

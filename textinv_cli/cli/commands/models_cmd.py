@@ -1,0 +1,145 @@
+"""textinv models [--json] [--prune]: the single-file checkpoints in the model folders
+(the model-dirs setting), with family, size, A1111's short hash and their cached conversions.
+
+Light: reads checkpoint headers (never whole files, except to hash them once: the hash is
+memoised by path, size and mtime, so a second listing is instant); imports no backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def models(
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+    prune: bool = typer.Option(False, "--prune", help="Delete the cached conversions (diffusers folders made from "
+                                                      "checkpoint files); each is made again when used."),
+    no_hash: bool = typer.Option(False, "--no-hash", help="List without hashes (hashing a file the first time takes "
+                                                          "seconds per GB; later listings reuse it)."),
+) -> None:
+    """List the models in your model folders (name as --model takes it, family, size, A1111 short hash)."""
+    from ...models.model_files import list_model_files, model_dirs
+    from ..console import console, print_json
+
+    if prune:
+        _prune(json_out)
+        return
+    dirs = model_dirs()
+    conversions = _conversions()
+    if not dirs:
+        hint = ("No model folders are set. Name the folders that hold your .safetensors/.ckpt models once: "
+                f"textinv config set model-dirs {_EXAMPLE_DIR} (several: separated by ':'; or TEXTINV_MODEL_DIRS).")
+        if json_out:
+            print_json({"model_dirs": [], "models": [], "conversions": conversions, "message": hint})
+        else:
+            console.print(hint, markup=False)
+            _say_conversions(conversions, shown_files=0)
+        return
+    rows = [_row(f, conversions, not no_hash) for f in list_model_files(dirs)]
+    if json_out:
+        print_json({"model_dirs": [{"path": str(d), "exists": d.is_dir()} for d in dirs], "models": rows,
+                    "conversions": conversions})
+        return
+    _print_table(dirs, rows)
+    _say_conversions(conversions, shown_files=sum(1 for r in rows if r["converted"]))
+
+
+_EXAMPLE_DIR = "~/stable-diffusion-webui/models/Stable-diffusion"
+
+
+def _conversions() -> list[dict]:
+    from ...models.checkpoints.cache import cached_conversions
+
+    return [{k: str(v) if isinstance(v, Path) else v for k, v in c.items()} for c in cached_conversions()]
+
+
+def _row(f, conversions: list[dict], hashes: bool) -> dict:
+    """One model file: its name, family (from its header; a refusal's first line otherwise),
+    size, sha256 and A1111 short hash (hashed once with a progress bar, then memoised), and
+    the folder its conversion is cached in."""
+    from ...errors import TextinvError
+    from ...models.checkpoints.hashes import sha256_of, short_hash
+    from ...models.checkpoints.reader import scan
+    from ..base_model import progress_bar
+
+    family, problem = None, None
+    try:
+        family = scan(f.path).family
+    except TextinvError as e:
+        problem = e.message
+    except OSError as e:
+        problem = f"cannot be read: {e.strerror or e}"
+    sha = None
+    if problem is None:
+        try:
+            if hashes:
+                with progress_bar(f"Hashing {f.file_name} (A1111's short hash; once per file)") as bar:
+                    sha = sha256_of(f.path, progress=bar)
+        except OSError as e:
+            problem = f"cannot be read: {e.strerror or e}"
+    converted = [c for c in conversions if sha and c.get("sha256") == sha]
+    return {"name": f.name, "file": f.file_name, "path": str(f.path), "folder": str(f.root), "family": family,
+            "size": f.size, "sha256": sha, "short_hash": short_hash(sha) if sha else None,
+            "converted": [str(c.get("folder")) for c in converted], "problem": problem}
+
+
+def _print_table(dirs, rows: list[dict]) -> None:
+    from ...families import FAMILY_NAMES
+    from ...untrusted import escape
+    from ..console import console
+
+    console.print("Model folders: " + ", ".join(escape(str(d)) + ("" if d.is_dir() else " (missing)") for d in dirs),
+                  markup=False)
+    if not rows:
+        console.print("No .safetensors or .ckpt files there.", markup=False)
+        return
+    width = min(60, max(len(r["name"]) for r in rows))
+    console.print(f"{'NAME':<{width}}  {'FAMILY':<7} {'SIZE':>9}  {'HASH':<10}  CONVERTED", markup=False, style="dim")
+    for r in rows:
+        family = FAMILY_NAMES.get(r["family"], r["family"] or "?")
+        line = (f"{escape(r['name']):<{width}}  {family:<7} {_size(r['size']):>9}  {r['short_hash'] or '-':<10}  "
+                f"{'yes' if r['converted'] else '-'}")
+        console.print(line, markup=False)
+        if r["problem"]:
+            console.print(f"  {escape(r['problem'])}", markup=False, style="yellow")
+    console.print(f"{len(rows)} model(s); use one with --model NAME.", markup=False, style="dim")
+
+
+def _say_conversions(conversions: list[dict], *, shown_files: int) -> None:
+    from ..console import console
+
+    if not conversions:
+        return
+    total = sum(int(c.get("size") or 0) for c in conversions)
+    others = len(conversions) - shown_files
+    elsewhere = f" ({others} of files outside the model folders)" if others > 0 else ""
+    console.print(f"Cached conversions: {len(conversions)}{elsewhere}, {_size(total)}; textinv models --prune frees "
+                  "them.", markup=False, style="dim")
+
+
+def _prune(json_out: bool) -> None:
+    from ...models.checkpoints.cache import prune
+    from ...models.model_views import prune_views
+    from ..console import console, print_json
+
+    before = len(_conversions())
+    freed = int(prune() or 0)
+    views = prune_views()
+    if json_out:
+        print_json({"freed_bytes": freed, "conversions": before, "views": views})
+        return
+    if not before and not views:
+        console.print("No cached conversions to free.", markup=False)
+        return
+    console.print(f"Freed {_size(freed)} ({before} cached conversion(s); each is made again when used).", markup=False)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
