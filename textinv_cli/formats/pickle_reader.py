@@ -16,6 +16,7 @@ first reference, exactly as torch.load does, so both read the same numbers or we
 
 from __future__ import annotations
 
+import contextlib
 import pickletools
 
 import numpy as np
@@ -59,7 +60,7 @@ def load_torch_pickle(data: bytes, *, source: str) -> object:
             raise FormatError(f"{source} is a legacy (non-zip) pickle; textinv does not read those.",
                               _LEGACY_HINT)
         raise FormatError(f"{source} is not a torch file (no zip archive inside).", CORRUPT_HINT)
-    try:
+    with _format_errors(source):
         zf, members, prefix = open_archive(data, source)
         order = read_member(zf, members["byteorder"], source).strip() if "byteorder" in members else b"little"
         if order not in (b"little", b"big"):
@@ -76,6 +77,12 @@ def load_torch_pickle(data: bytes, *, source: str) -> object:
         budget = Budget(len(data), source)  # one budget for the whole read, _plain included
         obj = _Interpreter(pkl, source, storage_bytes, big=order == b"big", budget=budget).run()
         return plain(obj, {}, 0, source, budget)
+
+
+@contextlib.contextmanager
+def _format_errors(source: str):
+    try:
+        yield
     except TextinvError:
         raise
     except RecursionError:
@@ -88,6 +95,14 @@ def load_torch_pickle(data: bytes, *, source: str) -> object:
 # opcodes (32 per tensor) in ~420 KB, so both caps leave room for a checkpoint with EMA weights.
 MODEL_PICKLE_BYTES = 4 * 2**20
 MODEL_MAX_OPS = 1_000_000
+# Checkpoints trained with PyTorch Lightning 1.x (v1-5-pruned-emaonly.ckpt, many community models)
+# keep the callbacks' state beside the weights: ModelCheckpoint's class as a dict key, numpy
+# scalars and arrays as scores. In the describing mode these names resolve to inert stand-ins:
+# never imported or called, their arguments and state dropped, None in the result.
+MODEL_INERT_GLOBALS = frozenset(
+    ["pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint", "pytorch_lightning.callbacks.model_checkpoint",
+     "numpy.dtype", "numpy.ndarray"]
+    + [f"numpy.{core}.multiarray.{n}" for core in ("core", "_core") for n in ("scalar", "_reconstruct")])
 _MODEL_UNITS_PER_PICKLE_BYTE = 64  # per pickle byte; SDXL's spends under 20 (96 per opcode)
 
 
@@ -99,17 +114,12 @@ def describe_torch_pickle(pkl: bytes, *, source: str, storage_size) -> object:
     if len(pkl) > MODEL_PICKLE_BYTES:
         raise FormatError(f"{source}: its data.pkl is {len(pkl)} bytes, far larger than a model's (SDXL's is "
                           "~420 KB).", "It is not a Stable Diffusion checkpoint, or has been tampered with.")
-    refuse_unsafe(pkl, source)
+    # no refuse_unsafe pre-scan: it would name the inert globals; every global still goes
+    # through resolve(), which refuses the rest by name before anything else happens to it
     budget = Budget(_MODEL_UNITS_PER_PICKLE_BYTE // 8 * len(pkl), source)  # Budget counts 8 units per byte
-    try:
+    with _format_errors(source):
         obj = _Interpreter(pkl, source, storage_size, big=False, budget=budget, lazy=True).run()
         return plain(obj, {}, 0, source, budget)
-    except TextinvError:
-        raise
-    except RecursionError:
-        raise FormatError(f"{source}: the pickle nests too deeply to be tensor data.") from None
-    except Exception as e:
-        raise FormatError(f"{source} is truncated or corrupt ({_brief(e)}).", CORRUPT_HINT) from None
 
 
 # -- the interpreter ---------------------------------------------------------------------
@@ -180,7 +190,7 @@ class _Interpreter:
                 self.target(stack, list).append(v)
             elif name == "SETITEM":
                 v, k = stack.pop(), stack.pop()
-                self.target(stack, dict)[check_key(k, self.source)] = v
+                self.target(stack, dict)[self.key(k)] = v
             elif name == "POP":
                 stack.pop()
             elif name == "DUP":
@@ -197,6 +207,9 @@ class _Interpreter:
                 stack.append(self.call(stack.pop(), args))
             elif name == "NEWOBJ":  # only a ParameterDict: a dict that BUILD fills with its parameters
                 args, cls = stack.pop(), stack.pop()
+                if isinstance(cls, AllowedGlobal) and cls.kind == "inert" and type(args) is tuple:
+                    stack.append(AllowedGlobal(cls.qualname, "inert"))
+                    continue
                 if not (isinstance(cls, AllowedGlobal) and cls.kind == "module" and type(args) is tuple):
                     self.fail(f"NEWOBJ on {describe(cls)} is not tensor data.")
                 stack.append({})
@@ -239,19 +252,19 @@ class _Interpreter:
         elif name == "APPENDS":
             self.target(stack, list).extend(items)
         elif name == "ADDITEMS":
-            self.target(stack, set).update(check_key(k, self.source) for k in items)
+            self.target(stack, set).update(self.key(k) for k in items)
         elif name in ("DICT", "SETITEMS"):
             if len(items) % 2:
                 self.fail(f"{name} has an odd number of items.")
             d = {} if name == "DICT" else self.target(stack, dict)
-            d.update(zip((check_key(k, self.source) for k in items[::2]), items[1::2]))
+            d.update(zip((self.key(k) for k in items[::2]), items[1::2]))
             if name == "DICT":
                 stack.append(d)
 
     def make_tuple(self, items, kind=tuple):
         """A tuple/frozenset, refusing nests deep enough to exhaust the C stack."""
         if kind is frozenset:
-            items = [check_key(k, self.source) for k in items]
+            items = [self.key(k) for k in items]
         depth = 1 + max((self.tdepth.get(id(x), 1) for x in items if type(x) in (tuple, frozenset)),
                         default=0)
         if depth > MAX_DEPTH:
@@ -261,14 +274,22 @@ class _Interpreter:
         self.keep.append(t)
         return t
 
+    def key(self, k):
+        """A dict key or set item (check_key); an inert stand-in hashes by identity."""
+        return k if self.lazy and isinstance(k, AllowedGlobal) and k.kind == "inert" else check_key(k, self.source)
+
     def resolve(self, qual: str) -> AllowedGlobal:
         g = resolve_name(qual)
+        if g is None and self.lazy and qual in MODEL_INERT_GLOBALS:
+            g = AllowedGlobal(qual, "inert")
         if g is None:
             raise UnsafeFileError(f"textinv refuses to load {self.source}: the pickle asks for "
                                   f"{qual[:200]}, which is not tensor data.", UNSAFE_HINT)
         return g
 
     def call(self, fn, args):
+        if isinstance(fn, AllowedGlobal) and fn.kind == "inert" and type(args) is tuple:
+            return AllowedGlobal(fn.qualname, "inert")  # what it would build, never built
         if not (isinstance(fn, AllowedGlobal) and fn.kind == "call") or type(args) is not tuple:
             self.fail(f"the pickle calls {describe(fn)}, which is not tensor data.")
         try:
@@ -277,6 +298,8 @@ class _Interpreter:
             self.fail(f"the pickle passes malformed arguments to {fn.qualname}.")
 
     def build(self, obj, state):
+        if isinstance(obj, AllowedGlobal) and obj.kind == "inert":
+            return  # its state (a numpy scalar's dtype, an array's bytes) is dropped
         if self.modules.get(id(obj)) is not obj:
             if state is None or (type(state) is dict and not state):
                 return
@@ -321,12 +344,12 @@ class _Interpreter:
         pairs = items.items() if type(items) is dict else items
         if not all(type(p) in (tuple, list) and len(p) == 2 for p in pairs):
             self.fail("OrderedDict gets something other than (key, value) pairs.")
-        return {check_key(k, self.source): v for k, v in pairs}
+        return {self.key(k): v for k, v in pairs}
 
     def h_set(self, items=()):
         items = self.items_of(items)
         self.budget.copy(len(items), "set copies")
-        return {check_key(k, self.source) for k in items}
+        return {self.key(k) for k in items}
 
     def h_frozenset(self, items=()):
         items = self.items_of(items)

@@ -103,4 +103,6 @@ def plain(obj, memo: dict, depth: int, source: str, budget: Budget):
         return out
     if isinstance(obj, AllowedGlobal) and obj.kind == "dtype":
         return obj.qualname
+    if isinstance(obj, AllowedGlobal) and obj.kind == "inert":  # describe_torch_pickle's stand-ins
+        return None
     raise FormatError(f"{source}: the pickle holds a bare reference to {describe(obj)}, not data.")

@@ -5,6 +5,7 @@
                                           tensor's bytes with os.pread, nothing else
     scan(path) -> CheckpointInfo          family, variant, VAE/EMA, prediction: from the header
                                           or data.pkl alone (plus a sidecar .yaml)
+    describe(checkpoint) -> CheckpointInfo    the same for a Checkpoint already open
 
 A model file is GBs and hostile input like any other: the safetensors header goes through
 formats/safetensors_io's strict checks (the reference parser agrees on every name, dtype and
@@ -157,11 +158,15 @@ def scan(path) -> CheckpointInfo:
     """What a checkpoint is, from its header or data.pkl alone (no tensor is read), plus A1111's
     sidecar `<stem>.yaml` for the prediction type. FormatError for anything textinv cannot train
     on (not an SD checkpoint, the SDXL refiner, inpainting/instruct models, legacy pickles)."""
-    path = Path(path)
     with open_checkpoint(path) as ck:
-        shapes = {name: t.shape for name, t in ck.tensors.items()}
-        dtypes = {name: t.dtype for name, t in ck.tensors.items()}
-        metadata, kind, size = ck.metadata, ck.kind, ck.size
+        return describe(ck)
+
+
+def describe(ck: Checkpoint) -> CheckpointInfo:
+    """scan() of a checkpoint already open (a converter that reads it next opens it once)."""
+    path, kind, size, metadata = ck.path, ck.kind, ck.size, ck.metadata
+    shapes = {name: t.shape for name, t in ck.tensors.items()}
+    dtypes = {name: t.dtype for name, t in ck.tensors.items()}
     family, widths = identify.family_of(shapes, path)
     notes = []
     real = dict(zip(widths, identify.REAL_WIDTHS[family]))
