@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import zipfile
 
 import numpy as np
 import pytest
@@ -353,7 +352,8 @@ def test_scan_tells_each_family_by_its_keys(tmp_path, suffix, family, widths, sl
 def test_scan_reports_ema_vae_and_variant(tmp_path):
     info = scan(_write(tmp_path / "m.safetensors", ldm("sd1", vae=False, ema=True, dtype=np.float32)))
     assert (info.has_vae, info.has_ema, info.variant) == (False, True, "fp32")
-    counters = ldm("sd1") | {"model_ema.decay": np.zeros((), np.float32), "model_ema.num_updates": np.zeros((), np.int32)}
+    counters = ldm("sd1") | {"model_ema.decay": np.zeros((), np.float32),
+                             "model_ema.num_updates": np.zeros((), np.int32)}
     assert not scan(_write(tmp_path / "p.safetensors", counters)).has_ema  # a pruned file's counters only
 
 
@@ -463,7 +463,8 @@ def test_corrupted_checkpoints_end_in_a_short_error_never_a_crash(tmp_path, suff
     tensor and scanning either work or raise a TextinvError (never another exception)."""
     import random
 
-    good = _write(tmp_path / f"good{suffix}", ldm("sd1", (32,)) | {"model.diffusion_model.t": np.ones((3, 5), np.float32)})
+    extra = {"model.diffusion_model.t": np.ones((3, 5), np.float32)}
+    good = _write(tmp_path / f"good{suffix}", ldm("sd1", (32,)) | extra)
     data = good.read_bytes()
     rng = random.Random(0)
     path = tmp_path / f"bad{suffix}"

@@ -15,7 +15,9 @@ interpreter), big-endian archives.
 
 from __future__ import annotations
 
+import bisect
 import math
+import os
 import struct
 import zipfile
 
@@ -55,7 +57,7 @@ class CkptArchive:
             pkl = read_member(zf, members["data.pkl"], source)
             self.directory_start = zf.start_dir
         self.storages = {rest[5:]: info for rest, info in members.items() if rest.startswith("data/")}
-        for key, info in self.storages.items():
+        for info in self.storages.values():
             if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
                 raise FormatError(f"{source}: the storage member {quoted(info.filename)} is compressed; torch "
                                   "stores tensor data uncompressed, and textinv reads models by seeking.",
@@ -115,7 +117,8 @@ class CkptArchive:
         info = self.storages[key]
         head = _pread_all(self.fd, _LOCAL_HEADER.size, info.header_offset)
         if len(head) != _LOCAL_HEADER.size:
-            raise FormatError(f"{self.source} is truncated (the storage data/{shown(key, 20)} is missing).", CORRUPT_HINT)
+            raise FormatError(f"{self.source} is truncated (the storage data/{shown(key, 20)} is missing).",
+                              CORRUPT_HINT)
         sig, _, flags, method, _, _, _, _, _, name_len, extra_len = _LOCAL_HEADER.unpack(head)
         name = _pread_all(self.fd, name_len, info.header_offset + _LOCAL_HEADER.size)
         if sig != b"PK\x03\x04" or name != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
@@ -126,7 +129,8 @@ class CkptArchive:
                               "torch stores tensor data uncompressed.", CORRUPT_HINT)
         begin = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
         end = begin + info.file_size
-        following = next((s for s in self._starts if s > info.header_offset), self.directory_start)
+        at = bisect.bisect_right(self._starts, info.header_offset)
+        following = self._starts[at] if at < len(self._starts) else self.directory_start
         if end > min(following, self.directory_start, self.size):
             raise FormatError(f"{self.source}: the storage data/{shown(key, 20)} runs past its member into other "
                               "records or past the end of the file.", CORRUPT_HINT)
@@ -153,8 +157,6 @@ def _contiguous(size, stride) -> bool:
 
 def _pread_all(fd: int, size: int, offset: int) -> bytes:
     """`size` bytes at `offset`, fewer only at the end of the file (one pread may return less)."""
-    import os
-
     chunks, got = [], 0
     while got < size:
         chunk = os.pread(fd, min(size - got, 1 << 26), offset + got)
