@@ -378,6 +378,15 @@ def test_scan_refuses_what_it_cannot_train_on_and_says_what_it_is(tmp_path, tens
     assert "\x1b" not in str(e.value)
 
 
+def test_scan_names_an_a1111_embedding_saved_as_pt(tmp_path):
+    path = tmp_path / "bad-hands.pt"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(2, 768)},
+                "name": "bad-hands", "step": 1500}, path)
+    with pytest.raises(FormatError, match="Textual Inversion embedding") as e:
+        scan(path)
+    assert f"textinv import {path}" in e.value.hint
+
+
 @pytest.mark.parametrize("metadata, keys, expected", [
     ({"modelspec.prediction_type": "v"}, {}, "v"),
     ({"modelspec.prediction_type": "v_prediction"}, {}, "v"),

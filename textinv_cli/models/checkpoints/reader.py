@@ -184,6 +184,9 @@ def describe(ck: Checkpoint) -> CheckpointInfo:
                      f"({where}): the file's word is taken")
     if prediction is not None:
         notes.append(f"prediction {prediction}, from {where}")
+    elif family == "sd2":  # the one family where both are common and the keys cannot tell
+        notes.append("the file does not say its prediction type (SD 2.x 768-v models predict v, 512-base ones "
+                     "epsilon)")
     ema = identify.has_ema(shapes)
     if ema:
         notes.append("holds EMA weights (model_ema.*) beside the trained ones")
