@@ -492,3 +492,22 @@ def test_corrupted_checkpoints_end_in_a_short_error_never_a_crash(tmp_path, suff
             scan(path)
         except TextinvError:
             pass
+
+
+def test_the_checkpoint_modules_import_neither_torch_nor_jax(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ckpt = _ckpt(tmp_path, _sd(s("w"), tensor("0", 16, (4, 4), (1, 4))), {"0": F32_16})
+    st = _write(tmp_path / "m.safetensors", ldm("sd1", (32,)))
+    code = ("import sys; from textinv_cli.models.checkpoints import reader, writer, hashes; "
+            f"ck = reader.open_checkpoint({str(ckpt)!r}); ck.read('w'); reader.scan({str(st)!r}); "
+            f"writer.write_safetensors({str(tmp_path / 'out.safetensors')!r}, [('w', 'F32', (4, 4))], ck.read); "
+            f"hashes.sha256_of({str(st)!r}); "
+            "bad = [m for m in ('torch', 'jax', 'diffusers', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    env = {**os.environ, "TEXTINV_HOME": str(tmp_path / "home")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
