@@ -84,6 +84,12 @@ def test_legacy_clip_names_without_text_model(tiny_model, tmp_path):
     assert_same_weights(folder, convert.prepare(src).folder)
 
 
+def test_sd2_without_the_unused_last_openclip_block(tiny_model, tmp_path):
+    folder = tiny_model("sd2")
+    src = write_ldm_checkpoint(folder, tmp_path / "m.safetensors", sd2_last_block=False)
+    assert_same_weights(folder, convert.prepare(src).folder)
+
+
 def test_a_second_prepare_converts_nothing(tiny_model, tmp_path, monkeypatch):
     src = write_ldm_checkpoint(tiny_model("sd1"), tmp_path / "m.safetensors")
     first = convert.prepare(src)

@@ -137,8 +137,9 @@ def hf_to_open_clip(sd: dict[str, torch.Tensor], cfg: dict, prefix: str, extra_l
 
 
 def ldm_state_dict(folder: Path, *, vae: bool = True, ema: bool = False, legacy_clip: bool = False,
-                   seed: int = 0) -> dict[str, torch.Tensor]:
-    """The whole checkpoint's tensors (fp32, as the folder holds them, plus the extras)."""
+                   seed: int = 0, sd2_last_block: bool = True) -> dict[str, torch.Tensor]:
+    """The whole checkpoint's tensors (fp32, as the folder holds them, plus the extras).
+    sd2_last_block=False: an SD 2.x file saved without OpenCLIP's unused last resblock."""
     folder = Path(folder)
     family = family_of(folder)
     gen = torch.Generator().manual_seed(seed)
@@ -148,7 +149,7 @@ def ldm_state_dict(folder: Path, *, vae: bool = True, ema: bool = False, legacy_
     prefixes = TEXT_PREFIX[family]
     if family == "sd2":
         sd.update(hf_to_open_clip(_weights(folder, "text_encoder"), _config(folder, "text_encoder"), prefixes[0],
-                                  True, gen))
+                                  sd2_last_block, gen))
     else:
         sd.update(hf_clip_to_ldm(_weights(folder, "text_encoder"), prefixes[0], legacy_clip))
     if family == "sdxl":

@@ -106,6 +106,20 @@ class Architecture:
                                                           c["vocab_size"])
         return fp
 
+    def matches(self, fp: dict) -> bool:
+        """A file's fingerprint is this architecture's. SD 2.x files may lack OpenCLIP's last
+        resblock (savers that know it is unused, diffusers' own back-conversion among them)."""
+        mine = self.fingerprint()
+        if fp == mine:
+            return True
+        for t in self.texts:
+            key = f"{t.component} ({_where(t.prefix)})"
+            if t.drops_last and key in fp:
+                w, layers, vocab = mine[key]
+                if fp == {**mine, key: (w, layers - 1, vocab)}:
+                    return True
+        return False
+
 
 def _where(prefix: str) -> str:
     return prefix.rstrip(".")
@@ -196,7 +210,7 @@ def identify(tensors: dict, what: str) -> Architecture:
     closest known one and what differs from it."""
     fp = file_fingerprint(tensors)
     for arch in ARCHITECTURES:
-        if arch.fingerprint() == fp:
+        if arch.matches(fp):
             return arch
 
     def distance(arch):
