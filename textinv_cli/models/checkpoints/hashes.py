@@ -6,7 +6,7 @@
     short_hash(sha256) -> str               A1111's "Model hash" (infotext, since 1.0): the
                                             first 10 hex characters of the full SHA-256
     legacy_model_hash(path) -> str          A1111's hash before 1.0 (8 hex characters of the
-                                            SHA-256 of 64 KiB at offset 1 MiB), found in old PNGs
+                                            SHA-256 of 64 KiB at offset 1 MiB), in older PNGs
 
 Hashing SDXL (6.9 GB) takes tens of seconds, so a second run must not do it again: the memo
 is a cache, never trusted for more than that. A damaged or unreadable memo is ignored (and
@@ -75,14 +75,15 @@ def short_hash(sha256: str) -> str:
 
 
 def legacy_model_hash(path) -> str:
-    """A1111's model hash before 1.0: sha256 of the 64 KiB at offset 0x100000, 8 hex characters
-    (what PNGs made by older versions carry as "Model hash"); "NOFILE" where the file is shorter."""
+    """A1111's model hash before 1.0: sha256 of the (up to) 64 KiB at offset 0x100000, 8 hex
+    characters (what PNGs made by older versions carry as "Model hash"); a file shorter than
+    1 MiB hashes the empty block, as A1111's did."""
     fd, _ = fsutil.open_regular(Path(path))
     try:
         block = os.pread(fd, 0x10000, 0x100000)
     finally:
         os.close(fd)
-    return hashlib.sha256(block).hexdigest()[:8] if block else "NOFILE"
+    return hashlib.sha256(block).hexdigest()[:8]
 
 
 def _load_memo() -> dict[str, dict]:
