@@ -1,7 +1,8 @@
 """The README's shell examples, read from README.md at test time and run exactly as written.
 
 Only the environment is provided: a temporary working folder holding what the examples name
-(`./cat` and `./style` images, `./sd15` as the tiny SD 1.x model in diffusers layout, the
+(`./cat` and `./style` images, `./sd15` as the tiny SD 1.x model in diffusers layout, an A1111
+install in `~/stable-diffusion-webui` whose checkpoint and VAE files hold tiny models, the
 example files `charturner.pt`, `xl.safetensors`, `two-tokens.safetensors`,
 `flux-lora.safetensors`, `t5-only.safetensors`), HOME (for `~/...`), TEXTINV_HOME, and the
 registry entries the examples use (`cat-toy`, `<my-style>`), trained here for one step.
@@ -121,6 +122,19 @@ def _example_files(work: Path, tiny_model) -> None:
     t5 = family_embedding("<t5>", family="flux", slots=("t5",), seed=4)
     formats.write_embedding(t5, work / "t5-only.safetensors", "onetrainer")
     (work / "home").mkdir()
+    _a1111_install(work / "home" / "stable-diffusion-webui" / "models", tiny_model)
+
+
+def _a1111_install(models: Path, tiny_model) -> None:
+    """The README's ~/stable-diffusion-webui: its checkpoint and VAE file names, holding the tiny
+    models in the original (LDM) layout (tests/support/ldm_writer.py), so those examples run."""
+    from tests.support.ldm_writer import write_ldm_checkpoint, write_ldm_vae
+
+    (models / "Stable-diffusion").mkdir(parents=True)
+    (models / "VAE").mkdir()
+    write_ldm_checkpoint(tiny_model("sd1"), models / "Stable-diffusion" / "v1-5-pruned-emaonly.safetensors")
+    write_ldm_checkpoint(tiny_model("sd2"), models / "Stable-diffusion" / "v2-1_768-ema-pruned.safetensors")
+    write_ldm_vae(tiny_model("sd1"), models / "VAE" / "vae-ft-mse-840000-ema-pruned.safetensors")
 
 
 LONG_SAMPLE_PIXELS = 512 * 512  # a sample larger than this takes minutes on the tiny model on a CPU
