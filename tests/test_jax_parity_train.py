@@ -25,7 +25,9 @@ pytest.importorskip("diffusers")
 jax = pytest.importorskip("jax")
 pytest.importorskip("optax")
 
+from flax import nnx  # noqa: E402
 from textinv_jax import loading as jloading  # noqa: E402
+from textinv_jax.clip import split_frozen  # noqa: E402
 from textinv_jax import sampling as jsampling  # noqa: E402
 from textinv_jax import step as jstep  # noqa: E402
 from textinv_jax import tokens as jtokens  # noqa: E402
@@ -91,8 +93,9 @@ def jax_first_step(spec: TrainSpec) -> tuple[float, np.ndarray]:
     repl, sharded = NamedSharding(s.mesh, P()), NamedSharding(s.mesh, P(None, "data"))
     rows = {s.slot: s.init}
     st = jtrainer.put((rows, jstep.opt_state(spec, rows)), repl)
-    frozen = jtrainer.put({"clip": s.text.params, "unet": s.image.unet_params, "tables": s.tables, "mean": s.mean,
-                           "std": s.std, "ac": s.image.schedule.alphas_cumprod}, repl)
+    frozen = jtrainer.put({"text_encoder": split_frozen(s.text.model)[1], "unet": nnx.state(s.image.unet),
+                           "tables": s.tables, "mean": s.mean, "std": s.std, "ac": s.image.schedule.alphas_cumprod},
+                          repl)
     batch = jtrainer.put(jtrainer.step_batch(s, jtrainer.batch_plan(s), 0), sharded)
     _, metrics = jstep.train_step(st, frozen, batch, np.float32(spec.lr), np.float32(np.inf), cfg=s.config())
     return float(metrics["loss"]), np.asarray(metrics["grads"]["clip_l"])
@@ -120,7 +123,7 @@ def test_three_steps_match_torch(three_steps, tiny):
     losses = {k: [e.data["loss"] for e in ev if e.kind == "progress"] for k, ev in three_steps.items()}
     rows = {k: ev[-1].data["vectors"]["clip_l"] for k, ev in three_steps.items()}
     text = jloading.load_text_side(Path(tiny["sd1"]))
-    init = jtokens.init_rows(text.tokenizer, text.params["embeddings"]["token_embedding"]["embedding"], ["toy"], 1)
+    init = jtokens.init_rows(text.tokenizer, text.model.token_table, ["toy"], 1)
     diff = np.abs(rows["torch"] - rows["jax"]).max()
     print(f"\nlosses torch {losses['torch']} jax {losses['jax']}; final rows max |diff| {diff:.2e}")
     np.testing.assert_allclose(losses["jax"], losses["torch"], rtol=0, atol=1e-4)
@@ -164,9 +167,10 @@ def test_sampler_renders_diffusers_picture(tiny, scheduler):
     image = jloading.load_image_side(folder)
     ids = jtokens.to_model_ids(jtokens.encode(text.tokenizer, [jtokens.expand_all(t, [ref]) for t in (negative, prompt)]),
                                first, text.vocab_rows)
-    context = jsampling.text_states(text.params, ids, rows, config=text.config, dtype=jax.numpy.float32)
-    nets = jax.device_put({"unet": image.unet_params, "vae": image.vae_params})
-    gen = jsampling.denoise(nets, {"unet": image.unet_config, "vae": image.vae_config}, context,
+    context = jsampling.text_states(*split_frozen(text.model), rows, ids, dtype=jax.numpy.float32)
+    nets = {name: (nnx.graphdef(m), jax.device_put(nnx.state(m))) for name, m in (("unet", image.unet),
+                                                                                  ("vae", image.vae))}
+    gen = jsampling.denoise(nets, context,
                             plan=jsampling.make_plan(scheduler, image.scheduler_config, steps), guidance=guidance,
                             noise=noise.transpose(0, 2, 3, 1), dtype=jax.numpy.float32)
     done = []

@@ -6,7 +6,7 @@ built straight from diffusers (three blocks, two layers per block, a two-deep tr
 a head count that does not divide the width, upcast_attention, a latent side that does not
 halve evenly so upsamplers resize to their skips) and a tiny SDXL-style one (text_time
 added embedding). Each runs through diffusers and through jax.jit, batch 2 with different
-timesteps: outputs within 1e-4 in fp32. Textual inversion backpropagates through the UNet
+timesteps: outputs within 1e-4 in fp32 (ours: the flax.nnx UNet2DConditionModel, jitted). Textual inversion backpropagates through the UNet
 into the text encoder's output, so the gradient with respect to encoder_hidden_states is
 compared too (on SD 1.x: every compile costs seconds on CPU). Latents are NCHW for torch
 and NHWC for JAX.
@@ -14,6 +14,7 @@ and NHWC for JAX.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -26,11 +27,16 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from textinv_jax import nn, unet, weights  # noqa: E402
 
 TOL = 1e-4
-APPLY = jax.jit(unet.apply_unet, static_argnums=1, static_argnames=("dtype", "attention"))
+
+
+@functools.partial(nnx.jit, static_argnames=("dtype", "attention"))
+def APPLY(model, x, t, ctx, added_cond=None, dtype=jnp.float32, attention=None):
+    return model(x, t, ctx, added_cond=added_cond, dtype=dtype, attention=attention)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -121,13 +127,13 @@ def torch_reference(model, x, t, ctx, added, weight):
 
 def load(folder):
     cfg = unet.read_unet_config(folder)
-    return unet.load_unet(folder, cfg), cfg
+    return unet.load_unet(folder, cfg), cfg  # the module, and its config
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2", "custom", "sdxl"])
 def test_unet_matches_diffusers(models, name, monkeypatch):
     folder = models[name]
-    params, cfg = load(folder)
+    ours, cfg = load(folder)
     model = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").eval()
     x, t, ctx, added = inputs(model)
     weight = np.random.default_rng(9).standard_normal((2, x.shape[2], x.shape[3], cfg.out_channels)).astype(np.float32)
@@ -137,20 +143,23 @@ def test_unet_matches_diffusers(models, name, monkeypatch):
         # What textual inversion differentiates: a loss through the UNet w.r.t. the text
         # states. One compile gives the output (aux) and the gradient; compiling is what
         # makes these tests slow on CPU, so the other UNets check the forward pass only.
-        def loss(c, p):  # params as an argument: closed over, XLA would constant-fold them
-            out = unet.apply_unet(p, cfg, nhwc(x), t, c, added_cond=added)
+        graphdef, state = nnx.split(ours)
+
+        def loss(c, s):  # the weights as an argument: closed over, XLA would constant-fold them
+            out = nnx.merge(graphdef, s)(nhwc(x), t, c, added_cond=added)
             return jnp.sum(out * weight), out
 
-        (_, out), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(jnp.asarray(ctx), params)
+        (_, out), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(jnp.asarray(ctx), state)
         gdiff, gscale = maxdiff(grad, want_grad), float(np.abs(want_grad).max())
         print(name, "grad", gdiff, "of", gscale)
         assert gdiff < TOL * max(1.0, gscale)
     else:
-        out = APPLY(params, cfg, nhwc(x), t, ctx, added_cond=added)
+        out = APPLY(ours, nhwc(x), t, ctx, added_cond=added)
     if name == "sdxl":  # the attention= option reaches the kernel (traced only: compiles cost)
         seen, real = [], nn.attention
         monkeypatch.setattr(nn, "attention", lambda *a, **k: seen.append(k["implementation"]) or real(*a, **k))
-        jax.eval_shape(lambda p: unet.apply_unet(p, cfg, nhwc(x), t, ctx, added_cond=added, attention="xla"), params)
+        graphdef, state = nnx.split(ours)
+        jax.eval_shape(lambda s: nnx.merge(graphdef, s)(nhwc(x), t, ctx, added_cond=added, attention="xla"), state)
         assert set(seen) == {None, "xla"}  # fused for self-attention, plain for the text
     assert out.shape == (2, x.shape[2], x.shape[3], cfg.out_channels) and out.dtype == jnp.float32
     diff = maxdiff(nchw(out), want)
@@ -159,11 +168,11 @@ def test_unet_matches_diffusers(models, name, monkeypatch):
 
 
 def test_bf16_compute_is_close_to_fp32(models):
-    params, cfg = load(models["sd2"])
+    ours, cfg = load(models["sd2"])
     model = diffusers.UNet2DConditionModel.from_pretrained(models["sd2"] / "unet").eval()
     x, t, ctx, added = inputs(model)  # called as in the fp32 test above, so its compile is reused
-    out32 = APPLY(params, cfg, nhwc(x), t, ctx, added_cond=added)
-    out16 = APPLY(params, cfg, nhwc(x), t, ctx, added_cond=added, dtype=jnp.bfloat16)
+    out32 = APPLY(ours, nhwc(x), t, ctx, added_cond=added)
+    out16 = APPLY(ours, nhwc(x), t, ctx, added_cond=added, dtype=jnp.bfloat16)
     assert out16.dtype == jnp.float32  # params stay fp32, the result comes back fp32
     scale, diff = float(np.abs(np.asarray(out32)).max()), maxdiff(out16, out32)
     print("bf16", diff, "of", scale)
@@ -194,18 +203,22 @@ def test_config_follows_diffusers_naming(models):
     assert custom.mid.transformer_layers == (2,) and custom.up[2].transformer_layers == (1, 1, 1)
     assert custom.down[0].heads == custom.up[2].heads == 3 and custom.mid.heads == 4
     hash(custom)  # static argument of jax.jit
-    params = unet.load_unet(models["sd1"], sd1)
-    assert params["conv_in"]["kernel"].shape == (3, 3, 4, 32)  # HWIO
-    assert params["down_blocks"]["0"]["attentions"]["0"]["proj_in"]["kernel"].shape == (1, 1, 32, 32)
-    block = params["up_blocks"]["1"]["attentions"]["0"]["transformer_blocks"]["0"]
-    assert block["attn2"]["to_k"]["kernel"].shape == (32, 32) and "bias" not in block["attn2"]["to_k"]
-    assert block["ff"]["net"]["0"]["proj"]["kernel"].shape == (32, 256)
+    model = unet.load_unet(models["sd1"], sd1)
+    assert model.conv_in.kernel.shape == (3, 3, 4, 32)  # HWIO
+    assert model.down_blocks[0].attentions[0].proj_in.kernel.shape == (1, 1, 32, 32)
+    block = model.up_blocks[1].attentions[0].transformer_blocks[0]
+    assert block.attn2.to_k.kernel.shape == (32, 32) and block.attn2.to_k.bias is None
+    assert block.ff.net[0].proj.kernel.shape == (32, 256)
+    assert [type(b).__name__ for b in model.down_blocks] == ["CrossAttnDownBlock2D", "DownBlock2D"]
+    # every weight is Frozen: nothing of the UNet is an nnx.Param, so no optimizer ever sees it
+    assert not nnx.to_flat_state(nnx.state(model, nnx.Param))
 
 
 def test_load_from_state_dict_and_mismatches(models):
     cfg = unet.read_unet_config(models["sd2"])
     state = weights.read_state(models["sd2"], "unet")
-    jax.tree.map(np.testing.assert_array_equal, unet.load_unet(state, cfg), unet.load_unet(models["sd2"], cfg))
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(unet.load_unet(state, cfg)),
+                 nnx.state(unet.load_unet(models["sd2"], cfg)))
     # sd2 weights (linear projections) under sd1's config (1x1 convs): named, not run
     with pytest.raises(TextinvError, match="proj_in"):
         unet.load_unet(state, unet.read_unet_config(models["sd1"]))
@@ -231,7 +244,8 @@ def test_unsupported_configs_are_refused_by_name(models, change, match):
 
 
 def test_sdxl_needs_its_added_conditions(models):
-    params, cfg = load(models["sdxl"])
+    ours, cfg = load(models["sdxl"])
+    graphdef, state = nnx.split(ours)
     x = jnp.zeros((1, 8, 8, 4))
     with pytest.raises(ValueError, match="added_cond"):
-        jax.eval_shape(lambda p: unet.apply_unet(p, cfg, x, 1, jnp.zeros((1, 3, 40))), params)
+        jax.eval_shape(lambda s: nnx.merge(graphdef, s)(x, 1, jnp.zeros((1, 3, 40))), state)

@@ -3,12 +3,14 @@
 The tiny model's VAE (the same architecture in every family: four blocks, quant convs,
 mid-block attention) and a differently shaped one saved straight from diffusers (two
 blocks, two resnets per block, channel changes, six latent channels, no quant convs) are
-run through diffusers and through jax.jit: encoder mean/std and decoder output must agree
+run through diffusers and through our flax.nnx AutoencoderKL, jitted: encoder mean/std and
+decoder output must agree
 within 1e-4 in fp32. Images are NCHW for torch and NHWC for JAX.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -23,12 +25,21 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from textinv_jax import nn, vae, weights  # noqa: E402
+from textinv_jax import layers, vae, weights  # noqa: E402
 
 TOL = 1e-4
-ENCODE = jax.jit(vae.apply_vae_encoder, static_argnums=1, static_argnames="dtype")
-DECODE = jax.jit(vae.apply_vae_decoder, static_argnums=1, static_argnames="dtype")
+
+
+@functools.partial(nnx.jit, static_argnames="dtype")
+def ENCODE(model, images, dtype=jnp.float32):
+    return model.encode(images, dtype)
+
+
+@functools.partial(nnx.jit, static_argnames="dtype")
+def DECODE(model, latents, dtype=jnp.float32):
+    return model.decode(latents, dtype)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +73,7 @@ def nchw(x):
 def test_vae_matches_diffusers(models, name, size):
     folder = models[name]
     cfg = vae.read_vae_config(folder)
-    params = vae.load_vae(folder, cfg)
+    ours = vae.load_vae(folder, cfg)
     model = diffusers.AutoencoderKL.from_pretrained(folder / "vae").eval()
     images = np.random.default_rng(0).uniform(-1, 1, (2, 3, *size)).astype(np.float32)
     with torch.no_grad():
@@ -71,8 +82,8 @@ def test_vae_matches_diffusers(models, name, size):
         latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(1))
         decoded = model.decode(latents).sample
 
-    mean, std = ENCODE(params, cfg, nhwc(images))
-    out = DECODE(params, cfg, nhwc(latents))
+    mean, std = ENCODE(ours, nhwc(images))
+    out = DECODE(ours, nhwc(latents))
     assert mean.shape == (2, size[0] // cfg.downscale, size[1] // cfg.downscale, cfg.latent_channels)
     assert out.shape == (2, *size, 3) and out.dtype == jnp.float32
     diffs = {"mean": maxdiff(nchw(mean), dist.mean), "std": maxdiff(nchw(std), dist.std),
@@ -84,12 +95,11 @@ def test_vae_matches_diffusers(models, name, size):
 
 def test_bf16_compute_is_close_to_fp32(models):
     folder = models["custom"]
-    cfg = vae.read_vae_config(folder)
-    params = vae.load_vae(folder, cfg)
+    ours = vae.load_vae(folder, vae.read_vae_config(folder))
     images = np.random.default_rng(0).uniform(-1, 1, (2, 12, 10, 3)).astype(np.float32)
-    mean, std = ENCODE(params, cfg, images)
-    mean16, std16 = ENCODE(params, cfg, images, dtype=jnp.bfloat16)
-    out, out16 = DECODE(params, cfg, mean), DECODE(params, cfg, mean, dtype=jnp.bfloat16)
+    mean, std = ENCODE(ours, images)
+    mean16, std16 = ENCODE(ours, images, dtype=jnp.bfloat16)
+    out, out16 = DECODE(ours, mean), DECODE(ours, mean, dtype=jnp.bfloat16)
     assert mean16.dtype == std16.dtype == out16.dtype == jnp.float32
     for key, a, b in (("mean", mean16, mean), ("std", std16, std), ("decoded", out16, out)):
         scale = float(np.abs(np.asarray(b)).max())
@@ -100,25 +110,28 @@ def test_bf16_compute_is_close_to_fp32(models):
 
 def test_encoder_and_decoder_need_only_their_half(models):
     cfg = vae.read_vae_config(models["sd1"])
-    params = vae.load_vae(models["sd1"], cfg)
     images = jax.ShapeDtypeStruct((1, 16, 24, 3), jnp.float32)
-    # eval_shape traces without compiling: a missing param would raise a KeyError here.
-    mean, std = jax.eval_shape(lambda p, x: vae.apply_vae_encoder(p, cfg, x),
-                               {k: params[k] for k in ("encoder", "quant_conv")}, images)
+    # eval_shape traces without compiling: a use of a dropped half would fail here.
+    enc = vae.load_vae(models["sd1"], cfg)
+    enc.decoder = enc.post_quant_conv = None
+    graphdef, state = nnx.split(enc)
+    mean, std = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).encode(x), state, images)
     assert mean.shape == std.shape == (1, 2, 3, 4)
-    out = jax.eval_shape(lambda p, z: vae.apply_vae_decoder(p, cfg, z),
-                         {k: params[k] for k in ("decoder", "post_quant_conv")}, mean)
+    dec = vae.load_vae(models["sd1"], cfg)
+    dec.encoder = dec.quant_conv = None
+    graphdef, state = nnx.split(dec)
+    out = jax.eval_shape(lambda s, z: nnx.merge(graphdef, s).decode(z), state, mean)
     assert out.shape == (1, 16, 24, 3)
 
 
 def test_config_and_params_layout(models):
     cfg = vae.read_vae_config(models["sd1"])
     assert (cfg.scaling_factor, cfg.downscale, cfg.latent_channels, cfg.use_quant_conv) == (0.18215, 8, 4, True)
-    params = vae.load_vae(models["sd1"], cfg)
-    assert params["encoder"]["conv_in"]["kernel"].shape == (3, 3, 3, 32)  # HWIO
-    assert params["decoder"]["up_blocks"]["0"]["upsamplers"]["0"]["conv"]["kernel"].shape == (3, 3, 64, 64)
-    assert params["encoder"]["mid_block"]["attentions"]["0"]["to_out"]["0"]["kernel"].shape == (64, 64)
-    assert params["encoder"]["mid_block"]["resnets"]["0"]["norm1"]["scale"].shape == (64,)
+    ours = vae.load_vae(models["sd1"], cfg)
+    assert ours.encoder.conv_in.kernel.shape == (3, 3, 3, 32)  # HWIO
+    assert ours.decoder.up_blocks[0].upsamplers[0].conv.kernel.shape == (3, 3, 64, 64)
+    assert ours.encoder.mid_block.attentions[0].to_out[0].kernel.shape == (64, 64)
+    assert ours.encoder.mid_block.resnets[0].norm1.scale.shape == (64,)
     custom = vae.read_vae_config(models["custom"])
     assert (custom.downscale, custom.latent_channels, custom.use_quant_conv) == (2, 6, False)
 
@@ -135,7 +148,8 @@ def test_legacy_attention_names_load_the_same(models):
                 v = v[:, :, None, None] if v.ndim == 2 else v  # as 1x1 convs, like LDM checkpoints
         legacy[k] = v
     assert "encoder.mid_block.attentions.0.proj_attn.weight" in legacy
-    jax.tree.map(np.testing.assert_array_equal, vae.load_vae(legacy, cfg), vae.load_vae(state, cfg))
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(vae.load_vae(legacy, cfg)),
+                 nnx.state(vae.load_vae(state, cfg)))
 
 
 def test_unsupported_vae_configs_are_refused():
@@ -216,10 +230,12 @@ def test_weights_that_do_not_match_the_config_are_refused(models):
         vae.load_vae(state, vae.VaeConfig(**{**cfg.__dict__, "use_quant_conv": True}))
 
 
-# -- shared primitives (nn.py) the UNet builds on: the cases the VAE itself does not reach --
+# -- shared layers (layers.py) the UNet builds on: the cases the VAE itself does not reach --
 
-def _params(module):
-    return weights.to_params({k: v.detach().numpy() for k, v in module.state_dict().items()})
+def _ours(module, build):
+    """Our layer `build()` makes, filled with the torch module's weights."""
+    params = weights.to_params({k: v.detach().numpy() for k, v in module.state_dict().items()})
+    return weights.load_into(build, params, type(module).__name__)
 
 
 @pytest.mark.parametrize("norm", ["default", "scale_shift"])
@@ -233,8 +249,9 @@ def test_resnet_block_with_time_embedding_matches_diffusers(norm):
     temb = torch.randn(2, 10)
     with torch.no_grad():
         ref = block(x, temb)
-    out = jax.jit(lambda p, x, t: nn.resnet_block(p, x, t, groups=4, eps=1e-5, time_embedding_norm=norm,
-                                                  output_scale_factor=1.5))(_params(block), nhwc(x), temb.numpy())
+    ours = _ours(block, lambda: layers.ResnetBlock2D(8, 12, 10, groups=4, eps=1e-5, time_embedding_norm=norm,
+                                                     output_scale_factor=1.5))
+    out = nnx.jit(lambda m, x, t: m(x, t))(ours, nhwc(x), temb.numpy())
     assert maxdiff(nchw(out), ref) < TOL
 
 
@@ -254,12 +271,13 @@ def test_resampling_and_norms_match_torch():
         refs = [down(x), up(x, output_size=(13, 11)), ln(x.permute(0, 2, 3, 1)),
                 gn(x.flatten(2)).transpose(1, 2)]  # group norm over a token sequence, as in the UNet
 
-    def run(pd, pu, pl, pg, x):
+    def run(d, u, lnorm, gnorm, x):
         seq = x.reshape(x.shape[0], -1, x.shape[-1])
-        return (nn.downsample2d(pd, x, padding=1), nn.upsample2d(pu, x, output_size=(13, 11)),
-                nn.layer_norm(pl, x), nn.group_norm(pg, seq, 2, 1e-6))
+        return d(x), u(x, output_size=(13, 11)), lnorm(x), gnorm(seq)
 
-    outs = jax.jit(run)(_params(down), _params(up), _params(ln), _params(gn), nhwc(x))
+    outs = nnx.jit(run)(_ours(down, lambda: layers.Downsample2D(8, padding=1)), _ours(up, lambda: layers.Upsample2D(8)),
+                        _ours(ln, lambda: layers.LayerNorm(8)), _ours(gn, lambda: layers.GroupNorm(2, 8, 1e-6)),
+                        nhwc(x))
     assert outs[0].shape == (2, 4, 3, 8) and outs[1].shape == (2, 13, 11, 8)
     diffs = [maxdiff(nchw(outs[0]), refs[0]), maxdiff(nchw(outs[1]), refs[1]), maxdiff(outs[2], refs[2]),
              maxdiff(outs[3], refs[3])]

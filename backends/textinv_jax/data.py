@@ -6,17 +6,22 @@ mean + std * eps, the distribution the VAE would draw from every step. Also the 
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import numpy as np
+from flax import nnx
 
 from textinv_cli.engine.batch_sizes import encode_batch_size
 from textinv_cli.errors import TextinvError
 from textinv_cli.engine.images import open_rgb, preprocess
 
 from .loading import ImageSide
-from .vae import apply_vae_encoder
 
-_encode_images = jax.jit(apply_vae_encoder, static_argnums=1)
+
+@partial(jax.jit, static_argnums=0)
+def _encode_images(graphdef, state, images):
+    return nnx.merge(graphdef, state).encode(images)
 
 
 def latent_cache(paths, image: ImageSide, resolution: int, center_crop: bool, flip_p: float,
@@ -37,13 +42,14 @@ def latent_cache(paths, image: ImageSide, resolution: int, center_crop: bool, fl
         return np.ascontiguousarray(mean[rows]), np.ascontiguousarray(std[rows]), flips
     batch = batch or encode_batch_size(resolution)
     flips = (False,) if flip_p <= 0 else (True,) if flip_p >= 1 else (False, True)
-    params = jax.device_put(image.vae_params, jax.local_devices()[0])  # this host's own work
+    graphdef, state = nnx.split(image.vae)
+    state = jax.device_put(state, jax.local_devices()[0])  # this host's own work
     means, stds, pending = [], [], []
 
     def flush():
         chunk = np.stack(pending).astype(np.float32) / 127.5 - 1.0
         pad = np.zeros((batch - len(chunk),) + chunk.shape[1:], np.float32)
-        mean, std = _encode_images(params, image.vae_config, np.concatenate([chunk, pad]))
+        mean, std = _encode_images(graphdef, state, np.concatenate([chunk, pad]))
         means.append(np.asarray(mean)[:len(chunk)].transpose(0, 3, 1, 2))
         stds.append(np.asarray(std)[:len(chunk)].transpose(0, 3, 1, 2))
         pending.clear()

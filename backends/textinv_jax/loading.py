@@ -1,7 +1,8 @@
 """Loading a base model for the JAX backend: the local diffusers folder (a Hub id is fetched
 into the Hugging Face cache, safetensors only), its family, the text side (tokenizer and
-CLIP weights) and the image side (UNet, VAE, the model's own noise schedule), as numpy
-params in host memory; and the compute dtype a precision means on this platform.
+CLIP text model) and the image side (UNet, VAE, the model's own noise schedule), as
+flax.nnx models whose weights are numpy arrays in host memory; and the compute dtype a
+precision means on this platform.
 
 Loading is split as in the torch backend's loading.py: the text side first, so everything
 a user can get wrong about the concept (token, init words) is checked before the big UNet
@@ -75,15 +76,15 @@ def model_family(folder: Path) -> str:
 
 @dataclass
 class TextSide:
-    """The tokenizer and the frozen CLIP text encoder (numpy params, host memory)."""
+    """The tokenizer and the frozen CLIP text model (weights in host memory)."""
 
     tokenizer: object
     config: object  # clip.ClipConfig
-    params: dict
+    model: object   # clip.CLIPTextModel
 
     @property
     def vocab_rows(self) -> int:
-        return int(self.params["embeddings"]["token_embedding"]["embedding"].shape[0])
+        return int(self.model.token_table.shape[0])
 
     @property
     def width(self) -> int:
@@ -106,19 +107,19 @@ def load_text_side(folder: Path) -> TextSide:
 
     tok = load_tokenizer(folder)
     config = read_clip_config(folder, "text_encoder")
-    return TextSide(tokenizer=tok, config=config, params=load_clip(folder, config, "text_encoder"))
+    return TextSide(tokenizer=tok, config=config, model=load_clip(folder, config, "text_encoder"))
 
 
 # -- the image side ------------------------------------------------------------------------
 
 @dataclass
 class ImageSide:
-    """UNet, VAE (numpy params, host memory) and the model's own scheduler config."""
+    """UNet, VAE (flax.nnx models, weights in host memory) and the model's own scheduler config."""
 
     unet_config: object
-    unet_params: dict
+    unet: object  # unet.UNet2DConditionModel
     vae_config: object
-    vae_params: dict
+    vae: object   # vae.AutoencoderKL
     scheduler_config: dict
     schedule: NoiseSchedule
 
@@ -143,8 +144,8 @@ def load_image_side(folder: Path) -> ImageSide:
         config = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError) as e:
         raise TextinvError(f"Cannot read {path}: {e}", "The model folder is incomplete.") from None
-    return ImageSide(unet_config=unet_cfg, unet_params=load_unet(folder, unet_cfg), vae_config=vae_cfg,
-                     vae_params=load_vae(folder, vae_cfg), scheduler_config=config,
+    return ImageSide(unet_config=unet_cfg, unet=load_unet(folder, unet_cfg), vae_config=vae_cfg,
+                     vae=load_vae(folder, vae_cfg), scheduler_config=config,
                      schedule=noise_schedule(config))
 
 

@@ -1,11 +1,11 @@
-"""Layers shared by the JAX ports (CLIP, VAE, UNet), as pure functions of params.
+"""The array math under the JAX modules (layers.py, clip.py, unet_blocks.py, vae.py).
 
-Every function takes the params of one PyTorch module in the layout `weights.to_params`
-produces (kernel / bias / scale / embedding leaves) and returns the module's output.
-Images are NHWC; sequences are [batch, tokens, channels].
+Pure functions of arrays: the modules hold the weights (in the layouts weights.py converts
+torch's to: HWIO conv kernels, [in, out] linear kernels) and call these. Images are NHWC;
+sequences are [batch, tokens, channels].
 
-Precision: `dtype` is the compute dtype (None: the input's dtype). Params are cast to it
-at the point of use, so fp32 params can drive a bf16 computation. Normalisation
+Precision: `dtype` is the compute dtype (None: the input's dtype). Weights are cast to it
+at the point of use, so fp32 weights can drive a bf16 computation. Normalisation
 statistics and softmax are always computed in float32, as diffusers does with
 `upcast_softmax` and as torch autocast does for norms; this keeps bf16 runs close to fp32.
 """
@@ -16,37 +16,31 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = [
-    "activation", "attention", "conv2d", "downsample2d", "group_norm", "layer_norm", "linear",
-    "resnet_block", "upsample2d",
-]
+__all__ = ["activation", "attention", "conv2d", "group_norm", "layer_norm", "linear", "resize_nearest"]
 
 
 def _dtype(x, dtype):
     return jnp.dtype(dtype) if dtype is not None else x.dtype
 
 
-def linear(p: dict, x: jax.Array, dtype=None) -> jax.Array:
-    """torch.nn.Linear: x @ kernel + bias over the last axis.
-
-    p: {"kernel": [in, out], "bias": [out] (optional)}.
-    """
+def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, dtype=None) -> jax.Array:
+    """torch.nn.Linear: x @ kernel [in, out] (+ bias [out]) over the last axis."""
     dt = _dtype(x, dtype)
-    y = jnp.matmul(x.astype(dt), p["kernel"].astype(dt))
-    if "bias" in p:
-        y = y + p["bias"].astype(dt)
+    y = jnp.matmul(x.astype(dt), kernel.astype(dt))
+    if bias is not None:
+        y = y + bias.astype(dt)
     return y
 
 
-def conv2d(p: dict, x: jax.Array, *, stride: int = 1, padding="same", dtype=None) -> jax.Array:
-    """torch.nn.Conv2d on NHWC input.
+def conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, stride: int = 1, padding="same",
+           dtype=None) -> jax.Array:
+    """torch.nn.Conv2d on NHWC input; kernel [kh, kw, in, out] (HWIO), bias [out].
 
-    p: {"kernel": [kh, kw, in, out] (HWIO), "bias": [out] (optional)}.
     padding: "same" pads k//2 on every side (torch's padding=k//2 for odd kernels),
     an int pads that much on every side, or explicit ((top, bottom), (left, right)).
     """
     dt = _dtype(x, dtype)
-    kernel = p["kernel"].astype(dt)
+    kernel = kernel.astype(dt)
     kh, kw = kernel.shape[:2]
     if padding == "same":
         padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
@@ -54,17 +48,18 @@ def conv2d(p: dict, x: jax.Array, *, stride: int = 1, padding="same", dtype=None
         padding = ((padding, padding), (padding, padding))
     y = lax.conv_general_dilated(x.astype(dt), kernel, window_strides=(stride, stride), padding=padding,
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    if "bias" in p:
-        y = y + p["bias"].astype(dt)
+    if bias is not None:
+        y = y + bias.astype(dt)
     return y
 
 
-def group_norm(p: dict, x: jax.Array, groups: int, eps: float = 1e-5, dtype=None) -> jax.Array:
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, eps: float = 1e-5,
+               dtype=None) -> jax.Array:
     """torch.nn.GroupNorm with channels last: x is [batch, ..., channels].
 
-    p: {"scale": [C], "bias": [C]}. Group g holds channels g*C/G .. (g+1)*C/G - 1, the
-    same grouping torch uses on NCHW, so imported weights line up. Statistics (biased
-    variance, as torch) are taken in float32 over all positions of the group.
+    Group g holds channels g*C/G .. (g+1)*C/G - 1, the same grouping torch uses on NCHW,
+    so imported weights line up. Statistics (biased variance, as torch) are taken in
+    float32 over all positions of the group.
     """
     dt = _dtype(x, dtype)
     c = x.shape[-1]
@@ -74,17 +69,17 @@ def group_norm(p: dict, x: jax.Array, groups: int, eps: float = 1e-5, dtype=None
     mean = xf.mean(axis=(1, 3), keepdims=True)
     var = jnp.square(xf - mean).mean(axis=(1, 3), keepdims=True)
     y = ((xf - mean) * lax.rsqrt(var + eps)).reshape(x.shape)
-    y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return y.astype(dt)
 
 
-def layer_norm(p: dict, x: jax.Array, eps: float = 1e-5, dtype=None) -> jax.Array:
-    """torch.nn.LayerNorm over the last axis. p: {"scale": [C], "bias": [C]}; stats in float32."""
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-5, dtype=None) -> jax.Array:
+    """torch.nn.LayerNorm over the last axis; stats in float32."""
     dt = _dtype(x, dtype)
     xf = x.astype(jnp.float32)
     mean = xf.mean(axis=-1, keepdims=True)
     var = jnp.square(xf - mean).mean(axis=-1, keepdims=True)
-    y = (xf - mean) * lax.rsqrt(var + eps) * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    y = (xf - mean) * lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return y.astype(dt)
 
 
@@ -138,64 +133,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *, mask: jax
     return out.reshape(b, tq, inner)
 
 
-def resnet_block(p: dict, x: jax.Array, temb: jax.Array | None = None, *, groups: int, eps: float = 1e-6,
-                 groups_out: int | None = None, act: str = "silu", time_embedding_norm: str = "default",
-                 output_scale_factor: float = 1.0, dtype=None) -> jax.Array:
-    """diffusers.models.resnet.ResnetBlock2D (no up/down inside; dropout is a no-op here).
-
-    p: {"norm1", "conv1", "norm2", "conv2", "conv_shortcut" (when channels change),
-        "time_emb_proj" (when there is a time embedding)}.
-    x: [B, H, W, Cin]; temb: [B, temb_channels] or None (the VAE has none).
-    time_embedding_norm "default" adds proj(act(temb)) before norm2; "scale_shift"
-    applies norm2(h) * (1 + scale) + shift.
-    """
-    dt = _dtype(x, dtype)
-    f = activation(act)
-    h = f(group_norm(p["norm1"], x, groups, eps, dt))
-    h = conv2d(p["conv1"], h, dtype=dt)
-    t = None
-    if temb is not None and "time_emb_proj" in p:
-        t = linear(p["time_emb_proj"], f(temb.astype(dt)), dt)[:, None, None, :]
-    if time_embedding_norm == "scale_shift":
-        if t is None:
-            raise ValueError("resnet_block: scale_shift needs a time embedding")
-        t_scale, t_shift = jnp.split(t, 2, axis=-1)
-        h = group_norm(p["norm2"], h, groups_out or groups, eps, dt) * (1 + t_scale) + t_shift
-    else:
-        if t is not None:
-            h = h + t
-        h = group_norm(p["norm2"], h, groups_out or groups, eps, dt)
-    h = conv2d(p["conv2"], f(h), dtype=dt)
-    skip = x.astype(dt)
-    if "conv_shortcut" in p:
-        skip = conv2d(p["conv_shortcut"], skip, dtype=dt)
-    out = skip + h
-    return out / output_scale_factor if output_scale_factor != 1.0 else out
-
-
-def downsample2d(p: dict, x: jax.Array, *, padding: int = 1, dtype=None) -> jax.Array:
-    """diffusers Downsample2D with use_conv: a 3x3 stride-2 conv. p: {"conv": {...}}.
-
-    padding=1 (the UNet) pads one pixel all round; padding=0 (the VAE encoder) pads
-    only bottom and right, as diffusers' F.pad(x, (0, 1, 0, 1)) does.
-    """
-    pad = ((1, 1), (1, 1)) if padding == 1 else ((0, 1), (0, 1)) if padding == 0 else padding
-    return conv2d(p["conv"], x, stride=2, padding=pad, dtype=dtype)
-
-
-def upsample2d(p: dict, x: jax.Array, *, output_size: tuple[int, int] | None = None, dtype=None) -> jax.Array:
-    """diffusers Upsample2D with use_conv: nearest-neighbour x2 (or to `output_size`,
-    as the UNet asks when a skip connection has an odd size), then a 3x3 conv.
-    p: {"conv": {...}}.
-    """
-    dt = _dtype(x, dtype)
-    x = x.astype(dt)
+def resize_nearest(x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+    """Nearest-neighbour upsampling of NHWC `x`: x2, or to `output_size` with torch's
+    "nearest" rule (source index floor(dst * in / out)), as an UNet asks when a skip
+    connection has an odd size."""
     if output_size is None:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    else:
-        # torch "nearest": source index floor(dst * in / out)
-        (h, w), (oh, ow) = x.shape[1:3], output_size
-        rows = (jnp.arange(oh) * h) // oh
-        cols = (jnp.arange(ow) * w) // ow
-        x = x[:, rows][:, :, cols]
-    return conv2d(p["conv"], x, dtype=dt)
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    (h, w), (oh, ow) = x.shape[1:3], output_size
+    rows = (jnp.arange(oh) * h) // oh
+    cols = (jnp.arange(ow) * w) // ow
+    return x[:, rows][:, :, cols]

@@ -40,11 +40,11 @@ from textinv_cli.engine.batch_sizes import batches, pick_batch_size
 from textinv_cli.engine.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
 
 from . import sampler_tables, samplers
-from .clip import apply_clip
+from flax import nnx
+
+from .clip import rows_state, split_frozen
 from .loading import compute_dtype, load_image_side, load_text_side, model_family, model_folder
 from .tokens import add_embeddings, encode, expand_all, to_model_ids
-from .unet import apply_unet
-from .vae import apply_vae_decoder
 
 # Our scheduler names -> A1111's sampler name for the infotext (the torch backend's names).
 SCHEDULERS = {"euler": "Euler", "euler-a": "Euler a", "dpm++": "DPM++ 2M", "dpm++-karras": "DPM++ 2M Karras",
@@ -70,24 +70,27 @@ def make_plan(name: str, scheduler_config: dict, steps: int, **override):
 
 # -- the jitted pieces --------------------------------------------------------------------------
 
-@partial(jax.jit, static_argnames=("config", "dtype"))
-def text_states(params, ids, rows, *, config, dtype):
-    """The UNet's conditioning (CLIP's last hidden state) for ids [B, T]; rows may be None."""
-    return apply_clip(params, config, ids, extra_rows=rows, dtype=dtype)["last_hidden_state"]
+@partial(jax.jit, static_argnums=0, static_argnames="dtype")
+def text_states(graphdef, frozen, rows, ids, *, dtype):
+    """The UNet's conditioning (CLIP's last hidden state) for ids [B, T] from a text model
+    split by clip.split_frozen, with `rows` [n, width] as its new tokens (n may be 0)."""
+    return nnx.merge(graphdef, rows_state(rows), frozen)(ids, dtype=dtype)["last_hidden_state"]
 
 
-@partial(jax.jit, static_argnames=("config", "dtype", "guided"))
-def denoise_step(params, plan, i, x, prev_x0, context, guidance, keys=None, *, config, dtype, guided):
-    """One sampler step from x [B, h, w, C]; context [2B, T, D] (B uncond, then B cond) or [B, T, D];
-    keys: one PRNG key per image (step_key), for Euler a's fresh noise."""
+@partial(jax.jit, static_argnums=0, static_argnames=("dtype", "guided"))
+def denoise_step(graphdef, weights, plan, i, x, prev_x0, context, guidance, keys=None, *, dtype, guided):
+    """One sampler step from x [B, h, w, C] with the UNet nnx.split into (graphdef, weights);
+    context [2B, T, D] (B uncond, then B cond) or [B, T, D]; keys: one PRNG key per image
+    (step_key), for Euler a's fresh noise."""
+    unet = nnx.merge(graphdef, weights)
     t = plan.timesteps[i]
     x_in = samplers.model_input(plan, i, x)
     if guided:
-        out = apply_unet(params, config, jnp.concatenate([x_in, x_in]), t, context, dtype=dtype)
+        out = unet(jnp.concatenate([x_in, x_in]), t, context, dtype=dtype)
         uncond, cond = jnp.split(out, 2)
         out = uncond + guidance * (cond - uncond)
     else:
-        out = apply_unet(params, config, x_in, t, context, dtype=dtype)
+        out = unet(x_in, t, context, dtype=dtype)
     if isinstance(plan, samplers.DDIMPlan):
         return samplers.ddim_step(plan, i, out, x)
     if isinstance(plan, samplers.EulerPlan):
@@ -98,27 +101,28 @@ def denoise_step(params, plan, i, x, prev_x0, context, guidance, keys=None, *, c
     return samplers.dpmpp_2m_step(plan, i, out, x, prev_x0)
 
 
-@partial(jax.jit, static_argnames=("config", "dtype"))
-def decode(params, latents, *, config, dtype):
-    """Latents -> float32 RGB [B, H, W, 3] in [0, 1], as the pipeline's image processor."""
-    z = latents / config.scaling_factor + (config.shift_factor or 0.0)
-    return jnp.clip(apply_vae_decoder(params, config, z, dtype=dtype) / 2 + 0.5, 0.0, 1.0)
+@partial(jax.jit, static_argnums=0, static_argnames="dtype")
+def decode(graphdef, weights, latents, *, dtype):
+    """Latents -> float32 RGB [B, H, W, 3] in [0, 1] by the VAE nnx.split into (graphdef,
+    weights), as the pipeline's image processor."""
+    vae = nnx.merge(graphdef, weights)
+    z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    return jnp.clip(vae.decode(z, dtype=dtype) / 2 + 0.5, 0.0, 1.0)
 
 
-def denoise(nets: dict, configs: dict, context, *, plan, guidance: float, noise, dtype, keys=None) -> Iterator[int]:
+def denoise(nets: dict, context, *, plan, guidance: float, noise, dtype, keys=None) -> Iterator[int]:
     """Run every step of `plan` from `noise` [1, h, w, C] (a standard normal: scaled by the
     plan's init_noise_sigma here); yields each finished step index and returns the image as
     float32 [H, W, 3] in [0, 1] (use `image = yield from denoise(...)`).
 
-    nets: {"unet", "vae"} params (already on the device); configs: the same keys; keys: per
-    image PRNG keys (step_keys), needed by Euler a."""
-    images = yield from denoise_batch(nets, configs, context, plan=plan, guidance=guidance, noise=noise, dtype=dtype,
+    nets: {"unet", "vae"}: each model as nnx.split gives it, (graphdef, weights), the weights
+    already on the device; keys: per image PRNG keys (step_keys), needed by Euler a."""
+    images = yield from denoise_batch(nets, context, plan=plan, guidance=guidance, noise=noise, dtype=dtype,
                                       keys=keys)
     return images[0]
 
 
-def denoise_batch(nets: dict, configs: dict, context, *, plan, guidance: float, noise, dtype,
-                  keys=None) -> Iterator[int]:
+def denoise_batch(nets: dict, context, *, plan, guidance: float, noise, dtype, keys=None) -> Iterator[int]:
     """`denoise` for a batch: noise [B, h, w, C], one prompt's context [2, T, D] (negative,
     prompt) or [1, T, D], keys [B] (Euler a); returns float32 images [B, H, W, 3] in [0, 1]."""
     if getattr(plan, "ancestral", False) and keys is None:
@@ -128,15 +132,14 @@ def denoise_batch(nets: dict, configs: dict, context, *, plan, guidance: float, 
     context = jnp.repeat(context, noise.shape[0], axis=0)  # [u, c] -> [u]*B + [c]*B, as denoise_step takes
     # Everything committed to the params' devices up front: outputs come back committed, and
     # an uncommitted first input would compile the step a second time for step 2.
-    where = jax.tree.leaves(nets["unet"])[0].sharding
+    where = jax.tree.leaves(nets["unet"][1])[0].sharding
     x, x0, plan, g, context, keys = jax.device_put(
         (noise, jnp.zeros_like(noise), plan, jnp.float32(guidance), context, keys), where)
     for i in range(plan.steps):
-        x, x0 = denoise_step(nets["unet"], plan, i, x, x0, context, g, keys, config=configs["unet"], dtype=dtype,
-                             guided=guided)
+        x, x0 = denoise_step(*nets["unet"], plan, i, x, x0, context, g, keys, dtype=dtype, guided=guided)
         x.block_until_ready()  # progress events follow the work, not the dispatch
         yield i
-    return np.asarray(decode(nets["vae"], x, config=configs["vae"], dtype=dtype))
+    return np.asarray(decode(*nets["vae"], x, dtype=dtype))
 
 
 def initial_noise(seed: int, height: int, width: int, vae_config) -> jax.Array:
@@ -187,14 +190,15 @@ def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
     width = request.width or image.native_resolution
 
     put = partial(jax.device_put, device=device)
-    clip_params, rows = put(text.params), (None if rows is None else put(rows))
-    nets = {"unet": put(image.unet_params), "vae": put(image.vae_params)}
-    configs = {"unet": image.unet_config, "vae": image.vae_config}
+    text_graph, text_frozen = split_frozen(text.model)
+    rows = put(np.zeros((0, text.width), np.float32) if rows is None else rows)
+    nets = {name: (nnx.graphdef(model), put(nnx.state(model))) for name, model in (("unet", image.unet),
+                                                                                   ("vae", image.vae))}
     guided = request.guidance > 1  # diffusers: classifier-free guidance only above 1
     texts = ([expand_all(request.negative, request.embeddings)] if guided else []) + \
         [expand_all(request.prompt, request.embeddings)]
     ids = to_model_ids(encode(text.tokenizer, texts), first, text.vocab_rows)
-    context = text_states(clip_params, ids, rows, config=text.config, dtype=dtype)
+    context = text_states(text_graph, put(text_frozen), rows, ids, dtype=dtype)
 
     n, steps = request.n, request.steps
     batch = pick_batch_size(n, request.batch_size, width, height)
@@ -211,7 +215,7 @@ def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
         keys = step_keys(seeds + [request.seed] * (batch - count if n > batch else 0))
         if n > batch:  # pad a short last batch: one UNet shape, one compile
             noise = jnp.concatenate([noise, jnp.zeros((batch - count,) + noise.shape[1:], noise.dtype)])
-        run = denoise_batch(nets, configs, context, plan=plan, guidance=request.guidance, dtype=dtype, noise=noise,
+        run = denoise_batch(nets, context, plan=plan, guidance=request.guidance, dtype=dtype, noise=noise,
                             keys=keys)
         while True:
             try:

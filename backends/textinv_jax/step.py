@@ -3,9 +3,14 @@ batch, lr, max_norm) -> (state, metrics)`, jitted once per model configuration w
 state donated. The run around it (checkpoints, events, Ctrl-C, resume) is the core's
 engine; trainer.py is the session that places the arrays and calls this.
 
-Only the new rows train: state = (rows {slot: [n, width]} fp32, optax AdamW state). The
-frozen CLIP and UNet, the caption id table and the latent cache are jit *arguments* (never
-constants baked into the program) and stay on the devices for the whole run.
+The models are flax.nnx modules, split once (trainer.py): their graphdefs are static (in
+StepConfig, the jit cache key), their Frozen weights are the `frozen` argument, and the
+rows (the text model's TokenRows, clip.py) are the trained state, merged back in per
+micro-step (`nnx.merge(graphdef, rows_state(rows), weights)`, free at run time). Only the
+new rows train: state = (rows {slot: [n, width]} fp32, optax AdamW state over those rows
+alone, the same moments the torch backend checkpoints). The frozen CLIP and UNet weights,
+the caption id table and the latent cache are jit *arguments* (never constants baked into
+the program) and stay on the devices for the whole run.
 
 A step is everything the torch step does per optimizer step: for each of `grad_accum`
 micro-steps (a lax.scan) the latents `(mean + std * eps) * scale` from the cache (the
@@ -24,12 +29,12 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from textinv_cli.engine.spec import TrainSpec
 
-from .clip import apply_clip
+from .clip import rows_state
 from .noise_schedule import add_noise, training_target
-from .unet import apply_unet
 
 # One optimizer for every run: all its numbers (lr, betas, eps, weight decay) are injected
 # hyperparameters, i.e. arrays in the state, so runs with other settings reuse the compiled step.
@@ -40,8 +45,8 @@ TX = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, b1=0.9, b2=0.999, 
 class StepConfig:
     """Everything static about a step (hashable: the jit cache key besides shapes)."""
 
-    clip: object
-    unet: object
+    text: nnx.GraphDef  # the text model's graph; its frozen weights come as frozen["text_encoder"]
+    unet: nnx.GraphDef  # the UNet's graph; its weights come as frozen["unet"]
     slot: str
     prediction_type: str
     scaling: float
@@ -55,12 +60,16 @@ def micro_loss(rows, frozen, mb, cfg: StepConfig):
     entry = mb["entry"]
     latents = (frozen["mean"][entry] + frozen["std"][entry] * mb["eps"]) * cfg.scaling
     ids = frozen["tables"][mb["caption"]]
-    cond = apply_clip(frozen["clip"], cfg.clip, ids, extra_rows=rows[cfg.slot], dtype=dt)["last_hidden_state"]
+    text = nnx.merge(cfg.text, rows_state(rows[cfg.slot]), frozen["text_encoder"])
+    cond = text(ids, dtype=dt)["last_hidden_state"]
     noisy = add_noise(frozen["ac"], latents, mb["noise"], mb["t"])
-    unet = partial(apply_unet, config=cfg.unet, dtype=dt)
+
+    def unet(weights, sample, timesteps, context):
+        return nnx.merge(cfg.unet, weights)(sample, timesteps, context, dtype=dt)
+
     if cfg.remat:  # --gradient-checkpointing: recompute the UNet's activations in the backward pass
         unet = jax.checkpoint(unet)
-    pred = unet(frozen["unet"], sample=noisy.transpose(0, 2, 3, 1), timesteps=mb["t"], encoder_hidden_states=cond)
+    pred = unet(frozen["unet"], noisy.transpose(0, 2, 3, 1), mb["t"], cond)
     target = training_target(cfg.prediction_type, frozen["ac"], latents, mb["noise"], mb["t"])
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.transpose(0, 2, 3, 1).astype(jnp.float32)))
 

@@ -6,10 +6,11 @@ JAX backend trains on are then exactly the torch backend's, added tokens include
 placeholder gets diffusers' multi-vector names (`<tok>`, `<tok>_1`, ...) so a file we write
 loads with `load_textual_inversion` under the same ids.
 
-apply_clip reads ids >= V (the frozen table's row count) from `extra_rows`. The tokenizer
-numbers added tokens from len(tokenizer), which is V for every real Stable Diffusion model,
-but a model whose table has spare rows would differ; `to_model_ids` moves added ids to V..
-so they always reach the trainable rows, never a stale row of the table.
+The text model reads ids >= V (the frozen table's row count) from its new-token rows
+(clip.CLIPTextEmbeddings.new_tokens). The tokenizer numbers added tokens from
+len(tokenizer), which is V for every real Stable Diffusion model, but a model whose table
+has spare rows would differ; `to_model_ids` moves added ids to V.. so they always reach
+the trainable rows, never a stale row of the table.
 
 The token is checked by the core's engine.checks.check_token, as in the torch backend, so a
 user gets the same refusal whichever backend they picked.
@@ -43,7 +44,7 @@ def init_rows(tokenizer, table: np.ndarray, words: list[str], n: int, label: str
 
 
 def to_model_ids(ids: np.ndarray, first: int, vocab_rows: int) -> np.ndarray:
-    """Tokenizer ids -> apply_clip ids: added tokens (>= first) become vocab_rows + k."""
+    """Tokenizer ids -> the text model's ids: added tokens (>= first) become vocab_rows + k."""
     ids = np.asarray(ids, np.int64)
     return np.where(ids >= first, ids - first + vocab_rows, ids).astype(np.int32)
 
@@ -56,7 +57,7 @@ def encode(tokenizer, texts: list[str]) -> np.ndarray:
 
 def tokenize_captions(tokenizer, captions: list[list[str]], token: str, n: int, first: int,
                       vocab_rows: int) -> tuple[np.ndarray, list[list[int]], int]:
-    """Each distinct caption tokenized once: (id table [U, L] for apply_clip, per-image
+    """Each distinct caption tokenized once: (id table [U, L] for the text model, per-image
     indices into it, how many captions lose the placeholder to truncation)."""
     unique: dict[str, int] = {}
     choices = [[unique.setdefault(c, len(unique)) for c in caps] for caps in captions]

@@ -3,10 +3,12 @@ model and data loaded and placed on a device mesh, the host side of each step (t
 BatchPlan's draws, identical to the torch backend's), step.train_step on the devices, the
 rows and optax state as checkpoint files, validation images.
 
-Many devices: a 1-D Mesh over jax.devices() named "data"; batches are sharded on their
-batch axis, everything else replicated; XLA inserts the gradient all-reduce. Several hosts
-(jax.distributed, see backend.py) each draw their own block of the global batch, as torch
-ranks do, and only process 0 writes files.
+The models are flax.nnx modules loaded into host memory, split once into graphdefs (static,
+in step.StepConfig) and state (the Frozen weights, placed on the devices with everything
+else the step reads). Many devices: a 1-D Mesh over jax.devices() named "data"; batches
+are sharded on their batch axis, everything else replicated; XLA inserts the gradient
+all-reduce. Several hosts (jax.distributed, see backend.py) each draw their own block of
+the global batch, as torch ranks do, and only process 0 writes files.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -33,6 +36,7 @@ from textinv_cli.families import FAMILY_SLOTS
 from textinv_cli.engine.spec import TrainSpec
 
 from . import state
+from .clip import split_frozen
 from .data import check_resolution, latent_cache
 from .loading import (ImageSide, TextSide, compute_dtype, load_image_side, load_text_side, model_family,
                       model_folder)
@@ -69,8 +73,8 @@ class Setup:
         return len(self.images)
 
     def config(self) -> StepConfig:
-        return StepConfig(clip=self.text.config, unet=self.image.unet_config, slot=self.slot,
-                          prediction_type=self.image.schedule.prediction_type,
+        return StepConfig(text=split_frozen(self.text.model)[0], unet=nnx.graphdef(self.image.unet),
+                          slot=self.slot, prediction_type=self.image.schedule.prediction_type,
                           scaling=float(self.image.vae_config.scaling_factor), dtype=jnp.dtype(self.dtype).name,
                           remat=bool(self.spec.gradient_checkpointing))
 
@@ -113,8 +117,7 @@ def prepare(spec: TrainSpec, mesh: Mesh | None = None, dtype=None, images: list 
     label = f"{slot} tokenizer"
     check_token(spec.token, text.tokenizer, label)
     words = [spec.init] if isinstance(spec.init, str) else list(spec.init)
-    init = init_rows(text.tokenizer, text.params["embeddings"]["token_embedding"]["embedding"], words, spec.vectors,
-                     label)
+    init = init_rows(text.tokenizer, text.model.token_table, words, spec.vectors, label)
     first = add_placeholder_tokens(text.tokenizer, spec.token, spec.vectors, label)
     image = load_image_side(folder)
     if image.schedule.prediction_type not in ("epsilon", "v_prediction"):
@@ -188,10 +191,10 @@ def host(tree):
 def validate(s: Setup, frozen, vae, rows, run: Path, step: int, repl, main: bool) -> list:
     """The --validate images of this step (validation.validation_images), rows as they are now."""
     spec = s.spec
-    nets = {"clip": frozen["clip"], "unet": frozen["unet"], "vae": vae}
-    configs = {"clip": s.text.config, "unet": s.image.unet_config, "vae": s.image.vae_config}
+    nets = {"text_encoder": (split_frozen(s.text.model)[0], frozen["text_encoder"]),
+            "unet": (nnx.graphdef(s.image.unet), frozen["unet"]), "vae": (nnx.graphdef(s.image.vae), vae)}
     return validation_images(
-        nets, configs, s.text.tokenizer, rows[s.slot], first=s.first, vocab_rows=s.text.vocab_rows,
+        nets, s.image.vae_config, s.text.tokenizer, rows[s.slot], first=s.first, vocab_rows=s.text.vocab_rows,
         scheduler_config=s.image.scheduler_config, prompts=spec.validate, token=spec.token, vectors=spec.vectors,
         steps=spec.validate_steps, seed=spec.seed, resolution=s.resolution, dtype=s.dtype,
         out=run / "samples", step=step, place=lambda x: put(x, repl), write=main)
@@ -233,9 +236,10 @@ class JaxSession(Session):
         self.s = s = prepare(spec, self.mesh, self.dtype, images, captions)
         self.family = s.family
         self._place({s.slot: s.init})
-        self.frozen = put({"clip": s.text.params, "unet": s.image.unet_params, "tables": s.tables, "mean": s.mean,
-                           "std": s.std, "ac": s.image.schedule.alphas_cumprod}, self.repl)
-        self.vae = put(s.image.vae_params, self.repl) if spec.validate else None
+        self.frozen = put({"text_encoder": split_frozen(s.text.model)[1], "unet": nnx.state(s.image.unet),
+                           "tables": s.tables, "mean": s.mean, "std": s.std, "ac": s.image.schedule.alphas_cumprod},
+                          self.repl)
+        self.vae = put(nnx.state(s.image.vae), self.repl) if spec.validate else None
         self.cfg, self.plan = s.config(), batch_plan(s)
         self.max_norm = np.float32(spec.max_grad_norm or np.inf)
         gpu = self.mesh.devices.flat[0].platform == "gpu"

@@ -1,19 +1,20 @@
-"""diffusers' UNet2DConditionModel in JAX: config, weight import and a pure forward function.
+"""diffusers' UNet2DConditionModel as a flax.nnx module: config, weight import, forward.
 
     config = read_unet_config(folder)              # or unet_config(config_dict)
-    params = load_unet(folder, config)             # or load_unet(state_dict, config)
-    pred = apply_unet(params, config, latents_nhwc, timesteps, text_states, dtype=jnp.bfloat16)
+    unet = load_unet(folder, config)               # or load_unet(state_dict, config)
+    pred = unet(latents_nhwc, timesteps, text_states, dtype=jnp.bfloat16)
 
-`params` is a nested dict of float32 arrays named as the torch module
-(`params["down_blocks"]["0"]["resnets"]["1"]["conv1"]["kernel"]`, HWIO convs, [in, out]
-linears, norm `scale`s; see weights.to_params). `config` is a frozen dataclass, hashable,
-so it is a static argument of jax.jit. Activations are NHWC.
+The module tree is diffusers' (`unet.down_blocks[0].resnets[1].conv1.kernel` holds
+down_blocks.0.resnets.1.conv1.weight as HWIO; linears [in, out], norm `scale`s; see
+weights.py), all Frozen weights. Activations are NHWC.
 
 Covers SD 1.x (1x1-conv projections, one head count), SD 2.x (linear projections, a head
 count per block, upcast_attention) and the SDXL UNet (text_time added embedding, deeper
 transformers per block). Config options that change the network in other ways are refused
 by name rather than silently ignored. Structure: diffusers/models/unets/unet_2d_condition.py
 and embeddings.py (Timesteps, TimestepEmbedding); blocks in unet_blocks.py.
+A UNet the JAX backend runs is what `unet_config` accepts; its module is then exactly what
+`expected_shapes` names (weights.load_into checks both ways).
 """
 
 from __future__ import annotations
@@ -25,14 +26,17 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from textinv_cli.errors import TextinvError
 
 from . import nn
-from .unet_blocks import BlockSpec, down_block, mid_block, up_block
-from .weights import read_config, read_state, require_keys, to_params
+from .layers import Conv2d, GroupNorm, Linear
+from .unet_blocks import (BlockSpec, CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn,
+                          UpBlock2D, Widths)
+from .weights import load_into, read_config, read_state, require_keys, to_params
 
-__all__ = ["BlockSpec", "UNetConfig", "apply_unet", "load_unet", "read_unet_config", "timestep_embedding",
+__all__ = ["BlockSpec", "UNet2DConditionModel", "UNetConfig", "load_unet", "read_unet_config", "timestep_embedding",
            "unet_config"]
 
 _DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -52,7 +56,7 @@ _TORCH = "Use --backend torch for this model."
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """What apply_unet needs from a UNet2DConditionModel config, normalised per block."""
+    """What UNet2DConditionModel needs from its config, normalised per block. Hashable."""
 
     in_channels: int
     out_channels: int
@@ -251,16 +255,18 @@ def expected_shapes(cfg: UNetConfig) -> dict[str, tuple]:
 
 
 def load_unet(folder_or_state: Path | str | Mapping[str, np.ndarray], config: UNetConfig,
-              component: str = "unet") -> dict:
-    """Params for apply_unet from a diffusers folder (`<folder>/<component>`, safetensors, no
-    torch) or a torch-named UNet2DConditionModel state dict. Every tensor the config implies
-    must be there with its shape, and nothing else (a mismatch is an error naming the keys)."""
+              component: str = "unet") -> UNet2DConditionModel:
+    """The UNet from a diffusers folder (`<folder>/<component>`, safetensors, no torch) or a
+    torch-named UNet2DConditionModel state dict, weights float32 numpy in host memory. Every
+    tensor the config implies must be there with its shape, and nothing else (a mismatch is
+    an error naming the keys)."""
     if isinstance(folder_or_state, Mapping):
         state = dict(folder_or_state)
     else:
         state = read_state(Path(folder_or_state), component)
     require_keys(state, expected_shapes(config), f"UNet ({component})")
-    return to_params({k: np.asarray(v, np.float32) for k, v in state.items()})
+    params = to_params({k: np.asarray(v, np.float32) for k, v in state.items()})
+    return load_into(lambda: UNet2DConditionModel(config), params, f"UNet ({component})")
 
 
 # -- forward --------------------------------------------------------------------------------------
@@ -279,51 +285,82 @@ def timestep_embedding(t, dim: int, flip_sin_to_cos: bool, shift: float, max_per
     return emb
 
 
-def _mlp(p, x, dtype):
-    """TimestepEmbedding: linear_1, silu, linear_2."""
-    return nn.linear(p["linear_2"], nn.activation("silu")(nn.linear(p["linear_1"], x, dtype)), dtype)
+class TimestepEmbedding(nnx.Module):
+    """linear_1, silu, linear_2 (the time embedding, and SDXL's add_embedding)."""
+
+    def __init__(self, in_channels: int, dim: int):
+        self.linear_1, self.linear_2 = Linear(in_channels, dim), Linear(dim, dim)
+
+    def __call__(self, x, dtype):
+        return self.linear_2(nn.activation("silu")(self.linear_1(x, dtype)), dtype)
 
 
-def apply_unet(params, config: UNetConfig, sample, timesteps, encoder_hidden_states, *,
-               added_cond: Mapping | None = None, dtype=jnp.float32, attention: str | None = None):
-    """The UNet's prediction (noise or v, as the model was trained) for NHWC `sample`
-    [B, H, W, in_channels] at `timesteps` (scalar or [B]; int or float) conditioned on
-    `encoder_hidden_states` [B, T, cross_attention_dim]. Returns float32 [B, H, W, out_channels].
+class UNet2DConditionModel(nnx.Module):
+    """unet(sample, timesteps, encoder_hidden_states, *, added_cond, dtype, attention): the
+    prediction (noise or v, as the model was trained) for NHWC `sample` [B, H, W, in_channels]
+    at `timesteps` (scalar or [B]; int or float) conditioned on `encoder_hidden_states`
+    [B, T, cross_attention_dim]. Returns float32 [B, H, W, out_channels].
 
-    `dtype` is the compute dtype: params are cast where used, norms and softmax stay
+    `dtype` is the compute dtype: weights are cast where used, norms and softmax stay
     float32. `attention`: None is plain XLA attention (float32 logits, [tokens x tokens]
     per head in memory); "cudnn" is fused flash attention on NVIDIA GPUs, for bf16/fp16
-    compute and large latents (see nn.attention). SDXL (addition_embed_type "text_time") also needs
-    added_cond={"text_embeds": [B, P], "time_ids": [B, 6]}. A side that does not divide by
-    2**(upsamplers) works as in diffusers: each upsampler resizes to its skip's size.
+    compute and large latents (see nn.attention). SDXL (addition_embed_type "text_time")
+    also needs added_cond={"text_embeds": [B, P], "time_ids": [B, 6]}. A side that does not
+    divide by 2**(upsamplers) works as in diffusers: each upsampler resizes to its skip's size.
     """
-    b = sample.shape[0]
-    groups, eps = config.norm_num_groups, config.norm_eps
-    t = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
-    t_emb = timestep_embedding(t, config.block_out_channels[0], config.flip_sin_to_cos, config.freq_shift)
-    emb = _mlp(params["time_embedding"], t_emb, dtype)
-    if config.addition_embed_type == "text_time":
-        if not added_cond or "text_embeds" not in added_cond or "time_ids" not in added_cond:
-            raise ValueError("this UNet (SDXL) needs added_cond={'text_embeds': ..., 'time_ids': ...}")
-        ids = jnp.asarray(added_cond["time_ids"]).reshape(-1)
-        ids_emb = timestep_embedding(ids, config.addition_time_embed_dim, config.flip_sin_to_cos, config.freq_shift)
-        add = jnp.concatenate([jnp.asarray(added_cond["text_embeds"], jnp.float32), ids_emb.reshape(b, -1)], axis=-1)
-        emb = emb + _mlp(params["add_embedding"], add, dtype)
-    context = jnp.asarray(encoder_hidden_states).astype(dtype)
 
-    x = nn.conv2d(params["conv_in"], jnp.asarray(sample).astype(dtype), dtype=dtype)
-    skips = [x]
-    for i, spec in enumerate(config.down):
-        x, res = down_block(params["down_blocks"][str(i)], x, emb, context, spec, groups=groups, eps=eps, dtype=dtype,
-                            impl=attention)
-        skips += res
-    if config.mid is not None:
-        x = mid_block(params["mid_block"], x, emb, context, config.mid, groups=groups, eps=eps, dtype=dtype,
-                      impl=attention)
-    for i, spec in enumerate(config.up):
-        res, skips = skips[-spec.layers:], skips[:-spec.layers]
-        size = tuple(skips[-1].shape[1:3]) if spec.resample else None
-        x = up_block(params["up_blocks"][str(i)], x, res, emb, context, spec, upsample_size=size,
-                     groups=groups, eps=eps, dtype=dtype, impl=attention)
-    x = nn.activation("silu")(nn.group_norm(params["conv_norm_out"], x, groups, eps, dtype))
-    return nn.conv2d(params["conv_out"], x, dtype=dtype).astype(jnp.float32)
+    def __init__(self, cfg: UNetConfig):
+        self.config = cfg
+        ch, ted = cfg.block_out_channels, cfg.time_embed_dim
+        w = Widths(temb=ted, context=cfg.cross_attention_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], cfg.conv_in_kernel)
+        self.time_embedding = TimestepEmbedding(ch[0], ted)
+        self.add_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim, ted)
+                              if cfg.addition_embed_type == "text_time" else None)
+        down, cout = [], ch[0]
+        for i, spec in enumerate(cfg.down):
+            cin, cout = cout, ch[i]
+            down.append((CrossAttnDownBlock2D if spec.cross_attention else DownBlock2D)(cin, cout, spec, w))
+        self.down_blocks = nnx.List(down)
+        self.mid_block = None if cfg.mid is None else UNetMidBlock2DCrossAttn(ch[-1], cfg.mid, w)
+        up, rch = [], ch[::-1]
+        out = rch[0]
+        for i, spec in enumerate(cfg.up):
+            prev, out, skip_in = out, rch[i], rch[min(i + 1, len(ch) - 1)]
+            up.append((CrossAttnUpBlock2D if spec.cross_attention else UpBlock2D)(prev, out, skip_in, spec, w))
+        self.up_blocks = nnx.List(up)
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps)
+        self.conv_out = Conv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel)
+
+    def __call__(self, sample, timesteps, encoder_hidden_states, *, added_cond: Mapping | None = None,
+                 dtype=jnp.float32, attention: str | None = None):
+        config = self.config
+        b = sample.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
+        t_emb = timestep_embedding(t, config.block_out_channels[0], config.flip_sin_to_cos, config.freq_shift)
+        emb = self.time_embedding(t_emb, dtype)
+        if self.add_embedding is not None:
+            if not added_cond or "text_embeds" not in added_cond or "time_ids" not in added_cond:
+                raise ValueError("this UNet (SDXL) needs added_cond={'text_embeds': ..., 'time_ids': ...}")
+            ids = jnp.asarray(added_cond["time_ids"]).reshape(-1)
+            ids_emb = timestep_embedding(ids, config.addition_time_embed_dim, config.flip_sin_to_cos,
+                                         config.freq_shift)
+            add = jnp.concatenate([jnp.asarray(added_cond["text_embeds"], jnp.float32), ids_emb.reshape(b, -1)],
+                                  axis=-1)
+            emb = emb + self.add_embedding(add, dtype)
+        context = jnp.asarray(encoder_hidden_states).astype(dtype)
+
+        x = self.conv_in(jnp.asarray(sample).astype(dtype), dtype)
+        skips = [x]
+        for block in self.down_blocks:
+            x, res = block(x, emb, context, dtype, attention)
+            skips += res
+        if self.mid_block is not None:
+            x = self.mid_block(x, emb, context, dtype, attention)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            res, skips = skips[-n:], skips[:-n]
+            size = tuple(skips[-1].shape[1:3]) if len(block.upsamplers) else None
+            x = block(x, res, emb, context, dtype, upsample_size=size, impl=attention)
+        x = nn.activation("silu")(self.conv_norm_out(x, dtype))
+        return self.conv_out(x, dtype).astype(jnp.float32)

@@ -1,17 +1,18 @@
-"""diffusers' AutoencoderKL in JAX: the encoder (training caches latents) and the decoder
-(sampling turns latents into pictures).
+"""diffusers' AutoencoderKL as flax.nnx modules: the encoder (training caches latents) and
+the decoder (sampling turns latents into pictures).
 
     config = read_vae_config(folder)
-    params = load_vae(folder, config)
-    mean, std = apply_vae_encoder(params, config, images)   # images NHWC in [-1, 1]
+    vae = load_vae(folder, config)                     # weights in host memory (numpy)
+    mean, std = vae.encode(images)                     # images NHWC in [-1, 1]
     latents = (mean + std * noise - shift) * config.scaling_factor   # what the UNet sees
-    images = apply_vae_decoder(params, config, latents / config.scaling_factor + shift)
+    images = vae.decode(latents / config.scaling_factor + shift)
 
-Like diffusers, the apply functions work on raw (unscaled) latents; scaling by
-`scaling_factor` (and `shift_factor` where a config has one) is the caller's step, as it
-is the pipeline's in diffusers. Structure and names follow diffusers/models/autoencoders
-(vae.py Encoder/Decoder, autoencoder_kl.py), unet_2d_blocks.py (DownEncoderBlock2D,
-UpDecoderBlock2D, UNetMidBlock2D) and attention_processor.py (the mid block's attention).
+Like diffusers, encode/decode work on raw (unscaled) latents; scaling by `scaling_factor`
+(and `shift_factor` where a config has one) is the caller's step, as it is the pipeline's in
+diffusers. Module tree and names follow diffusers/models/autoencoders (vae.py Encoder/Decoder,
+autoencoder_kl.py), unet_2d_blocks.py (DownEncoderBlock2D, UpDecoderBlock2D, UNetMidBlock2D)
+and attention_processor.py (the mid block's attention). encode uses only `encoder` and
+`quant_conv`, decode only `decoder` and `post_quant_conv`.
 """
 
 from __future__ import annotations
@@ -23,20 +24,22 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from textinv_cli.errors import TextinvError
 
 from . import nn
-from .weights import read_config, read_state, require_keys, to_params
+from .layers import Conv2d, Downsample2D, GroupNorm, Linear, ResnetBlock2D, Upsample2D
+from .weights import load_into, read_config, read_state, require_keys, to_params
 
-__all__ = ["VaeConfig", "apply_vae_decoder", "apply_vae_encoder", "load_vae", "read_vae_config", "vae_config"]
+__all__ = ["AutoencoderKL", "VaeConfig", "load_vae", "read_vae_config", "vae_config"]
 
 EPS = 1e-6  # diffusers hard-codes resnet_eps=1e-6 throughout the VAE
 
 
 @dataclasses.dataclass(frozen=True)
 class VaeConfig:
-    """What the VAE functions need from an AutoencoderKL config. Frozen, hashable (static arg)."""
+    """What AutoencoderKL needs from its config. Frozen and hashable."""
 
     block_out_channels: tuple[int, ...] = (64,)
     in_channels: int = 3
@@ -170,97 +173,148 @@ def _modern_names(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def load_vae(folder_or_state: Path | str | Mapping[str, np.ndarray], config: VaeConfig, component: str = "vae") -> dict:
-    """Params for the VAE functions from a diffusers folder (`<folder>/<component>`) or a
-    torch-named AutoencoderKL state dict.
-
-    Returns nested float32 numpy arrays named as the torch module: encoder.{conv_in,
-    down_blocks.<i>.{resnets.<j>, downsamplers.0.conv}, mid_block.{resnets.<j>,
-    attentions.0.{group_norm, to_q, to_k, to_v, to_out.0}}, conv_norm_out, conv_out},
-    decoder.{conv_in, mid_block, up_blocks.<i>.{resnets.<j>, upsamplers.0.conv},
-    conv_norm_out, conv_out}, quant_conv, post_quant_conv. The encoder needs only
-    "encoder" and "quant_conv", the decoder only "decoder" and "post_quant_conv": drop the
-    other half to save device memory.
-    """
+def load_vae(folder_or_state: Path | str | Mapping[str, np.ndarray], config: VaeConfig,
+             component: str = "vae") -> AutoencoderKL:
+    """The AutoencoderKL from a diffusers folder (`<folder>/<component>`) or a torch-named
+    state dict (legacy LDM attention names accepted); weights float32 numpy, host memory."""
     if isinstance(folder_or_state, Mapping):
         state = dict(folder_or_state)
     else:
         state = read_state(Path(folder_or_state), component)
     state = _modern_names(state)
     require_keys(state, expected_shapes(config), f"VAE ({component})")
-    return to_params({k: np.asarray(v, np.float32) for k, v in state.items()})
+    params = to_params({k: np.asarray(v, np.float32) for k, v in state.items()})
+    return load_into(lambda: AutoencoderKL(config), params, f"VAE ({component})")
 
 
-# -- forward -------------------------------------------------------------------------------
+# -- the modules -----------------------------------------------------------------------------
 
-def _resnet(p, cfg, x, dt):
-    return nn.resnet_block(p, x, groups=cfg.norm_num_groups, eps=EPS, act=cfg.act_fn, dtype=dt)
-
-
-def _mid_attention(p: dict, cfg: VaeConfig, x: jax.Array, dt) -> jax.Array:
-    """One-head self-attention over all H*W positions, with a residual: diffusers'
-    Attention(..., heads=1, dim_head=C, residual_connection=True, upcast_softmax=True)."""
-    b, h, w, c = x.shape
-    y = nn.group_norm(p["group_norm"], x, cfg.norm_num_groups, EPS, dt).reshape(b, h * w, c)
-    q, k, v = (nn.linear(p[name], y, dt) for name in ("to_q", "to_k", "to_v"))
-    y = nn.linear(p["to_out"]["0"], nn.attention(q, k, v, 1), dt)
-    return x + y.reshape(b, h, w, c)
+def _resnet(cfg: VaeConfig, cin: int, cout: int) -> ResnetBlock2D:
+    return ResnetBlock2D(cin, cout, groups=cfg.norm_num_groups, eps=EPS, act=cfg.act_fn)
 
 
-def _mid_block(p: dict, cfg: VaeConfig, x: jax.Array, dt) -> jax.Array:
-    x = _resnet(p["resnets"]["0"], cfg, x, dt)
-    if cfg.mid_block_add_attention:
-        x = _mid_attention(p["attentions"]["0"], cfg, x, dt)
-    return _resnet(p["resnets"]["1"], cfg, x, dt)
+class Attention(nnx.Module):
+    """The mid block's one-head self-attention over all H*W positions, with a residual:
+    diffusers' Attention(..., heads=1, dim_head=C, residual_connection=True, upcast_softmax=True)."""
+
+    def __init__(self, cfg: VaeConfig, channels: int):
+        self.group_norm = GroupNorm(cfg.norm_num_groups, channels, EPS)
+        self.to_q, self.to_k, self.to_v = (Linear(channels, channels) for _ in range(3))
+        self.to_out = nnx.List([Linear(channels, channels)])  # to_out.1 is torch's dropout
+
+    def __call__(self, x: jax.Array, dt) -> jax.Array:
+        b, h, w, c = x.shape
+        y = self.group_norm(x, dt).reshape(b, h * w, c)
+        y = self.to_out[0](nn.attention(self.to_q(y, dt), self.to_k(y, dt), self.to_v(y, dt), 1), dt)
+        return x + y.reshape(b, h, w, c)
 
 
-def _tail(p: dict, cfg: VaeConfig, x: jax.Array, dt) -> jax.Array:
-    x = nn.group_norm(p["conv_norm_out"], x, cfg.norm_num_groups, EPS, dt)
-    return nn.conv2d(p["conv_out"], nn.activation(cfg.act_fn)(x), dtype=dt)
+class UNetMidBlock2D(nnx.Module):
+    """resnet, attention (mid_block_add_attention), resnet."""
+
+    def __init__(self, cfg: VaeConfig, channels: int):
+        self.resnets = nnx.List([_resnet(cfg, channels, channels), _resnet(cfg, channels, channels)])
+        self.attentions = nnx.List([Attention(cfg, channels)] if cfg.mid_block_add_attention else [])
+
+    def __call__(self, x: jax.Array, dt) -> jax.Array:
+        x = self.resnets[0](x, dtype=dt)
+        for attention in self.attentions:
+            x = attention(x, dt)
+        return self.resnets[1](x, dtype=dt)
 
 
-def apply_vae_encoder(params: dict, config: VaeConfig, images: jax.Array, *,
-                      dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
-    """The latent distribution of `images` [B, H, W, in_channels] (NHWC, values in [-1, 1];
-    H and W divisible by config.downscale): (mean, std), each float32
-    [B, H/8, W/8, latent_channels], unscaled. As diffusers' DiagonalGaussianDistribution:
-    logvar is clipped to [-30, 20] and std = exp(logvar / 2).
-    Jit with `config` static, e.g. jax.jit(apply_vae_encoder, static_argnums=1).
-    """
-    cfg, dt = config, jnp.dtype(dtype)
-    p = params["encoder"]
-    x = nn.conv2d(p["conv_in"], jnp.asarray(images).astype(dt), dtype=dt)
-    for i in range(len(cfg.block_out_channels)):
-        block = p["down_blocks"][str(i)]
-        for j in range(cfg.layers_per_block):
-            x = _resnet(block["resnets"][str(j)], cfg, x, dt)
-        if i < len(cfg.block_out_channels) - 1:
-            # diffusers builds these with padding=0 and pads only bottom/right by one.
-            x = nn.downsample2d(block["downsamplers"]["0"], x, padding=0, dtype=dt)
-    x = _tail(p, cfg, _mid_block(p["mid_block"], cfg, x, dt), dt)
-    if cfg.use_quant_conv:
-        x = nn.conv2d(params["quant_conv"], x, dtype=dt)
-    # The distribution's parameters are taken in float32 even in a bf16 run: exp() of a
-    # bf16 logvar would cost the latents' std most of its precision.
-    mean, logvar = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return mean, jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
+class DownEncoderBlock2D(nnx.Module):
+    def __init__(self, cfg: VaeConfig, cin: int, cout: int, downsample: bool):
+        self.resnets = nnx.List([_resnet(cfg, cin if j == 0 else cout, cout) for j in range(cfg.layers_per_block)])
+        # diffusers builds these with padding=0 and pads only bottom/right by one.
+        self.downsamplers = nnx.List([Downsample2D(cout, padding=0)] if downsample else [])
+
+    def __call__(self, x: jax.Array, dt) -> jax.Array:
+        for resnet in self.resnets:
+            x = resnet(x, dtype=dt)
+        for down in self.downsamplers:
+            x = down(x, dt)
+        return x
 
 
-def apply_vae_decoder(params: dict, config: VaeConfig, latents: jax.Array, *, dtype=jnp.float32) -> jax.Array:
-    """Images [B, H*8, W*8, out_channels] (NHWC, float32, nominally [-1, 1], not clipped)
-    from unscaled latents [B, H, W, latent_channels], as AutoencoderKL.decode.
-    Jit with `config` static, e.g. jax.jit(apply_vae_decoder, static_argnums=1).
-    """
-    cfg, dt = config, jnp.dtype(dtype)
-    z = jnp.asarray(latents).astype(dt)
-    if cfg.use_post_quant_conv:
-        z = nn.conv2d(params["post_quant_conv"], z, dtype=dt)
-    p = params["decoder"]
-    x = _mid_block(p["mid_block"], cfg, nn.conv2d(p["conv_in"], z, dtype=dt), dt)
-    for i in range(len(cfg.block_out_channels)):
-        block = p["up_blocks"][str(i)]
-        for j in range(cfg.layers_per_block + 1):
-            x = _resnet(block["resnets"][str(j)], cfg, x, dt)
-        if i < len(cfg.block_out_channels) - 1:
-            x = nn.upsample2d(block["upsamplers"]["0"], x, dtype=dt)
-    return _tail(p, cfg, x, dt).astype(jnp.float32)
+class UpDecoderBlock2D(nnx.Module):
+    def __init__(self, cfg: VaeConfig, cin: int, cout: int, upsample: bool):
+        self.resnets = nnx.List([_resnet(cfg, cin if j == 0 else cout, cout)
+                                 for j in range(cfg.layers_per_block + 1)])
+        self.upsamplers = nnx.List([Upsample2D(cout)] if upsample else [])
+
+    def __call__(self, x: jax.Array, dt) -> jax.Array:
+        for resnet in self.resnets:
+            x = resnet(x, dtype=dt)
+        for up in self.upsamplers:
+            x = up(x, dtype=dt)
+        return x
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: VaeConfig):
+        ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0])
+        self.down_blocks = nnx.List([DownEncoderBlock2D(cfg, ch[max(i - 1, 0)], ch[i], i < n - 1) for i in range(n)])
+        self.mid_block = UNetMidBlock2D(cfg, ch[-1])
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[-1], EPS)
+        self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels)
+        self.act = cfg.act_fn
+
+    def __call__(self, x: jax.Array, dt) -> jax.Array:
+        x = self.conv_in(x.astype(dt), dt)
+        for block in self.down_blocks:
+            x = block(x, dt)
+        x = self.conv_norm_out(self.mid_block(x, dt), dt)
+        return self.conv_out(nn.activation(self.act)(x), dt)
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: VaeConfig):
+        rev, n = cfg.block_out_channels[::-1], len(cfg.block_out_channels)
+        self.conv_in = Conv2d(cfg.latent_channels, rev[0])
+        self.mid_block = UNetMidBlock2D(cfg, rev[0])
+        self.up_blocks = nnx.List([UpDecoderBlock2D(cfg, rev[max(i - 1, 0)], rev[i], i < n - 1) for i in range(n)])
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, rev[-1], EPS)
+        self.conv_out = Conv2d(rev[-1], cfg.out_channels)
+        self.act = cfg.act_fn
+
+    def __call__(self, z: jax.Array, dt) -> jax.Array:
+        x = self.mid_block(self.conv_in(z, dt), dt)
+        for block in self.up_blocks:
+            x = block(x, dt)
+        x = self.conv_norm_out(x, dt)
+        return self.conv_out(nn.activation(self.act)(x), dt)
+
+
+class AutoencoderKL(nnx.Module):
+    def __init__(self, cfg: VaeConfig):
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        lat = cfg.latent_channels
+        self.quant_conv = Conv2d(2 * lat, 2 * lat, 1) if cfg.use_quant_conv else None
+        self.post_quant_conv = Conv2d(lat, lat, 1) if cfg.use_post_quant_conv else None
+
+    def encode(self, images: jax.Array, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+        """The latent distribution of `images` [B, H, W, in_channels] (NHWC, values in [-1, 1];
+        H and W divisible by config.downscale): (mean, std), each float32
+        [B, H/8, W/8, latent_channels], unscaled. As diffusers' DiagonalGaussianDistribution:
+        logvar is clipped to [-30, 20] and std = exp(logvar / 2)."""
+        dt = jnp.dtype(dtype)
+        x = self.encoder(jnp.asarray(images), dt)
+        if self.quant_conv is not None:
+            x = self.quant_conv(x, dt)
+        # The distribution's parameters are taken in float32 even in a bf16 run: exp() of a
+        # bf16 logvar would cost the latents' std most of its precision.
+        mean, logvar = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+        return mean, jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
+
+    def decode(self, latents: jax.Array, dtype=jnp.float32) -> jax.Array:
+        """Images [B, H*8, W*8, out_channels] (NHWC, float32, nominally [-1, 1], not clipped)
+        from unscaled latents [B, H, W, latent_channels], as AutoencoderKL.decode."""
+        dt = jnp.dtype(dtype)
+        z = jnp.asarray(latents).astype(dt)
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z, dt)
+        return self.decoder(z, dt).astype(jnp.float32)

@@ -17,7 +17,7 @@ from .sampling import denoise, initial_noise, make_plan, text_states, to_pil
 from .tokens import encode, to_model_ids
 
 
-def validation_images(nets: dict, configs: dict, tokenizer, rows, *, first: int, vocab_rows: int,
+def validation_images(nets: dict, vae_config, tokenizer, rows, *, first: int, vocab_rows: int,
                       scheduler_config: dict, prompts: list, token: str, vectors: int, steps: int, seed: int,
                       resolution: int, dtype, out: Path, step: int, place, write: bool) -> list[Path]:
     """Each prompt rendered with the trained `rows` as the torch backend's validation does:
@@ -29,9 +29,9 @@ def validation_images(nets: dict, configs: dict, tokenizer, rows, *, first: int,
     paths = []
     for i, prompt in enumerate(prompts):
         ids = to_model_ids(encode(tokenizer, ["", expand_placeholder(prompt, token, vectors)]), first, vocab_rows)
-        context = text_states(nets["clip"], place(ids), rows, config=configs["clip"], dtype=dtype)
-        noise = place(np.asarray(initial_noise(seed + i, resolution, resolution, configs["vae"])))
-        run = denoise(nets, configs, context, plan=plan, guidance=7.5, noise=noise, dtype=dtype)
+        context = text_states(*nets["text_encoder"], rows, place(ids), dtype=dtype)
+        noise = place(np.asarray(initial_noise(seed + i, resolution, resolution, vae_config)))
+        run = denoise(nets, context, plan=plan, guidance=7.5, noise=noise, dtype=dtype)
         while True:
             try:
                 next(run)

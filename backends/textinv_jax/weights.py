@@ -8,21 +8,23 @@ Torch layouts differ from JAX's, so the converters here are shared by every JAX 
   conv    torch OIHW            -> HWIO   (lax.conv_general_dilated with NHWC inputs)
   linear  torch [out, in]       -> [in, out]  (x @ kernel)
 `to_params` applies them to a whole state dict, turning dotted names into nested dicts,
-so the ports index params by the same names as the PyTorch modules.
+and `load_into` puts those arrays into a flax.nnx model (built without allocating) by each
+weight's path, which is its torch name: the one place where files meet modules.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 
 from textinv_cli.errors import NotFoundError, TextinvError
 from textinv_cli.formats.safetensors_io import load_file
 
-__all__ = ["conv_weight", "linear_weight", "read_config", "read_state", "require_keys", "to_params"]
+__all__ = ["conv_weight", "linear_weight", "load_into", "read_config", "read_state", "require_keys", "to_params"]
 
 # In the order diffusers/transformers prefer them: full precision first, then the fp16 variant.
 _STEMS = ("diffusion_pytorch_model", "model")
@@ -181,3 +183,45 @@ def require_keys(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple],
                  f"wrong shape {few(wrong)}" if wrong else ""]
         raise TextinvError(f"The {what} weights do not match its config: " + "; ".join(p for p in parts if p) + ".",
                            "The folder's config.json and weights must come from the same model.")
+
+
+def load_into(build: Callable[[], nnx.Module], params: Mapping, what: str) -> nnx.Module:
+    """The model `build()` makes, filled from `params` (nested, as to_params gives them).
+
+    The model is first built under nnx.eval_shape (shapes only, nothing allocated: an SDXL
+    UNet is GBs), then every Frozen weight takes the array at its path (`down_blocks/0/
+    resnets/1/conv1/kernel` reads params["down_blocks"]["0"]["resnets"]["1"]["conv1"]
+    ["kernel"]); the arrays stay numpy in host memory until the caller places the model's
+    state on its devices. Other state (TokenRows) starts as zeros of its declared shape.
+    A weight the params lack, one left unused or a shape that differs is an error: the
+    loaders check files against the config first (require_keys), so this one means the
+    module and the config's expected shapes disagree.
+    """
+    from .layers import Frozen
+
+    graphdef, frozen, rest = nnx.split(nnx.eval_shape(build), Frozen, ...)
+    filled, used = [], 0
+    for path, var in nnx.to_flat_state(frozen):
+        node = params
+        for part in path:
+            node = node.get(str(part)) if isinstance(node, Mapping) else None
+        name = ".".join(map(str, path))
+        if node is None:
+            raise TextinvError(f"The {what} model has a weight {name} that its files do not give.")
+        if tuple(np.shape(node)) != tuple(var.shape):
+            raise TextinvError(f"The {what} weight {name} is {tuple(np.shape(node))}, the model needs {var.shape}.")
+        filled.append((path, var.replace(np.asarray(node, np.float32))))
+        used += 1
+    total = sum(1 for _ in _leaves(params))
+    if used != total:
+        raise TextinvError(f"The {what} files hold {total - used} tensor(s) that the model has no place for.")
+    zeros = [(path, var.replace(np.zeros(var.shape, var.dtype))) for path, var in nnx.to_flat_state(rest)]
+    return nnx.merge(graphdef, nnx.from_flat_state(filled), nnx.from_flat_state(zeros))
+
+
+def _leaves(tree: Mapping):
+    for value in tree.values():
+        if isinstance(value, Mapping):
+            yield from _leaves(value)
+        else:
+            yield value
