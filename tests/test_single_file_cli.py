@@ -187,10 +187,14 @@ def test_models_lists_hashes_conversions_and_prunes(cli, files, tmp_path, monkey
     r = cli("models")
     assert r.exit_code == 0, r.output
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith(STEM))
-    assert "Stable Diffusion 1.x" in line and sha256_of(files["sd1"])[:10] in line
+    assert "SD 1.x" in line and sha256_of(files["sd1"])[:10] in line
     assert "v2-1_768-ema-pruned" in r.stdout
     r = cli("sample", "a cat", "--model", STEM, *SAMPLE, "-o", tmp_path / "out")  # found by name
     assert r.exit_code == 0, r.output
+    png = next((tmp_path / "out").glob("*.png"))  # its Model is found in the folders again
+    r = cli("sample", "--params-from", png, "-o", tmp_path / "again")
+    assert r.exit_code == 0 and f"Model {STEM} (Model hash {sha256_of(files['sd1'])[:10]}) is" in r.stderr, r.output
+    assert np.array_equal(_pixels(tmp_path / "again"), _pixels(tmp_path / "out"))
     listed = json.loads(cli("models", "--json").stdout)
     mine = next(m for m in listed["models"] if m["name"] == STEM)
     assert mine["family"] == "sd1" and mine["short_hash"] == sha256_of(files["sd1"])[:10] and mine["converted"]
@@ -199,3 +203,17 @@ def test_models_lists_hashes_conversions_and_prunes(cli, files, tmp_path, monkey
     assert r.exit_code == 0 and r.stdout.startswith("Freed ") and "cached conversion" in r.stdout
     assert not json.loads(cli("models", "--json").stdout)["conversions"]
     assert cli("models", "--prune").stdout.strip() == "No cached conversions to free."
+
+
+def test_a_family_mismatch_is_refused_before_converting(cli, files, demo_images, tmp_path, textinv_home):
+    from textinv_cli import formats
+    from tests.support.helpers import random_embedding
+
+    formats.write_embedding(random_embedding("<xl-toy>", family="sdxl", seed=1), tmp_path / "xl.safetensors", "kohya")
+    assert cli("import", tmp_path / "xl.safetensors", "--name", "xl-toy").exit_code == 0
+    r = cli("train", demo_images, "--from", "xl-toy", "--model", files["sd1"], "--steps", "1",
+            "--run-dir", tmp_path / "run")
+    assert r.exit_code == 1 and f"{STEM}.safetensors is Stable Diffusion 1.x" in r.stderr, r.output
+    r = cli("sample", "a <xl-toy>", "--model", files["sd1"], "-o", tmp_path / "out")
+    assert r.exit_code == 1 and "<xl-toy> is a Stable Diffusion XL embedding" in r.stderr, r.output
+    assert "Converting" not in r.stderr and not (textinv_home / "models" / "checkpoints").exists()

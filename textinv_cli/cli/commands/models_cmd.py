@@ -35,7 +35,7 @@ def models(
             print_json({"model_dirs": [], "models": [], "conversions": conversions, "message": hint})
         else:
             console.print(hint, markup=False)
-            _say_conversions(conversions, shown_files=0)
+            _say_conversions(conversions, listed=set())
         return
     rows = [_row(f, conversions, not no_hash) for f in list_model_files(dirs)]
     if json_out:
@@ -43,10 +43,11 @@ def models(
                     "conversions": conversions})
         return
     _print_table(dirs, rows)
-    _say_conversions(conversions, shown_files=sum(1 for r in rows if r["converted"]))
+    _say_conversions(conversions, listed={r["sha256"] for r in rows if r["sha256"]})
 
 
 _EXAMPLE_DIR = "~/stable-diffusion-webui/models/Stable-diffusion"
+SHORT_FAMILY = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}  # a table column's words
 
 
 def _conversions() -> list[dict]:
@@ -86,7 +87,6 @@ def _row(f, conversions: list[dict], hashes: bool) -> dict:
 
 
 def _print_table(dirs, rows: list[dict]) -> None:
-    from ...families import FAMILY_NAMES
     from ...untrusted import escape
     from ..console import console
 
@@ -98,7 +98,7 @@ def _print_table(dirs, rows: list[dict]) -> None:
     width = min(60, max(len(r["name"]) for r in rows))
     console.print(f"{'NAME':<{width}}  {'FAMILY':<7} {'SIZE':>9}  {'HASH':<10}  CONVERTED", markup=False, style="dim")
     for r in rows:
-        family = FAMILY_NAMES.get(r["family"], r["family"] or "?")
+        family = SHORT_FAMILY.get(r["family"], r["family"] or "?")
         line = (f"{escape(r['name']):<{width}}  {family:<7} {_size(r['size']):>9}  {r['short_hash'] or '-':<10}  "
                 f"{'yes' if r['converted'] else '-'}")
         console.print(line, markup=False)
@@ -107,16 +107,21 @@ def _print_table(dirs, rows: list[dict]) -> None:
     console.print(f"{len(rows)} model(s); use one with --model NAME.", markup=False, style="dim")
 
 
-def _say_conversions(conversions: list[dict], *, shown_files: int) -> None:
+def _say_conversions(conversions: list[dict], *, listed: set[str]) -> None:
+    """One line: how many conversions are cached (models, of them how many of files not listed
+    above, VAEs), their size on disk, and how to free them."""
     from ..console import console
 
     if not conversions:
         return
+    models = [c for c in conversions if c.get("kind") != "vae"]
+    vaes = len(conversions) - len(models)
+    others = sum(1 for c in models if c.get("sha256") not in listed)
+    parts = [f"{len(models)} model(s)" + (f" ({others} of files elsewhere)" if others and listed else "")]
+    parts += [f"{vaes} VAE(s)"] if vaes else []
     total = sum(int(c.get("size") or 0) for c in conversions)
-    others = len(conversions) - shown_files
-    elsewhere = f" ({others} of files outside the model folders)" if others > 0 else ""
-    console.print(f"Cached conversions: {len(conversions)}{elsewhere}, {_size(total)}; textinv models --prune frees "
-                  "them.", markup=False, style="dim")
+    console.print(f"Cached conversions: {', '.join(parts)}, {_size(total)}; textinv models --prune frees them.",
+                  markup=False, style="dim")
 
 
 def _prune(json_out: bool) -> None:
