@@ -101,6 +101,40 @@ def test_a_lightning_checkpoint_reads_without_importing_lightning(tmp_path, monk
         load_torch_pickle((tmp_path / "v1-5-pruned-emaonly.ckpt").read_bytes(), source="x.pt")
 
 
+@pytest.mark.parametrize("window", [16 << 20, 64])  # the real window, and a tiny one: every path taken
+def test_sparse_views_are_gathered_in_bounded_reads(tmp_path, monkeypatch, window):
+    """Views that use a fraction of their storage (torch.save keeps the whole storage) read
+    byte-exact, with a bounded number of preads however far apart the elements lie."""
+    from textinv_cli.models.checkpoints import ckpt_archive
+
+    monkeypatch.setattr(ckpt_archive, "_GATHER_WINDOW", window)
+    monkeypatch.setattr(ckpt_archive, "_GATHER_SLACK", min(window, 1 << 16))
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(300, 400, generator=g)
+    views = {"cols": base[:, ::50], "rows_cols": base[::7, 3::9], "one_col": base[:, 5:6], "corner": base[:2, :3],
+             "strided_1d": base.flatten()[::997], "bf16_cols": base.bfloat16()[::3, ::40],
+             "overlapping": base.flatten().as_strided((50, 8), (2000, 1)),
+             "permuted": torch.randn(4, 6, 8, generator=g).permute(2, 0, 1)[::3]}
+    torch.save({"state_dict": views}, tmp_path / "views.ckpt")
+    preads = []
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: preads.append(n) or real(fd, n, off))
+    with open_checkpoint(tmp_path / "views.ckpt") as ck:
+        for name, t in views.items():
+            del preads[:]
+            assert ck.read(name) == torch_bytes(t), name
+            assert len(preads) <= t.numel() + 2, (name, len(preads))
+            if window > 64:
+                assert len(preads) <= 3, (name, len(preads))  # the local header, its name, one window
+    monkeypatch.setattr(ckpt_archive, "_GATHER_WINDOW", 1 << 16)
+    storage = torch.randn(1 << 20, generator=g)  # 4 MiB; every 61st element: 69 KB of output
+    torch.save({"w": storage[::61]}, tmp_path / "sparse.ckpt")
+    with open_checkpoint(tmp_path / "sparse.ckpt") as ck:
+        del preads[:]
+        assert ck.read("w") == torch_bytes(storage[::61])
+    assert len(preads) <= (4 << 20) // (1 << 16) + 3 and max(preads) <= 1 << 16  # windows, not elements
+
+
 def test_safetensors_tensors_are_read_byte_exact_with_metadata(tmp_path):
     from safetensors.torch import save_file
 

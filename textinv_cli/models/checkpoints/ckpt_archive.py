@@ -22,6 +22,7 @@ import struct
 import zipfile
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from ...errors import FormatError
 from ...formats.pickle_reader import MODEL_PICKLE_BYTES, TensorRef, describe_torch_pickle
@@ -36,6 +37,7 @@ _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header's 30 fixed bytes
 _MAX_FLATTEN_DEPTH = 4  # {"state_dict": {...}} or an embedding's {"string_to_param": {"*": t}}
 _GATHER_SLACK = 1 << 16  # bytes a strided read may fetch beyond what the tensor holds
+_GATHER_WINDOW = 16 << 20  # bytes per pread when a sparse view is read in windows
 
 
 class CkptArchive:
@@ -90,24 +92,37 @@ class CkptArchive:
         if _contiguous(ref.size, ref.stride):
             return self._pread(begin + ref.offset * item, count * item, end)
         udt = np.dtype(f"<u{item}")
-        out = self._gather(begin, end, ref.offset, tuple(ref.size), tuple(ref.stride), udt)
+        dims = [(n, st) for n, st in zip(ref.size, ref.stride) if n != 1]  # a dim of 1 never moves
+        out = self._gather(begin, end, ref.offset, tuple(n for n, _ in dims), tuple(st for _, st in dims), udt)
         return np.ascontiguousarray(out).tobytes()
 
     def _gather(self, begin: int, end: int, offset: int, size: tuple, stride: tuple, udt: np.dtype) -> np.ndarray:
-        """The elements of a strided view, reading at most about twice what they hold: a view
-        whose elements lie far apart is split along its widest stride and read piece by piece."""
+        """The elements of a strided view. A view that fills most of its span is read with one
+        pread; a sparser one is split along its widest stride and read in windows of at most
+        _GATHER_WINDOW bytes (recursing where one index of that dimension alone spans more),
+        so preads and memory stay bounded whatever the strides: a hostile file cannot make
+        one pread per element of a 5 GiB storage."""
         item, count = udt.itemsize, math.prod(size)
         span = sum((n - 1) * s for n, s in zip(size, stride)) + 1
-        if span * item <= 2 * count * item + _GATHER_SLACK or not size:
+        if not size or span * item <= 2 * count * item + _GATHER_SLACK:
             flat = np.frombuffer(self._pread(begin + offset * item, span * item, end), udt)
-            return np.lib.stride_tricks.as_strided(flat, shape=size, strides=[s * item for s in stride],
-                                                   writeable=False)
-        k = max(range(len(size)), key=lambda d: stride[d] if size[d] > 1 else -1)
-        out = np.empty(size, udt)
+            return as_strided(flat, shape=size, strides=[s * item for s in stride], writeable=False)
+        k = max(range(len(size)), key=lambda d: stride[d])  # >= 1 here: all-zero strides span 1
         inner_size, inner_stride = size[:k] + size[k + 1:], stride[:k] + stride[k + 1:]
-        for i in range(size[k]):
-            out[(slice(None),) * k + (i,)] = self._gather(begin, end, offset + i * stride[k], inner_size,
-                                                          inner_stride, udt)
+        inner_span = sum((n - 1) * s for n, s in zip(inner_size, inner_stride)) + 1
+        out = np.empty(size, udt)
+        lead = (slice(None),) * k
+        if inner_span * item > _GATHER_WINDOW:
+            for i in range(size[k]):
+                out[lead + (i,)] = self._gather(begin, end, offset + i * stride[k], inner_size, inner_stride, udt)
+            return out
+        per = (_GATHER_WINDOW // item - inner_span) // stride[k] + 1  # indices of dimension k per window
+        for i in range(0, size[k], per):
+            m = min(per, size[k] - i)
+            raw = self._pread(begin + (offset + i * stride[k]) * item, ((m - 1) * stride[k] + inner_span) * item, end)
+            view = as_strided(np.frombuffer(raw, udt), shape=(m, *inner_size),
+                              strides=[s * item for s in (stride[k], *inner_stride)], writeable=False)
+            out[lead + (slice(i, i + m),)] = np.moveaxis(view, 0, k)
         return out
 
     def _span(self, key: str) -> tuple[int, int]:
