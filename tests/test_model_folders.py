@@ -117,3 +117,11 @@ def test_models_without_folders_says_a_command_that_works(cli, tmp_path, monkeyp
     assert r.exit_code == 0 and "No .safetensors or .ckpt files there." in r.stdout
 
 
+
+
+def test_an_a1111_embeddings_checkpoint_name_is_found_in_the_model_folders(tmp_path, monkeypatch):
+    meta = {"sd_checkpoint": "6ce0161689", "sd_checkpoint_name": "v1-5-pruned-emaonly"}
+    assert resolve.base_model_hint(meta, "sd1").startswith("It was trained on v1-5-pruned-emaonly")
+    monkeypatch.setenv("TEXTINV_MODEL_DIRS", str(_files(tmp_path / "sd", "sd15/v1-5-pruned-emaonly.safetensors")))
+    assert resolve.base_model_hint(meta, "sd1") == \
+        "Pass --model v1-5-pruned-emaonly (the model it was trained on, in your model folders)."

@@ -304,6 +304,14 @@ def base_model_hint(meta: dict, family: str) -> str | None:
             return f"Pass --model {shlex.quote(base)} (the model it was trained on)."
     name = str(meta.get("sd_checkpoint_name") or "").strip()
     if name:
+        from .model_files import find_model_file
+
+        try:
+            found = find_model_file(name)
+        except NotFoundError:  # several files have that name: said as a name to look for
+            found = None
+        if found is not None:
+            return f"Pass --model {shlex.quote(name)} (the model it was trained on, in your model folders)."
         return (f"It was trained on {shown(name, 120)} (A1111's checkpoint name): pass --model with that "
                 "checkpoint's file (or its name, with textinv config set model-dirs DIR).")
     return None
