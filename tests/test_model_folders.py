@@ -51,6 +51,8 @@ def test_names_are_found_as_a1111_shows_them(tmp_path, monkeypatch):
     assert resolve.checkpoint_file("anime/anything-v3") == want.resolve()
     assert resolve.locate_model("owner/repo") == "owner/repo"  # not in the folders: still a Hub id
     assert resolve.canonical_model("anything-v3") == "anything-v3"  # follows the folders
+    monkeypatch.chdir(root)
+    assert resolve.canonical_model("anime/anything-v3.ckpt") == str(want)  # a path: absolute
 
 
 def test_an_ambiguous_name_lists_the_files(tmp_path, monkeypatch):

@@ -115,9 +115,9 @@ def rerun_with(command: str, args: list[str] | None, *more: str) -> str:
 
 
 def _cache_root() -> str:
-    from ..models.resolve import models_dir
+    from ..models.checkpoints.cache import root
 
-    return str(models_dir())
+    return str(root())
 
 
 def progress_bar(line: str) -> "_Bar":
