@@ -545,3 +545,24 @@ def test_the_checkpoint_modules_import_neither_torch_nor_jax(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("fault", ["full", "read_only"])
+def test_a_write_onto_a_faulty_disk_names_the_target_and_leaves_nothing(tmp_path, monkeypatch, fault):
+    import errno
+
+    from tests.support.disk_faults import Disk
+    from textinv_cli.models.checkpoints.writer import write_safetensors
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "unet.safetensors").write_bytes(b"old")
+    disk = Disk(monkeypatch, folder)
+    disk.full(300) if fault == "full" else disk.read_only()
+    entries = [(f"t{i}", "F32", (64,)) for i in range(8)]  # 2 KB of tensors: past the 300 bytes that fit
+    with pytest.raises(OSError) as e:
+        write_safetensors(folder / "unet.safetensors", entries, lambda n: bytes(256))
+    assert e.value.errno in (errno.ENOSPC, errno.EACCES) and e.value.filename == str(folder / "unet.safetensors")
+    disk.undo()
+    assert [p.name for p in folder.iterdir()] == ["unet.safetensors"]
+    assert (folder / "unet.safetensors").read_bytes() == b"old"
