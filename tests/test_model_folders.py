@@ -127,3 +127,10 @@ def test_an_a1111_embeddings_checkpoint_name_is_found_in_the_model_folders(tmp_p
     monkeypatch.setenv("TEXTINV_MODEL_DIRS", str(_files(tmp_path / "sd", "sd15/v1-5-pruned-emaonly.safetensors")))
     assert resolve.base_model_hint(meta, "sd1") == \
         "Pass --model v1-5-pruned-emaonly (the model it was trained on, in your model folders)."
+
+
+def test_a_folder_that_links_back_up_is_walked_once(tmp_path, monkeypatch):
+    root = _files(tmp_path / "models", "a.safetensors")
+    (root / "loop").symlink_to(root)
+    monkeypatch.setenv("TEXTINV_MODEL_DIRS", str(root))
+    assert [f.name for f in model_files.list_model_files()] == ["a"]

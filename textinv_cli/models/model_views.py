@@ -41,9 +41,9 @@ def vae_view(model_folder: Path, vae_folder: Path, *, label: str) -> Path:
     _remove_view(tmp)
     tmp.mkdir()
     try:
-        for part in sorted(model_real.iterdir()):
+        for part in sorted(model_real.iterdir()):  # linked by name (a Hub snapshot's files are links to blobs)
             if part.name != "vae" and not part.name.startswith("."):
-                os.symlink(part.resolve(), tmp / part.name)
+                os.symlink(model_real / part.name, tmp / part.name)
         os.symlink(vae_real, tmp / "vae")
         marker = {"model": str(model_real), "vae": str(vae_real), "label": label}
         (tmp / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
