@@ -130,12 +130,12 @@ class CkptArchive:
         if key in self._spans:
             return self._spans[key]
         info = self.storages[key]
-        head = _pread_all(self.fd, _LOCAL_HEADER.size, info.header_offset)
+        head = pread_all(self.fd, _LOCAL_HEADER.size, info.header_offset)
         if len(head) != _LOCAL_HEADER.size:
             raise FormatError(f"{self.source} is truncated (the storage data/{shown(key, 20)} is missing).",
                               CORRUPT_HINT)
         sig, _, flags, method, _, _, _, _, _, name_len, extra_len = _LOCAL_HEADER.unpack(head)
-        name = _pread_all(self.fd, name_len, info.header_offset + _LOCAL_HEADER.size)
+        name = pread_all(self.fd, name_len, info.header_offset + _LOCAL_HEADER.size)
         if sig != b"PK\x03\x04" or name != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
             raise FormatError(f"{self.source}: the zip directory points storage data/{shown(key, 20)} at a record "
                               "that is not its own.", CORRUPT_HINT)
@@ -155,7 +155,7 @@ class CkptArchive:
     def _pread(self, offset: int, size: int, end: int) -> bytes:
         if offset + size > end:  # the interpreter checked the elements; this guards the arithmetic
             raise FormatError(f"{self.source}: a tensor reads past its storage.", CORRUPT_HINT)
-        raw = _pread_all(self.fd, size, offset)
+        raw = pread_all(self.fd, size, offset)
         if len(raw) != size:
             raise FormatError(f"{self.source} is truncated.", CORRUPT_HINT)
         return raw
@@ -170,7 +170,7 @@ def _contiguous(size, stride) -> bool:
     return True
 
 
-def _pread_all(fd: int, size: int, offset: int) -> bytes:
+def pread_all(fd: int, size: int, offset: int) -> bytes:
     """`size` bytes at `offset`, fewer only at the end of the file (one pread may return less)."""
     chunks, got = [], 0
     while got < size:

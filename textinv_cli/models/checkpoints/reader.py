@@ -27,7 +27,7 @@ from ...formats.pickle_allowlist import looks_like_legacy_tar, looks_like_raw_pi
 from ...formats.safetensors_io import MAX_HEADER, check_header
 from ...untrusted import shown
 from . import identify
-from .ckpt_archive import CkptArchive
+from .ckpt_archive import CkptArchive, pread_all
 
 SIDECAR_MAX_BYTES = 64 * 1024  # an LDM config is ~2 KB
 LEGACY_SCAN_BYTES = 1 << 20  # of a legacy pickle, scanned for globals before it is refused
@@ -132,7 +132,7 @@ def _open_safetensors(path: Path, fd: int, size: int, head: bytes) -> Checkpoint
     if n > MAX_HEADER or n > size - 8:
         raise FormatError(f"{shown(path)}: the safetensors header claims {n} bytes but the file has {size - 8}.",
                           "The file is truncated or not a safetensors file.")
-    raw = os.pread(fd, n, 8)
+    raw = pread_all(fd, n, 8)
     if len(raw) != n:
         raise FormatError(f"{shown(path)} is truncated.", "Download or copy it again.")
     metadata: dict[str, str] = {}
@@ -142,14 +142,10 @@ def _open_safetensors(path: Path, fd: int, size: int, head: bytes) -> Checkpoint
 
     def read(name: str) -> bytes:
         begin, end = header[name]["data_offsets"]  # validated: inside the data section, sized to the shape
-        chunks, got = [], 0
-        while got < end - begin:
-            chunk = os.pread(fd, min(end - begin - got, 1 << 26), start + begin + got)
-            if not chunk:
-                raise FormatError(f"{shown(path)} is truncated (it changed while read?).", "Download or copy it again.")
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
+        raw = pread_all(fd, end - begin, start + begin)
+        if len(raw) != end - begin:
+            raise FormatError(f"{shown(path)} is truncated (it changed while read?).", "Download or copy it again.")
+        return raw
 
     return Checkpoint(path, fd, size, "safetensors", metadata, tensors, read)
 
