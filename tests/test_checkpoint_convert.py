@@ -281,12 +281,18 @@ def test_cached_conversions_and_prune(tiny_model, tmp_path):
     assert listed[pa.folder]["source"] == str(a.absolute()) and listed[pa.folder]["family"] == "sd1"
     assert all(e["complete"] and e["source_exists"] and e["size"] > 0 and e["last_used"] > 0
                for e in listed.values())
+    moved = tmp_path / "moved.safetensors"
+    os.rename(a, moved)  # the same file elsewhere: its conversion is reused and now belongs there
+    assert convert.prepare(moved).folder == pa.folder
+    assert [e["source"] for e in cache.cached_conversions() if e["folder"] == pa.folder] == [str(moved.absolute())]
     os.unlink(b)
     (cache.root() / ".stale.trash").mkdir()
     freed = cache.prune(only_missing_sources=True)
     assert freed >= listed[pb.folder]["size"] and not pb.folder.exists() and pa.folder.exists()
     assert not (cache.root() / ".stale.trash").exists()
-    assert cache.prune() == listed[pa.folder]["size"] + listed[pv.folder]["size"]
+    left = cache.cached_conversions()
+    assert {e["folder"] for e in left} == {pa.folder, pv.folder}
+    assert cache.prune() == sum(e["size"] for e in left)
     assert cache.cached_conversions() == [] and cache.prune() == 0
 
 

@@ -66,9 +66,21 @@ def usable(folder: Path, sha256: str) -> bool:
     return True
 
 
-def touch(folder: Path) -> None:
+def touch(folder: Path, source: Path | None = None) -> None:
+    """Mark a cache hit: the folder's mtime is its last use. A file met under a new path
+    (moved, or a copy) has its marker's source updated, so `prune` of conversions whose
+    source is gone keeps the ones still in use."""
     with contextlib.suppress(OSError):  # a read-only home still serves the conversion
         os.utime(folder)
+        marker = read_marker(folder)
+        where = str(Path(source).absolute()) if source is not None else None
+        if marker is not None and where is not None and marker.get("source") != where \
+                and not os.path.isfile(str(marker.get("source"))):
+            from ...fsutil import atomic_write_bytes
+
+            marker["source"] = where
+            atomic_write_bytes(folder / MARKER, (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode(),
+                               force=True)
 
 
 def build(out: Path, sha256: str, marker: dict, fill: Callable[[Path], None]) -> None:

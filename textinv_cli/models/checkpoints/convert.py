@@ -87,7 +87,7 @@ def prepare(path, *, prediction: str | None = None, progress: Progress | None = 
         out = cache.model_folder(sha, chosen)
         prepared = Prepared(out, arch.family, sha, path.stem, chosen, has_vae, arch.name)
         if cache.usable(out, sha):
-            cache.touch(out)
+            cache.touch(out, path)
             return prepared
         marker = {"kind": "model", "source": str(path.absolute()), "sha256": sha, "family": arch.family,
                   "architecture": arch.name, "prediction": chosen, "has_vae": has_vae,
@@ -198,7 +198,7 @@ def prepare_vae(path, family: str, progress: Progress | None = None) -> Prepared
         out = cache.vae_folder(sha, family)
         prepared = Prepared(out, family, sha, path.stem, None, True, arch.name)
         if cache.usable(out, sha):
-            cache.touch(out)
+            cache.touch(out, path)
             return prepared
         marker = {"kind": "vae", "source": str(path.absolute()), "sha256": sha, "family": family,
                   "architecture": arch.name, "prediction": None, "layout": layout, "source_size": size}
