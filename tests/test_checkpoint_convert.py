@@ -117,7 +117,7 @@ def test_an_outdated_or_damaged_cache_entry_is_rebuilt(tiny_model, tmp_path):
     assert_same_weights(folder, convert.prepare(src).folder)
 
 
-def test_two_processes_converting_at_once_share_one_folder(tiny_model, tmp_path, monkeypatch):
+def test_two_conversions_at_once_share_one_folder(tiny_model, tmp_path, monkeypatch):
     src = write_ldm_checkpoint(tiny_model("sd1"), tmp_path / "m.safetensors")
     barrier = threading.Barrier(2, timeout=30)
     real_write = plan_mod.write
