@@ -319,3 +319,19 @@ def test_the_shipped_merges_build_the_real_clip_tokenizer(tmp_path):
     tok = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert tok.pad_token_id == 0 and len(tok) == 49408
+
+
+def test_conversion_imports_no_ml_framework(tiny_model, tmp_path):
+    import subprocess
+    import sys
+
+    src = write_ldm_checkpoint(tiny_model("sdxl"), tmp_path / "m.safetensors", "fp16")
+    vae = write_ldm_vae(tiny_model("sdxl"), tmp_path / "vae.safetensors")
+    code = ("import sys; from textinv_cli.models.checkpoints import convert; "
+            f"p = convert.prepare({str(src)!r}); convert.prepare_vae({str(vae)!r}, 'sdxl'); "
+            "assert (p.folder / 'unet' / 'diffusion_pytorch_model.safetensors').is_file(); "
+            "bad = [m for m in ('torch', 'jax', 'diffusers', 'transformers') if m in sys.modules]; assert not bad, bad")
+    env = {**os.environ, "TEXTINV_HOME": str(tmp_path / "home")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
