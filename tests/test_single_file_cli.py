@@ -42,7 +42,8 @@ def files(tmp_path_factory, tiny_model):
     (root / "VAE").mkdir()
     write_ldm_vae(other, root / "VAE" / "vae-ft-mse-840000-ema-pruned.safetensors")
     return {"models": models, "sd1": models / f"{STEM}.safetensors", "sd2": models / "v2-1_768-ema-pruned.safetensors",
-            "vae": root / "VAE" / "vae-ft-mse-840000-ema-pruned.safetensors", "other": other}
+            "vae": root / "VAE" / "vae-ft-mse-840000-ema-pruned.safetensors", "other": other,
+            "sd1_folder": tiny_model("sd1")}
 
 
 def _pixels(folder: Path) -> np.ndarray:
@@ -94,6 +95,23 @@ def test_train_then_sample_from_a_single_file(cli, files, demo_images, tmp_path,
     assert "is not in the Hugging Face cache" not in r.output
     assert f"Model hash: {sha[:10]}, Model: {STEM}," in _parameters(tmp_path / "out")
     assert f"with {STEM} on" in r.stdout
+    _check_vae_override(cli, files, tmp_path, f"a <sf-{backend}>", ("--backend", backend))
+
+
+def _check_vae_override(cli, files, tmp_path, prompt: str = "a cat", options=()) -> None:
+    """sample --vae draws other pixels than the file's own VAE, the same as a diffusers folder
+    whose vae/ is that VAE (the tiny SD 1.x converted from the file, other-sd1's vae/)."""
+    r = cli("sample", prompt, "--model", files["sd1"], "--vae", files["vae"], *SAMPLE, *options, "-o", tmp_path / "vae")
+    assert r.exit_code == 0, r.output
+    assert cli("sample", prompt, "--model", files["sd1"], *SAMPLE, *options, "-o", tmp_path / "own").exit_code == 0
+    swapped = tmp_path / "swapped"
+    shutil.copytree(files["sd1_folder"], swapped)
+    shutil.rmtree(swapped / "vae")
+    shutil.copytree(files["other"] / "vae", swapped / "vae")
+    assert cli("sample", prompt, "--model", swapped, *SAMPLE, *options, "-o", tmp_path / "folder").exit_code == 0
+    with_vae = _pixels(tmp_path / "vae")
+    assert not np.array_equal(with_vae, _pixels(tmp_path / "own"))
+    assert np.array_equal(with_vae, _pixels(tmp_path / "folder"))
 
 
 def test_the_first_use_says_the_conversion_and_a_file_samples_as_its_folder(cli, files, tiny_model, tmp_path):
@@ -107,17 +125,8 @@ def test_the_first_use_says_the_conversion_and_a_file_samples_as_its_folder(cli,
 def test_a_vae_override_draws_what_a_folder_with_that_vae_draws(cli, files, tiny_model, tmp_path):
     from textinv_cli.models.checkpoints.hashes import sha256_of
 
-    r = cli("sample", "a cat", "--model", files["sd1"], "--vae", files["vae"], *SAMPLE, "-o", tmp_path / "vae")
-    assert r.exit_code == 0, r.output
-    assert cli("sample", "a cat", "--model", files["sd1"], *SAMPLE, "-o", tmp_path / "own").exit_code == 0
-    swapped = tmp_path / "swapped"  # the tiny SD 1.x folder with the other model's vae/
-    shutil.copytree(tiny_model("sd1"), swapped)
-    shutil.rmtree(swapped / "vae")
-    shutil.copytree(files["other"] / "vae", swapped / "vae")
-    assert cli("sample", "a cat", "--model", swapped, *SAMPLE, "-o", tmp_path / "folder").exit_code == 0
+    _check_vae_override(cli, files, tmp_path)
     with_vae = _pixels(tmp_path / "vae")
-    assert not np.array_equal(with_vae, _pixels(tmp_path / "own"))
-    assert np.array_equal(with_vae, _pixels(tmp_path / "folder"))
     params = _parameters(tmp_path / "vae")
     assert f"VAE hash: {sha256_of(files['vae'])[:10]}, VAE: vae-ft-mse-840000-ema-pruned.safetensors" in params
 

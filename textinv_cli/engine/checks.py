@@ -80,6 +80,8 @@ def check_train_spec(spec: "TrainSpec", backend: Any = None) -> None:
     need(spec.attention in ATTENTION, "attention", f"must be {_one_of(ATTENTION)}")
     need(is_int(spec.clip_skip) and 1 <= spec.clip_skip <= CLIP_SKIP_MAX, "clip_skip",
          f"must be between 1 and {CLIP_SKIP_MAX} (1: the text encoder's last layer, as A1111 counts)")
+    need(getattr(spec, "prediction", None) in (None, "epsilon", "v"), "prediction",
+         "must be epsilon or v (for a single-file checkpoint that does not say)")
     if not all(isinstance(p, str) and p.strip() for p in spec.validate):
         raise OptionError("--validate prompts must be non-empty text.")
     if backend is not None:
