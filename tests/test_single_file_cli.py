@@ -122,6 +122,24 @@ def test_the_first_use_says_the_conversion_and_a_file_samples_as_its_folder(cli,
     assert np.array_equal(_pixels(tmp_path / "file"), _pixels(tmp_path / "folder"))
 
 
+@pytest.mark.parametrize("family, more", [("sd2", ("--prediction", "v")), ("sdxl", ())])
+def test_sd2_and_sdxl_files_sample_as_their_folders(cli, tiny_model, tmp_path, family, more):
+    write_ldm_checkpoint(tiny_model(family), tmp_path / f"{family}.ckpt")  # a torch.save .ckpt, read by seeking
+    r = cli("sample", "a cat", "--model", tmp_path / f"{family}.ckpt", *more, *SAMPLE, "-o", tmp_path / "file")
+    assert r.exit_code == 0, r.output
+    assert cli("sample", "a cat", "--model", tiny_model(family), *SAMPLE, "-o", tmp_path / "folder").exit_code == 0
+    assert np.array_equal(_pixels(tmp_path / "file"), _pixels(tmp_path / "folder"))
+
+
+def test_a_file_without_a_vae_takes_one(cli, files, tiny_model, tmp_path):
+    write_ldm_checkpoint(tiny_model("sd1"), tmp_path / "no-vae.safetensors", vae=False)
+    r = cli("sample", "a cat", "--model", tmp_path / "no-vae.safetensors", *SAMPLE, "-o", tmp_path / "out")
+    assert r.exit_code == 1 and "--vae FILE" in r.stderr, r.output
+    r = cli("sample", "a cat", "--model", tmp_path / "no-vae.safetensors", "--vae", files["vae"], *SAMPLE,
+            "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+
+
 def test_a_vae_override_draws_what_a_folder_with_that_vae_draws(cli, files, tiny_model, tmp_path):
     from textinv_cli.models.checkpoints.hashes import sha256_of
 
