@@ -28,6 +28,7 @@ pytest.importorskip("optax")
 from flax import nnx  # noqa: E402
 from textinv_jax import loading as jloading  # noqa: E402
 from textinv_jax.clip import split_frozen  # noqa: E402
+from textinv_jax.layers import split  # noqa: E402
 from textinv_jax import sampling as jsampling  # noqa: E402
 from textinv_jax import step as jstep  # noqa: E402
 from textinv_jax import tokens as jtokens  # noqa: E402
@@ -168,8 +169,8 @@ def test_sampler_renders_diffusers_picture(tiny, scheduler):
     ids = jtokens.to_model_ids(jtokens.encode(text.tokenizer, [jtokens.expand_all(t, [ref]) for t in (negative, prompt)]),
                                first, text.vocab_rows)
     context = jsampling.text_states(*split_frozen(text.model), rows, ids, dtype=jax.numpy.float32)
-    nets = {name: (nnx.graphdef(m), jax.device_put(nnx.state(m))) for name, m in (("unet", image.unet),
-                                                                                  ("vae", image.vae))}
+    nets = {name: (graph, jax.device_put(weights)) for name, (graph, weights) in (("unet", split(image.unet)),
+                                                                                  ("vae", split(image.vae)))}
     gen = jsampling.denoise(nets, context,
                             plan=jsampling.make_plan(scheduler, image.scheduler_config, steps), guidance=guidance,
                             noise=noise.transpose(0, 2, 3, 1), dtype=jax.numpy.float32)

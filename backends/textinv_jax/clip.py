@@ -31,7 +31,7 @@ from flax import nnx
 from textinv_cli.errors import TextinvError
 
 from . import nn
-from .layers import Embedding, Frozen, LayerNorm, Linear, TokenRows
+from .layers import Embedding, Frozen, Graph, LayerNorm, Linear, TokenRows, split
 from .weights import load_into, read_config, read_state, require_keys, to_params
 
 __all__ = ["CLIPTextModel", "CLIPTextModelWithProjection", "ClipConfig", "clip_config", "load_clip",
@@ -270,12 +270,12 @@ class CLIPTextModelWithProjection(CLIPTextModel):
         return out
 
 
-def split_frozen(model: CLIPTextModel) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, frozen weights) of a text model, its new rows left out: a jitted function
-    takes the graphdef as a static argument and rebuilds the model with any rows:
-    `nnx.merge(graphdef, rows_state(rows), frozen)`."""
-    graphdef, _, frozen = nnx.split(model, TokenRows, Frozen)
-    return graphdef, frozen
+def split_frozen(model: CLIPTextModel) -> tuple[Graph, nnx.State]:
+    """(graph, frozen weights) of a text model, its new rows left out: a jitted function
+    takes the graph as a static argument and rebuilds the model with any rows:
+    `graph.merge(rows_state(rows), frozen)`."""
+    graph, _, frozen = split(model, TokenRows, Frozen)
+    return graph, frozen
 
 
 def rows_state(rows) -> nnx.State:

@@ -10,18 +10,18 @@ from functools import partial
 
 import jax
 import numpy as np
-from flax import nnx
 
 from textinv_cli.engine.batch_sizes import encode_batch_size
 from textinv_cli.errors import TextinvError
 from textinv_cli.engine.images import open_rgb, preprocess
 
+from .layers import split
 from .loading import ImageSide
 
 
 @partial(jax.jit, static_argnums=0)
-def _encode_images(graphdef, state, images):
-    return nnx.merge(graphdef, state).encode(images)
+def _encode_images(graph, weights, images):
+    return graph.merge(weights).encode(images)
 
 
 def latent_cache(paths, image: ImageSide, resolution: int, center_crop: bool, flip_p: float,
@@ -42,14 +42,14 @@ def latent_cache(paths, image: ImageSide, resolution: int, center_crop: bool, fl
         return np.ascontiguousarray(mean[rows]), np.ascontiguousarray(std[rows]), flips
     batch = batch or encode_batch_size(resolution)
     flips = (False,) if flip_p <= 0 else (True,) if flip_p >= 1 else (False, True)
-    graphdef, state = nnx.split(image.vae)
-    state = jax.device_put(state, jax.local_devices()[0])  # this host's own work
+    graph, weights = split(image.vae)
+    weights = jax.device_put(weights, jax.local_devices()[0])  # this host's own work
     means, stds, pending = [], [], []
 
     def flush():
         chunk = np.stack(pending).astype(np.float32) / 127.5 - 1.0
         pad = np.zeros((batch - len(chunk),) + chunk.shape[1:], np.float32)
-        mean, std = _encode_images(graphdef, state, np.concatenate([chunk, pad]))
+        mean, std = _encode_images(graph, weights, np.concatenate([chunk, pad]))
         means.append(np.asarray(mean)[:len(chunk)].transpose(0, 3, 1, 2))
         stds.append(np.asarray(std)[:len(chunk)].transpose(0, 3, 1, 2))
         pending.clear()

@@ -40,9 +40,8 @@ from textinv_cli.engine.batch_sizes import batches, pick_batch_size
 from textinv_cli.engine.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
 
 from . import sampler_tables, samplers
-from flax import nnx
-
 from .clip import rows_state, split_frozen
+from .layers import split
 from .loading import compute_dtype, load_image_side, load_text_side, model_family, model_folder
 from .tokens import add_embeddings, encode, expand_all, to_model_ids
 
@@ -71,18 +70,18 @@ def make_plan(name: str, scheduler_config: dict, steps: int, **override):
 # -- the jitted pieces --------------------------------------------------------------------------
 
 @partial(jax.jit, static_argnums=0, static_argnames="dtype")
-def text_states(graphdef, frozen, rows, ids, *, dtype):
+def text_states(graph, frozen, rows, ids, *, dtype):
     """The UNet's conditioning (CLIP's last hidden state) for ids [B, T] from a text model
     split by clip.split_frozen, with `rows` [n, width] as its new tokens (n may be 0)."""
-    return nnx.merge(graphdef, rows_state(rows), frozen)(ids, dtype=dtype)["last_hidden_state"]
+    return graph.merge(rows_state(rows), frozen)(ids, dtype=dtype)["last_hidden_state"]
 
 
 @partial(jax.jit, static_argnums=0, static_argnames=("dtype", "guided"))
-def denoise_step(graphdef, weights, plan, i, x, prev_x0, context, guidance, keys=None, *, dtype, guided):
-    """One sampler step from x [B, h, w, C] with the UNet nnx.split into (graphdef, weights);
-    context [2B, T, D] (B uncond, then B cond) or [B, T, D]; keys: one PRNG key per image
-    (step_key), for Euler a's fresh noise."""
-    unet = nnx.merge(graphdef, weights)
+def denoise_step(graph, weights, plan, i, x, prev_x0, context, guidance, keys=None, *, dtype, guided):
+    """One sampler step from x [B, h, w, C] with the UNet split into (graph, weights)
+    (layers.split); context [2B, T, D] (B uncond, then B cond) or [B, T, D]; keys: one PRNG
+    key per image (step_key), for Euler a's fresh noise."""
+    unet = graph.merge(weights)
     t = plan.timesteps[i]
     x_in = samplers.model_input(plan, i, x)
     if guided:
@@ -102,10 +101,10 @@ def denoise_step(graphdef, weights, plan, i, x, prev_x0, context, guidance, keys
 
 
 @partial(jax.jit, static_argnums=0, static_argnames="dtype")
-def decode(graphdef, weights, latents, *, dtype):
-    """Latents -> float32 RGB [B, H, W, 3] in [0, 1] by the VAE nnx.split into (graphdef,
-    weights), as the pipeline's image processor."""
-    vae = nnx.merge(graphdef, weights)
+def decode(graph, weights, latents, *, dtype):
+    """Latents -> float32 RGB [B, H, W, 3] in [0, 1] by the VAE split into (graph, weights)
+    (layers.split), as the pipeline's image processor."""
+    vae = graph.merge(weights)
     z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
     return jnp.clip(vae.decode(z, dtype=dtype) / 2 + 0.5, 0.0, 1.0)
 
@@ -115,7 +114,7 @@ def denoise(nets: dict, context, *, plan, guidance: float, noise, dtype, keys=No
     plan's init_noise_sigma here); yields each finished step index and returns the image as
     float32 [H, W, 3] in [0, 1] (use `image = yield from denoise(...)`).
 
-    nets: {"unet", "vae"}: each model as nnx.split gives it, (graphdef, weights), the weights
+    nets: {"unet", "vae"}: each model as layers.split gives it, (graph, weights), the weights
     already on the device; keys: per image PRNG keys (step_keys), needed by Euler a."""
     images = yield from denoise_batch(nets, context, plan=plan, guidance=guidance, noise=noise, dtype=dtype,
                                       keys=keys)
@@ -192,8 +191,8 @@ def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
     put = partial(jax.device_put, device=device)
     text_graph, text_frozen = split_frozen(text.model)
     rows = put(np.zeros((0, text.width), np.float32) if rows is None else rows)
-    nets = {name: (nnx.graphdef(model), put(nnx.state(model))) for name, model in (("unet", image.unet),
-                                                                                   ("vae", image.vae))}
+    nets = {name: (graph, put(weights)) for name, (graph, weights) in (("unet", split(image.unet)),
+                                                                       ("vae", split(image.vae)))}
     guided = request.guidance > 1  # diffusers: classifier-free guidance only above 1
     texts = ([expand_all(request.negative, request.embeddings)] if guided else []) + \
         [expand_all(request.prompt, request.embeddings)]

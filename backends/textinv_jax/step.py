@@ -6,7 +6,7 @@ engine; trainer.py is the session that places the arrays and calls this.
 The models are flax.nnx modules, split once (trainer.py): their graphdefs are static (in
 StepConfig, the jit cache key), their Frozen weights are the `frozen` argument, and the
 rows (the text model's TokenRows, clip.py) are the trained state, merged back in per
-micro-step (`nnx.merge(graphdef, rows_state(rows), weights)`, free at run time). Only the
+micro-step (`graph.merge(rows_state(rows), weights)`: trace-time work only). Only the
 new rows train: state = (rows {slot: [n, width]} fp32, optax AdamW state over those rows
 alone, the same moments the torch backend checkpoints). The frozen CLIP and UNet weights,
 the caption id table and the latent cache are jit *arguments* (never constants baked into
@@ -29,11 +29,11 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from textinv_cli.engine.spec import TrainSpec
 
 from .clip import rows_state
+from .layers import Graph
 from .noise_schedule import add_noise, training_target
 
 # One optimizer for every run: all its numbers (lr, betas, eps, weight decay) are injected
@@ -45,8 +45,8 @@ TX = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, b1=0.9, b2=0.999, 
 class StepConfig:
     """Everything static about a step (hashable: the jit cache key besides shapes)."""
 
-    text: nnx.GraphDef  # the text model's graph; its frozen weights come as frozen["text_encoder"]
-    unet: nnx.GraphDef  # the UNet's graph; its weights come as frozen["unet"]
+    text: Graph  # the text model's graphdef; its frozen weights come as frozen["text_encoder"]
+    unet: Graph  # the UNet's graphdef; its weights come as frozen["unet"]
     slot: str
     prediction_type: str
     scaling: float
@@ -60,12 +60,12 @@ def micro_loss(rows, frozen, mb, cfg: StepConfig):
     entry = mb["entry"]
     latents = (frozen["mean"][entry] + frozen["std"][entry] * mb["eps"]) * cfg.scaling
     ids = frozen["tables"][mb["caption"]]
-    text = nnx.merge(cfg.text, rows_state(rows[cfg.slot]), frozen["text_encoder"])
+    text = cfg.text.merge(rows_state(rows[cfg.slot]), frozen["text_encoder"])
     cond = text(ids, dtype=dt)["last_hidden_state"]
     noisy = add_noise(frozen["ac"], latents, mb["noise"], mb["t"])
 
     def unet(weights, sample, timesteps, context):
-        return nnx.merge(cfg.unet, weights)(sample, timesteps, context, dtype=dt)
+        return cfg.unet.merge(weights)(sample, timesteps, context, dtype=dt)
 
     if cfg.remat:  # --gradient-checkpointing: recompute the UNet's activations in the backward pass
         unet = jax.checkpoint(unet)

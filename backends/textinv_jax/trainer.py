@@ -37,6 +37,7 @@ from textinv_cli.engine.spec import TrainSpec
 
 from . import state
 from .clip import split_frozen
+from .layers import split
 from .data import check_resolution, latent_cache
 from .loading import (ImageSide, TextSide, compute_dtype, load_image_side, load_text_side, model_family,
                       model_folder)
@@ -73,7 +74,7 @@ class Setup:
         return len(self.images)
 
     def config(self) -> StepConfig:
-        return StepConfig(text=split_frozen(self.text.model)[0], unet=nnx.graphdef(self.image.unet),
+        return StepConfig(text=split_frozen(self.text.model)[0], unet=split(self.image.unet)[0],
                           slot=self.slot, prediction_type=self.image.schedule.prediction_type,
                           scaling=float(self.image.vae_config.scaling_factor), dtype=jnp.dtype(self.dtype).name,
                           remat=bool(self.spec.gradient_checkpointing))
@@ -192,7 +193,7 @@ def validate(s: Setup, frozen, vae, rows, run: Path, step: int, repl, main: bool
     """The --validate images of this step (validation.validation_images), rows as they are now."""
     spec = s.spec
     nets = {"text_encoder": (split_frozen(s.text.model)[0], frozen["text_encoder"]),
-            "unet": (nnx.graphdef(s.image.unet), frozen["unet"]), "vae": (nnx.graphdef(s.image.vae), vae)}
+            "unet": (split(s.image.unet)[0], frozen["unet"]), "vae": (split(s.image.vae)[0], vae)}
     return validation_images(
         nets, s.image.vae_config, s.text.tokenizer, rows[s.slot], first=s.first, vocab_rows=s.text.vocab_rows,
         scheduler_config=s.image.scheduler_config, prompts=spec.validate, token=spec.token, vectors=spec.vectors,
