@@ -131,12 +131,17 @@ class _Bar:
     (bytes, tensors); the line above the bar says what is happening."""
 
     def __init__(self, line: str):
+        from ..engine.launch import process_rank
+
         self.line, self.progress, self.task = line, None, None
+        self.quiet = process_rank() != 0  # under a launcher every process prepares; one of them says so
 
     def __enter__(self):
         return self
 
     def __call__(self, done=None, total=None, *_rest, **_kw) -> None:
+        if self.quiet:
+            return
         if self.progress is None:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
