@@ -175,6 +175,25 @@ def test_layout_converters():
     assert params["c"]["kernel"].shape == (5, 7, 3, 2)
 
 
+def test_load_into_fills_by_path_and_refuses_what_does_not_fit():
+    build = lambda: layers.ResnetBlock2D(4, 6, groups=2)  # noqa: E731
+    shapes = {"norm1.weight": (4,), "norm1.bias": (4,), "conv1.weight": (6, 4, 3, 3), "conv1.bias": (6,),
+              "norm2.weight": (6,), "norm2.bias": (6,), "conv2.weight": (6, 6, 3, 3), "conv2.bias": (6,),
+              "conv_shortcut.weight": (6, 4, 1, 1), "conv_shortcut.bias": (6,)}
+    rng = np.random.default_rng(0)
+    state = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+    block = weights.load_into(build, weights.to_params(state), "test")
+    np.testing.assert_array_equal(block.conv1.kernel[...], state["conv1.weight"].transpose(2, 3, 1, 0))  # HWIO
+    assert isinstance(block.conv1.kernel, layers.Frozen) and not nnx.to_flat_state(nnx.state(block, nnx.Param))
+    with pytest.raises(TextinvError, match="has a weight conv_shortcut.bias that its files do not give"):
+        weights.load_into(build, weights.to_params({k: v for k, v in state.items() if k != "conv_shortcut.bias"}),
+                          "test")
+    with pytest.raises(TextinvError, match="1 tensor"):
+        weights.load_into(build, weights.to_params({**state, "extra.bias": np.zeros(2, np.float32)}), "test")
+    with pytest.raises(TextinvError, match="conv2.bias is \\(5,\\), the model needs \\(6,\\)"):
+        weights.load_into(build, weights.to_params({**state, "conv2.bias": np.zeros(5, np.float32)}), "test")
+
+
 def _copy_vae(src, dst):
     shutil.copytree(src / "vae", dst / "vae")
     return dst / "vae"
