@@ -20,6 +20,9 @@ from ..families import FAMILY_NAMES
 from ..untrusted import shown
 from .console import err_console
 
+VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt")  # A1111's VAE folder also holds torch.save .pt files
+
+
 @dataclass
 class ChosenModel:
     """The base model of a command, as far as the core prepared it."""
@@ -66,7 +69,7 @@ def choose_model(given: str | None, *, prediction: str | None, command: str, arg
         raise TextinvError(f"{shown(path.name, 120)} is an SD 2.x model that does not say whether it predicts noise "
                            "(epsilon, the 512 px base models) or velocity (v, the 768 px models).",
                            f"For a 768 px model run: {rerun_with(command, args, '--prediction', 'v')} "
-                           "(--prediction epsilon for a 512 px one).")
+                           "(--prediction epsilon for a 512 px one; an A1111 .yaml beside the file says it too).")
     bar = _Bar(f"Converting {path.name} ({FAMILY_NAMES.get(info.family, info.family)}) to a diffusers folder once, "
                f"cached under {_cache_root()}")
     with bar:
@@ -82,13 +85,12 @@ def add_vae(chosen: ChosenModel, vae: Path | None, folder: str) -> ChosenModel:
         chosen.model = folder
         return chosen
     from ..models.checkpoints.convert import prepare_vae
-    from ..models.model_files import is_checkpoint_name
     from ..models.model_views import vae_view
     from ..models.resolve import model_family
 
     path = Path(vae).expanduser()
-    if not path.is_file() or not is_checkpoint_name(path.name):
-        raise OptionError(f"--vae {shown(str(vae), 160)} is not a .safetensors or .ckpt file.",
+    if not path.is_file() or not path.name.lower().endswith(VAE_SUFFIXES):
+        raise OptionError(f"--vae {shown(str(vae), 160)} is not a .safetensors, .ckpt or .pt file.",
                           "Pass the VAE file itself, e.g. --vae ~/stable-diffusion-webui/models/VAE/"
                           "vae-ft-mse-840000-ema-pruned.safetensors")
     if not Path(folder).is_dir():
