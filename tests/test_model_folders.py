@@ -48,7 +48,6 @@ def test_names_are_found_as_a1111_shows_them(tmp_path, monkeypatch):
     for typed in ("anime/anything-v3", "anime/anything-v3.ckpt", "anything-v3"):  # the last part, when unique
         assert resolve.locate_model(typed) == str(want)
     assert resolve.locate_model("v1-5-pruned-emaonly.safetensors") == str(root / "v1-5-pruned-emaonly.safetensors")
-    assert resolve.checkpoint_file("anime/anything-v3") == want.resolve()
     assert resolve.locate_model("owner/repo") == "owner/repo"  # not in the folders: still a Hub id
     assert resolve.canonical_model("anything-v3") == "anything-v3"  # follows the folders
     monkeypatch.chdir(root)

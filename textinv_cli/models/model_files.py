@@ -23,6 +23,8 @@ SETTING = "model-dirs"
 SUFFIXES = (".safetensors", ".ckpt")
 WALK_DEPTH = 8          # folders below a model folder (A1111 users nest by family, then by author)
 WALK_FILES = 20_000     # directory entries looked at per model folder before the walk stops
+# The command that sets them, as printed in hints (A1111's folder: it works as printed where A1111 is installed).
+MODEL_DIRS_EXAMPLE = "textinv config set model-dirs ~/stable-diffusion-webui/models/Stable-diffusion"
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,7 @@ def canonical_dirs(value: str) -> str:
     not exist is refused now, not at the next --model NAME."""
     dirs = split_dirs(value)
     if not dirs:
-        raise NotFoundError("model-dirs needs at least one folder.",
-                            "For example: textinv config set model-dirs ~/stable-diffusion-webui/models/Stable-diffusion")
+        raise NotFoundError("model-dirs needs at least one folder.", f"For example: {MODEL_DIRS_EXAMPLE}")
     for folder in dirs:
         if not folder.is_dir():
             from ..untrusted import shown

@@ -60,7 +60,8 @@ def locate_model(name: str) -> str:
     """--model as typed -> a tiny name, a local folder or checkpoint file (as given), a file
     found in the model folders (its path), or a Hub id. Order: tiny, an existing path, a
     model-folder name, a Hub id; anything else is an error that says what was searched."""
-    from .model_files import find_model_file, is_checkpoint_name, missing_model_message
+    from ..untrusted import quoted
+    from .model_files import MODEL_DIRS_EXAMPLE, find_model_file, is_checkpoint_name, missing_model_message
 
     name = name.strip()
     if name in TINY:
@@ -89,21 +90,11 @@ def locate_model(name: str) -> str:
         raise NotFoundError(*missing)
     if is_checkpoint_name(name) or name.startswith((".", "/", "~")):
         raise NotFoundError(f"{path} does not exist.",
-                            "Check the path, or name your model folder once: textinv config set model-dirs DIR "
-                            "(then --model NAME finds DIR/NAME.safetensors).")
-    raise NotFoundError(f"Model {name!r} is neither a local folder nor a Hub id (owner/name), nor a checkpoint file.",
-                        "Pass --model with a .safetensors/.ckpt file, a diffusers folder or a Hub id (or tiny), "
-                        "or name your model folder once: textinv config set model-dirs DIR.")
-
-
-def checkpoint_file(name: str | None) -> Path | None:
-    """The single-file checkpoint `name` (--model as typed, None: the configured default)
-    stands for, or None when it is a folder, a tiny model or a Hub id."""
-    from .model_files import is_checkpoint_name
-
-    located = locate_model(name or default_model())
-    path = Path(located).expanduser()
-    return path.resolve() if path.is_file() and is_checkpoint_name(path.name) else None
+                            f"Check the path, or name your model folder once ({MODEL_DIRS_EXAMPLE}): then "
+                            "--model NAME finds NAME.safetensors there.")
+    raise NotFoundError(f"Model {quoted(name)} is neither a local folder nor a Hub id (owner/name), nor a checkpoint "
+                        "file.", "Pass --model with a .safetensors/.ckpt file, a diffusers folder or a Hub id (or "
+                        f"tiny), or name your model folder once: {MODEL_DIRS_EXAMPLE}")
 
 
 def models_dir() -> Path:

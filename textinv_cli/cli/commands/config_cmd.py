@@ -12,7 +12,7 @@ import typer
 from ...config import SETTINGS
 
 ACTIONS = ("list", "get", "set", "unset")
-EXAMPLES = {"model": "tiny-sd2", "model-dirs": "~/stable-diffusion-webui/models/Stable-diffusion"}
+EXAMPLES = {"model": "tiny-sd2", "model-dirs": "~/stable-diffusion-webui/models/Stable-diffusion"}  # what `set` shows
 
 
 def config(

@@ -7,6 +7,7 @@ memoised by path, size and mtime, so a second listing is instant); imports no ba
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -20,7 +21,7 @@ def models(
                                                           "seconds per GB; later listings reuse it)."),
 ) -> None:
     """List the models in your model folders (name as --model takes it, family, size, A1111 short hash)."""
-    from ...models.model_files import list_model_files, model_dirs
+    from ...models.model_files import MODEL_DIRS_EXAMPLE, list_model_files, model_dirs
     from ..console import console, print_json
 
     if prune:
@@ -30,7 +31,7 @@ def models(
     conversions = _conversions()
     if not dirs:
         hint = ("No model folders are set. Name the folders that hold your .safetensors/.ckpt models once: "
-                f"textinv config set model-dirs {_EXAMPLE_DIR} (several: separated by ':'; or TEXTINV_MODEL_DIRS).")
+                f"{MODEL_DIRS_EXAMPLE} (several: separated by {os.pathsep!r}; or TEXTINV_MODEL_DIRS).")
         if json_out:
             print_json({"model_dirs": [], "models": [], "conversions": conversions, "message": hint})
         else:
@@ -46,7 +47,6 @@ def models(
     _say_conversions(conversions, listed={r["sha256"] for r in rows if r["sha256"]})
 
 
-_EXAMPLE_DIR = "~/stable-diffusion-webui/models/Stable-diffusion"
 SHORT_FAMILY = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}  # a table column's words
 
 
