@@ -244,3 +244,15 @@ def test_a_family_mismatch_is_refused_before_converting(cli, files, demo_images,
     r = cli("sample", "a <xl-toy>", "--model", files["sd1"], "-o", tmp_path / "out")
     assert r.exit_code == 1 and "<xl-toy> is a Stable Diffusion XL embedding" in r.stderr, r.output
     assert "Converting" not in r.stderr and not (textinv_home / "models" / "checkpoints").exists()
+
+
+def test_a_folder_trained_with_a_vae_records_the_folder(cli, files, tiny_model, demo_images, tmp_path):
+    from textinv_cli.formats import read_embedding
+
+    r = cli("train", demo_images, "--token", "<vae-toy>", "--init", "toy", "--model", tiny_model("sd1"), "--vae",
+            files["vae"], "--steps", "1", "--run-dir", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    spec = json.loads((tmp_path / "run" / "spec.json").read_text())
+    assert spec["vae"] == str(files["vae"]) and spec["model_file"] is None and "views" in spec["model"]
+    meta = read_embedding(tmp_path / "run" / "learned_embeds.safetensors").meta
+    assert meta["base_model"] == str(Path(tiny_model("sd1")).resolve()) and "sd_checkpoint" not in meta

@@ -33,12 +33,16 @@ def embedding_meta(spec, family: str, step: int, backend: str | None = None) -> 
 
 def base_model_meta(spec) -> dict[str, str]:
     """The base model as the embedding's metadata keeps it: `base_model`, the model as given
-    (a single-file checkpoint's path, not the cached folder made from it), and for a single
+    (a single-file checkpoint's path, not the cached folder made from it; a folder given with
+    --vae, not the view joining them), and for a single
     file A1111's `sd_checkpoint` (its short hash) and `sd_checkpoint_name` (its stem), the
     fields A1111 writes into the embeddings it trains."""
     model_file = getattr(spec, "model_file", None)
     if not model_file:
-        return {"base_model": str(spec.model)}
+        from ..models.model_views import view_info
+
+        joined = view_info(Path(spec.model)) if getattr(spec, "vae", None) else None  # a folder with --vae
+        return {"base_model": str(joined["model"]) if joined and joined.get("model") else str(spec.model)}
     from .infotext import a1111_model_fields
 
     fields = a1111_model_fields(model_file, getattr(spec, "model_sha256", None), None, None)
