@@ -189,11 +189,11 @@ def host(tree):
     return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
 
 
-def validate(s: Setup, frozen, vae, rows, run: Path, step: int, repl, main: bool) -> list:
-    """The --validate images of this step (validation.validation_images), rows as they are now."""
+def validate(s: Setup, cfg: StepConfig, frozen, vae, rows, run: Path, step: int, repl, main: bool) -> list:
+    """The --validate images of this step (validation.validation_images), rows as they are now;
+    the models are the step's (cfg's graphs, the frozen weights) and `vae` = (graph, weights)."""
     spec = s.spec
-    nets = {"text_encoder": (split_frozen(s.text.model)[0], frozen["text_encoder"]),
-            "unet": (split(s.image.unet)[0], frozen["unet"]), "vae": (split(s.image.vae)[0], vae)}
+    nets = {"text_encoder": (cfg.text, frozen["text_encoder"]), "unet": (cfg.unet, frozen["unet"]), "vae": vae}
     return validation_images(
         nets, s.image.vae_config, s.text.tokenizer, rows[s.slot], first=s.first, vocab_rows=s.text.vocab_rows,
         scheduler_config=s.image.scheduler_config, prompts=spec.validate, token=spec.token, vectors=spec.vectors,
@@ -240,7 +240,10 @@ class JaxSession(Session):
         self.frozen = put({"text_encoder": split_frozen(s.text.model)[1], "unet": nnx.state(s.image.unet),
                            "tables": s.tables, "mean": s.mean, "std": s.std, "ac": s.image.schedule.alphas_cumprod},
                           self.repl)
-        self.vae = put(nnx.state(s.image.vae), self.repl) if spec.validate else None
+        self.vae = None  # (graph, weights on the devices) for --validate
+        if spec.validate:
+            graph, weights = split(s.image.vae)
+            self.vae = (graph, put(weights, self.repl))
         self.cfg, self.plan = s.config(), batch_plan(s)
         self.max_norm = np.float32(spec.max_grad_norm or np.inf)
         gpu = self.mesh.devices.flat[0].platform == "gpu"
@@ -298,4 +301,4 @@ class JaxSession(Session):
 
     def validate(self, run: Path, step: int) -> list[Path]:
         # every process renders (the replicated program needs them all); only process 0 saves
-        return validate(self.s, self.frozen, self.vae, self.st[0], run, step, self.repl, self.is_main)
+        return validate(self.s, self.cfg, self.frozen, self.vae, self.st[0], run, step, self.repl, self.is_main)
