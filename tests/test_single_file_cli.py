@@ -215,7 +215,8 @@ def test_models_lists_hashes_conversions_and_prunes(cli, files, tmp_path, monkey
     assert r.exit_code == 0, r.output
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith(STEM))
     assert "SD 1.x" in line and sha256_of(files["sd1"])[:10] in line
-    assert "v2-1_768-ema-pruned" in r.stdout
+    assert "v2-1_768-ema-pruned" in r.stdout and f"Hashing {STEM}.safetensors" in r.stderr
+    assert "Hashing" not in cli("models").stderr  # remembered: the second listing reads no file whole
     r = cli("sample", "a cat", "--model", STEM, *SAMPLE, "-o", tmp_path / "out")  # found by name
     assert r.exit_code == 0, r.output
     png = next((tmp_path / "out").glob("*.png"))  # its Model is found in the folders again
