@@ -25,7 +25,6 @@ pytest.importorskip("diffusers")
 jax = pytest.importorskip("jax")
 pytest.importorskip("optax")
 
-from flax import nnx  # noqa: E402
 from textinv_jax import loading as jloading  # noqa: E402
 from textinv_jax.clip import split_frozen  # noqa: E402
 from textinv_jax.layers import split  # noqa: E402
@@ -94,7 +93,7 @@ def jax_first_step(spec: TrainSpec) -> tuple[float, np.ndarray]:
     repl, sharded = NamedSharding(s.mesh, P()), NamedSharding(s.mesh, P(None, "data"))
     rows = {s.slot: s.init}
     st = jtrainer.put((rows, jstep.opt_state(spec, rows)), repl)
-    frozen = jtrainer.put({"text_encoder": split_frozen(s.text.model)[1], "unet": nnx.state(s.image.unet),
+    frozen = jtrainer.put({"text_encoder": split_frozen(s.text.model)[1], "unet": split(s.image.unet)[1],
                            "tables": s.tables, "mean": s.mean, "std": s.std, "ac": s.image.schedule.alphas_cumprod},
                           repl)
     batch = jtrainer.put(jtrainer.step_batch(s, jtrainer.batch_plan(s), 0), sharded)

@@ -270,8 +270,8 @@ class CLIPTextModelWithProjection(CLIPTextModel):
         return out
 
 
-def split_frozen(model: CLIPTextModel) -> tuple[Graph, nnx.State]:
-    """(graph, frozen weights) of a text model, its new rows left out: a jitted function
+def split_frozen(model: CLIPTextModel) -> tuple[Graph, dict]:
+    """(graph, frozen weights) of a text model (layers.split), its new rows left out: a jitted function
     takes the graph as a static argument and rebuilds the model with any rows:
     `graph.merge(rows_state(rows), frozen)`."""
     graph, _, frozen = split(model, TokenRows, Frozen)

@@ -203,6 +203,9 @@ class Graph:
 
 
 def split(model: nnx.Module, *filters) -> tuple:
-    """nnx.split with the graphdef as a Graph: (graph, state, ...) for jitted functions."""
+    """nnx.split for jitted functions: (graph, state, ...) with the graphdef as a Graph and
+    each state as a pure dict of arrays (nnx.to_pure_dict; `graph.merge` takes those back).
+    jax flattens its arguments on every call, and plain dicts ~20x faster than nnx.State:
+    0.1 ms against 2 ms per step for an SD 1.5 UNet's 686 weights (bench/jax_compile.py)."""
     graphdef, *states = nnx.split(model, *filters)
-    return (Graph(graphdef), *states)
+    return (Graph(graphdef), *(nnx.to_pure_dict(state) for state in states))

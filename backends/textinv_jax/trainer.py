@@ -20,7 +20,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -37,7 +36,7 @@ from textinv_cli.engine.spec import TrainSpec
 
 from . import state
 from .clip import split_frozen
-from .layers import split
+from .layers import Graph, split
 from .data import check_resolution, latent_cache
 from .loading import (ImageSide, TextSide, compute_dtype, load_image_side, load_text_side, model_family,
                       model_folder)
@@ -73,8 +72,9 @@ class Setup:
     def n_images(self) -> int:
         return len(self.images)
 
-    def config(self) -> StepConfig:
-        return StepConfig(text=split_frozen(self.text.model)[0], unet=split(self.image.unet)[0],
+    def config(self, text: Graph | None = None, unet: Graph | None = None) -> StepConfig:
+        """The step's static half; `text`/`unet`: the models' graphs where already split."""
+        return StepConfig(text=text or split_frozen(self.text.model)[0], unet=unet or split(self.image.unet)[0],
                           slot=self.slot, prediction_type=self.image.schedule.prediction_type,
                           scaling=float(self.image.vae_config.scaling_factor), dtype=jnp.dtype(self.dtype).name,
                           remat=bool(self.spec.gradient_checkpointing))
@@ -237,14 +237,15 @@ class JaxSession(Session):
         self.s = s = prepare(spec, self.mesh, self.dtype, images, captions)
         self.family = s.family
         self._place({s.slot: s.init})
-        self.frozen = put({"text_encoder": split_frozen(s.text.model)[1], "unet": nnx.state(s.image.unet),
-                           "tables": s.tables, "mean": s.mean, "std": s.std, "ac": s.image.schedule.alphas_cumprod},
-                          self.repl)
+        text_graph, text_frozen = split_frozen(s.text.model)
+        unet_graph, unet_weights = split(s.image.unet)
+        self.frozen = put({"text_encoder": text_frozen, "unet": unet_weights, "tables": s.tables, "mean": s.mean,
+                           "std": s.std, "ac": s.image.schedule.alphas_cumprod}, self.repl)
         self.vae = None  # (graph, weights on the devices) for --validate
         if spec.validate:
             graph, weights = split(s.image.vae)
             self.vae = (graph, put(weights, self.repl))
-        self.cfg, self.plan = s.config(), batch_plan(s)
+        self.cfg, self.plan = s.config(text_graph, unet_graph), batch_plan(s)
         self.max_norm = np.float32(spec.max_grad_norm or np.inf)
         gpu = self.mesh.devices.flat[0].platform == "gpu"
         if spec.deterministic and gpu and "deterministic_ops" not in os.environ.get("XLA_FLAGS", ""):
