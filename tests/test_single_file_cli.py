@@ -80,6 +80,8 @@ def test_train_then_sample_from_a_single_file(cli, files, demo_images, tmp_path,
     r = cli("train", demo_images, "--token", f"<sf-{backend}>", "--init", "toy", "--model", files["sd1"],
             "--steps", "1", "--backend", backend, "--run-dir", tmp_path / "run")
     assert r.exit_code == 0, r.output
+    started = json.loads((tmp_path / "run" / "events.jsonl").read_text().splitlines()[0])
+    assert started["event"] == "started" and started["model"] == str(files["sd1"])  # the file, not its conversion
     assert "Converting" in r.stderr and any((textinv_home / "models" / "checkpoints").iterdir())
     spec = json.loads((tmp_path / "run" / "spec.json").read_text())
     assert spec["model_file"] == str(files["sd1"]) and spec["model_sha256"] == sha and spec["prediction"] == "epsilon"
@@ -87,6 +89,13 @@ def test_train_then_sample_from_a_single_file(cli, files, demo_images, tmp_path,
     meta = read_embedding(tmp_path / "run" / "learned_embeds.safetensors").meta
     assert meta["base_model"] == str(files["sd1"])
     assert (meta["sd_checkpoint"], meta["sd_checkpoint_name"]) == (sha[:10], STEM)  # A1111's fields
+    # the closing hint samples on the model it was trained on (the default is the tiny model)
+    (try_line,) = [line for line in r.stdout.splitlines() if line.startswith("Try: ")]
+    assert try_line == f"Try: textinv sample 'a photo of <sf-{backend}>' --model {files['sd1']}"
+    if backend == "torch":  # as printed (the jax case costs a compile more and proves nothing new)
+        command = shlex.split(try_line.removeprefix("Try: textinv "))
+        tried = cli(*command, "-o", tmp_path / "tried")
+        assert tried.exit_code == 0, tried.output
 
     r = cli("sample", f"a <sf-{backend}>", "--model", files["sd1"], *SAMPLE, "--backend", backend,
             "-o", tmp_path / "out")

@@ -67,9 +67,13 @@ def lines(registry, entry, created: bool, *, run_dir: str, name: str) -> list[st
 
 
 def try_line(entry) -> str:
-    """A sample command that uses this entry, as printed: its token, with --use when not active."""
+    """A sample command that uses this entry, as printed: its token, with --use when not active,
+    and --model when it was trained on another model than the one sample uses by default."""
+    from ..models.resolve import is_default_model, trained_on_model
     from ..registry.versions import sample_command
 
-    if not entry.active:
-        return f"Try: {sample_command(entry)}"
-    return f"Try: textinv sample {shlex.quote('a photo of ' + entry.token)}"
+    command = sample_command(entry) if not entry.active else f"textinv sample {shlex.quote('a photo of ' + entry.token)}"
+    model = trained_on_model(entry.meta or {}, entry.family)
+    if model is not None and not is_default_model(model[0]):
+        command += f" --model {model[0]}"
+    return f"Try: {command}"

@@ -140,7 +140,7 @@ def _render(events, spec: TrainSpec, name: str) -> dict:
                 progress.console.print(f"Run folder: {d.get('run_dir')}", markup=False)
                 resumed = f", resumed from step {d['start_step']}" if d.get("start_step") else ""
                 procs = f" x {d['processes']} processes" if d.get("processes", 1) > 1 else ""
-                model = getattr(spec, "model_file", None) or d.get("model", spec.model)  # a checkpoint: its file
+                model = d.get("model", spec.model)  # as given: a checkpoint's file, not its conversion
                 progress.console.print(f"Training {spec.token} on {model} ({d.get('family', '?')}) "
                                        f"on {d.get('device', '?')}{procs}: {d.get('images', '?')} images{resumed}",
                                        markup=False)

@@ -36,8 +36,8 @@ from .eval_batch import EVAL_SAMPLES
 from .report_to import Reporter, check_watching
 from .captions import captions_for, find_images
 from ..errors import TextinvError
-from .run_files import (DATA_FILE, check_new_run_dir, data_change, data_listing, embedding_meta, record_event,
-                        save_data_listing, write_vectors)
+from .run_files import (DATA_FILE, base_model_meta, check_new_run_dir, data_change, data_listing, embedding_meta,
+                        record_event, save_data_listing, write_vectors)
 from .schedules import lr_at
 from .spec import (SPEC_FILE, Checkpoint, EvalLoss, Event, Finished, Interrupted, Progress, RunWarning, Snapshot,
                    Started, Summary, TrainSpec, Validation)
@@ -183,7 +183,8 @@ def _steps(session: Session, spec: TrainSpec, run: Path, n_images: int, ignored:
         return event
 
     many = lambda n: n if n > 1 else None  # noqa: E731 - started names counts only above one
-    yield emit(Started(run_dir=str(run), device=session.device, family=session.family, model=spec.model,
+    yield emit(Started(run_dir=str(run), device=session.device, family=session.family,
+                       model=base_model_meta(spec)["base_model"],  # the file or folder as given, not a conversion
                        images=n_images, ignored=ignored, total_steps=total, start_step=start,
                        resumed_from=resumed_from, devices=many(session.n_devices),
                        processes=many(session.n_processes)))

@@ -275,34 +275,62 @@ def loading_line(name: str | None, backend: str | None) -> str:
     return f"Loading {model} with the {shown(backend, 40) if backend else 'first usable'} backend…"
 
 
-def base_model_hint(meta: dict, family: str) -> str | None:
-    """What to pass when an embedding of `family` meets a model of another family: the base
-    model its metadata records (textinv's `base_model`, A1111's `sd_checkpoint_name`), or None.
-
-    A recorded folder or checkpoint file that still exists, a tiny model's folder or a Hub id
-    is a --model that works as printed; an A1111 checkpoint name is only a name (a checkpoint
-    in A1111's folder), so it is said as what to look for."""
+def trained_on_model(meta: dict, family: str) -> tuple[str, str] | None:
+    """(--model value, what it is) for the base model an embedding's metadata records
+    (textinv's `base_model`, A1111's `sd_checkpoint_name`), when that value works as printed:
+    a tiny model's name, a folder or checkpoint file that still exists, a Hub id, or an A1111
+    checkpoint name found in the model folders. None otherwise."""
     import shlex
-
-    from ..untrusted import shown
 
     base = str(meta.get("base_model") or "").strip()
     if base:
         tiny = next((n for n, f in TINY.items() if f == family and Path(base) == models_dir() / f"tiny-{f}"), None)
         if tiny is not None or base in TINY:
-            return f"Pass --model {tiny or base} (the tiny model it was trained on)."
+            return tiny or base, "the tiny model it was trained on"
         if Path(base).exists() or (base.count("/") == 1 and not base.startswith((".", "/", "~"))):
-            return f"Pass --model {shlex.quote(base)} (the model it was trained on)."
+            return shlex.quote(base), "the model it was trained on"
     name = str(meta.get("sd_checkpoint_name") or "").strip()
     if name:
         from .model_files import find_model_file
 
         try:
             found = find_model_file(name)
-        except NotFoundError:  # several files have that name: said as a name to look for
+        except NotFoundError:  # several files have that name
             found = None
         if found is not None:
-            return f"Pass --model {shlex.quote(name)} (the model it was trained on, in your model folders)."
+            return shlex.quote(name), "the model it was trained on, in your model folders"
+    return None
+
+
+def is_default_model(value: str) -> bool:
+    """Whether --model `value` (as trained_on_model prints it) is what runs without --model."""
+    import shlex
+
+    default = default_model()
+    try:
+        (value,) = shlex.split(value)
+    except ValueError:
+        return False
+    if value in TINY or default in TINY:
+        return TINY.get(value, value) == TINY.get(default, default)
+    try:
+        return value == default or Path(value).expanduser().resolve() == Path(default).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def base_model_hint(meta: dict, family: str) -> str | None:
+    """What to pass when an embedding of `family` meets a model of another family: the base
+    model its metadata records (trained_on_model), or None. An A1111 checkpoint name that is
+    not in the model folders is only a name, so it is said as what to look for."""
+    from ..untrusted import shown
+    from .model_files import MODEL_DIRS_EXAMPLE
+
+    found = trained_on_model(meta, family)
+    if found is not None:
+        return f"Pass --model {found[0]} ({found[1]})."
+    name = str(meta.get("sd_checkpoint_name") or "").strip()
+    if name:
         return (f"It was trained on {shown(name, 120)} (A1111's checkpoint name): pass --model with that "
-                "checkpoint's file (or its name, with textinv config set model-dirs DIR).")
+                f"checkpoint's file, or its name once its folder is set ({MODEL_DIRS_EXAMPLE}).")
     return None
