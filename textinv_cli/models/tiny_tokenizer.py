@@ -115,7 +115,7 @@ def _merge(sym: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=1)
-def _vocabulary() -> dict[str, int]:
+def vocabulary() -> dict[str, int]:
     symbols = list(bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in _merges()] + [BOS, EOS]
     vocab = {tok: i for i, tok in enumerate(vocab_list)}
@@ -126,7 +126,7 @@ def _vocabulary() -> dict[str, int]:
 def token_ids(pad_token: str = EOS) -> dict[str, int]:
     """What a text encoder's config must agree with: the vocabulary size and the ids of
     <|startoftext|>, <|endoftext|> and the pad token (as CLIPTokenizer reports them)."""
-    vocab = _vocabulary()
+    vocab = vocabulary()
     return {"vocab_size": len(vocab), "bos_token_id": vocab[BOS], "eos_token_id": vocab[EOS],
             "pad_token_id": vocab[pad_token]}
 
@@ -135,7 +135,7 @@ def tokenizer_files(pad_token: str = EOS) -> dict[str, bytes]:
     """The files of a `tokenizer/` folder. SD 1.x pads with <|endoftext|>; SD 2.x and
     SDXL's second (OpenCLIP) tokenizer pad with "!" (id 0), so the caller picks."""
     merges = _merges()
-    vocab = _vocabulary()
+    vocab = vocabulary()
     config = {
         "add_prefix_space": False,
         "bos_token": BOS,

@@ -18,7 +18,9 @@ _NO_HASH = "not computed for a bundled embedding: it would read the whole LoRA (
 
 def inspect(
     src: str = typer.Argument(..., metavar="SRC", help="A file, a folder, or a registry name."),
-    model: Path = typer.Option(None, "--model", help="A diffusers folder: show the nearest vocabulary tokens."),
+    model: str = typer.Option(None, "--model", metavar="MODEL",
+                              help="Show the nearest vocabulary tokens of this model: a diffusers folder, a "
+                                   ".safetensors/.ckpt checkpoint or its name in your model folders."),
     top: int = typer.Option(5, "--top", min=1, max=50, help="How many nearest tokens per vector."),
     token: str = typer.Option(None, "--token", help="Use this token instead of the one in the file."),
     key: str = typer.Option(None, "--key", help="Which tensor to take when the file holds several."),
@@ -43,7 +45,7 @@ def inspect(
     if model is not None:
         from ...models.nearest import nearest_tokens
 
-        report["nearest"] = nearest_tokens(source.embedding.vectors, model, k=top)
+        report["nearest"] = nearest_tokens(source.embedding.vectors, _model_on_disk(model), k=top)
     if json_out:
         print_json(report)
     else:
@@ -217,3 +219,22 @@ def _print_bundles(lora: dict, p) -> None:
         p(f"    {name}: {vectors}, {slots}, {b['family']} ({family}{how}), {b['dtype']}{outputs}")
     if total > _BUNDLES_TEXT:
         p(f"    ... and {total - _BUNDLES_TEXT} more (--json lists {min(total, _BUNDLES_JSON)})")
+
+
+def _model_on_disk(name: str) -> Path:
+    """--model as train and sample find it (models/resolve.locate_model), but only what is on
+    disk already: inspect builds, downloads and converts nothing (a checkpoint's token matrix is
+    read straight from the file)."""
+    from ...errors import NotFoundError
+    from ...models.resolve import folder_on_disk, locate_model
+    from ...untrusted import shown
+
+    located = locate_model(name)
+    if Path(located).expanduser().exists():
+        return Path(located).expanduser()
+    folder = folder_on_disk(located)
+    if folder is None:
+        raise NotFoundError(f"The model {shown(name, 120)} is not on disk yet (inspect builds and downloads nothing).",
+                            "Pass a diffusers folder or a .safetensors/.ckpt file, or run textinv sample once "
+                            "with that --model first.")
+    return folder
