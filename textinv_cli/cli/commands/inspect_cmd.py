@@ -229,6 +229,8 @@ def _model_on_disk(name: str) -> Path:
     from ...models.resolve import folder_on_disk, locate_model
     from ...untrusted import shown
 
+    if Path(name).expanduser().exists():  # any folder holding text_encoder/ and tokenizer/ will do
+        return Path(name).expanduser()
     located = locate_model(name)
     if Path(located).expanduser().exists():
         return Path(located).expanduser()
