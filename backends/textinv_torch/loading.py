@@ -103,9 +103,10 @@ def read_index(model: str) -> dict:
     """model_index.json of a local folder or a Hub id."""
     path = Path(model)
     if path.is_file():
-        raise TextinvError(f"{model} is a single file; textinv trains from a diffusers folder or a Hub id.",
-                           "Convert it once with diffusers (StableDiffusionPipeline.from_single_file(...)"
-                           ".save_pretrained(DIR)) and pass --model DIR.")
+        # Callers pass textinv_cli.models.resolve.resolve_model's answer, which is a folder for a
+        # checkpoint file (converted once, cached); a file here is a caller that skipped it.
+        raise TextinvError(f"{model} is a single file; the torch backend loads the diffusers folder textinv "
+                           "converts it into.", "Pass it as --model to textinv train or sample.")
     if path.is_dir():
         try:
             return json.loads((path / "model_index.json").read_text("utf-8"))
