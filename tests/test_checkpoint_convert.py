@@ -335,3 +335,25 @@ def test_conversion_imports_no_ml_framework(tiny_model, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_file_replaced_while_it_converts_is_not_cached_under_the_new_hash(tmp_path, monkeypatch, tiny_model):
+    """The hash reads the file by name, the conversion through the open file: a file renamed over
+    the path in between (a download finishing) must not publish the old weights under the new hash."""
+    from textinv_cli.models.checkpoints import cache, convert, hashes
+
+    path = write_ldm_checkpoint(tiny_model("sd1"), tmp_path / "m.safetensors")
+    other = write_ldm_checkpoint(tiny_model("sd1"), tmp_path / "other.safetensors", dtype="fp16")
+    real = hashes.sha256_of
+
+    def swapping(p, progress=None):
+        os.replace(other, path)  # the file at the path is now another one
+        return real(p, progress=progress)
+
+    monkeypatch.setattr(hashes, "sha256_of", swapping)
+    with pytest.raises(TextinvError, match="changed while textinv was reading it"):
+        convert.prepare(path)
+    monkeypatch.setattr(hashes, "sha256_of", real)
+    assert cache.cached_conversions() == []  # nothing published
+    prepared = convert.prepare(path)  # the new file, converted as itself
+    assert prepared.sha256 == real(path)

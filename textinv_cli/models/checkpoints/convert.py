@@ -84,6 +84,7 @@ def prepare(path, *, prediction: str | None = None, progress: Progress | None = 
         size = info.size
         sha = sha256_of(path, progress=(lambda done, _total: progress(done, size + total_convert))
                         if progress else None)
+        _check_unchanged(ck, path)  # the hash read the file by name: it must be the one being converted
         out = cache.model_folder(sha, chosen)
         prepared = Prepared(out, arch.family, sha, path.stem, chosen, has_vae, arch.name)
         if cache.usable(out, sha):
@@ -93,8 +94,18 @@ def prepare(path, *, prediction: str | None = None, progress: Progress | None = 
                   "architecture": arch.name, "prediction": chosen, "has_vae": has_vae,
                   "source_size": size}
         step = _counter(progress, size, size + total_convert)
-        cache.build(out, sha, marker, lambda tmp: _convert_model(ck, arch, plan, present, chosen, tmp, step))
+        def build(tmp: Path) -> None:
+            _convert_model(ck, arch, plan, present, chosen, tmp, step)
+            _check_unchanged(ck, path)  # before the folder is published under the hash
+
+        cache.build(out, sha, marker, build)
     return prepared
+
+
+def _check_unchanged(ck, path: Path) -> None:
+    if not ck.same_file_as(path):
+        raise TextinvError(f"{shown(path)} changed while textinv was reading it.",
+                           "Run the command again once the file is complete (is a download or copy still writing it?).")
 
 
 def _counter(progress: Progress | None, start: int, total: int) -> Callable[[int], None] | None:
@@ -195,6 +206,7 @@ def prepare_vae(path, family: str, progress: Progress | None = None) -> Prepared
         total = nbytes(plan.components["vae"], ck.tensors)
         size = ck.size
         sha = sha256_of(path, progress=(lambda done, _t: progress(done, size + total)) if progress else None)
+        _check_unchanged(ck, path)
         out = cache.vae_folder(sha, family)
         prepared = Prepared(out, family, sha, path.stem, None, True, arch.name)
         if cache.usable(out, sha):
@@ -209,6 +221,7 @@ def prepare_vae(path, family: str, progress: Progress | None = None) -> Prepared
             write(ck, plan.components["vae"], tmp / "diffusion_pytorch_model.safetensors",
                   _counter(progress, size, size + total))
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            _check_unchanged(ck, path)
 
         cache.build(out, sha, marker, build)
     return prepared

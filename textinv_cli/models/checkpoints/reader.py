@@ -72,6 +72,16 @@ class Checkpoint:
             raise ValueError("the checkpoint is closed")
         return self._read(name)
 
+    def same_file_as(self, path) -> bool:
+        """Whether `path` is still the file this checkpoint reads, unchanged since it was opened
+        (a download or copy still writing it, or a file renamed over it, would not be)."""
+        try:
+            st, fst = os.stat(path), os.fstat(self._fd)
+        except OSError:
+            return False
+        key = lambda s: (s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns)  # noqa: E731
+        return key(st) == key(fst) and fst.st_size == self.size
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
