@@ -56,7 +56,7 @@ def test_converts_back_to_the_tiny_folder(tiny_model, tmp_path, family, dtype, s
     folder = tiny_model(family)
     src = write_ldm_checkpoint(folder, tmp_path / f"model{suffix}", dtype, ema=ema)
     calls = []
-    prepared = convert.prepare(src, progress=lambda done, total: calls.append((done, total)))
+    prepared = convert.prepare(src, progress=lambda done, total, phase: calls.append((done, total, phase)))
     assert (prepared.family, prepared.architecture, prepared.has_vae) == (family, f"tiny {family}", True)
     assert prepared.prediction == ("v" if family == "sd2" else "epsilon")  # the tiny recipe's
     assert prepared.folder.parent == cache.root() and prepared.folder.name == f"{prepared.sha256[:16]}-" \
@@ -75,7 +75,9 @@ def test_converts_back_to_the_tiny_folder(tiny_model, tmp_path, family, dtype, s
     marker = json.loads((prepared.folder / cache.MARKER).read_text())
     assert marker["sha256"] == prepared.sha256 and marker["source"] == str(src.absolute())
     assert marker["family"] == family and marker["converter"] == cache.CONVERTER
-    assert calls and calls[-1][0] == calls[-1][1] and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert calls and calls[-1][0] == calls[-1][1] and [c[0] for c in calls] == sorted(c[0] for c in calls)
+    phases = [c[2] for c in calls]  # hashing first, then converting, each said once it starts
+    assert phases == sorted(phases, key=("hashing", "converting").index) and set(phases) == {"hashing", "converting"}
 
 
 def test_legacy_clip_names_without_text_model(tiny_model, tmp_path):

@@ -129,6 +129,10 @@ def test_the_first_use_says_the_conversion_and_a_file_samples_as_its_folder(cli,
     assert f"Converting {STEM}.safetensors (Stable Diffusion 1.x) to a diffusers folder once, cached under" in r.stderr
     assert cli("sample", "a cat", "--model", tiny_model("sd1"), *SAMPLE, "-o", tmp_path / "folder").exit_code == 0
     assert np.array_equal(_pixels(tmp_path / "file"), _pixels(tmp_path / "folder"))
+    os.utime(files["sd1"], ns=(10**18, 10**18))  # touched: the remembered hash is stale, the conversion is not
+    r = cli("sample", "a cat", "--model", files["sd1"], *SAMPLE, "-o", tmp_path / "touched")
+    assert r.exit_code == 0, r.output
+    assert f"Hashing {STEM}.safetensors (new to textinv, or changed since)" in r.stderr and "Converting" not in r.stderr
 
 
 @pytest.mark.parametrize("family, more", [("sd2", ("--prediction", "v")), ("sdxl", ())])

@@ -71,7 +71,7 @@ def choose_model(given: str | None, *, prediction: str | None, command: str, arg
                            f"For a 768 px model run: {rerun_with(command, args, '--prediction', 'v')} "
                            "(--prediction epsilon for a 512 px one; an A1111 .yaml beside the file says it too).")
     bar = _Bar(f"Converting {path.name} ({FAMILY_NAMES.get(info.family, info.family)}) to a diffusers folder once, "
-               f"cached under {_cache_root()}")
+               f"cached under {_cache_root()}", hashing=f"Hashing {path.name} (new to textinv, or changed since)")
     with bar:
         prepared = prepare(path, prediction=prediction, progress=bar, vae_given=vae_given)
     return ChosenModel(given, str(prepared.folder), prepared.family or info.family, path, prepared.sha256,
@@ -98,7 +98,8 @@ def add_vae(chosen: ChosenModel, vae: Path | None, folder: str) -> ChosenModel:
                            "Download it first (textinv sample without --vae), or pass a local folder or checkpoint.")
     family = chosen.family or model_family(folder)
     path = path.resolve()
-    with _Bar(f"Converting the VAE {path.name} once") as bar:
+    with _Bar(f"Converting the VAE {path.name} once",
+              hashing=f"Hashing the VAE {path.name} (new to textinv, or changed since)") as bar:
         prepared = prepare_vae(path, family, progress=bar)
     label = f"{chosen.label or Path(folder).name}+{path.stem}"
     chosen.model = str(vae_view(Path(folder), Path(prepared.folder), label=label))
@@ -132,22 +133,30 @@ class _Bar:
     hash that is already cached says nothing. Called as progress(done, total) in any unit
     (bytes, tensors); the line above the bar says what is happening."""
 
-    def __init__(self, line: str):
+    def __init__(self, line: str, hashing: str | None = None):
         from ..engine.launch import process_rank
 
         self.line, self.progress, self.task = line, None, None
+        # phase -> its line: a conversion found cached behind a file that only needs hashing again
+        # (touched, copied) says "Hashing", not "Converting"
+        self.lines = {"hashing": hashing or line, "converting": line}
+        self.phase = None
         self.quiet = process_rank() != 0  # under a launcher every process prepares; one of them says so
 
     def __enter__(self):
         return self
 
-    def __call__(self, done=None, total=None, *_rest, **_kw) -> None:
+    def __call__(self, done=None, total=None, phase=None, *_rest, **_kw) -> None:
         if self.quiet:
             return
+        line = self.lines.get(phase, self.line)
+        if self.progress is not None and line != self.lines.get(self.phase, self.line):
+            self.progress.console.print(line + "…", markup=False)
+        self.phase = phase
         if self.progress is None:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-            err_console.print(self.line + "…", markup=False)
+            err_console.print(line + "…", markup=False)
             # a bar only on a terminal: elsewhere (a log, a pipe) the line above says it all
             self.progress = Progress(TextColumn("  "), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                                      TimeRemainingColumn(), console=err_console, transient=True,

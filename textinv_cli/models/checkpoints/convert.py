@@ -24,7 +24,7 @@ from . import cache, clip_vocab
 from .architectures import ARCHITECTURES, Architecture, identify, with_prediction
 from .plan import WEIGHT_FILES, Plan, check, model_plan, nbytes, vae_plan, write
 
-Progress = Callable[[int, int], None]
+Progress = Callable[[int, int, str], None]  # (done, total, phase: hashing | converting)
 PREDICTIONS = {"epsilon": "epsilon", "eps": "epsilon", "v": "v", "v_prediction": "v", "v-prediction": "v"}
 _TORCH_DTYPE = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
@@ -57,7 +57,8 @@ def prepare(path, *, prediction: str | None = None, progress: Progress | None = 
     prediction: an explicit choice beats what the file (or its sidecar .yaml) says, which beats
     the family's default (SD 1.x and SDXL: epsilon; SD 2.x must be told). vae_given: the caller
     supplies a VAE (--vae), so a file without one is accepted; its folder then has no vae/.
-    progress(done, total): bytes hashed, then bytes converted, on one scale.
+    progress(done, total, phase): bytes hashed (phase "hashing"), then bytes converted
+    ("converting"), on one scale; not called at all when both are cached.
     """
     from .hashes import sha256_of
     from .reader import open_checkpoint, scan
@@ -82,7 +83,7 @@ def prepare(path, *, prediction: str | None = None, progress: Progress | None = 
                               "safetensors, or sdxl_vae.safetensors for SDXL).")
         total_convert = sum(nbytes(plan.components[c], ck.tensors) for c in present)
         size = info.size
-        sha = sha256_of(path, progress=(lambda done, _total: progress(done, size + total_convert))
+        sha = sha256_of(path, progress=(lambda done, _total: progress(done, size + total_convert, "hashing"))
                         if progress else None)
         _check_unchanged(ck, path)  # the hash read the file by name: it must be the one being converted
         out = cache.model_folder(sha, chosen)
@@ -115,7 +116,7 @@ def _counter(progress: Progress | None, start: int, total: int) -> Callable[[int
 
     def step(n: int) -> None:
         done[0] += n
-        progress(done[0], total)
+        progress(done[0], total, "converting")
 
     return step
 
@@ -205,7 +206,7 @@ def prepare_vae(path, family: str, progress: Progress | None = None) -> Prepared
         check(plan, ck.tensors, what, arch.name, optional=())
         total = nbytes(plan.components["vae"], ck.tensors)
         size = ck.size
-        sha = sha256_of(path, progress=(lambda done, _t: progress(done, size + total)) if progress else None)
+        sha = sha256_of(path, progress=(lambda done, _t: progress(done, size + total, "hashing")) if progress else None)
         _check_unchanged(ck, path)
         out = cache.vae_folder(sha, family)
         prepared = Prepared(out, family, sha, path.stem, None, True, arch.name)
