@@ -230,6 +230,12 @@ def test_models_lists_hashes_conversions_and_prunes(cli, files, tmp_path, monkey
     assert "SD 1.x" in line and sha256_of(files["sd1"])[:10] in line
     assert "v2-1_768-ema-pruned" in r.stdout and f"Hashing {STEM}.safetensors" in r.stderr
     assert "Hashing" not in cli("models").stderr  # remembered: the second listing reads no file whole
+    (tmp_path / "new.safetensors").write_bytes(files["sd1"].read_bytes())
+    shutil.move(tmp_path / "new.safetensors", files["models"] / "new.safetensors")  # never hashed
+    quick = json.loads(cli("models", "--no-hash", "--json").stdout)["models"]
+    assert {m["name"]: m["short_hash"] for m in quick}["new"] is None  # --no-hash reads no file whole...
+    assert {m["name"]: m["short_hash"] for m in quick}[STEM] == sha256_of(files["sd1"])[:10]  # ...known ones shown
+    (files["models"] / "new.safetensors").unlink()
     r = cli("sample", "a cat", "--model", STEM, *SAMPLE, "-o", tmp_path / "out")  # found by name
     assert r.exit_code == 0, r.output
     png = next((tmp_path / "out").glob("*.png"))  # its Model is found in the folders again

@@ -17,8 +17,8 @@ def models(
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
     prune: bool = typer.Option(False, "--prune", help="Delete the cached conversions (diffusers folders made from "
                                                       "checkpoint files); each is made again when used."),
-    no_hash: bool = typer.Option(False, "--no-hash", help="List without hashes (hashing a file the first time takes "
-                                                          "seconds per GB; later listings reuse it)."),
+    no_hash: bool = typer.Option(False, "--no-hash", help="Hash no file (hashing one the first time takes seconds per "
+                                                          "GB); the hashes already known are still shown."),
 ) -> None:
     """List the models in your model folders (name as --model takes it, family, size, A1111 short hash)."""
     from ...models.model_files import MODEL_DIRS_EXAMPLE, list_model_files, model_dirs
@@ -61,7 +61,7 @@ def _row(f, conversions: list[dict], hashes: bool) -> dict:
     size, sha256 and A1111 short hash (hashed once with a progress bar, then memoised), and
     the folder its conversion is cached in."""
     from ...errors import TextinvError
-    from ...models.checkpoints.hashes import sha256_of, short_hash
+    from ...models.checkpoints.hashes import known_sha256, sha256_of, short_hash
     from ...models.checkpoints.reader import scan
     from ..base_model import progress_bar
 
@@ -78,6 +78,8 @@ def _row(f, conversions: list[dict], hashes: bool) -> dict:
             if hashes:
                 with progress_bar(f"Hashing {f.file_name} (A1111's short hash; once per file)") as bar:
                     sha = sha256_of(f.path, progress=bar)
+            else:  # --no-hash: the hashes already known are still shown
+                sha = known_sha256(f.path)
         except OSError as e:
             problem = f"cannot be read: {e.strerror or e}"
     converted = [c for c in conversions if sha and c.get("sha256") == sha]

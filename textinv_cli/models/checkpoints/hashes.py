@@ -67,6 +67,19 @@ def sha256_of(path, progress: Callable[[int, int], None] | None = None) -> str:
     return digest
 
 
+def known_sha256(path) -> str | None:
+    """The file's SHA-256 when the memo already holds it for the file as it is now (same size
+    and mtime), else None; nothing of the file is read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    hit = _load_memo().get(os.path.realpath(path))
+    if hit is None or hit.get("size") != st.st_size or hit.get("mtime_ns") != st.st_mtime_ns:
+        return None
+    return hit["sha256"]
+
+
 def short_hash(sha256: str) -> str:
     """A1111's short hash (its infotext "Model hash" and its model list): sha256[:10]."""
     if not _HEX64.match(sha256.lower()):
