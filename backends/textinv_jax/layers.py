@@ -181,7 +181,8 @@ class Graph:
     `graph.merge(*states)` is the model again, inside the jitted function).
 
     jax hashes static arguments on every call, and a GraphDef hashes its whole module tree:
-    about 20 ms for an SD 1.5 UNet, per training or denoising step. This keeps the hash;
+    2.5 ms for an SD 1.5 UNet on an idle CPU core (over 20 ms on a busy one), per training
+    or denoising step (bench/jax_compile.py --overhead). This keeps the hash;
     equal graphs (one architecture, loaded twice) still compare equal, so runs of one model
     share their compiled steps."""
 
@@ -205,7 +206,8 @@ class Graph:
 def split(model: nnx.Module, *filters) -> tuple:
     """nnx.split for jitted functions: (graph, state, ...) with the graphdef as a Graph and
     each state as a pure dict of arrays (nnx.to_pure_dict; `graph.merge` takes those back).
-    jax flattens its arguments on every call, and plain dicts ~20x faster than nnx.State:
-    0.1 ms against 2 ms per step for an SD 1.5 UNet's 686 weights (bench/jax_compile.py)."""
+    jax flattens its arguments on every call, and plain dicts 5-20x faster than nnx.State:
+    0.12 ms against 0.6 ms (2 ms on a busy CPU) per step for an SD 1.5 UNet's 686 weights
+    (bench/jax_compile.py --overhead)."""
     graphdef, *states = nnx.split(model, *filters)
     return (Graph(graphdef), *(nnx.to_pure_dict(state) for state in states))
