@@ -5,9 +5,9 @@ rows and optax state as checkpoint files, validation images.
 
 The models are flax.nnx modules loaded into host memory, split once into graphdefs (static,
 in step.StepConfig) and state (the Frozen weights, placed on the devices with everything
-else the step reads). Many devices: a 1-D Mesh over jax.devices() named "data"; batches
-are sharded on their batch axis, everything else replicated; XLA inserts the gradient
-all-reduce. Several hosts (jax.distributed, see backend.py) each draw their own block of
+else the step reads). Many devices: a ("data", "model") Mesh (sharding.py: --mesh DATAxMODEL,
+default Nx1); batches are split over every device, large frozen weights over "model",
+everything else replicated; XLA inserts the gathers and the gradient all-reduce. Several hosts (jax.distributed, see backend.py) each draw their own block of
 the global batch, as torch ranks do, and only process 0 writes files.
 """
 
@@ -22,12 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from textinv_cli.engine.batch_plan import BatchPlan, Draw
 from textinv_cli.engine.eval_batch import eval_draw
 from textinv_cli.engine.captions import add_placeholder_tokens, captions_for, find_images
-from textinv_cli.engine.checks import check_token, is_int
+from textinv_cli.engine.checks import check_token
 from textinv_cli.engine.contract import Session
 from textinv_cli.engine.stop import StopFlag
 from textinv_cli.errors import TextinvError
@@ -38,9 +37,11 @@ from . import state
 from .clip import split_frozen
 from .layers import Graph, split
 from .data import check_resolution, latent_cache
+from .sharding import (batch_sharding, check_model_axis, make_mesh, model_size, place, replicated,
+                       train_step_on, weight_shardings)
 from .loading import (ImageSide, TextSide, compute_dtype, load_image_side, load_text_side, model_family,
                       model_folder)
-from .step import StepConfig, eval_step, opt_state, train_step
+from .step import StepConfig, eval_step, opt_state
 from .tokens import init_rows, tokenize_captions
 from .validation import validation_images
 
@@ -81,23 +82,6 @@ class Setup:
 
 
 # -- setup: everything a user can get wrong, before anything is written ---------------------------
-
-def make_mesh(spec: TrainSpec) -> Mesh:
-    """A 1-D "data" mesh over every device (spec.devices = N: the first N, one host)."""
-    devices = jax.devices()
-    want = spec.devices
-    if want is not None:
-        if not is_int(want) or not 1 <= want <= len(devices) or jax.process_count() > 1:
-            raise TextinvError(f"devices={want!r}: this machine has {len(devices)} JAX device(s).")
-        devices = devices[:want]
-    local = sum(d.process_index == jax.process_index() for d in devices)
-    if spec.batch_size % local:
-        raise TextinvError(f"--batch-size {spec.batch_size} does not split evenly over the {local} "
-                           f"{devices[0].platform} devices the jax backend trains on.",
-                           f"Pass a multiple of {local} (each device takes an equal share of the batch), or "
-                           "use fewer devices (CUDA_VISIBLE_DEVICES, TPU_VISIBLE_CHIPS).")
-    return Mesh(np.array(devices), ("data",))
-
 
 def prepare(spec: TrainSpec, mesh: Mesh | None = None, dtype=None, images: list | None = None,
             captions: list | None = None) -> Setup:
@@ -201,11 +185,14 @@ def validate(s: Setup, cfg: StepConfig, frozen, vae, rows, run: Path, step: int,
         out=run / "samples", step=step, place=lambda x: put(x, repl), write=main)
 
 
-def describe(devices) -> str:
-    """"cpu", "gpu (NVIDIA H200)", "8 x cpu": what the progress line says it trains on."""
+def describe(mesh: Mesh) -> str:
+    """"cpu", "gpu (NVIDIA H200)", "8 x cpu", "8 x cpu, mesh 4x2": what the progress line says
+    it trains on (the mesh where weights are split)."""
+    devices = list(mesh.devices.flat)
     d = devices[0]
     name = d.platform if d.platform == "cpu" else f"{d.platform} ({d.device_kind})"
-    return name if len(devices) == 1 else f"{len(devices)} x {name}"
+    shown = name if len(devices) == 1 else f"{len(devices)} x {name}"
+    return shown if model_size(mesh) == 1 else f"{shown}, mesh {mesh.shape['data']}x{model_size(mesh)}"
 
 
 class JaxSession(Session):
@@ -218,9 +205,10 @@ class JaxSession(Session):
         self.dtype = compute_dtype(spec.precision, devices[0].platform)
         self.procs = jax.process_count()
         self.is_main = jax.process_index() == 0
-        self.device, self.n_devices, self.n_processes = describe(devices), len(devices), self.procs
+        self.device, self.n_devices, self.n_processes = describe(self.mesh), len(devices), self.procs
         self.global_batch = spec.batch_size * self.procs
-        self.repl, self.sharded = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(None, "data"))
+        self.repl, self.sharded = replicated(self.mesh), batch_sharding(self.mesh)
+        self.train_step = train_step_on(self.mesh)
         self.warnings: list[str] = []
         self.pending = None
         self._eval = None  # the fixed evaluation batch on the devices (replicated), made at the first eval
@@ -239,12 +227,16 @@ class JaxSession(Session):
         self._place({s.slot: s.init})
         text_graph, text_frozen = split_frozen(s.text.model)
         unet_graph, unet_weights = split(s.image.unet)
-        self.frozen = put({"text_encoder": text_frozen, "unet": unet_weights, "tables": s.tables, "mean": s.mean,
-                           "std": s.std, "ac": s.image.schedule.alphas_cumprod}, self.repl)
+        warning = check_model_axis(unet_weights, self.mesh)  # a model axis that splits nothing: refused
+        self.warnings += [warning] if warning else []
+        models = {"text_encoder": text_frozen, "unet": unet_weights}  # large: split over "model" (sharding.py)
+        self.frozen = {**place(models, weight_shardings(models, self.mesh)),
+                       **put({"tables": s.tables, "mean": s.mean, "std": s.std, "ac": s.image.schedule.alphas_cumprod},
+                             self.repl)}
         self.vae = None  # (graph, weights on the devices) for --validate
         if spec.validate:
             graph, weights = split(s.image.vae)
-            self.vae = (graph, put(weights, self.repl))
+            self.vae = (graph, place(weights, weight_shardings(weights, self.mesh)))
         self.cfg, self.plan = s.config(text_graph, unet_graph), batch_plan(s)
         self.max_norm = np.float32(spec.max_grad_norm or np.inf)
         gpu = self.mesh.devices.flat[0].platform == "gpu"
@@ -272,7 +264,7 @@ class JaxSession(Session):
 
     def step(self, step: int, lr: float, stop: StopFlag, log: bool) -> float | None:
         batch = put(step_batch(self.s, self.plan, step), self.sharded)
-        self.st, metrics = train_step(self.st, self.frozen, batch, np.float32(lr), self.max_norm, cfg=self.cfg)
+        self.st, metrics = self.train_step(self.st, self.frozen, batch, np.float32(lr), self.max_norm, cfg=self.cfg)
         if self.pending is not None:
             self.pending.block_until_ready()  # keep at most one step queued behind the running one
         self.pending = metrics["loss"]

@@ -5,13 +5,14 @@ here once; the CLI's --help text is written from the same constants.
 
 A rule that depends on the backend (xformers attention, several processes, a sampler) is
 read from the Backend's declared capabilities (contract.Backend: name, attention,
-schedulers, multi_process), so a backend never re-checks options itself. Messages name the flag and say what is accepted.
+schedulers, multi_process, mesh), so a backend never re-checks options itself. Messages name the flag and say what is accepted.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OptionError, TextinvError
@@ -43,6 +44,17 @@ def is_num(v: Any) -> bool:
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def parse_mesh(text: Any) -> tuple[int, int]:
+    """--mesh "DATAxMODEL" (e.g. "4x2": 4 groups of 2 devices) -> (4, 2). Whether it fits the
+    devices is the backend's to say (it knows them); the form is checked here."""
+    m = re.fullmatch(r"\s*([0-9]{1,6})\s*[xX]\s*([0-9]{1,6})\s*", text) if isinstance(text, str) else None
+    if m is None or int(m[1]) < 1 or int(m[2]) < 1:
+        raise OptionError(f"--mesh must be DATAxMODEL, two positive whole numbers, not {quoted(str(text))}.",
+                          "For example, on 8 devices: --mesh 4x2 (the frozen weights split over 2 devices), "
+                          "--mesh 8x1 (data parallel).")
+    return int(m[1]), int(m[2])
 
 
 def check_train_spec(spec: "TrainSpec", backend: Any = None) -> None:
@@ -84,6 +96,8 @@ def check_train_spec(spec: "TrainSpec", backend: Any = None) -> None:
          "must be epsilon or v (for a single-file checkpoint that does not say)")
     if not all(isinstance(p, str) and p.strip() for p in spec.validate):
         raise OptionError("--validate prompts must be non-empty text.")
+    if getattr(spec, "mesh", None) is not None:
+        parse_mesh(spec.mesh)
     if backend is not None:
         check_train_backend(spec, backend)
 
@@ -120,6 +134,9 @@ def check_train_backend(spec: "TrainSpec", backend: Any) -> None:
                            f"{_one_of(attention)} attention only.",
                            f"Leave --attention at sdpa with --backend {name}, or use --backend torch.")
     _check_clip_skip(spec.clip_skip, backend, name)
+    if getattr(spec, "mesh", None) is not None and not getattr(backend, "mesh", True):
+        raise TextinvError(f"The {name} backend does not shard a model over devices; --mesh {spec.mesh} is for "
+                           "--backend jax.", "Leave --mesh out, or pass --backend jax.")
     if spec.num_processes != 1 and not getattr(backend, "multi_process", True):
         raise TextinvError(f"The {name} backend trains on every device from one process per host; "
                            f"--num-processes {spec.num_processes} is for --backend torch.",

@@ -128,6 +128,7 @@ class Backend:
     schedulers: ClassVar[tuple[str, ...]] = ("ddim",)      # sample --scheduler values it runs
     multi_process: ClassVar[bool] = False                 # --num-processes > 1
     clip_skip: ClassVar[bool] = False                     # --clip-skip above 1 (A1111's "Clip skip")
+    mesh: ClassVar[bool] = False                          # --mesh DATAxMODEL (frozen weights sharded over MODEL)
 
     def probe(self) -> BackendInfo:
         raise NotImplementedError

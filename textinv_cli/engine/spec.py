@@ -72,6 +72,7 @@ class TrainSpec:
     validate_every: int = 0
     validate_steps: int = 25
     num_processes: int = 1
+    mesh: str | None = None             # jax: "DATAxMODEL" device grid, frozen weights split over MODEL (None: all data)
     # watching the run (absent from older spec.json files: these defaults keep them readable)
     eval_every: int = 0                 # eval loss on the fixed batch every N steps (0: off; engine/eval_batch.py)
     log_every: int | None = None        # loss readings every N steps (None: loop.log_interval's default)

@@ -93,6 +93,10 @@ def train(
     num_processes: Optional[int] = typer.Option(None, "--num-processes",
                                                 help="Data-parallel processes, one per GPU (or CPU processes without one); "
                                                      "each takes --batch-size samples per micro-step."),
+    mesh: Optional[str] = typer.Option(None, "--mesh", metavar="DATAxMODEL",
+                                       help="jax: the devices as a DATAxMODEL grid, e.g. 4x2 on 8: each frozen "
+                                            "weight split over MODEL devices (FSDP), whole on each of the DATA "
+                                            "groups; the batch over all (default: Nx1, data parallel)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default: runs/<name>-<time>)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON event per line instead of a progress bar."),
 ) -> None:
@@ -132,7 +136,7 @@ def train(
         deterministic=deterministic, clip_skip=clip_skip, save_every=save_every, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, validate=list(validate or []), validate_every=validate_every,
         eval_every=default_eval_every(eval_every, steps), log_every=log_every, report_to=list(report_to or []),
-        model_name=model or "tiny",
+        model_name=model or "tiny", mesh=mesh,
     )
     check_train_spec(spec)
     from ...engine.report_to import check_watching
