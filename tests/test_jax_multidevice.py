@@ -1,4 +1,4 @@
-"""Data parallel over many devices and hosts, on the CPU.
+"""Data parallel and sharded weights (--mesh) over many devices and hosts, on the CPU.
 
 One process with 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, in a
 subprocess: the flag only works before JAX starts) trains the steps one device trains:
@@ -6,10 +6,12 @@ batch 8 sharded one sample per device, rows replicated, gradient clipping on (it
 all-reduced gradient; accumulation is the same scan on any device count, compared with
 torch in test_jax_parity_train). Two processes of 4 devices each, joined by jax.distributed
 (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID: the multi-host path of a TPU
-pod), each drawing its half of the same global batch, train it too. The losses and rows equal the single-device run's
-to float tolerance; a resume on 8 devices is bit-identical; a batch that does not split over
-the devices is refused before a run folder exists; only process 0 writes; nothing imports
-torch. The subprocesses and the single-device reference (in this process) run at the same
+pod), each drawing its half of the same global batch, train it too, on a 4x2 mesh (each frozen
+weight split over a pair of one host's devices). Another 8-device process trains on 4x2 and
+2x4 meshes (textinv_jax/sharding.py). The losses and rows equal the single-device run's
+to float tolerance; a resume on 8 devices is bit-identical, on a mesh too (from spec.json); a
+batch that does not split over the devices, or a mesh that does not fit them, is refused
+before a run folder exists; only process 0 writes; nothing imports torch. The subprocesses and the single-device reference (in this process) run at the same
 time: each compiles its own program, and compiling is one core's work.
 """
 
@@ -71,18 +73,7 @@ if args["role"] == "host":  # each host plans its own folder name; process 0's i
     # the weights split over pairs of one host's devices, the batch over both hosts' 8
     out["run"] = summary(list(Keeping().train(spec(f"hosts-{jax.process_index()}", batch_size=4, mesh="4x2"))))
     out["placed"] = placed(kept[-1])
-else:
-    out["run"] = summary(list(Keeping().train(spec("many"))))
-    out["run"]["placed"] = placed(kept[-1])
-    # the run as a crash after its step-1 checkpoint would leave it, resumed on all 8 devices
-    shutil.copytree(os.path.join(root, "many"), os.path.join(root, "resumed"))
-    shutil.rmtree(os.path.join(root, "resumed", "checkpoints", "step-000002"))
-    os.remove(os.path.join(root, "resumed", "learned_embeds.safetensors"))
-    out["resumed"] = summary(list(JaxBackend().train(spec("many"), os.path.join(root, "resumed"))))
-    try:
-        list(JaxBackend().train(spec("odd", batch_size=4, grad_accum=1)))
-    except TextinvError as e:
-        out["odd"] = str(e)
+elif args["role"] == "meshes":
     for mesh in args["meshes"]:  # the frozen weights split over 2 and 4 devices
         out[mesh] = summary(list(Keeping().train(spec(mesh, mesh=mesh))))
         out[mesh]["placed"] = placed(kept[-1])
@@ -97,12 +88,24 @@ else:
             list(JaxBackend().train(spec(f"bad-{name}", **kw)))
         except TextinvError as e:
             out[f"bad {name}"] = str(e)
+else:
+    out["run"] = summary(list(Keeping().train(spec("many"))))
+    out["run"]["placed"] = placed(kept[-1])
+    # the run as a crash after its step-1 checkpoint would leave it, resumed on all 8 devices
+    shutil.copytree(os.path.join(root, "many"), os.path.join(root, "resumed"))
+    shutil.rmtree(os.path.join(root, "resumed", "checkpoints", "step-000002"))
+    os.remove(os.path.join(root, "resumed", "learned_embeds.safetensors"))
+    out["resumed"] = summary(list(JaxBackend().train(spec("many"), os.path.join(root, "resumed"))))
+    try:
+        list(JaxBackend().train(spec("odd", batch_size=4, grad_accum=1)))
+    except TextinvError as e:
+        out["odd"] = str(e)
 out["torch_imported"] = "torch" in sys.modules
 print("RESULT " + json.dumps(out))
 """
 
 
-MESHES = ("4x2", "2x4")  # trained by the 8-device process beside its 8x1 run
+MESHES = ("4x2", "2x4")  # trained by an 8-device process of their own
 
 
 def free_port() -> int:
@@ -119,7 +122,8 @@ def runs(tiny_model, demo_images, tmp_path_factory):
                 max_grad_norm=0.05)  # clipping sees the all-reduced gradient
     base = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TEXTINV_HOME": str(root / "home")}
     port = free_port()
-    roles = {"many": {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}}
+    # "meshes" (the 4x2 and 2x4 runs) beside "many" (8x1): each compiles its own programs, on its own core
+    roles = {role: {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"} for role in ("many", "meshes")}
     for pid in (0, 1):
         roles[f"host{pid}"] = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
@@ -191,7 +195,7 @@ def test_meshes_4x2_and_2x4_train_what_one_device_trains(runs):
     # mean and the gradient are summed over devices in another order, and XLA partitions the
     # convolutions differently (observed: rows within 1e-6, losses within 1 ulp or 2)
     for mesh in MESHES:
-        run = runs["many"][mesh]
+        run = runs["meshes"][mesh]
         assert run["started"]["device"] == f"8 x cpu, mesh {mesh}"
         print(f"\nmesh {mesh}: losses {run['losses']} 1 device {runs['one']['losses']}; rows max |diff| "
               f"{np.abs(np.array(run['rows']) - np.array(runs['one']['rows'])).max():.2e}")
@@ -199,7 +203,7 @@ def test_meshes_4x2_and_2x4_train_what_one_device_trains(runs):
 
 
 def test_a_mesh_splits_the_frozen_weights_over_its_model_axis(runs):
-    placed = {"8x1": runs["many"]["run"]["placed"], **{m: runs["many"][m]["placed"] for m in MESHES}}
+    placed = {"8x1": runs["many"]["run"]["placed"], **{m: runs["meshes"][m]["placed"] for m in MESHES}}
     assert placed["8x1"]["kernel_spec"] == [] and len(placed["8x1"]["kernel_shards"]) == 1  # whole on every device
     for mesh, model in (("4x2", 2), ("2x4", 4)):  # split on its output channels, one piece per model device
         assert placed[mesh]["kernel_spec"] == ["None", "None", "None", "model"]
@@ -211,15 +215,15 @@ def test_a_mesh_splits_the_frozen_weights_over_its_model_axis(runs):
 
 
 def test_a_mesh_resumes_from_spec_json_bit_identical(runs):
-    again, first = runs["many"]["4x2 resumed"], runs["many"]["4x2"]
+    again, first = runs["meshes"]["4x2 resumed"], runs["meshes"]["4x2"]
     assert again["started"]["device"] == "8 x cpu, mesh 4x2"
     assert again["rows"] == first["rows"] and again["losses"] == first["losses"][1:]
 
 
 def test_a_mesh_that_does_not_fit_is_refused_before_a_run_folder_exists(runs):
-    assert runs["many"]["bad 3x2"].startswith("--mesh 3x2 needs 6 devices; this run has 8 cpu device(s).")
-    assert "--mesh 8x1, 4x2, 2x4, 1x8" in runs["many"]["bad 3x2"]
-    assert runs["many"]["bad 1x7"].startswith("--mesh 1x7: no weight of the UNet has a dimension divisible by 7")
+    assert runs["meshes"]["bad 3x2"].startswith("--mesh 3x2 needs 6 devices; this run has 8 cpu device(s).")
+    assert "--mesh 8x1, 4x2, 2x4, 1x8" in runs["meshes"]["bad 3x2"]
+    assert runs["meshes"]["bad 1x7"].startswith("--mesh 1x7: no weight of the UNet has a dimension divisible by 7")
     assert not (runs["root"] / "bad-3x2").exists() and not (runs["root"] / "bad-1x7").exists()
 
 
@@ -234,7 +238,7 @@ def test_a_batch_that_does_not_split_is_refused(runs):
 
 
 def test_the_jax_backend_never_imports_torch(runs):
-    assert not any(runs[role]["torch_imported"] for role in ("many", "host0", "host1"))
+    assert not any(runs[role]["torch_imported"] for role in ("many", "meshes", "host0", "host1"))
 
 
 def test_when_jax_distributed_is_initialized():
