@@ -7,8 +7,9 @@ The models are flax.nnx modules loaded into host memory, split once into graphde
 in step.StepConfig) and state (the Frozen weights, placed on the devices with everything
 else the step reads). Many devices: a ("data", "model") Mesh (sharding.py: --mesh DATAxMODEL,
 default Nx1); batches are split over every device, large frozen weights over "model",
-everything else replicated; XLA inserts the gathers and the gradient all-reduce. Several hosts (jax.distributed, see backend.py) each draw their own block of
-the global batch, as torch ranks do, and only process 0 writes files.
+everything else replicated; XLA inserts the gathers and the gradient all-reduce. Several
+hosts (jax.distributed, see backend.py) each draw their own block of the global batch, as
+torch ranks do, and only process 0 writes files.
 """
 
 from __future__ import annotations
