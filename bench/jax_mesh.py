@@ -12,6 +12,10 @@ encoder (their shards summed), the compiled step's argument and temporary bytes 
 (XLA's memory_analysis: the temporaries hold the gathered weights while a layer runs), the
 collectives in its HLO, and the median of steady steps. Host "devices" share this machine's
 cores, so a step time shows a layout's overhead, not a speed-up.
+
+`--sd15` adds, per mesh, the compiled step's memory per device for SD 1.5 shapes (CLIP-L and
+the UNet, 256 px, batch 8; compiled from abstract arguments, nothing allocated; `--remat`:
+with --gradient-checkpointing), a minute or more of XLA compile per mesh on a CPU.
 """
 
 from __future__ import annotations
@@ -61,6 +65,48 @@ for mesh in sys.argv[4:]:
 """
 
 
+SD15 = r"""
+import sys, time
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from textinv_cli.engine.spec import TrainSpec
+from textinv_cli.models.checkpoints import architectures as A
+from textinv_jax import sharding
+from textinv_jax.clip import CLIPTextModel, clip_config, split_frozen
+from textinv_jax.layers import split
+from textinv_jax.step import StepConfig, opt_state
+from textinv_jax.unet import UNet2DConditionModel, unet_config
+tg, tw = split_frozen(nnx.eval_shape(lambda: CLIPTextModel(clip_config(A.CLIP_L))))
+ug, uw = split(nnx.eval_shape(lambda: UNet2DConditionModel(unet_config(A.UNET_SD1))))
+cfg = StepConfig(text=tg, unet=ug, slot="clip_l", prediction_type="epsilon", scaling=0.18215, dtype="float32",
+                 remat=sys.argv[1] == "remat")
+rows = {"clip_l": np.zeros((1, 768), np.float32)}
+st = (rows, opt_state(TrainSpec(data_dir="d", token="<t>", init=["x"], model="m", run_dir="r"), rows))
+B, h = 8, 32  # 256 px latents
+for mesh in sys.argv[2:]:
+    data, model = map(int, mesh.split("x"))
+    m = Mesh(np.array(jax.devices()).reshape(data, model), sharding.AXES)
+    repl, rows_of = sharding.replicated(m), sharding.batch_sharding(m)
+    shape = lambda s, dt, where: jax.ShapeDtypeStruct(s, dt, sharding=where)
+    models = {"text_encoder": tw, "unet": uw}
+    frozen = {**jax.tree.map(lambda a, w: shape(a.shape, a.dtype, w), models, sharding.weight_shardings(models, m)),
+              "tables": shape((16, 77), jnp.int32, repl), "mean": shape((B, 4, h, h), jnp.float32, repl),
+              "std": shape((B, 4, h, h), jnp.float32, repl), "ac": shape((1000,), jnp.float32, repl)}
+    batch = {"entry": shape((1, B), jnp.int32, rows_of), "caption": shape((1, B), jnp.int32, rows_of),
+             "t": shape((1, B), jnp.int32, rows_of), "eps": shape((1, B, 4, h, h), jnp.float32, rows_of),
+             "noise": shape((1, B, 4, h, h), jnp.float32, rows_of)}
+    t0 = time.perf_counter()
+    compiled = sharding.train_step_on(m).lower(jax.device_put(st, repl), frozen, batch, np.float32(1e-3),
+                                               np.float32(1.0), cfg=cfg).compile()
+    mem = compiled.memory_analysis()
+    print(f"SD 1.5, 256 px, batch 8, mesh {mesh}{', remat' if cfg.remat else ''}, per device: arguments "
+          f"{mem.argument_size_in_bytes / 2**20:.0f} MiB, temporaries {mem.temp_size_in_bytes / 2**20:.0f} MiB, "
+          f"sum {(mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**20:.0f} MiB "
+          f"(compiled in {time.perf_counter() - t0:.0f} s)", flush=True)
+"""
+
+
 def real_shapes() -> None:
     import jax
     from flax import nnx
@@ -85,6 +131,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--meshes", default="8x1,4x2,2x4")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sd15", action="store_true", help="also compile the step for SD 1.5 shapes per mesh")
+    ap.add_argument("--remat", action="store_true", help="--sd15 with --gradient-checkpointing")
     args = ap.parse_args(argv)
     sys.path[:0] = [str(REPO), str(REPO / "backends")]
     real_shapes()
@@ -104,6 +152,10 @@ def main(argv=None) -> None:
                "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "backends"), os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.run([sys.executable, "-c", CHILD, str(model), str(data), str(args.steps), *meshes],
                               cwd=REPO, env=env, capture_output=True, text=True)
+        if args.sd15:
+            sd15 = subprocess.run([sys.executable, "-c", SD15, "remat" if args.remat else "-", *meshes], cwd=REPO,
+                                  env=env, capture_output=True, text=True)
+            print(sd15.stdout.strip() or f"the SD 1.5 compiles failed ({sd15.returncode}): {sd15.stderr[-2000:]}")
     rows = [json.loads(line[5:]) for line in proc.stdout.splitlines() if line.startswith("MESH ")]
     if proc.returncode != 0 or not rows:
         raise SystemExit(f"the mesh runs failed ({proc.returncode}): {proc.stderr[-2000:]}")
