@@ -83,6 +83,14 @@ elif args["role"] == "meshes":
     shutil.rmtree(os.path.join(again, "checkpoints", "step-000002"))
     os.remove(os.path.join(again, "learned_embeds.safetensors"))
     out["4x2 resumed"] = summary(list(JaxBackend().train(TrainSpec.load(again), again)))
+    # and on another grid (textinv resume RUN --mesh 2x4): the checkpoint holds no layout
+    other = os.path.join(root, "4x2-on-2x4")
+    shutil.copytree(os.path.join(root, "4x2"), other)
+    shutil.rmtree(os.path.join(other, "checkpoints", "step-000002"))
+    os.remove(os.path.join(other, "learned_embeds.safetensors"))
+    moved = TrainSpec.load(other)
+    moved.mesh = "2x4"
+    out["4x2 resumed on 2x4"] = summary(list(JaxBackend().train(moved, other)))
     for name, kw in {"3x2": {"mesh": "3x2"}, "1x7": {"mesh": "1x7", "devices": 7, "batch_size": 7}}.items():
         try:
             list(JaxBackend().train(spec(f"bad-{name}", **kw)))
@@ -218,6 +226,13 @@ def test_a_mesh_resumes_from_spec_json_bit_identical(runs):
     again, first = runs["meshes"]["4x2 resumed"], runs["meshes"]["4x2"]
     assert again["started"]["device"] == "8 x cpu, mesh 4x2"
     assert again["rows"] == first["rows"] and again["losses"] == first["losses"][1:]
+
+
+def test_a_run_continues_on_another_mesh(runs):
+    moved, first = runs["meshes"]["4x2 resumed on 2x4"], runs["meshes"]["4x2"]
+    assert moved["started"]["device"] == "8 x cpu, mesh 2x4"
+    np.testing.assert_allclose(moved["losses"], first["losses"][1:], rtol=1e-5)
+    np.testing.assert_allclose(moved["rows"], first["rows"], rtol=0, atol=1e-5)
 
 
 def test_a_mesh_that_does_not_fit_is_refused_before_a_run_folder_exists(runs):

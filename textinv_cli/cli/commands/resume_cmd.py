@@ -12,6 +12,8 @@ def resume(
     json_out: bool = typer.Option(False, "--json", help="One JSON event per line instead of a progress bar."),
     num_processes: int = typer.Option(None, "--num-processes", min=1,
                                       help="Continue as N data-parallel processes (any N dividing the global batch)."),
+    mesh: str = typer.Option(None, "--mesh", metavar="DATAxMODEL",
+                             help="jax: continue on another device grid (a checkpoint fits any; default: the run's)."),
 ) -> None:
     """Resume an interrupted training run; the result is the same as an uninterrupted run."""
     from ...errors import NotFoundError, TextinvError
@@ -27,6 +29,11 @@ def resume(
         spec = TrainSpec.load(run)
     except (ValueError, TypeError) as e:
         raise TextinvError(f"{run / SPEC_FILE} is damaged: {e}.") from None
+    if mesh is not None:
+        from ...engine.checks import parse_mesh
+
+        parse_mesh(mesh)  # the form, before anything loads; whether it fits the devices, the backend says
+        spec.mesh = mesh
     name = spec.name or spec.token.strip("<>")
     if (run / FINAL).exists():
         # "registered as" only of the entry this run produced; a finished run that is not
