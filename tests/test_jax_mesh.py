@@ -109,7 +109,7 @@ def test_the_cli_refuses_a_malformed_mesh_before_a_backend_is_asked(cli, tmp_pat
     r = cli("train", tmp_path / "imgs", "--token", "<x>", "--init", "toy", "--mesh", "4by2")
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert "--mesh must be DATAxMODEL, two positive whole numbers, not '4by2'." in r.output
-    assert "--mesh DATAxMODEL" in " ".join(cli("train", "--help").output.split())
+    assert "--mesh GRID jax: the devices as a DATAxMODEL grid" in " ".join(cli("train", "--help").output.split())
 
 
 def test_resume_takes_another_mesh_checked_before_anything_loads(cli, tmp_path, monkeypatch):
@@ -119,4 +119,4 @@ def test_resume_takes_another_mesh_checked_before_anything_loads(cli, tmp_path, 
     monkeypatch.setattr(plugins, "require_backend", lambda *a: pytest.fail("a backend was asked for"))
     r = cli("resume", tmp_path, "--mesh", "4by2")
     assert r.exit_code == 2 and "--mesh must be DATAxMODEL, two positive whole numbers, not '4by2'." in r.output
-    assert "--mesh DATAxMODEL" in " ".join(cli("resume", "--help").output.split())
+    assert "--mesh GRID jax: continue on another DATAxMODEL device grid" in " ".join(cli("resume", "--help").output.split())

@@ -12,8 +12,9 @@ def resume(
     json_out: bool = typer.Option(False, "--json", help="One JSON event per line instead of a progress bar."),
     num_processes: int = typer.Option(None, "--num-processes", min=1,
                                       help="Continue as N data-parallel processes (any N dividing the global batch)."),
-    mesh: str = typer.Option(None, "--mesh", metavar="DATAxMODEL",
-                             help="jax: continue on another device grid (a checkpoint fits any; default: the run's)."),
+    mesh: str = typer.Option(None, "--mesh", metavar="GRID",
+                             help="jax: continue on another DATAxMODEL device grid, e.g. 4x2 (a checkpoint fits any; "
+                                  "default: the run's)."),
 ) -> None:
     """Resume an interrupted training run; the result is the same as an uninterrupted run."""
     from ...errors import NotFoundError, TextinvError

@@ -93,7 +93,7 @@ def train(
     num_processes: Optional[int] = typer.Option(None, "--num-processes",
                                                 help="Data-parallel processes, one per GPU (or CPU processes without one); "
                                                      "each takes --batch-size samples per micro-step."),
-    mesh: Optional[str] = typer.Option(None, "--mesh", metavar="DATAxMODEL",
+    mesh: Optional[str] = typer.Option(None, "--mesh", metavar="GRID",
                                        help="jax: the devices as a DATAxMODEL grid, e.g. 4x2 on 8: each frozen "
                                             "weight split over MODEL devices (FSDP), whole on each of the DATA "
                                             "groups; the batch over all (default: Nx1, data parallel)."),
