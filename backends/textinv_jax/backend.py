@@ -49,6 +49,7 @@ class JaxBackend(Backend):
     attention = ("sdpa",)                # XLA's attention; xformers is a PyTorch library
     schedulers = ("euler", "euler-a", "dpm++", "dpm++-karras", "ddim")  # as sampling.SCHEDULERS
     multi_process = False                # one process per host drives all its devices
+    clip_skip = True                     # conditioning.text_conditioning, in training and sampling
 
     def probe(self) -> BackendInfo:
         try:
