@@ -38,7 +38,7 @@ def init_rows(tokenizer, table: np.ndarray, words: list[str], n: int, label: str
     width = int(np.shape(table)[-1])
     slot = label.split()[0] if label.endswith(" tokenizer") else (slot_for_width(width) or "clip_l")
     start = start_vectors(words, n, {slot: width}, model_name=model_name,
-                          model_family="sd2" if slot == "clip_h" else "sd1")  # the JAX backend: SD 1.x/2.x
+                          model_family="sd2" if slot == "clip_h" else "sd1")  # one encoder (start_rows: SDXL)
     if start is not None:
         return start[slot]
     return np.asarray(table, np.float32)[init_token_ids(tokenizer, words, n, label)].copy()
