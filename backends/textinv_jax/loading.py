@@ -1,8 +1,8 @@
 """Loading a base model for the JAX backend: the local diffusers folder (a Hub id is fetched
 into the Hugging Face cache, safetensors only), its family, the text side (tokenizer and
-CLIP text model) and the image side (UNet, VAE, the model's own noise schedule), as
-flax.nnx models whose weights are numpy arrays in host memory; and the compute dtype a
-precision means on this platform.
+CLIP text model, one per encoder: SDXL has two) and the image side (UNet, VAE, the model's own noise schedule), as
+flax.nnx models whose weights are numpy arrays in host memory; the compute dtype a
+precision means on this platform, and the frozen weights cast to it.
 
 Loading is split as in the torch backend's loading.py: the text side first, so everything
 a user can get wrong about the concept (token, init words) is checked before the big UNet
