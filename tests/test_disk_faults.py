@@ -240,10 +240,10 @@ def test_a_folder_swap_that_fails_puts_the_old_folder_back(tmp_path, monkeypatch
     rename fails (EXDEV, EIO...), the old folder must be back under its name."""
     import os
 
-    from textinv_cli import fsutil
+    from textinv_cli import fsutil, writes
 
     target = tmp_path / "concept"
-    fsutil.atomic_write_dir(target, {"a.txt": b"old"})
+    writes.atomic_write_dir(target, {"a.txt": b"old"})
     real_replace, calls = os.replace, []
 
     def replace(src, dst):
@@ -254,7 +254,7 @@ def test_a_folder_swap_that_fails_puts_the_old_folder_back(tmp_path, monkeypatch
 
     monkeypatch.setattr(fsutil.os, "replace", replace)
     with pytest.raises(OSError) as info:
-        fsutil.atomic_write_dir(target, {"a.txt": b"new"}, force=True)
+        writes.atomic_write_dir(target, {"a.txt": b"new"}, force=True)
     assert info.value.filename == str(target)
     assert (target / "a.txt").read_bytes() == b"old" and files(tmp_path) == ["a.txt"]
 

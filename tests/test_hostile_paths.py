@@ -3,7 +3,7 @@
 - A name taken from a file (a token, a registry name) is one plain file name: never ".", "..",
   empty, a path, nor holding control/bidi/surrogate characters (embedding.safe_name), so
   `convert --force` can never aim at the folder itself; --force replaces a file, or a folder
-  holding nothing but what textinv writes there (fsutil.check_writable_target/atomic_write_dir).
+  holding nothing but what textinv writes there (writes.check_writable_target/atomic_write_dir).
 - A folder's members are regular files inside it; every read is bounded by the bytes read
   and refuses FIFOs, devices and /proc or /sys files (fsutil.open_regular/read_capped).
 - An access token is never taken as a token or metadata.
@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from tests.support.fuzz_cases import time_bound
 from tests.support.helpers import random_embedding
-from textinv_cli import formats, fsutil
+from textinv_cli import formats, fsutil, writes
 from textinv_cli.embedding import NAME_MAX_BYTES, Embedding, safe_name
 from textinv_cli.errors import FormatError, InvalidEmbeddingError, OutputExistsError
 from textinv_cli.formats.pickle_writer import dump_torch_pickle
@@ -197,15 +197,15 @@ def test_a_file_that_appears_during_a_forced_write_is_never_removed(tmp_path, mo
     """The check before the work, the check right before the swap, and the old folder taken
     apart member by member: a file added at any point survives."""
     target = tmp_path / "concept"
-    fsutil.atomic_write_dir(target, {"a.bin": b"old"})
-    real_fsync_dir = fsutil._fsync_dir
-    monkeypatch.setattr(fsutil, "_fsync_dir", lambda p: ((target / "early.txt").write_text("mine"),
+    writes.atomic_write_dir(target, {"a.bin": b"old"})
+    real_fsync_dir = writes._fsync_dir
+    monkeypatch.setattr(writes, "_fsync_dir", lambda p: ((target / "early.txt").write_text("mine"),
                                                           real_fsync_dir(p)))
     with pytest.raises(OutputExistsError):
-        fsutil.atomic_write_dir(target, {"a.bin": b"new"}, force=True)
+        writes.atomic_write_dir(target, {"a.bin": b"new"}, force=True)
     assert (target / "early.txt").read_text() == "mine" and (target / "a.bin").read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["concept"]  # the built copy is gone
-    monkeypatch.setattr(fsutil, "_fsync_dir", real_fsync_dir)
+    monkeypatch.setattr(writes, "_fsync_dir", real_fsync_dir)
     (target / "early.txt").unlink()
     real_replace = os.replace
 
@@ -215,7 +215,7 @@ def test_a_file_that_appears_during_a_forced_write_is_never_removed(tmp_path, mo
         return real_replace(src, dst)
 
     monkeypatch.setattr(fsutil.os, "replace", replace)
-    fsutil.atomic_write_dir(target, {"a.bin": b"new"}, force=True)
+    writes.atomic_write_dir(target, {"a.bin": b"new"}, force=True)
     assert (target / "a.bin").read_bytes() == b"new"
     [kept] = [p for p in tmp_path.iterdir() if p.name.startswith(".concept.old-")]
     assert [p.name for p in kept.iterdir()] == ["late.txt"]

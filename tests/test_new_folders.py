@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from textinv_cli.errors import TextinvError
-from textinv_cli.fsutil import check_new_folder
+from textinv_cli.writes import check_new_folder
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ def _disk_full_at_insert(conn):
 
 
 FAULTS = {
-    # at the blob write (fsutil.atomic_write_bytes): what the OS says
+    # at the blob write (writes.atomic_write_bytes): what the OS says
     "ENOSPC at the blob's fsync": ("full", lambda mp: mp.setattr(os, "fsync", _raise(errno.ENOSPC))),
     "EDQUOT at the blob's write": ("full", lambda mp: mp.setattr(tempfile, "mkstemp", _raise(errno.EDQUOT))),
     "EROFS at the blob's temp file": ("readonly", lambda mp: mp.setattr(tempfile, "mkstemp", _raise(errno.EROFS))),

@@ -40,7 +40,7 @@ def _orphan(reg: Registry, token: str, seed: int, *, old: bool) -> Path:
 
 
 def _temp(reg: Registry, tag: str, *, old: bool) -> Path:
-    """A temp file as fsutil.atomic_write_bytes names it, as a crash mid-write leaves it."""
+    """A temp file as writes.atomic_write_bytes names it, as a crash mid-write leaves it."""
     path = reg.blob_dir / f".{'ab' * 32}.safetensors.{tag}.tmp"
     path.write_bytes(b"half a blob")
     if old:

@@ -92,7 +92,7 @@ def get(key: str) -> str:
 
 def write(key: str, value: str | None) -> Path:
     """Set `key` in the config file (None removes it), atomically; returns the file's path."""
-    from .fsutil import atomic_write_bytes
+    from .writes import atomic_write_bytes
 
     _setting(key)
     values = read_file()

@@ -12,7 +12,7 @@ import numpy as np
 
 from textinv_cli.engine.captions import expand_placeholder
 from textinv_cli.engine.infotext import encode_png, validation_text
-from textinv_cli.fsutil import atomic_write_bytes
+from textinv_cli.writes import atomic_write_bytes
 
 from .conditioning import sdxl_time_ids
 from .sampling import denoise, initial_noise, make_plan, text_states, to_pil

@@ -11,7 +11,7 @@ import torch
 
 from textinv_cli.engine.captions import expand_placeholder
 from textinv_cli.engine.infotext import encode_png, validation_text
-from textinv_cli.fsutil import atomic_write_bytes
+from textinv_cli.writes import atomic_write_bytes
 from textinv_cli.engine.quiet_libraries import quiet
 
 from .loading import Components

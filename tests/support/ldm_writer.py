@@ -104,7 +104,9 @@ def vae_to_ldm(sd: dict[str, torch.Tensor], cfg: dict, prefix: str = VAE) -> dic
 
 
 def hf_clip_to_ldm(sd: dict[str, torch.Tensor], prefix: str, legacy: bool = False) -> dict[str, torch.Tensor]:
-    """transformers' CLIPTextModel as SD 1.x stores it; legacy: without the `text_model.` level."""
+    """transformers' CLIPTextModel as SD 1.x stores it; legacy: without the `text_model.` level.
+    The folder's keys may lack that level too (transformers 5's save_pretrained drops it)."""
+    sd = {k if k.startswith("text_model.") else f"text_model.{k}": t for k, t in sd.items()}
     out = {prefix + (k.removeprefix("text_model.") if legacy else k): t for k, t in sd.items()}
     pos = ("" if legacy else "text_model.") + "embeddings.position_ids"
     out[prefix + pos] = torch.arange(77, dtype=torch.int64)[None]

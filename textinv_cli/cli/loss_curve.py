@@ -118,7 +118,7 @@ def _encode(img) -> bytes:
 
 
 def write_png(path: Path, loss, evals, title: str) -> Path:
-    from ..fsutil import atomic_write_bytes
+    from ..writes import atomic_write_bytes
 
     atomic_write_bytes(Path(path), png_bytes(loss, evals, title), force=True)
     return Path(path)

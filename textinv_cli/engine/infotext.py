@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from ..errors import OutputExistsError, TextinvError
-from ..fsutil import atomic_write_bytes
+from ..writes import atomic_write_bytes
 
 
 def next_number(out_dir: Path) -> int:

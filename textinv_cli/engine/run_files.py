@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OutputExistsError
-from ..fsutil import check_new_folder
+from ..writes import check_new_folder
 
 EVENTS = "events.jsonl"
 
@@ -56,7 +56,7 @@ def write_vectors(path: Path, vectors: dict, spec, family: str, step: int, backe
     from ..embedding import Embedding
     from ..formats import write_embedding
     from ..formats.folders import SDXL_FIRST, SDXL_SECOND, sdxl_pair_files
-    from ..fsutil import atomic_write_bytes
+    from ..writes import atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def data_listing(images: list[Path], data_dir: Path, template: str | None = None
 
 
 def save_data_listing(run: Path, listing: dict) -> None:
-    from ..fsutil import atomic_write_bytes
+    from ..writes import atomic_write_bytes
 
     atomic_write_bytes(Path(run) / DATA_FILE, json.dumps(listing, sort_keys=True).encode() + b"\n", force=True)
 

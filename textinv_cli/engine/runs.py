@@ -38,7 +38,7 @@ FINAL = "learned_embeds.safetensors"
 STATE_TENSORS, STATE_INFO, STATE_VERSION = "state.safetensors", "state.json", 1
 _STEP_DIR = re.compile(r"step-(\d+)\Z")
 _LEFTOVER_DIR = re.compile(r"\.step-\d+\.(tmp|old)\Z")  # a write or a delete that a kill cut short
-# fsutil.atomic_write_bytes' temp files (.NAME.<random>.tmp) for the files a run writes
+# writes.atomic_write_bytes' temp files (.NAME.<random>.tmp) for the files a run writes
 _LEFTOVER_FILE = re.compile(r"\.(learned_embeds(_2)?\.safetensors|spec\.json|step-\d+(_2)?\.safetensors)\.\w+\.tmp\Z")
 # Test hook: tests/test_kill_training.py sets this to "<stage>" or "<stage>:<step>" to SIGKILL
 # the process at that point of a checkpoint (or the final) write, to prove a kill there

@@ -107,7 +107,7 @@ class TrainSpec:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, run_dir: Path) -> None:
-        from ..fsutil import atomic_write_bytes
+        from ..writes import atomic_write_bytes
 
         atomic_write_bytes(Path(run_dir) / SPEC_FILE, json.dumps(self.to_json(), indent=2).encode(), force=True)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..embedding import FAMILY_NAMES, Embedding, safe_name
 from ..errors import UnsupportedFormatError
 from ..families import FAMILIES, SINGLE_SLOT_FAMILIES
-from ..fsutil import atomic_write_bytes, atomic_write_dir, check_writable_target
+from ..writes import atomic_write_bytes, atomic_write_dir, check_writable_target
 from . import layouts
 from .folders import FOLDER_MEMBERS
 

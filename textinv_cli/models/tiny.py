@@ -231,7 +231,7 @@ def publish_tiny_model(out: Path, family: str, seed: int, build: Callable[[Path,
 
 def refuse_occupied(out: Path, what: str) -> None:
     """Refuse a non-empty `out`, naming the tiny model in it if it holds one."""
-    from ..fsutil import check_new_folder
+    from ..writes import check_new_folder
 
     check_new_folder(out, what, "Pick another folder: a new or empty one, somewhere writable.")
     if out.is_dir() and any(out.iterdir()):

@@ -31,7 +31,7 @@ from .names import readd_hint
 GRACE_S = 600.0  # an import writes its few-KB blob in milliseconds; ten minutes is "abandoned"
 
 _BLOB_RE = re.compile(r"^([0-9a-f]{64})\.safetensors$")
-_TEMP_RE = re.compile(r"^\..+\.tmp$")  # fsutil.atomic_write_bytes: .<name>.<random>.tmp
+_TEMP_RE = re.compile(r"^\..+\.tmp$")  # writes.atomic_write_bytes: .<name>.<random>.tmp
 
 
 @dataclass

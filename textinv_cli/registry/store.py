@@ -343,7 +343,7 @@ class Registry:
         """Content-addressed, so an existing intact blob is already right; a damaged one is
         replaced. True if this call wrote it. A write that fails writes nothing (the temp
         file goes) and says why: a full or read-only disk is a RegistryError."""
-        from ..fsutil import atomic_write_bytes
+        from ..writes import atomic_write_bytes
 
         path = self.blob_path(sha)
         with contextlib.suppress(OSError):

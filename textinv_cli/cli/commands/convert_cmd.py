@@ -98,7 +98,7 @@ def _write(emb, target: Path, fmt: str, force: bool, *, create: bool) -> list[Pa
     a format's own folder such as kohya/); a write that is refused (a format that cannot hold
     the family, an existing file) leaves no new empty folder behind."""
     from ... import formats
-    from ...fsutil import check_new_folder
+    from ...writes import check_new_folder
 
     created = []
     folder = target.parent

@@ -25,7 +25,7 @@ def tiny_model(
     from ..console import console
     from ...models.demo_images import write_demo_images
     from ...errors import OptionError
-    from ...fsutil import errors_name
+    from ...writes import errors_name
     from ...models.resolve import make_tiny_model
     from ...models.tiny import FAMILIES
 

@@ -76,7 +76,7 @@ def touch(folder: Path, source: Path | None = None) -> None:
         where = str(Path(source).absolute()) if source is not None else None
         if marker is not None and where is not None and marker.get("source") != where \
                 and not os.path.isfile(str(marker.get("source"))):
-            from ...fsutil import atomic_write_bytes
+            from ...writes import atomic_write_bytes
 
             marker["source"] = where
             atomic_write_bytes(folder / MARKER, (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode(),

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from ... import fsutil
+from ... import fsutil, writes
 from ...errors import TextinvError
 
 MEMO_NAME = "hashes.json"
@@ -122,6 +122,6 @@ def _store(real: str, entry: dict) -> None:
     path = memo_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fsutil.atomic_write_bytes(path, json.dumps(memo, indent=0, sort_keys=False).encode(), force=True)
+        writes.atomic_write_bytes(path, json.dumps(memo, indent=0, sort_keys=False).encode(), force=True)
     except (OSError, TextinvError):  # a read-only or full home: the hash is right, only not remembered
         pass

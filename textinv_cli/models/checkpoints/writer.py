@@ -5,7 +5,7 @@
 `entries` names each tensor's (name, dtype tag, shape); `data(name)` returns its bytes when it
 is written, one tensor in memory at a time. The file is deterministic (tensors sorted by element
 size, then name; metadata sorted; the header padded to 8 bytes with spaces, as the reference
-writer pads it) and atomic (fsutil.atomic_stream: temp in the same folder, fsync, rename). Any dtype tag the format
+writer pads it) and atomic (writes.atomic_stream: temp in the same folder, fsync, rename). Any dtype tag the format
 has is written as given (BF16 stays BF16): the bytes are copied, never converted.
 """
 
@@ -17,7 +17,7 @@ import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ... import fsutil
+from ... import writes
 from ...untrusted import shown
 
 # The format's dtype tags and their element sizes (safetensors' Dtype enum).
@@ -63,7 +63,7 @@ def write_safetensors(path, entries: Iterable[tuple[str, str, tuple]], data: Cal
     head = header_bytes(entries, metadata)
     path = Path(path)
     total = len(head)
-    with fsutil.atomic_stream(path) as f:
+    with writes.atomic_stream(path) as f:
         f.write(head)
         for name, tag, shape in entries:
             raw = data(name)
