@@ -1,6 +1,10 @@
-"""--precision bf16 on the JAX backend: the frozen weights (both SDXL text encoders and the
-UNet) are held in bf16 on the devices, as the torch backend moves its frozen modules to the
-compute dtype, while the trainable rows and AdamW's moments stay fp32 through a step."""
+"""An SDXL training session on the JAX backend at --precision bf16 with --clip-skip 2 (the
+numbers, and sampling, are test_jax_parity_train's; the conditioning test_clip_skip's): the
+frozen weights (both text encoders and the UNet) are held in bf16 on the devices, as the
+torch backend moves its frozen modules to the compute dtype, while the trainable rows of
+both encoders and AdamW's moments stay fp32 through a step; a validation image records the
+Clip skip; the checkpoint is state.py's format with both slots, which the torch backend
+restores. One session, one SDXL compile: about 18 s on a busy 2-core CPU."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.support.training import train_spec
 from textinv_cli.engine.captions import captions_for, find_images
@@ -25,12 +30,13 @@ def float_dtypes(tree) -> set[str]:
     return {str(a.dtype) for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.floating)}
 
 
-def test_bf16_freezes_weights_in_bf16_and_trains_fp32_rows(tiny_model, demo_images, tmp_path):
+def test_sdxl_session_bf16_weights_fp32_rows_validation_and_checkpoint(tiny_model, demo_images, tmp_path):
     fast = jax.config.values["jax_disable_most_optimizations"]
     jax.config.update("jax_disable_most_optimizations", True)
     try:
-        spec = train_spec(demo_images, tiny_model("sdxl"), tmp_path / "run", backend="jax", precision="bf16",
-                          steps=1, device="cpu")
+        run = tmp_path / "run"
+        spec = train_spec(demo_images, tiny_model("sdxl"), run, backend="jax", precision="bf16", steps=1,
+                          device="cpu", clip_skip=2, validate=["a photo of <cat-toy>"], validate_steps=2)
         session = JaxBackend().open_session(spec)
         images, _ = find_images(Path(spec.data_dir))
         session.load(images, captions_for(images, spec.token, spec.property, spec.captions))
@@ -47,6 +53,13 @@ def test_bf16_freezes_weights_in_bf16_and_trains_fp32_rows(tiny_model, demo_imag
         assert float_dtypes(rows) == float_dtypes(adam.mu) == float_dtypes(adam.nu) == {"float32"}
         after = session.vectors()
         assert np.isfinite(loss) and all(np.abs(after[s] - before[s]).max() > 0 for s in ("clip_l", "clip_g"))
+        assert after["clip_l"].shape == (1, 32) and after["clip_g"].shape == (1, 64)
+
+        run.mkdir()
+        spec.save(run)  # what the engine writes first; the validation PNG's parameters come from it
+        (png,) = session.validate(run, 1)
+        with Image.open(png) as im:
+            assert "Clip skip: 2" in im.info["parameters"] and np.asarray(im).std() > 1  # a picture, not a fill
 
         # its checkpoint is state.py's format with both slots, in encoder order: the torch
         # backend restores it (rows and moments), and so does this backend
