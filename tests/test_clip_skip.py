@@ -49,7 +49,42 @@ def test_training_conditions_on_what_the_pipeline_samples_with(tiny_model, famil
         assert not torch.allclose(last, encode_text(comp, ids)[0])
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_jax_conditions_as_torch_does(tiny_model, family):
+    """The JAX backend's conditioning (training, validation and sampling share it) is the
+    torch backend's encode_text, which the test above ties to diffusers' pipelines."""
+    jax = pytest.importorskip("jax")
+    import numpy as np
+
+    from textinv_jax.clip import split_frozen
+    from textinv_jax.loading import load_text_sides
+    from textinv_jax.sampling import text_states
+    from textinv_jax.tokens import encode
+    from textinv_torch.loading import load_text_side
+    from textinv_torch.step import encode_text
+
+    model = tiny_model(family)
+    comp = load_text_side(str(model))
+    texts = load_text_sides(model, family)
+    prompt = "a photo of a red toy"
+    ids = [encode(t.tokenizer, [prompt]) for t in texts]
+    graphs, frozens = zip(*(split_frozen(t.model) for t in texts))
+    rows = [np.zeros((0, t.width), np.float32) for t in texts]
+    for skip in (1, 2, 3):
+        comp.clip_skip = skip
+        with torch.no_grad():
+            want, added = encode_text(comp, [torch.from_numpy(i) for i in ids])
+        got, pooled = text_states(tuple(graphs), list(frozens), rows, ids, clip_skip=skip, dtype=jax.numpy.float32)
+        print(f"\n{family} clip skip {skip}: max |diff| {np.abs(np.asarray(got) - want.numpy()).max():.1e}")
+        np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=0, atol=1e-5)
+        if family == "sdxl":
+            np.testing.assert_allclose(np.asarray(pooled), added["text_embeds"].numpy(), rtol=0, atol=1e-5)
+        else:
+            assert pooled is None and added is None
+
+
 def test_range_and_backend_rules():
+    from textinv_cli.engine.contract import Backend
     from textinv_jax.backend import JaxBackend
     from textinv_torch.backend import TorchBackend
 
@@ -57,8 +92,13 @@ def test_range_and_backend_rules():
         with pytest.raises(TextinvError, match="--clip-skip must be between 1 and 12"):
             check_train_spec(train_spec("d", "m", "r", clip_skip=bad))
     check_train_backend(train_spec("d", "m", "r", clip_skip=2), TorchBackend)
-    with pytest.raises(TextinvError, match="--clip-skip 2 is for --backend torch"):
-        check_train_backend(train_spec("d", "m", "r", clip_skip=2), JaxBackend)
+    check_train_backend(train_spec("d", "m", "r", clip_skip=2), JaxBackend)
+
+    class LastLayerOnly(Backend):  # a backend that does not declare it is refused before loading
+        name = "other"
+
+    with pytest.raises(TextinvError, match="--clip-skip 2 is for"):
+        check_train_backend(train_spec("d", "m", "r", clip_skip=2), LastLayerOnly)
 
 
 def test_the_png_parameters_carry_it_and_params_from_reads_it():

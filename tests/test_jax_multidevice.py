@@ -66,7 +66,7 @@ def placed(session):
     return {"kernel_spec": [str(a) for a in kernel.sharding.spec],
             "kernel_shards": sorted({str(s.index) for s in kernel.addressable_shards}),
             "rows_replicated": session.st[0]["clip_l"].sharding.is_fully_replicated,
-            "unet_bytes": device_bytes(session.frozen["unet"]), "text_bytes": device_bytes(session.frozen["text_encoder"])}
+            "unet_bytes": device_bytes(session.frozen["unet"]), "text_bytes": device_bytes(session.frozen["text_encoders"])}
 
 out = {"device_count": jax.device_count(), "process": jax.process_index()}
 if args["role"] == "host":  # each host plans its own folder name; process 0's is used

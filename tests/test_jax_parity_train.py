@@ -19,6 +19,7 @@ from tests.support.training import TOKEN, train_spec
 from textinv_cli.engine.captions import captions_for, find_images
 from textinv_cli.engine.quiet_libraries import quiet
 from textinv_cli.engine.spec import EmbeddingRef, SampleRequest, TrainSpec
+from textinv_cli.families import FAMILY_SLOTS
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -54,7 +55,7 @@ def settings():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model, demo_images):
-    return {"data": demo_images, "sd1": tiny_model("sd1")}
+    return {"data": demo_images, "sd1": tiny_model("sd1"), "sdxl": tiny_model("sdxl")}
 
 
 def make_spec(tiny, root: Path, name: str, **kw) -> TrainSpec:
@@ -63,7 +64,7 @@ def make_spec(tiny, root: Path, name: str, **kw) -> TrainSpec:
                                                                 "device": "cpu", **kw})
 
 
-def torch_first_step(spec: TrainSpec) -> tuple[float, np.ndarray]:
+def torch_first_step(spec: TrainSpec) -> tuple[float, dict[str, np.ndarray]]:
     """Loss and rows' gradient of optimizer step 0, built the way the torch trainer builds it."""
     cpu = torch.device("cpu")
     images, _ = find_images(Path(spec.data_dir))
@@ -82,34 +83,38 @@ def torch_first_step(spec: TrainSpec) -> tuple[float, np.ndarray]:
         loss = ttrainer.forward_loss(comp, sampler.batch(0, micro), torch.float32) / spec.grad_accum
         loss.backward()
         total += loss.item()
-    return total, rows["clip_l"].grad.numpy().copy()
+    return total, {slot: r.grad.numpy().copy() for slot, r in rows.items()}
 
 
-def jax_first_step(spec: TrainSpec) -> tuple[float, np.ndarray]:
+def jax_first_step(spec: TrainSpec) -> tuple[float, dict[str, np.ndarray]]:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     s = jtrainer.prepare(spec)
     repl, sharded = NamedSharding(s.mesh, P()), NamedSharding(s.mesh, P(None, "data"))
-    rows = {s.slot: s.init}
+    rows = dict(s.inits)
     st = jtrainer.put((rows, jstep.opt_state(spec, rows)), repl)
-    frozen = jtrainer.put({"text_encoder": split_frozen(s.text.model)[1], "unet": split(s.image.unet)[1],
-                           "tables": s.tables, "mean": s.mean, "std": s.std, "ac": s.image.schedule.alphas_cumprod},
-                          repl)
+    texts = {slot: split_frozen(t.model)[1] for slot, t in zip(s.slots, s.texts)}
+    frozen = jtrainer.put(s.frozen(texts, split(s.image.unet)[1]), repl)
     batch = jtrainer.put(jtrainer.step_batch(s, jtrainer.batch_plan(s), 0), sharded)
     _, metrics = jstep.train_step(st, frozen, batch, np.float32(spec.lr), np.float32(np.inf), cfg=s.config())
-    return float(metrics["loss"]), np.asarray(metrics["grads"]["clip_l"])
+    return float(metrics["loss"]), {slot: np.asarray(g) for slot, g in metrics["grads"].items()}
 
 
-def test_loss_and_gradient_match_torch(tiny, tmp_path):
-    spec = make_spec(tiny, tmp_path, "unused")
-    t_loss, t_grad = torch_first_step(spec)
-    j_loss, j_grad = jax_first_step(spec)
-    print(f"\nloss torch {t_loss:.7f} jax {j_loss:.7f} |diff| {abs(t_loss - j_loss):.2e}; gradient max |diff| "
-          f"{np.abs(t_grad - j_grad).max():.2e} of max |g| {np.abs(t_grad).max():.2e}")
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_loss_and_gradient_match_torch(tiny, tmp_path, family):
+    # SDXL: both encoders' rows, penultimate states concatenated, pooled text and size/crop ids
+    spec = make_spec(tiny, tmp_path, "unused", model=str(tiny[family]))
+    t_loss, t_grads = torch_first_step(spec)
+    j_loss, j_grads = jax_first_step(spec)
+    assert sorted(j_grads) == sorted(t_grads) == sorted(FAMILY_SLOTS[family])  # jax sorts dict keys
+    for slot, t_grad in t_grads.items():
+        j_grad = j_grads[slot]
+        print(f"\n{family} loss torch {t_loss:.7f} jax {j_loss:.7f} |diff| {abs(t_loss - j_loss):.2e}; {slot} "
+              f"gradient max |diff| {np.abs(t_grad - j_grad).max():.2e} of max |g| {np.abs(t_grad).max():.2e}")
+        assert np.abs(t_grad).max() > 0  # the rows get a gradient at all
+        np.testing.assert_allclose(j_grad, t_grad, rtol=0, atol=1e-3 * np.abs(t_grad).max())
     assert abs(t_loss - j_loss) < 1e-4
-    assert np.abs(t_grad).max() > 0  # the rows get a gradient at all
-    np.testing.assert_allclose(j_grad, t_grad, rtol=0, atol=1e-3 * np.abs(t_grad).max())
 
 
 @pytest.fixture(scope="module")
@@ -145,34 +150,39 @@ def test_a_jax_embedding_loads_in_diffusers_and_samples_in_torch(three_steps, ti
     assert events[-1].kind == "finished" and Path(events[-1].data["paths"][0]).is_file()
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpm++"])
-def test_sampler_renders_diffusers_picture(tiny, scheduler):
+@pytest.mark.parametrize("family, scheduler, negative", [("sd1", "ddim", "blurry"), ("sd1", "dpm++", "blurry"),
+                                                      ("sdxl", "ddim", ""), ("sdxl", "dpm++", "blurry")])
+def test_sampler_renders_diffusers_picture(tiny, family, scheduler, negative):
+    # SDXL: both encoders' rows, pooled text, size ids; its empty negative is zeros
+    # (force_zeros_for_empty_prompt), a written one goes through both encoders
     rng = np.random.default_rng(1)
-    vectors = {"clip_l": (rng.standard_normal((2, 32)) * 0.5).astype(np.float32)}
+    widths = {"clip_l": 32, "clip_g": 64} if family == "sdxl" else {"clip_l": 32}
+    vectors = {slot: (rng.standard_normal((2, w)) * 0.5).astype(np.float32) for slot, w in widths.items()}
     ref = EmbeddingRef(token="<x>", vectors=vectors)
     noise = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)  # NCHW, as diffusers takes latents
-    prompt, negative, steps, guidance = "a photo of <x>", "blurry", 3, 7.5
+    prompt, steps, guidance = "a photo of <x>", 3, 7.5
 
-    pipe, info = tsampling.load_pipeline(str(tiny["sd1"]))
+    pipe, info = tsampling.load_pipeline(str(tiny[family]))
     ttokens.add_embeddings(pipe, [ref], info)
     pipe.scheduler = tsampling.make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        want = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+    with torch.no_grad():  # as the torch backend calls it: an empty negative is None
+        want = pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=guidance,
                     latents=torch.from_numpy(noise), output_type="np").images[0]
 
-    folder = Path(tiny["sd1"])
-    text = jloading.load_text_side(folder)
-    rows, first = jtokens.add_embeddings(text, [ref], "sd1", "sd1")
+    folder = Path(tiny[family])
+    texts = jloading.load_text_sides(folder, family)
+    rows, firsts = jtokens.add_embeddings(texts, FAMILY_SLOTS[family], [ref], family, family)
     image = jloading.load_image_side(folder)
-    ids = jtokens.to_model_ids(jtokens.encode(text.tokenizer, [jtokens.expand_all(t, [ref]) for t in (negative, prompt)]),
-                               first, text.vocab_rows)
-    context = jsampling.text_states(*split_frozen(text.model), rows, ids, dtype=jax.numpy.float32)
+    request = SampleRequest(prompt=prompt, negative=negative, model=str(folder), out_dir="", guidance=guidance,
+                            embeddings=[ref])
+    context, pooled = jsampling.prompt_states(folder, texts, rows, firsts, request, jax.numpy.float32, jax.device_put)
     nets = {name: (graph, jax.device_put(weights)) for name, (graph, weights) in (("unet", split(image.unet)),
                                                                                   ("vae", split(image.vae)))}
     gen = jsampling.denoise(nets, context,
                             plan=jsampling.make_plan(scheduler, image.scheduler_config, steps), guidance=guidance,
-                            noise=noise.transpose(0, 2, 3, 1), dtype=jax.numpy.float32)
+                            noise=noise.transpose(0, 2, 3, 1), dtype=jax.numpy.float32, pooled=pooled,
+                            time_ids=jsampling.sdxl_time_ids(64, 64))
     done = []
     try:
         while True:
@@ -181,5 +191,5 @@ def test_sampler_renders_diffusers_picture(tiny, scheduler):
         got = stop.value
     assert done == [0, 1, 2] and got.shape == want.shape == (64, 64, 3)
     diff = np.abs(got - want).max()
-    print(f"\n{scheduler}: max |pixel diff| {diff:.2e} (pixels in [0, 1]; spread {want.std():.3f})")
+    print(f"\n{family} {scheduler}: max |pixel diff| {diff:.2e} (pixels in [0, 1]; spread {want.std():.3f})")
     assert diff < 2e-3 and want.std() > 0.01

@@ -36,7 +36,7 @@ def torch_scheduler(name, config):
     return make_scheduler(name, config)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 @pytest.mark.parametrize("spacing", [None, "linspace", "trailing", "zero-snr"])
 @pytest.mark.parametrize("name", NEW)
 def test_schedules_equal_diffusers(tiny_model, family, spacing, name):

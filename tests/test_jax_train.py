@@ -47,13 +47,8 @@ def fast_compiles():
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model, demo_images, tmp_path_factory):
-    # SDXL is refused from its model_index.json alone: no need to build the tiny SDXL model
-    sdxl = tmp_path_factory.mktemp("tiny-sdxl")
-    (sdxl / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
-    return {"data": demo_images, "sd1": tiny_model("sd1"), "sd2": tiny_model("sd2"), "sdxl": sdxl}
+def tiny(tiny_model, demo_images):
+    return {"data": demo_images, "sd1": tiny_model("sd1"), "sd2": tiny_model("sd2")}
 
 
 def make_spec(tiny, tmp_path, family="sd1", name="run", **kw) -> TrainSpec:
@@ -183,7 +178,6 @@ def _bad(tiny, tmp_path):
         ({"num_processes": 2}, "--num-processes 2 is for --backend torch"),
         ({"extra": {"devices": 9}}, "this machine has 1 JAX device"),
         ({"model": str(tmp_path / "nowhere")}, "nowhere"),
-        ({"model": str(tiny["sdxl"])}, "SDXL is not supported by the jax backend yet; use --backend torch"),
     ]
 
 
@@ -248,8 +242,6 @@ def test_sample_refusals(tiny, tmp_path):
     wide = EmbeddingRef(token="<x>", vectors={"clip_h": np.zeros((1, 48), np.float32)})
     with pytest.raises(TextinvError, match="Stable Diffusion 2.x embedding"):
         list(JaxBackend().sample(request(embeddings=[wide])))
-    with pytest.raises(TextinvError, match="SDXL is not supported by the jax backend"):
-        list(JaxBackend().sample(request(model=str(tiny["sdxl"]))))
     with pytest.raises(TextinvError, match="fp16 needs a GPU"):
         list(JaxBackend().sample(request(precision="fp16")))
     assert not (tmp_path / "out").exists()

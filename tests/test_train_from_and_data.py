@@ -228,7 +228,7 @@ def test_jax_start_rows_and_validation_parameters(tmp_path):
     run.mkdir()
     TrainSpec(data_dir="d", token="<j-toy>", init=["toy"], model=str(tmp_path), run_dir=str(run), name="j-toy",
               seed=4, validate_steps=9).save(run)
-    text = jax_validation._parameters(run / "samples", "a <j-toy>", 1, 64, vec, token="<j-toy>", steps=9, seed=4)
+    text = jax_validation._parameters(run / "samples", "a <j-toy>", 1, 64, {"clip_l": vec}, token="<j-toy>", steps=9, seed=4)
     assert text.startswith(f"a <j-toy>\nSteps: 9, Sampler: DDIM, CFG scale: 7.5, Seed: 5, Size: 64x64, "
                            f'Model: {tmp_path.name}, TI hashes: "j-toy: {entry.sha256[:12]}"')
 

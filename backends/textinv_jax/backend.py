@@ -50,6 +50,7 @@ class JaxBackend(Backend):
     schedulers = ("euler", "euler-a", "dpm++", "dpm++-karras", "ddim")  # as sampling.SCHEDULERS
     multi_process = False                # one process per host drives all its devices
     mesh = True                          # --mesh DATAxMODEL: frozen weights split over MODEL (sharding.py)
+    clip_skip = True                     # conditioning.text_conditioning, in training and sampling
 
     def probe(self) -> BackendInfo:
         try:

@@ -25,10 +25,12 @@ def _encode_images(graph, weights, images):
 
 
 def latent_cache(paths, image: ImageSide, resolution: int, center_crop: bool, flip_p: float,
-                 batch: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple]:
+                 batch: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple, np.ndarray]:
     """Training images -> latent distributions: VAE-encode every (image, flip) once; latent
-    mean and std [E, C, h, w] (fp32, NCHW, the layout the BatchPlan's draws have). A step
-    samples mean + std * eps, the distribution the VAE would draw from every step.
+    mean and std [E, C, h, w] (fp32, NCHW, the layout the BatchPlan's draws have), the flips
+    encoded, and SDXL's size/crop ids [E, 6] (original h, w, crop top, left, target h, w: the
+    torch cache's). A step samples mean + std * eps, the distribution the VAE would draw from
+    every step.
 
     Images are read `batch` at a time (default: encode_batch_size, as the torch backend's, so
     caching never sets the peak memory; a large folder never sits in memory as pixels), and
@@ -37,14 +39,14 @@ def latent_cache(paths, image: ImageSide, resolution: int, center_crop: bool, fl
     first: dict = {}
     where = [first.setdefault(p, len(first)) for p in paths]
     if len(first) < len(paths):  # kohya's N_name folders list an image N times: encode it once
-        mean, std, flips = latent_cache(list(first), image, resolution, center_crop, flip_p, batch)
+        mean, std, flips, time_ids = latent_cache(list(first), image, resolution, center_crop, flip_p, batch)
         rows = np.array([i * len(flips) + f for i in where for f in range(len(flips))], np.int64)
-        return np.ascontiguousarray(mean[rows]), np.ascontiguousarray(std[rows]), flips
+        return np.ascontiguousarray(mean[rows]), np.ascontiguousarray(std[rows]), flips, time_ids[rows]
     batch = batch or encode_batch_size(resolution)
     flips = (False,) if flip_p <= 0 else (True,) if flip_p >= 1 else (False, True)
     graph, weights = split(image.vae)
     weights = jax.device_put(weights, jax.local_devices()[0])  # this host's own work
-    means, stds, pending = [], [], []
+    means, stds, pending, time_ids = [], [], [], []
 
     def flush():
         chunk = np.stack(pending).astype(np.float32) / 127.5 - 1.0
@@ -55,14 +57,16 @@ def latent_cache(paths, image: ImageSide, resolution: int, center_crop: bool, fl
         pending.clear()
 
     for path in paths:
-        arr, _, _ = preprocess(open_rgb(path), resolution, center_crop)
+        arr, (h, w), (top, left) = preprocess(open_rgb(path), resolution, center_crop)
         for flip in flips:
             pending.append(arr[:, ::-1] if flip else arr)
+            time_ids.append([h, w, top, left, resolution, resolution])  # a flip keeps a centred crop's corner
             if len(pending) == batch:
                 flush()
     if pending:
         flush()
-    return np.ascontiguousarray(np.concatenate(means)), np.ascontiguousarray(np.concatenate(stds)), flips
+    return (np.ascontiguousarray(np.concatenate(means)), np.ascontiguousarray(np.concatenate(stds)), flips,
+            np.array(time_ids, np.float32))
 
 
 def check_resolution(resolution: int, vae_scale: int) -> None:

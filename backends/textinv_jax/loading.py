@@ -1,8 +1,8 @@
 """Loading a base model for the JAX backend: the local diffusers folder (a Hub id is fetched
 into the Hugging Face cache, safetensors only), its family, the text side (tokenizer and
-CLIP text model) and the image side (UNet, VAE, the model's own noise schedule), as
-flax.nnx models whose weights are numpy arrays in host memory; and the compute dtype a
-precision means on this platform.
+CLIP text model, one per encoder: SDXL has two) and the image side (UNet, VAE, the model's own noise schedule), as
+flax.nnx models whose weights are numpy arrays in host memory; the compute dtype a
+precision means on this platform, and the frozen weights cast to it.
 
 Loading is split as in the torch backend's loading.py: the text side first, so everything
 a user can get wrong about the concept (token, init words) is checked before the big UNet
@@ -24,11 +24,10 @@ from .noise_schedule import NoiseSchedule, noise_schedule
 from .unet import read_unet_config
 from .vae import read_vae_config
 
-SDXL_REFUSAL = "SDXL is not supported by the jax backend yet; use --backend torch"
 # What the JAX backend reads of a Hub model: configs, tokenizer, safetensors weights of the
 # parts it uses. Never a pickled .bin (it would run code), nor root-level single-file checkpoints.
 _WANTED = ["model_index.json", "scheduler/*.json", "tokenizer/*", "text_encoder/*.json", "text_encoder/*.safetensors*",
-           "unet/*.json", "unet/*.safetensors*", "vae/*.json", "vae/*.safetensors*"]
+           "tokenizer_2/*", "text_encoder_2/*.json", "text_encoder_2/*.safetensors*", "unet/*.json", "unet/*.safetensors*", "vae/*.json", "vae/*.safetensors*"]
 _SKIPPED = ["*non_ema*", "*.bin", "*.ckpt", "*.msgpack", "*.onnx*"]
 
 
@@ -54,7 +53,7 @@ def model_folder(model: str) -> Path:
 
 
 def model_family(folder: Path) -> str:
-    """sd1 or sd2; SDXL and other pipelines are refused with what to do instead."""
+    """sd1, sd2 or sdxl; other pipelines are refused with what to do instead."""
     from textinv_cli.models.resolve import model_family as family_of_folder
 
     try:
@@ -63,8 +62,6 @@ def model_family(folder: Path) -> str:
         raise NotFoundError(f"Cannot read {folder / 'model_index.json'}: {e}",
                             "Pass a complete diffusers model folder (save_pretrained output).") from None
     cls = str(index.get("_class_name", ""))
-    if "XL" in cls:
-        raise TextinvError(SDXL_REFUSAL + ".", "For example: textinv train ... --backend torch")
     unet = index.get("unet") or [None, None]
     if not cls.startswith("StableDiffusion") or unet[-1] != "UNet2DConditionModel":
         raise TextinvError(f"Unsupported model family: {cls or 'unknown pipeline'} (unet: {unet[-1]}).",
@@ -102,12 +99,19 @@ def load_tokenizer(folder: Path, sub: str = "tokenizer"):
                             "Check that the folder is a complete diffusers model.") from None
 
 
-def load_text_side(folder: Path) -> TextSide:
+def load_text_side(folder: Path, suffix: str = "") -> TextSide:
+    """tokenizer{suffix} and text_encoder{suffix}: suffix "_2" is SDXL's second encoder."""
     from .clip import load_clip, read_clip_config
 
-    tok = load_tokenizer(folder)
-    config = read_clip_config(folder, "text_encoder")
-    return TextSide(tokenizer=tok, config=config, model=load_clip(folder, config, "text_encoder"))
+    tok = load_tokenizer(folder, f"tokenizer{suffix}")
+    config = read_clip_config(folder, f"text_encoder{suffix}")
+    return TextSide(tokenizer=tok, config=config, model=load_clip(folder, config, f"text_encoder{suffix}"))
+
+
+def load_text_sides(folder: Path, family: str) -> list[TextSide]:
+    """Every text side of the family, in encoder order (SDXL: CLIP-L, then OpenCLIP-G with
+    its projection), as families.FAMILY_SLOTS names their slots."""
+    return [load_text_side(folder, suffix) for suffix in (("", "_2") if family == "sdxl" else ("",))]
 
 
 # -- the image side ------------------------------------------------------------------------
@@ -147,6 +151,20 @@ def load_image_side(folder: Path) -> ImageSide:
     return ImageSide(unet_config=unet_cfg, unet=load_unet(folder, unet_cfg), vae_config=vae_cfg,
                      vae=load_vae(folder, vae_cfg), scheduler_config=config,
                      schedule=noise_schedule(config))
+
+
+def frozen_in(dtype, tree):
+    """A frozen weight tree (numpy, host memory) in the compute dtype, as the torch backend
+    moves its frozen modules to it (`te.to(device, dtype)`): bf16/fp16 halve the weights'
+    memory and transfer. Only floating arrays change; the trainable rows never pass here
+    (they and the optimizer's moments stay float32, step.py)."""
+    import jax
+    import numpy as np
+
+    dt = jnp.dtype(dtype)
+    if dt == jnp.float32:
+        return tree
+    return jax.tree.map(lambda a: np.asarray(a).astype(dt) if np.asarray(a).dtype.kind == "f" else a, tree)
 
 
 def compute_dtype(precision: str, platform: str):

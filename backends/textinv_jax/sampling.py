@@ -37,12 +37,14 @@ from textinv_cli.engine.samplers import find, key_of
 from textinv_cli.errors import TextinvError
 from textinv_cli.engine.infotext import check_out_dir as _check_out_dir
 from textinv_cli.engine.batch_sizes import batches, pick_batch_size
+from textinv_cli.families import FAMILY_SLOTS
 from textinv_cli.engine.spec import Event, SampleFinished, SampleProgress, SampleRequest, SampleStarted, Sampled
 
 from . import sampler_tables, samplers
 from .clip import rows_state, split_frozen
+from .conditioning import sdxl_time_ids, text_conditioning
 from .layers import split
-from .loading import compute_dtype, load_image_side, load_text_side, model_family, model_folder
+from .loading import compute_dtype, frozen_in, load_image_side, load_text_sides, model_family, model_folder
 from .tokens import add_embeddings, encode, expand_all, to_model_ids
 
 # Our scheduler names -> A1111's sampler name for the infotext (the torch backend's names).
@@ -69,27 +71,31 @@ def make_plan(name: str, scheduler_config: dict, steps: int, **override):
 
 # -- the jitted pieces --------------------------------------------------------------------------
 
-@partial(jax.jit, static_argnums=0, static_argnames="dtype")
-def text_states(graph, frozen, rows, ids, *, dtype):
-    """The UNet's conditioning (CLIP's last hidden state) for ids [B, T] from a text model
-    split by clip.split_frozen, with `rows` [n, width] as its new tokens (n may be 0)."""
-    return graph.merge(rows_state(rows), frozen)(ids, dtype=dtype)["last_hidden_state"]
+@partial(jax.jit, static_argnums=0, static_argnames=("clip_skip", "dtype"))
+def text_states(graphs, frozens, rows, ids, *, clip_skip: int = 1, dtype):
+    """The UNet's conditioning (conditioning.text_conditioning): (context [B, T, D], SDXL's
+    pooled text_embeds [B, P] or None) for ids (one [B, T] per text model) from the text
+    models split by clip.split_frozen (`graphs` a tuple of their Graphs, `frozens` their
+    weights), with `rows` [n, width] per model as its new tokens (n may be 0)."""
+    models = [graph.merge(rows_state(r), frozen) for graph, frozen, r in zip(graphs, frozens, rows)]
+    return text_conditioning(models, ids, xl=len(models) == 2, clip_skip=clip_skip, dtype=dtype)
 
 
 @partial(jax.jit, static_argnums=0, static_argnames=("dtype", "guided"))
-def denoise_step(graph, weights, plan, i, x, prev_x0, context, guidance, keys=None, *, dtype, guided):
+def denoise_step(graph, weights, plan, i, x, prev_x0, context, guidance, keys=None, added=None, *, dtype, guided):
     """One sampler step from x [B, h, w, C] with the UNet split into (graph, weights)
     (layers.split); context [2B, T, D] (B uncond, then B cond) or [B, T, D]; keys: one PRNG
-    key per image (step_key), for Euler a's fresh noise."""
+    key per image (step_key), for Euler a's fresh noise; added: SDXL's {"text_embeds",
+    "time_ids"} with context's batch."""
     unet = graph.merge(weights)
     t = plan.timesteps[i]
     x_in = samplers.model_input(plan, i, x)
     if guided:
-        out = unet(jnp.concatenate([x_in, x_in]), t, context, dtype=dtype)
+        out = unet(jnp.concatenate([x_in, x_in]), t, context, added_cond=added, dtype=dtype)
         uncond, cond = jnp.split(out, 2)
         out = uncond + guidance * (cond - uncond)
     else:
-        out = unet(x_in, t, context, dtype=dtype)
+        out = unet(x_in, t, context, added_cond=added, dtype=dtype)
     if isinstance(plan, samplers.DDIMPlan):
         return samplers.ddim_step(plan, i, out, x)
     if isinstance(plan, samplers.EulerPlan):
@@ -109,33 +115,41 @@ def decode(graph, weights, latents, *, dtype):
     return jnp.clip(vae.decode(z, dtype=dtype) / 2 + 0.5, 0.0, 1.0)
 
 
-def denoise(nets: dict, context, *, plan, guidance: float, noise, dtype, keys=None) -> Iterator[int]:
+def denoise(nets: dict, context, *, plan, guidance: float, noise, dtype, keys=None, pooled=None,
+            time_ids=None) -> Iterator[int]:
     """Run every step of `plan` from `noise` [1, h, w, C] (a standard normal: scaled by the
     plan's init_noise_sigma here); yields each finished step index and returns the image as
     float32 [H, W, 3] in [0, 1] (use `image = yield from denoise(...)`).
 
     nets: {"unet", "vae"}: each model as layers.split gives it, (graph, weights), the weights
-    already on the device; keys: per image PRNG keys (step_keys), needed by Euler a."""
+    already on the device; keys: per image PRNG keys (step_keys), needed by Euler a; SDXL:
+    pooled, the text_embeds with context's rows, and time_ids [6] (conditioning.sdxl_time_ids)."""
     images = yield from denoise_batch(nets, context, plan=plan, guidance=guidance, noise=noise, dtype=dtype,
-                                      keys=keys)
+                                      keys=keys, pooled=pooled, time_ids=time_ids)
     return images[0]
 
 
-def denoise_batch(nets: dict, context, *, plan, guidance: float, noise, dtype, keys=None) -> Iterator[int]:
+def denoise_batch(nets: dict, context, *, plan, guidance: float, noise, dtype, keys=None, pooled=None,
+                  time_ids=None) -> Iterator[int]:
     """`denoise` for a batch: noise [B, h, w, C], one prompt's context [2, T, D] (negative,
-    prompt) or [1, T, D], keys [B] (Euler a); returns float32 images [B, H, W, 3] in [0, 1]."""
+    prompt) or [1, T, D], keys [B] (Euler a), SDXL's pooled [2 or 1, P] and time_ids [6];
+    returns float32 images [B, H, W, 3] in [0, 1]."""
     if getattr(plan, "ancestral", False) and keys is None:
         raise ValueError("Euler a needs one PRNG key per image (step_keys)")
     noise = noise * plan.init_noise_sigma
     guided = context.shape[0] == 2
     context = jnp.repeat(context, noise.shape[0], axis=0)  # [u, c] -> [u]*B + [c]*B, as denoise_step takes
+    added = None
+    if pooled is not None:  # SDXL: the same size/crop ids for negative and prompt, as the pipeline's
+        added = {"text_embeds": jnp.repeat(pooled, noise.shape[0], axis=0),
+                 "time_ids": jnp.tile(jnp.asarray(time_ids, jnp.float32)[None], (context.shape[0], 1))}
     # Everything committed to the params' devices up front: outputs come back committed, and
     # an uncommitted first input would compile the step a second time for step 2.
     where = jax.tree.leaves(nets["unet"][1])[0].sharding
-    x, x0, plan, g, context, keys = jax.device_put(
-        (noise, jnp.zeros_like(noise), plan, jnp.float32(guidance), context, keys), where)
+    x, x0, plan, g, context, keys, added = jax.device_put(
+        (noise, jnp.zeros_like(noise), plan, jnp.float32(guidance), context, keys, added), where)
     for i in range(plan.steps):
-        x, x0 = denoise_step(*nets["unet"], plan, i, x, x0, context, g, keys, dtype=dtype, guided=guided)
+        x, x0 = denoise_step(*nets["unet"], plan, i, x, x0, context, g, keys, added, dtype=dtype, guided=guided)
         x.block_until_ready()  # progress events follow the work, not the dispatch
         yield i
     return np.asarray(decode(*nets["vae"], x, dtype=dtype))
@@ -166,6 +180,42 @@ def to_pil(image: np.ndarray):
 
 # -- the entry point ------------------------------------------------------------------------------
 
+def prompt_states(folder: Path, texts: list, rows: list, firsts: list[int], request: SampleRequest, dtype, put):
+    """(context [2 or 1, T, D], SDXL's pooled [2 or 1, P] or None) of the negative prompt
+    (with guidance above 1, as diffusers) and the prompt, computed as the torch backend's
+    diffusers pipeline does: Clip skip on the prompt alone (diffusers' encode_prompt gives the
+    negative the default layer), and SDXL's empty negative as zeros where the model's
+    force_zeros_for_empty_prompt says so (its pipeline's default: yes)."""
+    graphs, frozens = zip(*(split_frozen(t.model) for t in texts))
+    frozens = put([frozen_in(dtype, f) for f in frozens])
+    rows = put([np.zeros((0, t.width), np.float32) if r is None else r for t, r in zip(texts, rows)])
+
+    def states(prompt: str, clip_skip: int):
+        text = expand_all(prompt, request.embeddings)
+        ids = [to_model_ids(encode(t.tokenizer, [text]), first, t.vocab_rows) for t, first in zip(texts, firsts)]
+        return text_states(tuple(graphs), frozens, rows, ids, clip_skip=clip_skip, dtype=dtype)
+
+    context, pooled = states(request.prompt, int(request.clip_skip or 1))
+    if request.guidance <= 1:  # diffusers: classifier-free guidance only above 1
+        return context, pooled
+    if pooled is not None and not request.negative and _force_zeros(folder):
+        neg, neg_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
+    else:
+        neg, neg_pooled = states(request.negative, 1)
+    return (jnp.concatenate([neg, context]),
+            None if pooled is None else jnp.concatenate([neg_pooled, pooled]))
+
+
+def _force_zeros(folder: Path) -> bool:
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return True
+    return bool(index.get("force_zeros_for_empty_prompt", True)) if isinstance(index, dict) else True
+
+
 def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
     """Render request.n images; yield started, progress (per denoising step), sample, finished.
     `backend`: the JaxBackend asking, whose declared schedulers the request is checked against."""
@@ -181,23 +231,19 @@ def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
     folder = model_folder(request.model)
     name = Path(request.model).name if Path(request.model).is_dir() else request.model
     family = model_family(folder)
-    text = load_text_side(folder)
-    rows, first = add_embeddings(text, request.embeddings, name, family)
+    slots = FAMILY_SLOTS[family]
+    texts = load_text_sides(folder, family)
+    rows, firsts = add_embeddings(texts, slots, request.embeddings, name, family)
     image = load_image_side(folder)
     plan = make_plan(key_of(request.scheduler), image.scheduler_config, request.steps)
     height = request.height or image.native_resolution
     width = request.width or image.native_resolution
 
+    # every weight in the compute dtype, as the torch backend's pipeline is loaded in it
     put = partial(jax.device_put, device=device)
-    text_graph, text_frozen = split_frozen(text.model)
-    rows = put(np.zeros((0, text.width), np.float32) if rows is None else rows)
-    nets = {name: (graph, put(weights)) for name, (graph, weights) in (("unet", split(image.unet)),
-                                                                       ("vae", split(image.vae)))}
-    guided = request.guidance > 1  # diffusers: classifier-free guidance only above 1
-    texts = ([expand_all(request.negative, request.embeddings)] if guided else []) + \
-        [expand_all(request.prompt, request.embeddings)]
-    ids = to_model_ids(encode(text.tokenizer, texts), first, text.vocab_rows)
-    context = text_states(text_graph, put(text_frozen), rows, ids, dtype=dtype)
+    nets = {name: (graph, put(frozen_in(dtype, weights))) for name, (graph, weights) in (
+        ("unet", split(image.unet)), ("vae", split(image.vae)))}
+    context, pooled = prompt_states(folder, texts, rows, firsts, request, dtype, put)
 
     n, steps = request.n, request.steps
     batch = pick_batch_size(n, request.batch_size, width, height)
@@ -215,7 +261,7 @@ def sample(request: SampleRequest, backend=None) -> Iterator[Event]:
         if n > batch:  # pad a short last batch: one UNet shape, one compile
             noise = jnp.concatenate([noise, jnp.zeros((batch - count,) + noise.shape[1:], noise.dtype)])
         run = denoise_batch(nets, context, plan=plan, guidance=request.guidance, dtype=dtype, noise=noise,
-                            keys=keys)
+                            keys=keys, pooled=pooled, time_ids=sdxl_time_ids(height, width))
         while True:
             try:
                 step = next(run)

@@ -7,15 +7,15 @@ The models are flax.nnx modules, split once (trainer.py): their graphdefs are st
 StepConfig, the jit cache key), their Frozen weights are the `frozen` argument, and the
 rows (the text model's TokenRows, clip.py) are the trained state, merged back in per
 micro-step (`graph.merge(rows_state(rows), weights)`: trace-time work only). Only the
-new rows train: state = (rows {slot: [n, width]} fp32, optax AdamW state over those rows
+new rows train (one block per text encoder: SDXL has two): state = (rows {slot: [n, width]} fp32, optax AdamW state over those rows
 alone, the same moments the torch backend checkpoints). The frozen CLIP and UNet weights,
 the caption id table and the latent cache are jit *arguments* (never constants baked into
 the program) and stay on the devices for the whole run.
 
 A step is everything the torch step does per optimizer step: for each of `grad_accum`
 micro-steps (a lax.scan) the latents `(mean + std * eps) * scale` from the cache (the
-draws come from the host, trainer.step_batch), the text states with the rows spliced in,
-the UNet's epsilon or v MSE in fp32 divided by grad_accum; gradients summed, clipped to
+draws come from the host, trainer.step_batch), the text conditioning with the rows spliced in (conditioning.py; SDXL adds the
+pooled text and the size/crop ids), the UNet's epsilon or v MSE in fp32 divided by grad_accum; gradients summed, clipped to
 max_grad_norm by torch's rule, and one AdamW update at the step's learning rate (a host
 number passed in, so schedules never recompile). Nothing random carries from step to step,
 so a checkpoint is rows + moments + count (state.py).
@@ -33,6 +33,7 @@ import optax
 from textinv_cli.engine.spec import TrainSpec
 
 from .clip import rows_state
+from .conditioning import text_conditioning
 from .layers import Graph
 from .noise_schedule import add_noise, training_target
 
@@ -45,13 +46,18 @@ TX = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, b1=0.9, b2=0.999, 
 class StepConfig:
     """Everything static about a step (hashable: the jit cache key besides shapes)."""
 
-    text: Graph  # the text model's graphdef; its frozen weights come as frozen["text_encoder"]
+    texts: tuple[Graph, ...]  # the text models' graphdefs, in encoder order; weights: frozen["text_encoders"][slot]
     unet: Graph  # the UNet's graphdef; its weights come as frozen["unet"]
-    slot: str
+    slots: tuple[str, ...]  # the rows' slot of each text model (SDXL: clip_l, clip_g)
     prediction_type: str
     scaling: float
     dtype: str
     remat: bool
+    clip_skip: int = 1  # A1111's Clip skip (conditioning.text_conditioning)
+
+    @property
+    def xl(self) -> bool:
+        return len(self.slots) == 2
 
 
 def micro_loss(rows, frozen, mb, cfg: StepConfig):
@@ -59,17 +65,20 @@ def micro_loss(rows, frozen, mb, cfg: StepConfig):
     dt = jnp.dtype(cfg.dtype)
     entry = mb["entry"]
     latents = (frozen["mean"][entry] + frozen["std"][entry] * mb["eps"]) * cfg.scaling
-    ids = frozen["tables"][mb["caption"]]
-    text = cfg.text.merge(rows_state(rows[cfg.slot]), frozen["text_encoder"])
-    cond = text(ids, dtype=dt)["last_hidden_state"]
+    models = [graph.merge(rows_state(rows[slot]), frozen["text_encoders"][slot])
+              for graph, slot in zip(cfg.texts, cfg.slots)]
+    ids = [frozen["tables"][slot][mb["caption"]] for slot in cfg.slots]
+    cond, pooled = text_conditioning(models, ids, xl=cfg.xl, clip_skip=cfg.clip_skip, dtype=dt)
+    # SDXL: the pooled text and each sample's size/crop ids (data.latent_cache), as torch's forward_loss
+    added = None if pooled is None else {"text_embeds": pooled, "time_ids": frozen["time_ids"][entry]}
     noisy = add_noise(frozen["ac"], latents, mb["noise"], mb["t"])
 
-    def unet(weights, sample, timesteps, context):
-        return cfg.unet.merge(weights)(sample, timesteps, context, dtype=dt)
+    def unet(weights, sample, timesteps, context, added):
+        return cfg.unet.merge(weights)(sample, timesteps, context, added_cond=added, dtype=dt)
 
     if cfg.remat:  # --gradient-checkpointing: recompute the UNet's activations in the backward pass
         unet = jax.checkpoint(unet)
-    pred = unet(frozen["unet"], noisy.transpose(0, 2, 3, 1), mb["t"], cond)
+    pred = unet(frozen["unet"], noisy.transpose(0, 2, 3, 1), mb["t"], cond, added)
     target = training_target(cfg.prediction_type, frozen["ac"], latents, mb["noise"], mb["t"])
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.transpose(0, 2, 3, 1).astype(jnp.float32)))
 

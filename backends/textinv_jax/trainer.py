@@ -29,6 +29,7 @@ from textinv_cli.engine.eval_batch import eval_draw
 from textinv_cli.engine.captions import add_placeholder_tokens, captions_for, find_images
 from textinv_cli.engine.checks import check_token
 from textinv_cli.engine.contract import Session
+from textinv_cli.engine.infotext import model_label
 from textinv_cli.engine.stop import StopFlag
 from textinv_cli.errors import TextinvError
 from textinv_cli.families import FAMILY_SLOTS
@@ -40,10 +41,10 @@ from .layers import Graph, split
 from .data import check_resolution, latent_cache
 from .sharding import (batch_sharding, check_model_axis, make_mesh, model_size, place, replicated,
                        train_step_on, weight_shardings)
-from .loading import (ImageSide, TextSide, compute_dtype, load_image_side, load_text_side, model_family,
-                      model_folder)
+from .loading import (ImageSide, TextSide, compute_dtype, frozen_in, load_image_side, load_text_sides,
+                      model_family, model_folder)
 from .step import StepConfig, eval_step, opt_state
-from .tokens import init_rows, tokenize_captions
+from .tokens import start_rows, tokenize_captions
 from .validation import validation_images
 
 
@@ -53,17 +54,18 @@ class Setup:
 
     spec: TrainSpec
     family: str
-    text: TextSide
+    texts: list[TextSide]       # in encoder order (SDXL: CLIP-L, OpenCLIP-G)
     image: ImageSide
-    slot: str
-    first: int
-    init: np.ndarray
-    tables: np.ndarray
+    slots: tuple[str, ...]      # the rows' slot of each text encoder
+    firsts: list[int]           # each tokenizer's first placeholder id
+    inits: dict[str, np.ndarray]  # start rows {slot: [n, width]} fp32
+    tables: dict[str, np.ndarray]  # caption ids per slot [U, L], the text model's ids
     choices: list
     truncated: int
     mean: np.ndarray      # latent mean per (image, flip) entry [E, C, h, w] (NCHW: the BatchPlan's shape)
     std: np.ndarray
     flips: tuple
+    time_ids: np.ndarray  # SDXL's size/crop ids per entry [E, 6]
     images: list
     ignored: list
     resolution: int
@@ -74,12 +76,22 @@ class Setup:
     def n_images(self) -> int:
         return len(self.images)
 
-    def config(self, text: Graph | None = None, unet: Graph | None = None) -> StepConfig:
-        """The step's static half; `text`/`unet`: the models' graphs where already split."""
-        return StepConfig(text=text or split_frozen(self.text.model)[0], unet=unet or split(self.image.unet)[0],
-                          slot=self.slot, prediction_type=self.image.schedule.prediction_type,
+    def config(self, texts: tuple[Graph, ...] | None = None, unet: Graph | None = None) -> StepConfig:
+        """The step's static half; `texts`/`unet`: the models' graphs where already split."""
+        texts = texts or tuple(split_frozen(t.model)[0] for t in self.texts)
+        return StepConfig(texts=tuple(texts), unet=unet or split(self.image.unet)[0], slots=self.slots,
+                          prediction_type=self.image.schedule.prediction_type,
                           scaling=float(self.image.vae_config.scaling_factor), dtype=jnp.dtype(self.dtype).name,
-                          remat=bool(self.spec.gradient_checkpointing))
+                          remat=bool(self.spec.gradient_checkpointing), clip_skip=int(self.spec.clip_skip or 1))
+
+    def frozen(self, texts: dict, unet: dict) -> dict:
+        """Everything the step reads besides the rows, on the host (the caller places it):
+        the text models' and UNet's frozen weights (`texts` {slot: weights}, from their splits)
+        in the compute dtype, the caption tables, the latent cache and its size/crop ids, the
+        noise schedule (those last three fp32)."""
+        return {"text_encoders": {slot: frozen_in(self.dtype, w) for slot, w in texts.items()},
+                "unet": frozen_in(self.dtype, unet), "tables": self.tables, "mean": self.mean, "std": self.std,
+                "time_ids": self.time_ids, "ac": self.image.schedule.alphas_cumprod}
 
 
 # -- setup: everything a user can get wrong, before anything is written ---------------------------
@@ -98,25 +110,29 @@ def prepare(spec: TrainSpec, mesh: Mesh | None = None, dtype=None, images: list 
         captions = captions_for(images, spec.token, spec.property, spec.captions)
     folder = model_folder(spec.model)
     family = model_family(folder)
-    (slot,) = FAMILY_SLOTS[family]  # SD 1.x / 2.x: one text encoder (SDXL was refused above)
-    text = load_text_side(folder)
-    label = f"{slot} tokenizer"
-    check_token(spec.token, text.tokenizer, label)
+    slots = FAMILY_SLOTS[family]
+    texts = load_text_sides(folder, family)
+    for slot, text in zip(slots, texts):  # every tokenizer checked before any changes
+        check_token(spec.token, text.tokenizer, f"{slot} tokenizer")
     words = [spec.init] if isinstance(spec.init, str) else list(spec.init)
-    init = init_rows(text.tokenizer, text.model.token_table, words, spec.vectors, label)
-    first = add_placeholder_tokens(text.tokenizer, spec.token, spec.vectors, label)
+    inits = start_rows(texts, slots, words, spec.vectors, model_label(spec.model), family)
+    firsts = [add_placeholder_tokens(text.tokenizer, spec.token, spec.vectors, f"{slot} tokenizer")
+              for slot, text in zip(slots, texts)]
     image = load_image_side(folder)
     if image.schedule.prediction_type not in ("epsilon", "v_prediction"):
         raise TextinvError(f"The model's scheduler predicts {image.schedule.prediction_type!r}; textinv trains "
                            "epsilon and v_prediction models.")
     resolution = spec.resolution or image.native_resolution
     check_resolution(resolution, image.vae_config.downscale)
-    tables, choices, truncated = tokenize_captions(text.tokenizer, captions, spec.token, spec.vectors, first,
-                                                   text.vocab_rows)
-    mean, std, flips = latent_cache(images, image, resolution, spec.center_crop, spec.flip_p)
-    return Setup(spec=spec, family=family, text=text, image=image, slot=slot, first=first, init=init,
+    tables, truncated = {}, 0
+    for slot, text, first in zip(slots, texts, firsts):
+        tables[slot], choices, cut = tokenize_captions(text.tokenizer, captions, spec.token, spec.vectors, first,
+                                                       text.vocab_rows)
+        truncated = max(truncated, cut)
+    mean, std, flips, time_ids = latent_cache(images, image, resolution, spec.center_crop, spec.flip_p)
+    return Setup(spec=spec, family=family, texts=texts, image=image, slots=slots, firsts=firsts, inits=inits,
                  tables=tables, choices=choices, truncated=truncated, mean=mean, std=std, flips=flips,
-                 images=images, ignored=ignored, resolution=resolution, dtype=dtype, mesh=mesh)
+                 time_ids=time_ids, images=images, ignored=ignored, resolution=resolution, dtype=dtype, mesh=mesh)
 
 
 # -- host side of a step -------------------------------------------------------------------------
@@ -178,9 +194,11 @@ def validate(s: Setup, cfg: StepConfig, frozen, vae, rows, run: Path, step: int,
     """The --validate images of this step (validation.validation_images), rows as they are now;
     the models are the step's (cfg's graphs, the frozen weights) and `vae` = (graph, weights)."""
     spec = s.spec
-    nets = {"text_encoder": (cfg.text, frozen["text_encoder"]), "unet": (cfg.unet, frozen["unet"]), "vae": vae}
+    texts = [(graph, frozen["text_encoders"][slot]) for graph, slot in zip(cfg.texts, cfg.slots)]
+    nets = {"text_encoders": texts, "unet": (cfg.unet, frozen["unet"]), "vae": vae}
     return validation_images(
-        nets, s.image.vae_config, s.text.tokenizer, rows[s.slot], first=s.first, vocab_rows=s.text.vocab_rows,
+        nets, s.image.vae_config, [t.tokenizer for t in s.texts], {slot: rows[slot] for slot in s.slots},
+        firsts=s.firsts, vocab_rows=[t.vocab_rows for t in s.texts], clip_skip=cfg.clip_skip,
         scheduler_config=s.image.scheduler_config, prompts=spec.validate, token=spec.token, vectors=spec.vectors,
         steps=spec.validate_steps, seed=spec.seed, resolution=s.resolution, dtype=s.dtype,
         out=run / "samples", step=step, place=lambda x: put(x, repl), write=main)
@@ -225,20 +243,20 @@ class JaxSession(Session):
         spec = self.spec
         self.s = s = prepare(spec, self.mesh, self.dtype, images, captions)
         self.family = s.family
-        self._place({s.slot: s.init})
-        text_graph, text_frozen = split_frozen(s.text.model)
+        self._place(dict(s.inits))
+        text_graphs, text_frozen = zip(*(split_frozen(t.model) for t in s.texts))
         unet_graph, unet_weights = split(s.image.unet)
         warning = check_model_axis(unet_weights, self.mesh)  # a model axis that splits nothing: refused
         self.warnings += [warning] if warning else []
-        models = {"text_encoder": text_frozen, "unet": unet_weights}  # large: split over "model" (sharding.py)
-        self.frozen = {**place(models, weight_shardings(models, self.mesh)),
-                       **put({"tables": s.tables, "mean": s.mean, "std": s.std, "ac": s.image.schedule.alphas_cumprod},
-                             self.repl)}
+        frozen = s.frozen(dict(zip(s.slots, text_frozen)), unet_weights)
+        models = {k: frozen.pop(k) for k in ("text_encoders", "unet")}  # large: split over "model" (sharding.py)
+        self.frozen = {**place(models, weight_shardings(models, self.mesh)), **put(frozen, self.repl)}
         self.vae = None  # (graph, weights on the devices) for --validate
-        if spec.validate:
+        if spec.validate:  # decoded at the UNet's precision, as the torch backend's validation
             graph, weights = split(s.image.vae)
+            weights = frozen_in(s.dtype, weights)  # decoded at the UNet's precision, as torch's validation
             self.vae = (graph, place(weights, weight_shardings(weights, self.mesh)))
-        self.cfg, self.plan = s.config(text_graph, unet_graph), batch_plan(s)
+        self.cfg, self.plan = s.config(text_graphs, unet_graph), batch_plan(s)
         self.max_norm = np.float32(spec.max_grad_norm or np.inf)
         gpu = self.mesh.devices.flat[0].platform == "gpu"
         if spec.deterministic and gpu and "deterministic_ops" not in os.environ.get("XLA_FLAGS", ""):
@@ -247,15 +265,15 @@ class JaxSession(Session):
                                  "to run.")
         if s.truncated:
             self.warnings.append(f"{s.truncated} caption(s) are so long that {spec.token} is cut off at "
-                                 f"{s.text.tokenizer.model_max_length} tokens; those steps teach it nothing.")
+                                 f"{s.texts[0].tokenizer.model_max_length} tokens; those steps teach it nothing.")
 
     def _place(self, rows, mu=None, nu=None, count: int = 0) -> None:
         self.st = put((rows, opt_state(self.spec, rows, mu, nu, count)), self.repl)
 
     def restore(self, folder: Path) -> int:
         info, tensors = state.load_checkpoint(folder)
-        step, rows, mu, nu, count = state.restore(info, tensors, {self.s.slot: self.s.init.shape}, self.spec.token,
-                                                  folder)
+        shapes = {slot: self.s.inits[slot].shape for slot in self.s.slots}
+        step, rows, mu, nu, count = state.restore(info, tensors, shapes, self.spec.token, folder)
         self._place(rows, mu, nu, count)
         return step
 
@@ -279,10 +297,12 @@ class JaxSession(Session):
 
     def checkpoint_files(self, step: int, info: dict) -> dict[str, bytes]:
         rows, adam = host(self.st[0]), host(self.st[1].inner_state[0])
+        rows = {slot: rows[slot] for slot in self.s.slots}  # encoder order, as torch's (jax sorts dict keys)
         return state.checkpoint_files(step, rows, adam.mu, adam.nu, int(adam.count), {**info, "backend": "jax"})
 
     def vectors(self) -> dict[str, np.ndarray]:
-        return {slot: np.array(v, np.float32) for slot, v in host(self.st[0]).items()}
+        rows = host(self.st[0])
+        return {slot: np.array(rows[slot], np.float32) for slot in self.s.slots}
 
     def eval_loss(self) -> float:
         if self._eval is None:

@@ -7,31 +7,49 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 from textinv_cli.engine.captions import expand_placeholder
 from textinv_cli.engine.infotext import encode_png, validation_text
 from textinv_cli.writes import atomic_write_bytes
 
+from .conditioning import sdxl_time_ids
 from .sampling import denoise, initial_noise, make_plan, text_states, to_pil
 from .tokens import encode, to_model_ids
 
 
-def validation_images(nets: dict, vae_config, tokenizer, rows, *, first: int, vocab_rows: int,
-                      scheduler_config: dict, prompts: list, token: str, vectors: int, steps: int, seed: int,
-                      resolution: int, dtype, out: Path, step: int, place, write: bool) -> list[Path]:
-    """Each prompt rendered with the trained `rows` as the torch backend's validation does:
-    DDIM (clip_sample and set_alpha_to_one off), guidance 7.5, an empty negative prompt,
-    seed + i; saved as out/step-N-i.png. `place` puts host arrays where the params live (the
+def validation_images(nets: dict, vae_config, tokenizers: list, rows: dict, *, firsts: list[int],
+                      vocab_rows: list[int], clip_skip: int, scheduler_config: dict, prompts: list, token: str,
+                      vectors: int, steps: int, seed: int, resolution: int, dtype, out: Path, step: int, place,
+                      write: bool) -> list[Path]:
+    """Each prompt rendered with the trained `rows` ({slot: [n, width]}, one per text model in
+    nets["text_encoders"], a list of (graph, weights)) as the torch backend's validation does:
+    DDIM (clip_sample and set_alpha_to_one off), guidance 7.5 (what infotext.validation_text
+    records), no negative prompt (SD 1.x/2.x: "" at the last layer; SDXL: zeros), seed + i;
+    saved as out/step-N-i.png. `place` puts host arrays where the params live (the
     trainer's replicated sharding): on several hosts every process renders, since the
     replicated program needs them all, and only the one with `write` saves."""
     plan = make_plan("ddim", scheduler_config, steps, clip_sample=False, set_alpha_to_one=False)
+    graphs, frozens = zip(*nets["text_encoders"])
+    xl = len(graphs) == 2
+
+    def states(text: str, skip: int):
+        ids = [place(to_model_ids(encode(tok, [text]), first, v)) for tok, first, v in zip(tokenizers, firsts,
+                                                                                          vocab_rows)]
+        return text_states(tuple(graphs), list(frozens), list(rows.values()), ids, clip_skip=skip, dtype=dtype)
+
     paths = []
     for i, prompt in enumerate(prompts):
-        ids = to_model_ids(encode(tokenizer, ["", expand_placeholder(prompt, token, vectors)]), first, vocab_rows)
-        context = text_states(*nets["text_encoder"], rows, place(ids), dtype=dtype)
+        cond, pooled = states(expand_placeholder(prompt, token, vectors), clip_skip)
+        if xl:  # force_zeros_for_empty_prompt, as the torch backend builds its SDXL pipeline
+            context, pooled = jnp.concatenate([jnp.zeros_like(cond), cond]), jnp.concatenate(
+                [jnp.zeros_like(pooled), pooled])
+        else:
+            context = jnp.concatenate([states("", 1)[0], cond])
         noise = place(np.asarray(initial_noise(seed + i, resolution, resolution, vae_config)))
-        run = denoise(nets, context, plan=plan, guidance=7.5, noise=noise, dtype=dtype)
+        run = denoise(nets, context, plan=plan, guidance=7.5, noise=noise, dtype=dtype,
+                      pooled=pooled, time_ids=sdxl_time_ids(resolution, resolution))
         while True:
             try:
                 next(run)
@@ -53,7 +71,6 @@ def _parameters(out: Path, prompt: str, index: int, resolution: int, rows, *, to
     from the run's spec.json, written before the first step (out is run/samples)."""
     from dataclasses import replace
 
-    from textinv_cli.embedding import slot_for_width
     from textinv_cli.engine.spec import TrainSpec
 
     try:
@@ -61,6 +78,6 @@ def _parameters(out: Path, prompt: str, index: int, resolution: int, rows, *, to
     except (OSError, ValueError, TypeError):  # not a run folder (a direct caller): what the arguments say
         spec = TrainSpec(data_dir="", token=token, init=[token], model="", run_dir=str(out.parent))
     spec = replace(spec, token=token, seed=seed, validate_steps=steps)
-    host = np.asarray(rows.addressable_data(0) if hasattr(rows, "addressable_data") else rows, np.float32)
-    vectors = {slot_for_width(host.shape[-1]) or "clip_l": host}  # the one slot of an SD 1.x/2.x model
+    vectors = {slot: np.asarray(r.addressable_data(0) if hasattr(r, "addressable_data") else r, np.float32)
+               for slot, r in rows.items()}
     return validation_text(spec, prompt=prompt, index=index, resolution=resolution, vectors=vectors)

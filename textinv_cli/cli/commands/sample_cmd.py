@@ -41,7 +41,7 @@ def sample(
                                      "native size, or more than the memory available; also TEXTINV_ALLOW_LARGE=1)."),
     negative: str = typer.Option("", "--negative", help="Negative prompt (registered tokens in it are loaded too)."),
     clip_skip: int = typer.Option(1, "--clip-skip", metavar="N", help="A1111's Clip skip: condition on the text "
-                                  "encoder's N-th layer from the end (1: the last; 2 is common with anime models; torch)."),
+                                  "encoder's N-th layer from the end (1: the last; 2 is common with anime models)."),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
     prediction: Optional[str] = typer.Option(None, "--prediction", metavar="[epsilon|v]", callback=prediction_option,
                                              help=PREDICTION_HELP),

@@ -74,7 +74,7 @@ def train(
     attention: str = typer.Option("sdpa", "--attention", help=f"{', '.join(ATTENTION)}: sdpa (PyTorch's) or xformers (if installed)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic kernels (bit-exact resume on CPU)."),
     clip_skip: int = typer.Option(1, "--clip-skip", metavar="N", help="A1111's Clip skip: condition on the text "
-                                  "encoder's N-th layer from the end (1: the last; train with what you sample with; torch)."),
+                                  "encoder's N-th layer from the end (1: the last; train with what you sample with)."),
     save_every: int = typer.Option(0, "--save-every", help="Write an embedding snapshot every N steps (0: none)."),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Resumable checkpoint every N steps (0: none)."),
     keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Keep the newest K checkpoints (0: all)."),
