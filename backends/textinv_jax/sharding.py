@@ -54,7 +54,7 @@ def make_mesh(spec: TrainSpec) -> Mesh:
     if data * model != n:
         fits = ", ".join(f"{n // m}x{m}" for m in range(1, n + 1) if n % m == 0 and m <= 8)
         raise TextinvError(f"--mesh {data}x{model} needs {data * model} devices; this run has {n} {kind} "
-                           f"device(s).", f"Pass a grid of {n}: --mesh {fits}; or leave --mesh out (data parallel).")
+                           f"device(s).", f"Pass a grid of {n} devices: {fits} (for a new run, no --mesh is data parallel over all {n}).")
     local = sum(d.process_index == jax.process_index() for d in devices)
     if spec.batch_size % local:
         raise TextinvError(f"--batch-size {spec.batch_size} does not split evenly over the {local} "

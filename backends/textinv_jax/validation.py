@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from textinv_cli.engine.captions import expand_placeholder
-from textinv_cli.engine.infotext import encode_png, validation_text
+from textinv_cli.engine.infotext import VALIDATION_GUIDANCE, encode_png, validation_text
 from textinv_cli.writes import atomic_write_bytes
 
 from .conditioning import sdxl_time_ids
@@ -48,7 +48,7 @@ def validation_images(nets: dict, vae_config, tokenizers: list, rows: dict, *, f
         else:
             context = jnp.concatenate([states("", 1)[0], cond])
         noise = place(np.asarray(initial_noise(seed + i, resolution, resolution, vae_config)))
-        run = denoise(nets, context, plan=plan, guidance=7.5, noise=noise, dtype=dtype,
+        run = denoise(nets, context, plan=plan, guidance=VALIDATION_GUIDANCE, noise=noise, dtype=dtype,
                       pooled=pooled, time_ids=sdxl_time_ids(resolution, resolution))
         while True:
             try:

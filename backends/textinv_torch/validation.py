@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from textinv_cli.engine.captions import expand_placeholder
-from textinv_cli.engine.infotext import encode_png, validation_text
+from textinv_cli.engine.infotext import VALIDATION_GUIDANCE, encode_png, validation_text
 from textinv_cli.writes import atomic_write_bytes
 from textinv_cli.engine.quiet_libraries import quiet
 
@@ -57,8 +57,9 @@ def validation_images(comp: Components, spec, run: Path, step: int, resolution: 
                 cond, added = encode_text(comp, ids)
                 extra = {"pooled_prompt_embeds": added["text_embeds"]} if added else {}
                 gen = torch.Generator().manual_seed(spec.seed + i)  # CPU: the same picture on any device
+                # guidance said, not left to the pipeline: SDXL's default is 5.0, the PNG records 7.5
                 image = pipe(prompt_embeds=cond, num_inference_steps=spec.validate_steps, height=resolution,
-                             width=resolution, generator=gen, **extra).images[0]
+                             width=resolution, generator=gen, guidance_scale=VALIDATION_GUIDANCE, **extra).images[0]
                 path = out_dir / f"step-{step:06d}-{i}.png"
                 vectors = {slot: token_embedding(te).rows.detach().to("cpu", torch.float32).numpy()
                            for slot, te in zip(comp.slots, comp.text_encoders)}

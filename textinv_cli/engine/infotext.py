@@ -129,6 +129,9 @@ def model_label(model: str) -> str:
     return Path(source).stem if isinstance(source, str) and source else path.name
 
 
+VALIDATION_GUIDANCE = 7.5  # the CFG scale every backend's validation images render with (and record)
+
+
 def validation_text(spec, *, prompt: str, index: int, resolution: int, vectors: dict) -> str:
     """The `parameters` block of validation image `index` of a run: the settings the
     backends' validation renders with (DDIM, CFG 7.5, no negative prompt, seed + index) and,
@@ -141,7 +144,7 @@ def validation_text(spec, *, prompt: str, index: int, resolution: int, vectors: 
     ref = EmbeddingRef(token=spec.token, vectors=vectors, short_hash=short, name=spec.name or "")
     seed = spec.seed + index
     request = SampleRequest(prompt=prompt, model=spec.model, out_dir="", embeddings=[ref],
-                            steps=spec.validate_steps, scheduler="ddim", guidance=7.5, seed=seed,
+                            steps=spec.validate_steps, scheduler="ddim", guidance=VALIDATION_GUIDANCE, seed=seed,
                             clip_skip=getattr(spec, "clip_skip", 1),
                             **a1111_model_fields(getattr(spec, "model_file", None), getattr(spec, "model_sha256", None),
                                                  getattr(spec, "vae", None), getattr(spec, "vae_sha256", None)))

@@ -35,7 +35,10 @@ TABLE: tuple[Sampler, ...] = (
             aliases=("dpm++-2m-karras",)),
     Sampler("dpm++-sde-karras", "DPM++ SDE Karras", "DPMSolverSDEScheduler", {"use_karras_sigmas": True},
             needs="torchsde"),
-    Sampler("ddim", "DDIM", "DDIMScheduler"),
+    # A1111's DDIM (ldm's DDIMSampler) neither clips the predicted image nor steps to alpha 1 at
+    # the end; diffusers' DDIMScheduler does both by default for a config that does not say (SD 1.x's
+    # PNDM config, SDXL's Euler config), which draws other pictures than A1111 and our validation.
+    Sampler("ddim", "DDIM", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
     Sampler("unipc", "UniPC", "UniPCMultistepScheduler"),
     Sampler("heun", "Heun", "HeunDiscreteScheduler"),
     Sampler("lms", "LMS", "LMSDiscreteScheduler"),
