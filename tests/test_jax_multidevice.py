@@ -237,7 +237,7 @@ def test_a_run_continues_on_another_mesh(runs):
 
 def test_a_mesh_that_does_not_fit_is_refused_before_a_run_folder_exists(runs):
     assert runs["meshes"]["bad 3x2"].startswith("--mesh 3x2 needs 6 devices; this run has 8 cpu device(s).")
-    assert "--mesh 8x1, 4x2, 2x4, 1x8" in runs["meshes"]["bad 3x2"]
+    assert "Pass --mesh with a grid of 8 devices: 8x1, 4x2, 2x4, 1x8" in runs["meshes"]["bad 3x2"]
     assert runs["meshes"]["bad 1x7"].startswith("--mesh 1x7: no weight of the UNet has a dimension divisible by 7")
     assert not (runs["root"] / "bad-3x2").exists() and not (runs["root"] / "bad-1x7").exists()
 

@@ -53,8 +53,9 @@ def make_mesh(spec: TrainSpec) -> Mesh:
     data, model = parse_mesh(spec.mesh) if spec.mesh is not None else (n, 1)
     if data * model != n:
         fits = ", ".join(f"{n // m}x{m}" for m in range(1, n + 1) if n % m == 0 and m <= 8)
-        raise TextinvError(f"--mesh {data}x{model} needs {data * model} devices; this run has {n} {kind} "
-                           f"device(s).", f"Pass a grid of {n} devices: {fits} (for a new run, no --mesh is data parallel over all {n}).")
+        raise TextinvError(f"--mesh {data}x{model} needs {data * model} devices; this run has {n} {kind} device(s).",
+                           f"Pass --mesh with a grid of {n} devices: {fits} (a new run without --mesh is "
+                           f"data parallel over all {n}).")
     local = sum(d.process_index == jax.process_index() for d in devices)
     if spec.batch_size % local:
         raise TextinvError(f"--batch-size {spec.batch_size} does not split evenly over the {local} "
