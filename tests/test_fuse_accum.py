@@ -46,7 +46,7 @@ def train(backend_name, s):
     return losses, events[-1].data["vectors"]["clip_l"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("jax", marks=pytest.mark.slow)])
 def test_fused_micro_steps_train_what_accumulation_trains(tiny, tmp_path, backend):
     loss_acc, rows_acc = train(backend, spec(tiny, tmp_path, "acc", backend))
     loss_fused, rows_fused = train(backend, spec(tiny, tmp_path, "fused", backend, fuse_accum=True))

@@ -30,6 +30,7 @@ from textinv_cli.engine.spec import TrainSpec
 
 jax = pytest.importorskip("jax")
 pytest.importorskip("optax")
+pytestmark = pytest.mark.slow  # 8-device subprocesses: ~40 s of the suite
 
 from textinv_jax.backend import JaxBackend, wants_distributed  # noqa: E402
 

@@ -101,7 +101,7 @@ def jax_first_step(spec: TrainSpec) -> tuple[float, dict[str, np.ndarray]]:
     return float(metrics["loss"]), {slot: np.asarray(g) for slot, g in metrics["grads"].items()}
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_loss_and_gradient_match_torch(tiny, tmp_path, family):
     # SDXL: both encoders' rows, penultimate states concatenated, pooled text and size/crop ids
     spec = make_spec(tiny, tmp_path, "unused", model=str(tiny[family]))

@@ -20,6 +20,7 @@ from textinv_cli.engine.stop import StopFlag
 
 jax = pytest.importorskip("jax")
 pytest.importorskip("optax")
+pytestmark = pytest.mark.slow  # one SDXL session's compiles: ~14 s
 
 import jax.numpy as jnp  # noqa: E402
 

@@ -66,6 +66,7 @@ def reference(tiny, tmp_path_factory):
             for accum in (1, 2)}
 
 
+@pytest.mark.slow
 def test_sd1_end_to_end(tiny, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny["data"], data)

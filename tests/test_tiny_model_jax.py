@@ -114,6 +114,7 @@ def test_the_core_asks_the_backends_in_order(monkeypatch, tmp_path):
         make_tiny_model(tmp_path / "o", "sd1")
 
 
+@pytest.mark.slow
 def test_jax_only_tiny_model_and_training_in_a_process_without_torch(tmp_path, demo_images):
     """The demo's path on a jax-only install: tiny-model, then train on the default tiny model
     (one process for both commands: importing jax twice would double the cost)."""

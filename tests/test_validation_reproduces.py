@@ -13,7 +13,8 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 
-@pytest.mark.parametrize("family, backend", [("sd1", "torch"), ("sdxl", "torch"), ("sd1", "jax")])
+@pytest.mark.parametrize("family, backend", [("sd1", "torch"), ("sdxl", "torch"),
+                                             pytest.param("sd1", "jax", marks=pytest.mark.slow)])
 def test_sample_params_from_a_validation_image_draws_it_again(cli, tiny_model, demo_images, tmp_path, family, backend):
     if backend == "jax":
         pytest.importorskip("jax")
