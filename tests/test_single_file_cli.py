@@ -276,3 +276,5 @@ def test_a_folder_trained_with_a_vae_records_the_folder(cli, files, tiny_model, 
     assert spec["vae"] == str(files["vae"]) and spec["model_file"] is None and "views" in spec["model"]
     meta = read_embedding(tmp_path / "run" / "learned_embeds.safetensors").meta
     assert meta["base_model"] == str(Path(tiny_model("sd1")).resolve()) and "sd_checkpoint" not in meta
+    shown = cli("runs", "show", tmp_path / "run").stdout  # the settings name the VAE the run used
+    assert f"vae {files['vae']}" in shown and "clip-skip" not in shown

@@ -258,8 +258,9 @@ def _when(t) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
 
 
-SETTINGS = ("token", "init", "model", "steps", "batch_size", "grad_accum", "lr", "lr_schedule", "seed",
-            "resolution", "vectors", "property", "precision", "eval_every", "data_dir")
+SETTINGS = ("token", "init", "model", "vae", "prediction", "clip_skip", "mesh", "steps", "batch_size", "grad_accum",
+            "lr", "lr_schedule", "seed", "resolution", "vectors", "property", "precision", "eval_every", "data_dir")
+_UNSAID = {"clip_skip": 1}  # a default not worth a word
 
 
 def _settings(spec: dict) -> str:
@@ -272,7 +273,7 @@ def _settings(spec: dict) -> str:
     parts = []
     for key in SETTINGS:
         v = shownspec.get(key)
-        if v is None or v == [] or v == "":
+        if v is None or v == [] or v == "" or _UNSAID.get(key, object()) == v:
             continue
         if isinstance(v, list):
             v = " ".join(map(str, v))
