@@ -125,3 +125,46 @@ def test_train_and_sample_with_clip_skip(cli, tiny_model, demo_images, tmp_path)
     (png,) = (tmp_path / "out").glob("*.png")
     assert "Clip skip: 2" in Image.open(png).text["parameters"]
     assert cli("sample", "a <cs-toy>", "--clip-skip", "0").exit_code == 2
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_the_negative_prompt_is_encoded_at_the_clip_skip_layer_too(tiny_model, family):
+    """A1111 encodes every text at its Clip skip layer, the negative prompt too; diffusers'
+    encode_prompt gives clip_skip to the prompt alone. Sampling's negative conditioning on
+    both backends equals training's conditioning of that text at that layer (the path the
+    tests above tie to diffusers), SDXL's pooled text too."""
+    jax = pytest.importorskip("jax")
+    import numpy as np
+
+    from textinv_cli.engine.spec import SampleRequest
+    from textinv_cli.families import FAMILY_SLOTS
+    from textinv_jax.loading import load_text_sides
+    from textinv_jax.sampling import prompt_states
+    from textinv_jax.tokens import add_embeddings
+    from textinv_torch.loading import load_text_side
+    from textinv_torch.sampling import _negative_with_clip_skip, load_pipeline
+    from textinv_torch.step import encode_text
+
+    model, negative = tiny_model(family), "blurry, low quality"
+    request = SampleRequest(prompt="a toy", model=str(model), out_dir="", negative=negative, clip_skip=2)
+    comp = load_text_side(str(model))
+    comp.clip_skip = 2
+    ids = [tok(negative, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids for tok in comp.tokenizers]
+    with torch.no_grad():
+        want, added = encode_text(comp, ids)
+
+    pipe, _ = load_pipeline(str(model))
+    got = _negative_with_clip_skip(pipe, request, "cpu")  # what the torch backend hands the pipeline
+    np.testing.assert_allclose(got["negative_prompt_embeds"].numpy(), want.numpy(), rtol=0, atol=1e-5)
+
+    texts = load_text_sides(model, family)
+    rows, firsts = add_embeddings(texts, FAMILY_SLOTS[family], [], "m", family)
+    context, pooled = prompt_states(model, texts, rows, firsts, request, jax.numpy.float32, jax.device_put)
+    np.testing.assert_allclose(np.asarray(context[0]), want.numpy()[0], rtol=0, atol=1e-5)  # [negative, prompt]
+    if family == "sdxl":
+        np.testing.assert_allclose(got["negative_pooled_prompt_embeds"].numpy(), added["text_embeds"].numpy(),
+                                   rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(pooled[0]), added["text_embeds"].numpy()[0], rtol=0, atol=1e-5)
+    assert _negative_with_clip_skip(pipe, SampleRequest(prompt="a", model="", out_dir="", negative=negative),
+                                    "cpu") == {}  # Clip skip 1: diffusers' own path

@@ -183,9 +183,10 @@ def to_pil(image: np.ndarray):
 def prompt_states(folder: Path, texts: list, rows: list, firsts: list[int], request: SampleRequest, dtype, put):
     """(context [2 or 1, T, D], SDXL's pooled [2 or 1, P] or None) of the negative prompt
     (with guidance above 1, as diffusers) and the prompt, computed as the torch backend's
-    diffusers pipeline does: Clip skip on the prompt alone (diffusers' encode_prompt gives the
-    negative the default layer), and SDXL's empty negative as zeros where the model's
-    force_zeros_for_empty_prompt says so (its pipeline's default: yes)."""
+    diffusers pipeline is made to: Clip skip on the prompt and the negative prompt (A1111's
+    rule; the torch backend hands diffusers the negative's embeddings for it), and SDXL's empty
+    negative as zeros where the model's force_zeros_for_empty_prompt says so (its pipeline's
+    default: yes)."""
     graphs, frozens = zip(*(split_frozen(t.model) for t in texts))
     frozens = put([frozen_in(dtype, f) for f in frozens])
     rows = put([np.zeros((0, t.width), np.float32) if r is None else r for t, r in zip(texts, rows)])
@@ -195,13 +196,14 @@ def prompt_states(folder: Path, texts: list, rows: list, firsts: list[int], requ
         ids = [to_model_ids(encode(t.tokenizer, [text]), first, t.vocab_rows) for t, first in zip(texts, firsts)]
         return text_states(tuple(graphs), frozens, rows, ids, clip_skip=clip_skip, dtype=dtype)
 
-    context, pooled = states(request.prompt, int(request.clip_skip or 1))
+    skip = int(request.clip_skip or 1)
+    context, pooled = states(request.prompt, skip)
     if request.guidance <= 1:  # diffusers: classifier-free guidance only above 1
         return context, pooled
     if pooled is not None and not request.negative and _force_zeros(folder):
         neg, neg_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
     else:
-        neg, neg_pooled = states(request.negative, 1)
+        neg, neg_pooled = states(request.negative, skip)
     return (jnp.concatenate([neg, context]),
             None if pooled is None else jnp.concatenate([neg_pooled, pooled]))
 

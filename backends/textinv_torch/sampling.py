@@ -68,8 +68,10 @@ def sample(request: SampleRequest) -> Iterator[Event]:
     paths = []
     for start, count in batches(n, batch):
         seeds = [request.seed + start + j for j in range(count)]
+        negative = _negative_with_clip_skip(pipe, request, device)
         kwargs = dict(
-            prompt=request.prompt, negative_prompt=request.negative or None, num_inference_steps=steps,
+            prompt=request.prompt, negative_prompt=None if negative else request.negative or None, **negative,
+            num_inference_steps=steps,
             guidance_scale=request.guidance, width=request.width, height=request.height,
             num_images_per_prompt=count, generator=[torch.Generator(device).manual_seed(s) for s in seeds],
             output_type="pil",
@@ -153,6 +155,27 @@ def _unavailable(model: str, e: Exception) -> TextinvError:
            if offline() else f"Cannot get the model {model} from the Hugging Face Hub: {type(e).__name__}: {e}")
     return TextinvError(msg, "Pass --model with a local diffusers folder (or a cached Hub id), "
                              "or --model tiny for the built-in demo model.")
+
+
+def _negative_with_clip_skip(pipe, request, device) -> dict:
+    """The negative prompt's embeddings at A1111's Clip skip, for the pipeline: A1111 encodes
+    every text at that layer, the negative prompt too, while diffusers' encode_prompt gives
+    clip_skip to the prompt alone. {} where nothing differs (Clip skip 1, no guidance, SDXL's
+    empty negative, which its pipeline makes zeros)."""
+    import torch
+
+    skip = _clip_skip_ready(pipe, request)
+    if skip <= 1 or request.guidance <= 1:
+        return {}
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    if xl and not request.negative and pipe.config.get("force_zeros_for_empty_prompt", True):
+        return {}
+    with torch.no_grad():
+        out = pipe.encode_prompt(request.negative or "", device=device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False, clip_skip=skip - 1)
+    if xl:
+        return {"negative_prompt_embeds": out[0], "negative_pooled_prompt_embeds": out[2]}
+    return {"negative_prompt_embeds": out[0]}
 
 
 def _clip_skip_ready(pipe, request) -> int:
