@@ -154,6 +154,18 @@ def open_regular(path: Path, *, within: Path | None = None) -> tuple[int, os.sta
     return fd, fst
 
 
+def pread_all(fd: int, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset`, fewer only at the end of the file (one pread may return less)."""
+    chunks, got = [], 0
+    while got < size:
+        chunk = os.pread(fd, min(size - got, 1 << 26), offset + got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
 def read_capped(path: Path, max_bytes: int | None = DEFAULT_MAX_BYTES, *, within: Path | None = None) -> bytes:
     """Read a whole user file of at most `max_bytes` (None: no cap), through open_regular.
 

@@ -140,20 +140,8 @@ def errors_name(path: Path):
 def atomic_write_bytes(path: Path, data: bytes, *, force: bool = False) -> None:
     path = Path(path)
     check_writable_target(path, force)
-    with errors_name(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            _as_if_created(fd, 0o666)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    _fsync_dir(path.parent)
+    with atomic_stream(path) as f:
+        f.write(data)
 
 
 @contextlib.contextmanager

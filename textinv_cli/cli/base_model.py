@@ -108,6 +108,31 @@ def add_vae(chosen: ChosenModel, vae: Path | None, folder: str) -> ChosenModel:
     return chosen
 
 
+def choose_with_vae(given: str | None, vae: Path | None, *, prediction: str | None, command: str,
+                    args: list[str] | None, before_convert: Callable[[str, str], None] | None = None
+                    ) -> tuple[ChosenModel, str | None]:
+    """(chosen, target) for train and sample: `given` chosen (choose_model) and, when the model
+    is on disk already, `vae` joined to it; `target` is what the early checks read and
+    resolve_model takes (the folder made or joined, else `given` as typed)."""
+    from ..models.resolve import folder_on_disk
+
+    chosen = choose_model(given, prediction=prediction, vae_given=vae is not None, command=command, args=args,
+                          before_convert=before_convert)
+    target = chosen.model if chosen.file is not None else given
+    on_disk = folder_on_disk(target) if vae is not None else None
+    if on_disk is not None:
+        target = add_vae(chosen, vae, str(on_disk)).model
+    return chosen, target
+
+
+def with_late_vae(chosen: ChosenModel, vae: Path | None, resolved: str) -> str:
+    """`resolved` (resolve_model's folder) with `vae` joined when choose_with_vae could not yet
+    (a tiny model built only by resolve_model)."""
+    if vae is not None and chosen.vae_file is None:
+        return add_vae(chosen, vae, resolved).model
+    return resolved
+
+
 def rerun_with(command: str, args: list[str] | None, *more: str) -> str:
     """The command line that was typed (as click received it, aliases translated), with
     `more` options added before a `--`, quoted to run as printed in a POSIX shell."""

@@ -28,6 +28,7 @@ import struct
 import numpy as np
 
 from ..errors import FormatError, UnsupportedFormatError
+from ..fsutil import pread_all
 from ..untrusted import quoted, shown
 
 DTYPES = {  # a header's dtype tag -> the numpy dtype its bytes are read as
@@ -303,7 +304,7 @@ def read_tensors(path, header: dict, names, *, fd: int | None = None) -> dict[st
         out = {}
         for name, info in wanted:
             begin, end = info["data_offsets"]  # validated with the header: in the file, sized to the shape
-            raw = _pread(f.fileno() if f else fd, end - begin, start + begin)
+            raw = pread_all(f.fileno() if f else fd, end - begin, start + begin)
             if len(raw) != end - begin:
                 raise FormatError(f"{shown(path)} is truncated.", _CORRUPT)
             out[name] = _array(raw, DTYPES[info["dtype"]], info["shape"], info["dtype"], name, path)
@@ -311,18 +312,6 @@ def read_tensors(path, header: dict, names, *, fd: int | None = None) -> dict[st
     finally:
         if f is not None:
             f.close()
-
-
-def _pread(fd: int, size: int, offset: int) -> bytes:
-    """`size` bytes at `offset` (fewer only at the end of the file); one pread may return less."""
-    chunks, got = [], 0
-    while got < size:
-        chunk = os.pread(fd, min(size - got, 1 << 26), offset + got)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
 
 
 def load_file(path) -> dict[str, np.ndarray]:

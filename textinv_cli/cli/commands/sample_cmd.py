@@ -117,18 +117,15 @@ def sample(
     from ...models.resolve import model_family, model_notes, resolve_model
     from ...engine.plugins import require_backend
 
-    from ..base_model import add_vae, choose_model
+    from ..base_model import choose_with_vae, with_late_vae
     from ..console import err_console as _err
     from ...models.resolve import folder_on_disk, loading_line
 
     # A checkpoint file: its family checked against the prompt's embeddings, then converted once;
     # `target` is the folder made (else `model` as given), which the checks below read.
-    chosen_model = choose_model(model, prediction=prediction, vae_given=vae is not None, command="sample",
-                                args=ctx.meta.get("textinv.args"),
-                                before_convert=lambda family, label: check_families(entries, label, family))
-    target = chosen_model.model if chosen_model.file is not None else model
-    if vae is not None and folder_on_disk(target) is not None:
-        target = add_vae(chosen_model, vae, str(folder_on_disk(target))).model
+    chosen_model, target = choose_with_vae(
+        model, vae, prediction=prediction, command="sample", args=ctx.meta.get("textinv.args"),
+        before_convert=lambda family, label: check_families(entries, label, family))
     on_disk = folder_on_disk(target)  # a model already here: a family mismatch is said before any backend loads
     if on_disk is not None:
         check_families(entries, chosen_model.label or on_disk.name, model_family(str(on_disk)))
@@ -136,9 +133,7 @@ def sample(
     _err.print(loading_line(model, backend), markup=False, style="dim")  # the wait until the first image, named
     chosen = require_backend(backend)
     check_sample_request(request, chosen)  # and what this backend cannot do
-    resolved = resolve_model(target, backend=getattr(chosen, "name", None))
-    if vae is not None and chosen_model.vae_file is None:  # a model that is on disk only now (a tiny one built)
-        resolved = add_vae(chosen_model, vae, resolved).model
+    resolved = with_late_vae(chosen_model, vae, resolve_model(target, backend=getattr(chosen, "name", None)))
     check_size(width, height, resolved, flag="--size", allow=allow_large, backend=chosen)  # before the model loads
     from ...engine.infotext import model_label
 

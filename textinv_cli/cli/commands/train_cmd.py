@@ -157,19 +157,16 @@ def train(
 
     check_images_open(images)  # a broken image, a token or --init word the tokenizer refuses: before torch loads
     from ...engine.init_from import check_model_family
-    from ..base_model import add_vae, choose_model
+    from ..base_model import choose_with_vae, with_late_vae
 
     # A checkpoint file is converted here (once; --from's family checked before), so the checks
     # below read the folder a backend will load; `target` is that folder (else `model` as given).
-    chosen_model = choose_model(model, prediction=prediction, vae_given=vae is not None, command="train",
-                                args=ctx.meta.get("textinv.args"),
-                                before_convert=lambda family, label: check_model_family(start_name, family, label))
-    target = chosen_model.model if chosen_model.file is not None else model
+    chosen_model, target = choose_with_vae(
+        model, vae, prediction=prediction, command="train", args=ctx.meta.get("textinv.args"),
+        before_convert=lambda family, label: check_model_family(start_name, family, label))
     from ...engine.checks import check_size
     from ...models.resolve import folder_on_disk
 
-    if vae is not None and folder_on_disk(target) is not None:
-        target = add_vae(chosen_model, vae, str(folder_on_disk(target))).model
     check_words_early(token, spec.init, spec.vectors, target)
     if folder_on_disk(target) is not None:  # the side rule now; the memory rule once the backend says where it runs
         check_size(resolution, resolution, str(folder_on_disk(target)), flag="--resolution", allow=allow_large,
@@ -219,9 +216,7 @@ def train(
             raise typer.Exit(code)
         return
     # a tiny model is built by the chosen backend (a jax-only install has no torch to build it)
-    spec.model = resolve_model(target, backend=getattr(chosen, "name", None))
-    if vae is not None and chosen_model.vae_file is None:  # a model that is on disk only now (a tiny one built)
-        spec.model = add_vae(chosen_model, vae, spec.model).model
+    spec.model = with_late_vae(chosen_model, vae, resolve_model(target, backend=getattr(chosen, "name", None)))
     record_model(spec, chosen_model)
     check_size(resolution, resolution, spec.model, flag="--resolution", allow=allow_large, backend=chosen)  # before it loads
     from ...engine.infotext import model_label

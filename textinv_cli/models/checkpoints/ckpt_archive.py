@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 import struct
 import zipfile
 
@@ -25,6 +24,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ...errors import FormatError
+from ...fsutil import pread_all
 from ...formats.pickle_reader import MODEL_PICKLE_BYTES, TensorRef, describe_torch_pickle
 from ...formats.torch_zip import CORRUPT_HINT, open_archive_file, read_member
 from ...untrusted import quoted, shown
@@ -168,18 +168,6 @@ def _contiguous(size, stride) -> bool:
             return False
         expected *= n
     return True
-
-
-def pread_all(fd: int, size: int, offset: int) -> bytes:
-    """`size` bytes at `offset`, fewer only at the end of the file (one pread may return less)."""
-    chunks, got = [], 0
-    while got < size:
-        chunk = os.pread(fd, min(size - got, 1 << 26), offset + got)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
 
 
 def _tensors_of(obj, source: str) -> dict[str, TensorRef]:

@@ -27,7 +27,8 @@ from ...formats.pickle_allowlist import looks_like_legacy_tar, looks_like_raw_pi
 from ...formats.safetensors_io import MAX_HEADER, check_header
 from ...untrusted import shown
 from . import identify
-from .ckpt_archive import CkptArchive, pread_all
+from ...fsutil import pread_all
+from .ckpt_archive import CkptArchive
 
 SIDECAR_MAX_BYTES = 64 * 1024  # an LDM config is ~2 KB
 LEGACY_SCAN_BYTES = 1 << 20  # of a legacy pickle, scanned for globals before it is refused
