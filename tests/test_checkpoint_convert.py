@@ -324,19 +324,14 @@ def test_the_shipped_merges_build_the_real_clip_tokenizer(tmp_path):
 
 
 def test_conversion_imports_no_ml_framework(tiny_model, tmp_path):
-    import subprocess
-    import sys
+    from tests.support.checkpoint_files import assert_imports_no_framework
 
     src = write_ldm_checkpoint(tiny_model("sdxl"), tmp_path / "m.safetensors", "fp16")
     vae = write_ldm_vae(tiny_model("sdxl"), tmp_path / "vae.safetensors")
-    code = ("import sys; from textinv_cli.models.checkpoints import convert; "
-            f"p = convert.prepare({str(src)!r}); convert.prepare_vae({str(vae)!r}, 'sdxl'); "
-            "assert (p.folder / 'unet' / 'diffusion_pytorch_model.safetensors').is_file(); "
-            "bad = [m for m in ('torch', 'jax', 'diffusers', 'transformers') if m in sys.modules]; assert not bad, bad")
-    env = {**os.environ, "TEXTINV_HOME": str(tmp_path / "home")}
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    assert_imports_no_framework(
+        "from textinv_cli.models.checkpoints import convert\n"
+        f"p = convert.prepare({str(src)!r}); convert.prepare_vae({str(vae)!r}, 'sdxl')\n"
+        "assert (p.folder / 'unet' / 'diffusion_pytorch_model.safetensors').is_file()", tmp_path / "home")
 
 
 def test_a_file_replaced_while_it_converts_is_not_cached_under_the_new_hash(tmp_path, monkeypatch, tiny_model):

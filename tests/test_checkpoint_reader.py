@@ -1,6 +1,6 @@
 """Single-file checkpoints read by seeking (models/checkpoints/reader.py): byte-exact against
-torch and safetensors, never read whole, hostile files refused without running anything; and
-scan(): each family, and the files it must refuse with what they are."""
+torch and safetensors, never read whole, hostile files refused without running anything
+(scan: test_checkpoint_scan.py; the writer: test_checkpoint_writer.py)."""
 
 from __future__ import annotations
 
@@ -13,40 +13,12 @@ import pytest
 import torch
 
 from tests.support import big_checkpoints as big
+from tests.support.checkpoint_files import (assert_imports_no_framework, ldm, tensors_made_by_torch, torch_bytes,
+                                            write_checkpoint)
 from tests.support import malicious_pickles as mp
 from tests.support.pickle_blocks import PROTO2, STOP, call, dct, legacy_torch, s, shell_cmd, tensor, torch_zip
 from textinv_cli.errors import FormatError, TextinvError, UnsafeFileError
-from textinv_cli.formats.safetensors_io import dump_safetensors
 from textinv_cli.models.checkpoints.reader import open_checkpoint, scan
-
-_UINT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def torch_bytes(t: torch.Tensor) -> bytes:
-    """A tensor's bytes as torch holds them, C-contiguous (any dtype, bf16 included)."""
-    t = t.detach().contiguous()
-    return t.view(_UINT[t.element_size()]).numpy().tobytes() if t.numel() else b""
-
-
-def tensors_made_by_torch() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    shared = torch.randn(100, generator=g)
-    return {
-        "fp32": torch.randn(3, 4, generator=g),
-        "fp16": torch.randn(5, 6, generator=g).half(),
-        "bf16": torch.randn(4, 5, generator=g).bfloat16(),
-        "transposed": torch.randn(6, 7, generator=g).t(),
-        "bf16_transposed": torch.randn(3, 5, generator=g).bfloat16().t(),
-        "shared_at_offset": shared[10:30].view(4, 5),
-        "shared_whole": shared,
-        "every_third": shared[::3],
-        "conv_permuted": torch.randn(2, 3, 4, 5, generator=g).permute(0, 2, 3, 1),
-        "int64": torch.arange(7),
-        "bool": torch.tensor([True, False, True]),
-        "scalar": torch.tensor(3.5),
-        "empty": torch.zeros(0, 3),
-        "parameter": torch.nn.Parameter(torch.randn(2, 2, generator=g)),
-    }
 
 
 @pytest.mark.parametrize("wrapped", [True, False])
@@ -341,165 +313,6 @@ def test_truncated_legacy_and_big_endian_files_are_refused(tmp_path):
         open_checkpoint(tmp_path / "bad.safetensors")
 
 
-# -- scan ---------------------------------------------------------------------------------
-
-def ldm(family: str, widths=None, *, in_channels=4, vae=True, ema=False, dtype=np.float16) -> dict:
-    """The keys scan() looks at, in LDM layout, with small vocabularies and real (or given) widths."""
-    w = widths or {"sd1": (768,), "sd2": (1024,), "sdxl": (768, 1280)}[family]
-    z = lambda *shape: np.zeros(shape, dtype)  # noqa: E731
-    out = {"model.diffusion_model.input_blocks.0.0.weight": z(8, in_channels, 3, 3),
-           "model.diffusion_model.out.2.weight": z(4, 8, 3, 3)}
-    if family == "sd1":
-        out["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = z(5, w[0])
-    elif family == "sd2":
-        out["cond_stage_model.model.token_embedding.weight"] = z(5, w[0])
-    else:
-        out["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"] = z(5, w[0])
-        out["conditioner.embedders.1.model.token_embedding.weight"] = z(5, w[1])
-    if vae:
-        out["first_stage_model.decoder.conv_out.weight"] = z(3, 8, 3, 3)
-    if ema:
-        out["model_ema.diffusion_modelinput_blocks00weight"] = z(8, in_channels, 3, 3)
-    return out
-
-
-def _write(path, tensors: dict, metadata=None):
-    if path.suffix == ".ckpt":
-        torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in tensors.items()}}, path)
-    else:
-        path.write_bytes(dump_safetensors(tensors, metadata))
-    return path
-
-
-@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
-@pytest.mark.parametrize("family, widths, slots", [
-    ("sd1", None, {"clip_l": 768}), ("sd2", None, {"clip_h": 1024}), ("sdxl", None, {"clip_l": 768, "clip_g": 1280}),
-    ("sd1", (32,), {"clip_l": 32}), ("sd2", (48,), {"clip_h": 48}), ("sdxl", (32, 64), {"clip_l": 32, "clip_g": 64}),
-])
-def test_scan_tells_each_family_by_its_keys(tmp_path, suffix, family, widths, slots):
-    info = scan(_write(tmp_path / f"m{suffix}", ldm(family, widths)))
-    assert (info.family, info.widths, info.kind) == (family, slots, suffix[1:])
-    assert info.has_vae and not info.has_ema and info.variant == "fp16" and info.prediction is None
-    assert any("not a full-size model" in n for n in info.notes) == (widths is not None)
-
-
-def test_scan_reports_ema_vae_and_variant(tmp_path):
-    info = scan(_write(tmp_path / "m.safetensors", ldm("sd1", vae=False, ema=True, dtype=np.float32)))
-    assert (info.has_vae, info.has_ema, info.variant) == (False, True, "fp32")
-    counters = ldm("sd1") | {"model_ema.decay": np.zeros((), np.float32),
-                             "model_ema.num_updates": np.zeros((), np.int32)}
-    assert not scan(_write(tmp_path / "p.safetensors", counters)).has_ema  # a pruned file's counters only
-
-
-@pytest.mark.parametrize("tensors, needle, hint", [
-    ({k.replace("embedders.0.transformer.text_model.embeddings.token_embedding.weight",
-                "embedders.0.model.token_embedding.weight").replace("embedders.1.", "embedders.0."): v
-      for k, v in ldm("sdxl").items()}, "SDXL refiner", "sd_xl_base_1.0"),
-    (ldm("sd1", in_channels=9), "inpainting", "base model"),
-    (ldm("sd2", in_channels=8), "instruct-pix2pix", "base model"),
-    ({"lora_unet_down_blocks_0.lora_down.weight": np.zeros((4, 8), np.float32)}, "LoRA", "textinv import"),
-    ({"emb_params": np.zeros((2, 768), np.float32)}, "Textual Inversion embedding", "textinv import"),
-    ({"encoder.conv_in.weight": np.zeros((8, 3, 3, 3), np.float32),
-      "decoder.conv_out.weight": np.zeros((3, 8, 3, 3), np.float32)}, "a VAE", "--vae"),
-    ({k: v for k, v in ldm("sd1").items() if k.startswith("model.")}, "no text encoder", "full checkpoint"),
-    (ldm("sd1") | ldm("sdxl"), "mixes", "as it was released"),
-    ({"\x1b[31mweird": np.zeros(3, np.float32), "b": np.zeros(3, np.float32)}, "\\x1b", "SD 1.x"),
-])
-def test_scan_refuses_what_it_cannot_train_on_and_says_what_it_is(tmp_path, tensors, needle, hint):
-    with pytest.raises(FormatError) as e:
-        scan(_write(tmp_path / "m.safetensors", tensors))
-    assert needle in e.value.message and hint in e.value.hint, str(e.value)
-    assert "\x1b" not in str(e.value)
-
-
-def test_scan_names_an_a1111_embedding_saved_as_pt(tmp_path):
-    path = tmp_path / "bad-hands.pt"
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(2, 768)},
-                "name": "bad-hands", "step": 1500}, path)
-    with pytest.raises(FormatError, match="Textual Inversion embedding") as e:
-        scan(path)
-    assert f"textinv import {path}" in e.value.hint
-
-
-@pytest.mark.parametrize("metadata, keys, expected", [
-    ({"modelspec.prediction_type": "v"}, {}, "v"),
-    ({"modelspec.prediction_type": "v_prediction"}, {}, "v"),
-    ({"modelspec.prediction_type": "epsilon"}, {}, "epsilon"),
-    ({"modelspec.architecture": "stable-diffusion-v2-768-v"}, {}, "v"),
-    ({"modelspec.architecture": "stable-diffusion-v2-512"}, {}, None),
-    ({}, {"v_pred": np.zeros(0, np.float32)}, "v"),
-    ({}, {}, None),
-])
-def test_scan_reads_the_prediction_the_file_states(tmp_path, metadata, keys, expected):
-    assert scan(_write(tmp_path / "m.safetensors", ldm("sd2") | keys, metadata)).prediction == expected
-
-
-def test_scan_reads_a1111s_sidecar_yaml(tmp_path):
-    path = _write(tmp_path / "768-v-ema.ckpt", ldm("sd2"))
-    yaml = tmp_path / "768-v-ema.yaml"
-    yaml.write_text("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n"
-                    "    parameterization: \"v\"\n    linear_start: 0.00085\n")
-    info = scan(path)
-    assert info.prediction == "v" and any("768-v-ema.yaml" in n for n in info.notes)
-    yaml.write_text("model:\n  params:\n    linear_start: 0.00085\n")
-    assert scan(path).prediction == "epsilon"  # a config without it: LDM's default, eps
-    yaml.write_text("model: [unclosed\n")
-    info = scan(path)
-    assert info.prediction is None and any("not valid YAML" in n for n in info.notes)
-    yaml.write_text("#" * (65 * 1024))
-    assert scan(path).prediction is None
-    yaml.write_text("model:\n  params:\n    parameterization: eps\n")
-    stated = _write(tmp_path / "768-v-ema.safetensors", ldm("sd2"), {"modelspec.prediction_type": "v"})
-    info = scan(stated)
-    assert info.prediction == "v" and any("the file's word is taken" in n for n in info.notes)
-
-
-# -- writer -------------------------------------------------------------------------------
-
-def test_written_safetensors_read_back_in_the_reference_and_our_reader(tmp_path):
-    """A .ckpt copied tensor by tensor (BF16 kept as BF16) reads back identically in
-    safetensors.safe_open, in formats/safetensors_io and through open_checkpoint; the output
-    is the same whatever order the entries come in, and every tensor is aligned."""
-    from safetensors import safe_open
-
-    from textinv_cli.formats.safetensors_io import read_header
-    from textinv_cli.models.checkpoints.writer import ITEMSIZE, write_safetensors
-
-    sd = {k: v for k, v in tensors_made_by_torch().items() if k not in ("empty",)}
-    sd["odd_u8"] = torch.arange(3, dtype=torch.uint8)  # 3 bytes: would misalign what follows
-    torch.save({"state_dict": sd}, tmp_path / "m.ckpt")
-    out, again = tmp_path / "m.safetensors", tmp_path / "again.safetensors"
-    with open_checkpoint(tmp_path / "m.ckpt") as ck:
-        entries = [(t.name, t.dtype, t.shape) for t in ck.tensors.values()]
-        calls = []
-        size = write_safetensors(out, entries, lambda n: calls.append(n) or ck.read(n), {"b": "2", "a": "1"})
-        write_safetensors(again, entries[::-1], ck.read, {"a": "1", "b": "2"})
-    assert sorted(calls) == sorted(sd) and len(calls) == len(sd)  # each tensor fetched once
-    assert size == out.stat().st_size and out.read_bytes() == again.read_bytes()
-    with safe_open(str(out), framework="pt") as f:
-        assert f.metadata() == {"a": "1", "b": "2"} and sorted(f.keys()) == sorted(sd)
-        for name, t in sd.items():
-            assert torch_bytes(f.get_tensor(name)) == torch_bytes(t), name
-    header = read_header(out)
-    start = 8 + header.pop("__header_len__")
-    assert all((start + info["data_offsets"][0]) % ITEMSIZE[info["dtype"]] == 0 for info in header.values())
-    with open_checkpoint(out) as back:
-        assert all(back.read(n) == torch_bytes(t) for n, t in sd.items())
-
-
-def test_a_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path):
-    from textinv_cli.models.checkpoints.writer import write_safetensors
-
-    out = tmp_path / "m.safetensors"
-    out.write_bytes(b"old")
-    with pytest.raises(ValueError, match="needs 16"):
-        write_safetensors(out, [("a", "F32", (2,)), ("b", "F32", (4,))], lambda n: bytes(8))
-    for bad in ([("a", "F32", (2,)), ("a", "F16", (4,))], [("__metadata__", "F32", (2,))], [("a", "Q9", (2,))]):
-        with pytest.raises(ValueError):
-            write_safetensors(out, bad, lambda n: bytes(8))
-    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
-
-
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
 def test_corrupted_checkpoints_end_in_a_short_error_never_a_crash(tmp_path, suffix):
     """Bytes flipped, overwritten and cut anywhere in a small checkpoint: opening, reading every
@@ -507,7 +320,7 @@ def test_corrupted_checkpoints_end_in_a_short_error_never_a_crash(tmp_path, suff
     import random
 
     extra = {"model.diffusion_model.t": np.ones((3, 5), np.float32)}
-    good = _write(tmp_path / f"good{suffix}", ldm("sd1", (32,)) | extra)
+    good = write_checkpoint(tmp_path / f"good{suffix}", ldm("sd1", (32,)) | extra)
     data = good.read_bytes()
     rng = random.Random(0)
     path = tmp_path / f"bad{suffix}"
@@ -529,40 +342,10 @@ def test_corrupted_checkpoints_end_in_a_short_error_never_a_crash(tmp_path, suff
 
 
 def test_the_checkpoint_modules_import_neither_torch_nor_jax(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     ckpt = _ckpt(tmp_path, _sd(s("w"), tensor("0", 16, (4, 4), (1, 4))), {"0": F32_16})
-    st = _write(tmp_path / "m.safetensors", ldm("sd1", (32,)))
-    code = ("import sys; from textinv_cli.models.checkpoints import reader, writer, hashes; "
-            f"ck = reader.open_checkpoint({str(ckpt)!r}); ck.read('w'); reader.scan({str(st)!r}); "
-            f"writer.write_safetensors({str(tmp_path / 'out.safetensors')!r}, [('w', 'F32', (4, 4))], ck.read); "
-            f"hashes.sha256_of({str(st)!r}); "
-            "bad = [m for m in ('torch', 'jax', 'diffusers', 'transformers') if m in sys.modules]; "
-            "assert not bad, bad")
-    env = {**os.environ, "TEXTINV_HOME": str(tmp_path / "home")}
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-
-
-@pytest.mark.parametrize("fault", ["full", "read_only"])
-def test_a_write_onto_a_faulty_disk_names_the_target_and_leaves_nothing(tmp_path, monkeypatch, fault):
-    import errno
-
-    from tests.support.disk_faults import Disk
-    from textinv_cli.models.checkpoints.writer import write_safetensors
-
-    folder = tmp_path / "models"
-    folder.mkdir()
-    (folder / "unet.safetensors").write_bytes(b"old")
-    disk = Disk(monkeypatch, folder)
-    disk.full(300) if fault == "full" else disk.read_only()
-    entries = [(f"t{i}", "F32", (64,)) for i in range(8)]  # 2 KB of tensors: past the 300 bytes that fit
-    with pytest.raises(OSError) as e:
-        write_safetensors(folder / "unet.safetensors", entries, lambda n: bytes(256))
-    assert e.value.errno in (errno.ENOSPC, errno.EACCES) and e.value.filename == str(folder / "unet.safetensors")
-    disk.undo()
-    assert [p.name for p in folder.iterdir()] == ["unet.safetensors"]
-    assert (folder / "unet.safetensors").read_bytes() == b"old"
+    st = write_checkpoint(tmp_path / "m.safetensors", ldm("sd1", (32,)))
+    assert_imports_no_framework(
+        "from textinv_cli.models.checkpoints import reader, writer, hashes\n"
+        f"ck = reader.open_checkpoint({str(ckpt)!r}); ck.read('w'); reader.scan({str(st)!r})\n"
+        f"writer.write_safetensors({str(tmp_path / 'out.safetensors')!r}, [('w', 'F32', (4, 4))], ck.read)\n"
+        f"hashes.sha256_of({str(st)!r})", tmp_path / "home", timeout=60)

@@ -15,26 +15,14 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from tests.support.a1111_samplers import A1111_SCHEDULERS
 from textinv_cli.engine import checks, infotext, plugins, samplers
 from textinv_cli.engine.spec import SampleRequest
 from textinv_cli.errors import OptionError, TextinvError
 
 HAS_TORCHSDE = importlib.util.find_spec("torchsde") is not None
 
-# A1111's name -> (diffusers class, config that must hold), per diffusers' A1111 table.
-EXPECTED = {
-    "Euler": ("EulerDiscreteScheduler", {}),
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
-    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                 "use_karras_sigmas": False}),
-    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                        "use_karras_sigmas": True}),
-    "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
-    "DDIM": ("DDIMScheduler", {}),
-    "UniPC": ("UniPCMultistepScheduler", {}),
-    "Heun": ("HeunDiscreteScheduler", {}),
-    "LMS": ("LMSDiscreteScheduler", {}),
-}
+EXPECTED = A1111_SCHEDULERS  # name -> (diffusers class, config that must hold)
 OLD_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler-a": "Euler a", "dpm++": "DPM++ 2M", "unipc": "UniPC"}
 
 

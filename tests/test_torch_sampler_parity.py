@@ -2,8 +2,8 @@
 
 tests/test_sampler_names.py checks the name -> scheduler table; this checks the pictures:
 `sample` with each A1111 name gives the pixels of a stock diffusers pipeline whose scheduler
-was built by hand from diffusers' "A1111/k-diffusion -> Diffusers" table (the expected
-classes and configs below are written out here, not read from engine/samplers.py), for the
+was built by hand from diffusers' "A1111/k-diffusion -> Diffusers" table (written out in
+tests/support/a1111_samplers.py, not read from engine/samplers.py), for the
 same prompt, seed and steps. A wrong class, a dropped Karras flag or a scheduler config not
 taken from the model would each change the image.
 """
@@ -21,23 +21,12 @@ diffusers = pytest.importorskip("diffusers")
 
 import torch  # noqa: E402
 
+from tests.support.a1111_samplers import A1111_SCHEDULERS  # noqa: E402
 from textinv_cli.engine.spec import SampleRequest  # noqa: E402
 from textinv_torch import sampling  # noqa: E402
 from textinv_torch.tiny import write_tiny_model  # noqa: E402
 
-# A1111's name -> (diffusers class, config over the model's own), per diffusers' docs table.
-A1111 = {
-    "Euler": ("EulerDiscreteScheduler", {}),
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
-    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                        "use_karras_sigmas": True}),
-    "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
-    "DDIM": ("DDIMScheduler", {}),
-    "UniPC": ("UniPCMultistepScheduler", {}),
-    "Heun": ("HeunDiscreteScheduler", {}),
-    "LMS": ("LMSDiscreteScheduler", {}),
-}
+A1111 = A1111_SCHEDULERS  # name -> (diffusers class, config over the model's own)
 STEPS, SEED, PROMPT = 4, 7, "a toy on a table"
 
 
