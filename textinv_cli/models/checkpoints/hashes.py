@@ -47,9 +47,8 @@ def sha256_of(path, progress: Callable[[int, int], None] | None = None) -> str:
     fd, st = fsutil.open_regular(path)
     try:
         key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        hit = _load_memo().get(real)
-        if hit is not None and all(hit.get(k) == v for k, v in key.items()):
-            return hit["sha256"]
+        if (known := _remembered(real, st)) is not None:
+            return known
         h, done = hashlib.sha256(), 0
         if progress is not None:
             progress(0, st.st_size)
@@ -74,7 +73,13 @@ def known_sha256(path) -> str | None:
         st = os.stat(path)
     except OSError:
         return None
-    hit = _load_memo().get(os.path.realpath(path))
+    return _remembered(os.path.realpath(path), st)
+
+
+def _remembered(real: str, st: os.stat_result) -> str | None:
+    """The memo's hash of the file at `real` if it was taken of the file as it is now (the
+    same size and mtime), else None."""
+    hit = _load_memo().get(real)
     if hit is None or hit.get("size") != st.st_size or hit.get("mtime_ns") != st.st_mtime_ns:
         return None
     return hit["sha256"]
